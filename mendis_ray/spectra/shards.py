@@ -1,0 +1,442 @@
+"""Parquet shards: the on-disk form of a set of spectra, one row per spectrum.
+
+Schema (version 1)
+------------------
+======================  ==========================================  =====================
+column                  type                                        meaning
+======================  ==========================================  =====================
+``id``                  string (not null, unique within a shard)    spectrum identifier
+``flux``                fixed_size_list<float32>[n_pix]             normalized flux
+``ivar``                fixed_size_list<float32>[n_pix]             inverse variance, 0 = bad
+``teff``                float32, nullable                           observed Teff (K)
+``logg``                float32, nullable                           observed log g (cgs)
+``feh``                 float32, nullable                           observed [Fe/H]
+``snr``                 float32, nullable                           signal-to-noise ratio
+``source``              string                                      simulator / emulator /
+                                                                    apStar / aspcapStar ...
+``truth_*``             float32 / string (optional)                 simulated ground truth
+======================  ==========================================  =====================
+
+Flux at a pixel with ``ivar == 0`` is a finite placeholder and carries no information.
+
+File metadata (key ``mendis_ray``, JSON): ``schema_version``, ``grid`` (name, n_pix, hash,
+wavelength range), ``generator`` (what made the rows and with which parameters), and the
+full pixel wavelengths under the key ``mendis_ray.wavelength`` (float64 bytes), so a shard
+is self-describing for any Arrow tool (pyarrow, pandas, DuckDB) without this package.
+
+Writes are atomic: every file is written under a temporary name in the target folder and
+renamed into place; a dataset's ``_manifest.json`` is written last.  Rewriting a dataset
+folder removes the shards of the previous write that the new one does not replace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mendis_ray.spectra.grid import Grid
+
+__all__ = [
+    "LABEL_COLUMNS",
+    "REQUIRED_COLUMNS",
+    "SCHEMA_VERSION",
+    "ShardError",
+    "SpectraArrays",
+    "dataset_files",
+    "make_table",
+    "read_dataset",
+    "read_shard",
+    "shard_metadata",
+    "table_arrays",
+    "write_dataset",
+    "write_shard",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+META_KEY = b"mendis_ray"
+WAVE_KEY = b"mendis_ray.wavelength"
+LABEL_COLUMNS = ("teff", "logg", "feh")
+REQUIRED_COLUMNS = ("id", "flux", "ivar", *LABEL_COLUMNS, "snr")
+MANIFEST = "_manifest.json"
+_SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.parquet$")
+
+
+class ShardError(ValueError):
+    """A shard that is not what the reader expects; the message names the file (and row)."""
+
+
+def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
+def make_table(
+    ids: Iterable[str],
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    *,
+    teff: np.ndarray | None = None,
+    logg: np.ndarray | None = None,
+    feh: np.ndarray | None = None,
+    snr: np.ndarray | None = None,
+    source: str | Iterable[str] = "unknown",
+    extra: Mapping[str, np.ndarray | list] | None = None,
+) -> pa.Table:
+    """Build a schema-v1 table.
+
+    Args:
+        ids: n identifiers.
+        flux, ivar: (n, n_pix) arrays (cast to float32).
+        teff, logg, feh, snr: (n,) arrays; NaN becomes null. ``None`` means all null.
+        source: one string for all rows or one per row.
+        extra: further columns (e.g. ``truth_teff``); float arrays are stored as float32.
+    """
+    ids = [str(i) for i in ids]
+    n = len(ids)
+    flux = np.asarray(flux)
+    ivar = np.asarray(ivar)
+    if flux.ndim != 2 or flux.shape != ivar.shape or flux.shape[0] != n:
+        raise ValueError(
+            f"make_table: flux {flux.shape} and ivar {ivar.shape} must be ({n}, n_pix)"
+        )
+
+    def label(x: np.ndarray | None, name: str) -> pa.Array:
+        if x is None:
+            return pa.nulls(n, type=pa.float32())
+        x = np.asarray(x, dtype=np.float32).reshape(-1)
+        if x.shape != (n,):
+            raise ValueError(f"make_table: column {name!r} has {x.shape[0]} values, expected {n}")
+        return pa.array(x, mask=np.isnan(x), type=pa.float32())
+
+    src = [source] * n if isinstance(source, str) else [str(s) for s in source]
+    cols: dict[str, pa.Array] = {
+        "id": pa.array(ids, type=pa.string()),
+        "flux": _fixed_list(flux),
+        "ivar": _fixed_list(ivar),
+        "teff": label(teff, "teff"),
+        "logg": label(logg, "logg"),
+        "feh": label(feh, "feh"),
+        "snr": label(snr, "snr"),
+        "source": pa.array(src, type=pa.string()),
+    }
+    for name, values in (extra or {}).items():
+        arr = np.asarray(values)
+        if arr.dtype.kind == "f":
+            cols[name] = label(arr, name)
+        else:
+            cols[name] = pa.array([str(v) for v in arr.reshape(-1)], type=pa.string())
+        if len(cols[name]) != n:
+            raise ValueError(
+                f"make_table: column {name!r} has {len(cols[name])} values, expected {n}"
+            )
+    return pa.table(cols)
+
+
+def _with_metadata(table: pa.Table, grid: Grid, generator: Mapping | None) -> pa.Table:
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "grid": grid.describe(),
+        "generator": dict(generator or {}),
+    }
+    kv = dict(table.schema.metadata or {})
+    kv[META_KEY] = json.dumps(meta, default=_json_default).encode()
+    kv[WAVE_KEY] = grid.wavelength.astype("<f8").tobytes()
+    return table.replace_schema_metadata(kv)
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _atomic_write_bytes_path(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_shard(
+    path: str | os.PathLike,
+    table: pa.Table,
+    grid: Grid,
+    generator: Mapping | None = None,
+    *,
+    compression: str = "zstd",
+) -> Path:
+    """Validate ``table`` against ``grid`` and write it atomically to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = _with_metadata(table, grid, generator)
+    validate_table(table, str(path), grid)
+    tmp = _atomic_write_bytes_path(path)
+    try:
+        pq.write_table(table, tmp, compression=compression, use_dictionary=["id", "source"])
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def shard_name(prefix: str, i: int, n: int) -> str:
+    return f"{prefix}-{i:05d}-of-{n:05d}.parquet"
+
+
+def write_dataset(
+    out_dir: str | os.PathLike,
+    tables: Iterable[pa.Table],
+    n_shards: int,
+    grid: Grid,
+    generator: Mapping | None = None,
+    *,
+    prefix: str = "part",
+) -> list[Path]:
+    """Write ``n_shards`` tables (an iterable, so rows can be produced lazily) as one
+    dataset folder with a manifest.  Shards of an earlier write into the same folder
+    that this write does not replace are removed after the new manifest is in place."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    rows: list[int] = []
+    for i, table in enumerate(tables):
+        if i >= n_shards:
+            raise ValueError(f"write_dataset: got more than the {n_shards} tables announced")
+        written.append(write_shard(out / shard_name(prefix, i, n_shards), table, grid, generator))
+        rows.append(table.num_rows)
+        log.info("wrote %s (%d rows)", written[-1], table.num_rows)
+    if len(written) != n_shards:
+        raise ValueError(f"write_dataset: got {len(written)} tables, announced {n_shards}")
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "grid": grid.describe(),
+        "generator": dict(generator or {}),
+        "files": [p.name for p in written],
+        "rows": rows,
+        "total_rows": int(sum(rows)),
+    }
+    mpath = out / MANIFEST
+    tmp = _atomic_write_bytes_path(mpath)
+    tmp.write_text(json.dumps(manifest, indent=1, default=_json_default))
+    os.replace(tmp, mpath)
+    keep = set(manifest["files"])
+    for stale in out.glob(f"{prefix}-*-of-*.parquet"):
+        if stale.name not in keep and _SHARD_RE.match(stale.name):
+            stale.unlink()
+            log.info("removed stale shard %s", stale)
+    return written
+
+
+def dataset_files(path: str | os.PathLike) -> list[Path]:
+    """The Parquet files of a dataset: a single file, or a folder (its manifest's files
+    when it has one, else every ``*.parquet`` in it, sorted)."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise ShardError(f"{p}: no such file or folder")
+    mpath = p / MANIFEST
+    if mpath.exists():
+        try:
+            files = json.loads(mpath.read_text())["files"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ShardError(f"{mpath}: unreadable manifest ({err})") from err
+        missing = [f for f in files if not (p / f).exists()]
+        if missing:
+            raise ShardError(f"{mpath}: lists files that are missing: {missing[:5]}")
+        return [p / f for f in files]
+    files = sorted(f for f in p.glob("*.parquet") if not f.name.startswith("."))
+    if not files:
+        raise ShardError(f"{p}: folder holds no .parquet files")
+    return files
+
+
+def shard_metadata(path: str | os.PathLike) -> dict:
+    """The ``mendis_ray`` metadata of a shard, read from the footer only."""
+    path = Path(path)
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
+    return _metadata_from_schema(schema, str(path))
+
+
+def _metadata_from_schema(schema: pa.Schema, where: str) -> dict:
+    kv = schema.metadata or {}
+    if META_KEY not in kv:
+        raise ShardError(
+            f"{where}: no 'mendis_ray' file metadata; write shards with "
+            "mendis_ray.spectra.shards.write_shard (it records the grid)"
+        )
+    try:
+        meta = json.loads(kv[META_KEY])
+    except json.JSONDecodeError as err:
+        raise ShardError(f"{where}: 'mendis_ray' metadata is not JSON ({err})") from err
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ShardError(f"{where}: schema_version {version!r}, this reader knows {SCHEMA_VERSION}")
+    return meta
+
+
+def validate_table(table: pa.Table, where: str, grid: Grid | None = None) -> dict:
+    """Check a table against schema v1 (and ``grid`` if given); return its metadata.
+
+    Raises:
+        ShardError naming ``where`` and, for per-row problems, the first bad row and id.
+    """
+    meta = _metadata_from_schema(table.schema, where)
+    g = meta.get("grid", {})
+    if grid is not None and (g.get("hash") != grid.hash or g.get("n_pix") != grid.n_pix):
+        raise ShardError(
+            f"{where}: shard grid {g.get('name')!r} ({g.get('n_pix')} px, hash {g.get('hash')}) "
+            f"does not match the expected grid {grid.name!r} ({grid.n_pix} px, hash {grid.hash})"
+        )
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ShardError(f"{where}: missing required column(s) {missing}")
+    n_pix = int(g.get("n_pix", -1))
+    ids = table.column("id")
+    for name in ("flux", "ivar"):
+        arr = _as_matrix(table.column(name), n_pix, f"{where}: column {name!r}", ids)
+        if name == "flux":
+            bad = ~np.isfinite(arr)
+            what = "non-finite (NaN or inf) flux; mark bad pixels with ivar = 0 and a finite flux"
+        else:
+            bad = ~np.isfinite(arr) | (arr < 0)
+            what = "negative or non-finite ivar"
+        rows = np.flatnonzero(bad.any(axis=1))
+        if rows.size:
+            r = int(rows[0])
+            pix = int(np.flatnonzero(bad[r])[0])
+            raise ShardError(
+                f"{where}: row {r} (id {ids[r].as_py()!r}) has {what} at pixel {pix} "
+                f"({rows.size} bad row(s) in all)"
+            )
+    for name in (*LABEL_COLUMNS, "snr"):
+        if not pa.types.is_floating(table.schema.field(name).type):
+            raise ShardError(
+                f"{where}: column {name!r} must be float, is {table.schema.field(name).type}"
+            )
+    if ids.null_count:
+        raise ShardError(f"{where}: column 'id' has {ids.null_count} null value(s)")
+    return meta
+
+
+def _as_matrix(col: pa.ChunkedArray, n_pix: int, where: str, ids: pa.ChunkedArray) -> np.ndarray:
+    """(n, n_pix) float32 view of a list column, checking every row's length."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    t = col.type
+    if pa.types.is_fixed_size_list(t):
+        if t.list_size != n_pix:
+            raise ShardError(f"{where}: rows have {t.list_size} pixels, the grid has {n_pix}")
+        if col.null_count:
+            r = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise ShardError(f"{where}: row {r} (id {ids[r].as_py()!r}) is null")
+        values = col.flatten()
+    elif pa.types.is_list(t) or pa.types.is_large_list(t):
+        lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(np.isnan(lengths.astype(float)) | (lengths != n_pix))
+        if bad.size:
+            r = int(bad[0])
+            raise ShardError(
+                f"{where}: row {r} (id {ids[r].as_py()!r}) has {lengths[r]} pixels, "
+                f"the grid has {n_pix}"
+            )
+        values = col.flatten()
+    else:
+        raise ShardError(f"{where}: expected a list of float32, found {t}")
+    if not pa.types.is_floating(values.type):
+        raise ShardError(f"{where}: expected float values, found {values.type}")
+    return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, n_pix)
+
+
+def read_shard(
+    path: str | os.PathLike, grid: Grid | None = None, columns: list[str] | None = None
+) -> pa.Table:
+    """Read and validate one shard.  ``columns`` restricts the columns read (the required
+    ones are always read, so validation is complete)."""
+    path = Path(path)
+    cols = None
+    if columns is not None:
+        cols = list(dict.fromkeys([*REQUIRED_COLUMNS, *columns]))
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
+    if cols is not None:
+        missing = [c for c in cols if c not in schema.names]
+        if missing:
+            raise ShardError(f"{path}: missing column(s) {missing}")
+    try:
+        table = pq.read_table(path, columns=cols)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
+    validate_table(table, str(path), grid)
+    return table
+
+
+def iter_dataset(path: str | os.PathLike, grid: Grid | None = None) -> Iterator[pa.Table]:
+    """Validated tables of a dataset (file or folder), one shard at a time."""
+    for f in dataset_files(path):
+        yield read_shard(f, grid)
+
+
+def read_dataset(path: str | os.PathLike, grid: Grid | None = None) -> pa.Table:
+    """All rows of a dataset (file or folder) as one validated table."""
+    tables = list(iter_dataset(path, grid))
+    meta = tables[0].schema.metadata
+    return pa.concat_tables(
+        [t.replace_schema_metadata(meta) for t in tables], promote_options="default"
+    )
+
+
+@dataclass
+class SpectraArrays:
+    """Numpy view of a shard table: ``flux``/``ivar`` (n, n_pix) float32, ``labels``
+    (n, 3) float32 (Teff, logg, [Fe/H]; NaN where unknown), ``snr`` (n,), ``ids``."""
+
+    ids: np.ndarray
+    flux: np.ndarray
+    ivar: np.ndarray
+    labels: np.ndarray
+    snr: np.ndarray
+
+
+def table_arrays(table: pa.Table) -> SpectraArrays:
+    """Convert a validated table to numpy arrays."""
+    meta = _metadata_from_schema(table.schema, "table")
+    n_pix = int(meta["grid"]["n_pix"])
+    ids = table.column("id")
+
+    def mat(name: str) -> np.ndarray:
+        return _as_matrix(table.column(name), n_pix, f"column {name!r}", ids)
+
+    def vec(name: str) -> np.ndarray:
+        return table.column(name).to_numpy().astype(np.float32)  # nulls -> NaN
+
+    labels = (
+        np.stack([vec(c) for c in LABEL_COLUMNS], axis=1)
+        if table.num_rows
+        else np.zeros((0, 3), np.float32)
+    )
+    return SpectraArrays(
+        ids=np.asarray(ids.to_pylist(), dtype=object),
+        flux=mat("flux"),
+        ivar=mat("ivar"),
+        labels=labels,
+        snr=vec("snr"),
+    )

@@ -1,0 +1,141 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mendis_ray.spectra import shards
+from mendis_ray.spectra.grid import aspcap_grid, paper_grid
+from mendis_ray.spectra.shards import ShardError
+
+
+def _table(n=5, n_pix=2405, seed=0):
+    rng = np.random.default_rng(seed)
+    flux = rng.random((n, n_pix)).astype(np.float32)
+    ivar = np.full((n, n_pix), 9e4, np.float32)
+    teff = np.linspace(4300, 4500, n)
+    teff[1] = np.nan  # unlabelled
+    return shards.make_table(
+        [f"s{i}" for i in range(n)],
+        flux,
+        ivar,
+        teff=teff,
+        logg=np.full(n, 2.0),
+        feh=np.zeros(n),
+        snr=np.full(n, 300.0),
+        source="test",
+        extra={"truth_class": np.array(["train"] * n), "truth_teff": teff},
+    )
+
+
+def test_roundtrip_and_labels(tmp_path):
+    g = paper_grid()
+    t = _table()
+    files = shards.write_dataset(tmp_path / "d", [t.slice(0, 3), t.slice(3)], 2, g, {"name": "t"})
+    assert [f.name for f in files] == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+    back = shards.read_dataset(tmp_path / "d", g)
+    a = shards.table_arrays(back)
+    src = shards.table_arrays(shards._with_metadata(t, g, {}))
+    np.testing.assert_array_equal(a.flux, src.flux)
+    assert np.isnan(a.labels[1, 0]) and a.labels[0, 0] == 4300
+    meta = shards.shard_metadata(files[0])
+    assert meta["grid"]["n_pix"] == 2405 and meta["generator"] == {"name": "t"}
+    manifest = json.loads((tmp_path / "d" / "_manifest.json").read_text())
+    assert manifest["total_rows"] == 5
+    assert not list((tmp_path / "d").glob(".*"))  # no temp files left
+
+
+def test_readable_by_other_arrow_tools(tmp_path):
+    pd = pytest.importorskip("pandas")
+    duckdb = pytest.importorskip("duckdb")
+    path = shards.write_shard(tmp_path / "x.parquet", _table(), paper_grid())
+    df = pd.read_parquet(path)
+    assert len(df) == 5 and len(df.flux.iloc[0]) == 2405
+    n, mean_len = duckdb.sql(f"select count(*), avg(len(flux)) from '{path}'").fetchall()[0]
+    assert n == 5 and mean_len == 2405
+    wl = np.frombuffer(pq.read_schema(path).metadata[b"mendis_ray.wavelength"], "<f8")
+    np.testing.assert_allclose(wl, paper_grid().wavelength)
+
+
+def test_rewrite_removes_stale_shards_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    g = paper_grid()
+    t = _table(6)
+    shards.write_dataset(tmp_path, [t.slice(0, 2), t.slice(2, 2), t.slice(4)], 3, g)
+    shards.write_dataset(tmp_path, [t], 1, g)
+    assert sorted(p.name for p in tmp_path.glob("*.parquet")) == ["part-00000-of-00001.parquet"]
+    before = (tmp_path / "part-00000-of-00001.parquet").read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", boom)
+    with pytest.raises(OSError, match="disk full"):
+        shards.write_shard(tmp_path / "part-00000-of-00001.parquet", _table(2, seed=3), g)
+    assert (tmp_path / "part-00000-of-00001.parquet").read_bytes() == before
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def _write_raw(path, table, grid):
+    pq.write_table(shards._with_metadata(table, grid, {}), path)
+    return path
+
+
+def test_wrong_grid_is_refused(tmp_path):
+    p = shards.write_shard(tmp_path / "a.parquet", _table(), paper_grid())
+    with pytest.raises(ShardError, match=r"a\.parquet.*grid 'paper'.*aspcap"):
+        shards.read_shard(p, aspcap_grid())
+
+
+def test_wrong_length_names_file(tmp_path):
+    t = _table(n_pix=2400)
+    p = _write_raw(tmp_path / "short.parquet", t, paper_grid())
+    with pytest.raises(ShardError, match=r"short\.parquet.*2400 pixels.*2405"):
+        shards.read_shard(p)
+
+
+def test_variable_length_list_names_row(tmp_path):
+    t = _table(3)
+    rows = [np.ones(2405, np.float32).tolist()] * 3
+    rows[2] = rows[2][:100]
+    t = t.set_column(t.column_names.index("flux"), "flux", pa.array(rows, pa.list_(pa.float32())))
+    p = _write_raw(tmp_path / "ragged.parquet", t, paper_grid())
+    with pytest.raises(ShardError, match=r"ragged\.parquet.*row 2 \(id 's2'\) has 100 pixels"):
+        shards.read_shard(p)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "match"),
+    [("flux", np.nan, "non-finite"), ("flux", np.inf, "non-finite"), ("ivar", -1.0, "negative")],
+)
+def test_bad_values_name_file_and_row(tmp_path, column, value, match):
+    g = paper_grid()
+    t = _table()
+    a = shards.table_arrays(shards._with_metadata(t, g, {}))
+    arr = getattr(a, column).copy()
+    arr[3, 17] = value
+    t = t.set_column(t.column_names.index(column), column, shards._fixed_list(arr))
+    p = _write_raw(tmp_path / "bad.parquet", t, g)
+    with pytest.raises(ShardError, match=rf"bad\.parquet: row 3 \(id 's3'\) has {match}.*pixel 17"):
+        shards.read_shard(p)
+    with pytest.raises(ShardError, match="row 3"):  # the writer refuses it too
+        shards.write_shard(tmp_path / "w.parquet", t, g)
+    assert not (tmp_path / "w.parquet").exists()
+
+
+def test_missing_column_and_metadata(tmp_path):
+    g = paper_grid()
+    t = _table().drop_columns(["snr", "feh"])
+    p = _write_raw(tmp_path / "m.parquet", t, g)
+    with pytest.raises(
+        ShardError, match=r"m\.parquet: missing required column\(s\) \['feh', 'snr'\]"
+    ):
+        shards.read_shard(p)
+    pq.write_table(_table(), tmp_path / "plain.parquet")
+    with pytest.raises(ShardError, match=r"plain\.parquet: no 'mendis_ray' file metadata"):
+        shards.read_shard(tmp_path / "plain.parquet")
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(ShardError, match=r"junk\.parquet: not a readable Parquet"):
+        shards.read_shard(tmp_path / "junk.parquet")
+    with pytest.raises(ShardError, match="no such file"):
+        shards.dataset_files(tmp_path / "nowhere")
