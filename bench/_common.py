@@ -1,0 +1,57 @@
+"""Shared helpers for benchmarks: pin to one thread, time, print a table, write JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def single_thread() -> None:
+    """Pin BLAS/OpenMP to one thread (call before importing numpy)."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+
+
+def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
+    """Best wall time of ``repeat`` calls (the machine is shared and noisy)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def report(name: str, rows: list[dict], extra: dict | None = None) -> Path:
+    """Print ``rows`` as a table and write them (with machine info) to results/NAME.json."""
+    cols = list(rows[0])
+    fmt = {c: max(len(c), *(len(_s(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(fmt[c]) for c in cols))
+    for r in rows:
+        print("  ".join(_s(r[c]).ljust(fmt[c]) for c in cols))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    payload = {
+        "benchmark": name,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "processor": platform.processor() or platform.machine()},
+        "rows": rows,
+        **(extra or {}),
+    }  # fmt: skip
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return out
+
+
+def _s(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:,.1f}"
+    return str(v)
