@@ -434,3 +434,34 @@ def dominant_element(response: np.ndarray, threshold: float = 0.01) -> np.ndarra
 def iter_batches(labels: StellarLabels, size: int) -> Iterator[StellarLabels]:
     for a in range(0, len(labels), size):
         yield labels[a : a + size]
+
+
+def conditional_training_labels(
+    n: int,
+    rng: np.random.Generator,
+    observed: tuple[float, float, float] = (4300.0, 2.1, 0.0),
+    scatter: tuple[float, float, float] = (25.0, 0.1, 0.01),
+    teff: tuple[float, float] = (4300.0, 4500.0),
+    logg: tuple[float, float] = (1.9, 2.2),
+    x_h: tuple[float, float] = (-0.1, 0.05),
+    n_h: tuple[float, float] = (0.0, 0.15),
+    vmacro: float = 6.0,
+) -> StellarLabels:
+    """True labels of training-set stars whose *observed* (Teff, log g, [Fe/H]) equal
+    ``observed``: the uniform training prior times the Gaussian label scatter, i.e.
+    truncated normals, with every other abundance drawn from its prior.  Simulating these
+    (plus noise) samples the true conditional p(spectrum | observed labels), the ground
+    truth for the flow's conditional correlation matrix."""
+    from scipy.stats import truncnorm
+
+    def tn(mu: float, sd: float, lo: float, hi: float) -> np.ndarray:
+        a, b = (lo - mu) / sd, (hi - mu) / sd
+        return truncnorm.rvs(a, b, loc=mu, scale=sd, size=n, random_state=rng)
+
+    lab = paper_training_labels(n, rng, teff=teff, logg=logg, x_h=x_h, n_h=n_h, vmacro=vmacro)
+    x = lab.x_h.copy()
+    x[:, _FE] = tn(observed[2], scatter[2], *x_h)
+    return StellarLabels(
+        tn(observed[0], scatter[0], *teff), tn(observed[1], scatter[1], *logg), x,
+        lab.vmacro, lab.vsini,
+    )  # fmt: skip

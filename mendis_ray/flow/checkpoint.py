@@ -1,0 +1,158 @@
+"""Checkpoints without pickle: a folder with ``config.json`` and ``model.safetensors``.
+
+``config.json``: format version, the flow's FlowConfig, the TrainConfig, the grid
+(name, n_pix, hash, wavelength range), training metrics and free-form extras.
+``model.safetensors``: the flow's state_dict (``flow.*``), the standardization
+(``standardizer.mean``, ``standardizer.std``, float64) and the grid wavelengths
+(``grid.wavelength``).  A checkpoint alone is enough to score new spectra.
+
+Writes are atomic: the folder is written under a temporary name beside the target and
+renamed into place (an existing checkpoint is replaced only once the new one is complete).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mendis_ray.config import FlowConfig, TrainConfig
+from mendis_ray.flow.density import SpectrumDensity, Standardizer
+
+__all__ = ["FORMAT_VERSION", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+
+FORMAT_VERSION = 1
+CONFIG = "config.json"
+TENSORS = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the path and the reason."""
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    density: SpectrumDensity,
+    train_config: TrainConfig | None = None,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write ``density`` to the folder ``path`` atomically; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        f"flow.{k}": v.detach().cpu().contiguous() for k, v in density.flow.state_dict().items()
+    }
+    tensors["standardizer.mean"] = torch.from_numpy(np.ascontiguousarray(density.standardizer.mean))
+    tensors["standardizer.std"] = torch.from_numpy(np.ascontiguousarray(density.standardizer.std))
+    if "wavelength" in density.grid:
+        tensors["grid.wavelength"] = torch.as_tensor(np.asarray(density.grid["wavelength"]))
+    grid = {k: v for k, v in density.grid.items() if k != "wavelength"}
+    config = {
+        "format_version": FORMAT_VERSION,
+        "flow_config": density.config.to_dict(),
+        "train_config": asdict(train_config) if train_config else None,
+        "grid": grid,
+        "metrics": metrics or {},
+        "extra": extra or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / TENSORS))
+        (tmp / CONFIG).write_text(json.dumps(config, indent=1, default=float))
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    expect_grid: dict | None = None,
+    expect_preset: str | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[SpectrumDensity, dict]:
+    """Load a checkpoint folder (no pickle).
+
+    Args:
+        path: the folder written by :func:`save_checkpoint`.
+        expect_grid: a ``Grid.describe()`` dict the checkpoint must match (hash and size).
+        expect_preset: a preset name the checkpoint's FlowConfig must carry.
+
+    Returns:
+        (density in eval mode, the parsed config.json).
+    """
+    from mendis_ray.flow.model import MendisFlow
+
+    path = Path(path)
+    cfg_path, ten_path = path / CONFIG, path / TENSORS
+    for p in (cfg_path, ten_path):
+        if not p.is_file():
+            raise CheckpointError(f"{path}: not a mendis_ray checkpoint ({p.name} is missing)")
+    try:
+        info = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({err})") from err
+    if info.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {info.get('format_version')!r}, this version reads "
+            f"{FORMAT_VERSION}"
+        )
+    try:
+        flow_cfg = FlowConfig.from_dict(info["flow_config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{cfg_path}: bad flow_config ({err})") from err
+    grid = info.get("grid", {})
+    if expect_grid is not None and (
+        grid.get("hash") != expect_grid.get("hash") or grid.get("n_pix") != expect_grid.get("n_pix")
+    ):
+        raise CheckpointError(
+            f"{path}: checkpoint was trained on grid {grid.get('name')!r} ({grid.get('n_pix')} px, "
+            f"hash {grid.get('hash')}), but the data are on grid {expect_grid.get('name')!r} "
+            f"({expect_grid.get('n_pix')} px, hash {expect_grid.get('hash')})"
+        )
+    if expect_preset is not None and flow_cfg.name != expect_preset:
+        raise CheckpointError(
+            f"{path}: checkpoint is preset {flow_cfg.name!r}, expected {expect_preset!r}"
+        )
+    try:
+        tensors = load_file(str(ten_path), device="cpu")
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"{ten_path}: unreadable tensors ({err})") from err
+    flow = MendisFlow(flow_cfg)
+    state = {k.removeprefix("flow."): v for k, v in tensors.items() if k.startswith("flow.")}
+    try:
+        flow.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path}: weights do not fit the {flow_cfg.name!r} flow ({err})"
+        ) from err
+    try:
+        std = Standardizer(
+            tensors["standardizer.mean"].double().numpy(),
+            tensors["standardizer.std"].double().numpy(),
+        )
+    except KeyError as err:
+        raise CheckpointError(f"{ten_path}: missing tensor {err}") from err
+    if "grid.wavelength" in tensors:
+        grid = {**grid, "wavelength": tensors["grid.wavelength"].double().numpy()}
+    density = SpectrumDensity(flow, std, flow_cfg, grid).to(device)
+    density.eval()
+    return density, info

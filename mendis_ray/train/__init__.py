@@ -1,0 +1,1 @@
+"""Training without Ray (``loop``); the Ray trainer reuses these functions."""

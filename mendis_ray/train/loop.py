@@ -1,0 +1,198 @@
+"""Training without Ray: one epoch, evaluation and a fit loop over any iterable of batches.
+
+The model's ``forward(x)`` must return ``log p(x)`` per row (batch,), so the same
+functions train a bare flow, a :class:`~mendis_ray.flow.density.SpectrumDensity`, or a
+DDP-wrapped module (gradients are all-reduced only when the wrapper itself is called).
+The Ray trainer calls these functions unchanged inside each TorchTrainer worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mendis_ray.config import TrainConfig
+
+__all__ = [
+    "EarlyStopping",
+    "History",
+    "array_batches",
+    "evaluate",
+    "fit",
+    "make_optimizer",
+    "train_epoch",
+]
+
+log = logging.getLogger(__name__)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (the paper's optimiser) with ``cfg.lr`` and ``cfg.weight_decay``."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def array_batches(
+    x: torch.Tensor,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Mini-batches of the rows of ``x`` (n, d); a fresh permutation per call."""
+    n = x.shape[0]
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for a in range(0, n, batch_size):
+        yield x[order[a : a + batch_size]]
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """One pass of maximum likelihood over ``batches``.
+
+    Returns:
+        ``{"train_log_prob": mean log p per row, "rows": n, "seconds": wall time}``.
+    Raises:
+        FloatingPointError if the loss becomes non-finite (names the step).
+    """
+    model.train()
+    total, rows, t0 = 0.0, 0, time.perf_counter()
+    for step, x in enumerate(batches):
+        log_p = model(x)  # (batch,)
+        loss = -log_p.mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"train_epoch: non-finite loss at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        total += float(log_p.detach().sum())
+        rows += x.shape[0]
+        if progress is not None:
+            progress(x.shape[0], float(loss.detach()))
+    return {
+        "train_log_prob": total / max(rows, 1),
+        "rows": rows,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    """Mean log p per row over ``batches`` (eval mode, no gradients)."""
+    model.eval()
+    total, rows = 0.0, 0
+    for x in batches:
+        total += float(model(x).double().sum())
+        rows += x.shape[0]
+    return {"val_log_prob": total / max(rows, 1), "rows": rows}
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when the validation log-likelihood has not improved by ``min_delta`` for
+    ``patience`` epochs; remembers the best epoch's state_dict."""
+
+    patience: int
+    min_delta: float = 0.0
+    best: float = -math.inf
+    best_epoch: int = -1
+    best_state: dict | None = None
+    bad_epochs: int = 0
+
+    def step(self, epoch: int, value: float, model: nn.Module) -> bool:
+        """Record ``value``; return True when training should stop."""
+        if value > self.best + self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+
+@dataclass
+class History:
+    """Per-epoch metrics and the stopping decision."""
+
+    epochs: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    best_epoch: int = -1
+    best_val_log_prob: float = -math.inf
+
+
+def fit(
+    model: nn.Module,
+    train_batches: Callable[[int], Iterable[torch.Tensor]],
+    val_batches: Callable[[], Iterable[torch.Tensor]],
+    cfg: TrainConfig,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    show_progress: bool = True,
+    restore_best: bool = True,
+) -> History:
+    """Train for ``cfg.epochs`` epochs with early stopping on the validation log p.
+
+    Args:
+        model: ``forward(x) -> log p`` (batch,).
+        train_batches: ``epoch -> iterable of batches`` (so each epoch can reshuffle or
+            draw fresh noise).
+        val_batches: ``() -> iterable of batches``.
+        cfg: optimisation settings; ``cfg.seed`` seeds torch before training.
+        on_epoch: called after each epoch with ``(epoch, metrics)`` (checkpointing,
+            reporting to Ray).
+        restore_best: load the best validation state into ``model`` at the end.
+    """
+    torch.manual_seed(cfg.seed)
+    optimizer = optimizer or make_optimizer(model, cfg)
+    stopper = EarlyStopping(cfg.patience)
+    hist = History()
+    bar = _progress_bar(cfg.epochs, show_progress)
+    for epoch in range(cfg.epochs):
+        metrics = {
+            "epoch": epoch,
+            **train_epoch(model, train_batches(epoch), optimizer, cfg.grad_clip),
+        }
+        metrics |= evaluate(model, val_batches())
+        hist.epochs.append(metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(
+                train=f"{metrics['train_log_prob']:.1f}", val=f"{metrics['val_log_prob']:.1f}"
+            )
+        log.info(
+            "epoch %d: train log p %.2f, val log p %.2f (%.1f s)",
+            epoch, metrics["train_log_prob"], metrics["val_log_prob"], metrics["seconds"],
+        )  # fmt: skip
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if stopper.step(epoch, metrics["val_log_prob"], model):
+            hist.stopped_early = True
+            break
+    if bar is not None:
+        bar.close()
+    hist.best_epoch, hist.best_val_log_prob = stopper.best_epoch, stopper.best
+    if restore_best and stopper.best_state is not None:
+        model.load_state_dict(stopper.best_state)
+    return hist
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: the log lines still show progress
+        return None
+    return tqdm(total=total, desc="epochs", unit="epoch", leave=False)
