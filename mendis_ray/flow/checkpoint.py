@@ -44,8 +44,13 @@ def save_checkpoint(
     train_config: TrainConfig | None = None,
     metrics: dict | None = None,
     extra: dict | None = None,
+    extra_arrays: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write ``density`` to the folder ``path`` atomically; return the path."""
+    """Write ``density`` to the folder ``path`` atomically; return the path.
+
+    ``extra_arrays`` (e.g. a scorer's reference statistics) are stored as ``extra.<name>``
+    tensors and come back from :func:`load_checkpoint` in ``info["extra_arrays"]``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -55,6 +60,8 @@ def save_checkpoint(
     tensors["standardizer.std"] = torch.from_numpy(np.ascontiguousarray(density.standardizer.std))
     if "wavelength" in density.grid:
         tensors["grid.wavelength"] = torch.as_tensor(np.asarray(density.grid["wavelength"]))
+    for name, arr in (extra_arrays or {}).items():
+        tensors[f"extra.{name}"] = torch.from_numpy(np.ascontiguousarray(arr))
     grid = {k: v for k, v in density.grid.items() if k != "wavelength"}
     config = {
         "format_version": FORMAT_VERSION,
@@ -137,6 +144,11 @@ def load_checkpoint(
     except Exception as err:  # safetensors raises its own error types
         raise CheckpointError(f"{ten_path}: unreadable tensors ({err})") from err
     flow = MendisFlow(flow_cfg)
+    saved = next(
+        (v for k, v in tensors.items() if k.startswith("flow.") and v.is_floating_point()), None
+    )
+    if saved is not None:
+        flow = flow.to(saved.dtype)  # keep the precision the weights were saved in
     state = {k.removeprefix("flow."): v for k, v in tensors.items() if k.startswith("flow.")}
     try:
         flow.load_state_dict(state, strict=True)
@@ -153,6 +165,9 @@ def load_checkpoint(
         raise CheckpointError(f"{ten_path}: missing tensor {err}") from err
     if "grid.wavelength" in tensors:
         grid = {**grid, "wavelength": tensors["grid.wavelength"].double().numpy()}
+    info["extra_arrays"] = {
+        k.removeprefix("extra."): v.numpy() for k, v in tensors.items() if k.startswith("extra.")
+    }
     density = SpectrumDensity(flow, std, flow_cfg, grid).to(device)
     density.eval()
     return density, info

@@ -1,31 +1,51 @@
 """Scoring spectra with the flow: which ones do not belong?
 
-:class:`Scorer` turns a :class:`~mendis_ray.flow.density.SpectrumDensity` into the scores
-a survey astronomer triages with, all "higher = more typical":
+:class:`Scorer` turns a :class:`~mendis_ray.flow.density.SpectrumDensity` plus a
+:class:`ScoreReference` (statistics of held-out training spectra, storable in a
+checkpoint) into the scores a survey astronomer triages with, all "higher = more typical":
 
 ``log_p``
     Exact log p(flux, Teff, log g, [Fe/H]) in physical units when labels are given.
 ``log_p_marginal``
-    Label-free: log p(flux) = log of the integral of p(flux, y) over the labels y,
-    by the Laplace approximation around the profile maximum y* (found by gradient ascent
-    in standardized label space): ``log p(flux, y*) + (k/2) log 2 pi - (1/2) log det H``
-    with H the negative Hessian of log p in y (k = 3 labels).  Exact when p(flux, y) is
-    Gaussian in y, which the tests check against a closed form.  ``labels_profile`` is y*.
+    Label-free: log p(flux) = log of the integral of p(flux, y) over the labels y, by the
+    Laplace approximation around the profile maximum y* (gradient ascent in standardized
+    label space): ``log p(flux, y*) + (k/2) log 2 pi - (1/2) log det H`` with H the negative
+    Hessian of log p in y (k = 3 labels).  Exact when p(flux, y) is Gaussian in y, which the
+    tests check against a closed form.  Computed for unlabelled spectra (or all, on
+    request); ``labels_used`` holds y* there.
 ``log_p_per_dim``
-    ``log_p`` (or the marginal when labels are missing) divided by the number of
-    dimensions: comparable across grids and models.
-``percentile``
-    Percentage of held-out training spectra whose score is <= this one (0 = less
-    typical than every reference spectrum).
+    The primary score (``log_p``, or ``log_p_marginal`` without labels) per dimension.
+``signal_score``
+    The **latent signal statistic**, for subtle outliers.  With ~2400 noisy pixels the
+    full log p of an inlier scatters by about sqrt(2 n_pix)/2 nats from the noise chi^2
+    alone, which hides small departures in the few directions where the stellar signal
+    lives, and a cleaner (higher-S/N) spectrum gets a *higher* log p.  The flow's latent
+    point ``z = f(x)`` is N(0, I) for training spectra; the signal directions of x (the top
+    ``n_signal`` principal directions of the standardized training spectra, plus the three
+    labels) map to the columns of ``J = dz/dx B^T`` (by finite differences through the
+    flow).  The score is minus half the squared length of z's projection onto their span,
+
+        signal_score(x) = -1/2 z^T J (J^T J)^-1 J^T z,
+
+    i.e. the flow's generalised least-squares estimate of the signal coordinates, measured
+    in the flow's own metric.  For a Gaussian flow it is exactly the noise-weighted
+    Hotelling T^2 in the signal subspace (chi^2 with n_signal + 3 degrees of freedom for
+    inliers: a scatter of a few, not ~35, nats), and a higher S/N barely moves it because
+    noise contributes little along signal directions.  Departures *outside* the subspace
+    are left to ``log_p`` and the flux-range flag.
+``percentile``, ``signal_percentile``
+    Percentage of held-out training spectra whose score is <= this one (0 = less typical
+    than every reference spectrum), against the reference of the same score (joint,
+    label-free or signal).
 ``log_ratio_gaussian``
-    ``log p_flow - log p_gaussian`` (both on the standardized features): the per-pixel
-    noise term is nearly the same for both models and cancels, so the ratio isolates what
-    the flow knows beyond a Gaussian (it is not raised by a cleaner, higher-S/N spectrum).
+    ``log p_flow - log p_gaussian`` at the same standardized point (given labels, or y*):
+    the noise term is nearly the same for both models and cancels, so the ratio isolates
+    what the flow knows beyond a shrunk full-covariance Gaussian.
 
 Flags (bit field ``flags`` plus boolean columns):
 
-* ``FLAG_NONFINITE`` -- NaN/inf flux or labels at pixels with ivar > 0 (such pixels are
-  then treated as masked; such a spectrum's score is not trustworthy);
+* ``FLAG_NONFINITE`` -- NaN/inf flux at pixels with ivar > 0, non-finite ivar, or inf
+  labels (such pixels are treated as masked; the spectrum's score is not trustworthy);
 * ``FLAG_MASKED`` -- more than ``max_masked_fraction`` of pixels masked;
 * ``FLAG_FLUX_RANGE`` -- more than 1% of good pixels outside the training flux range
   widened by ``range_sigma`` training standard deviations;
@@ -40,20 +60,24 @@ typical value at the masked ones, i.e. a masked pixel can never make a spectrum 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from mendis_ray.flow.density import SpectrumDensity
+from mendis_ray.science.baselines import GaussianBaseline
 
 __all__ = [
     "FLAG_FLUX_RANGE",
     "FLAG_LABEL_RANGE",
     "FLAG_MASKED",
     "FLAG_NONFINITE",
+    "ScoreReference",
     "Scorer",
     "profile_labels",
+    "signal_subspace",
 ]
 
 FLAG_NONFINITE = 1
@@ -123,50 +147,217 @@ def _label_hessian(
     return 0.5 * (hess + hess.transpose(1, 2))
 
 
+def signal_subspace(
+    x: np.ndarray, n_signal: int | str = "auto", max_signal: int = 64
+) -> np.ndarray:
+    """Orthonormal rows spanning the top principal directions of ``x`` (n, d).
+
+    ``n_signal="auto"`` keeps the directions whose variance exceeds the Marchenko-Pastur
+    upper edge of pure noise, ``median(lambda) (1 + sqrt(d / n))^2``, i.e. those that
+    random noise alone would not produce (capped at ``max_signal``).  Returns (k, d).
+    """
+    xc = np.asarray(x, np.float64) - np.asarray(x, np.float64).mean(axis=0)
+    n, d = xc.shape
+    _, sv, vt = np.linalg.svd(xc, full_matrices=False)
+    lam = sv**2 / max(n - 1, 1)
+    if n_signal == "auto":
+        edge = np.median(lam) * (1.0 + np.sqrt(d / n)) ** 2
+        k = int(np.clip((lam > edge).sum(), 1, max_signal))
+    else:
+        k = int(n_signal)
+        if not 1 <= k < min(n, d):
+            raise ValueError(f"signal_subspace: n_signal={k} must be in [1, {min(n, d) - 1}]")
+    return vt[:k].copy()
+
+
+@dataclass
+class ScoreReference:
+    """What scoring needs besides the flow, computed once from held-out training spectra.
+
+    Attributes:
+        flux_range: (2, n_pix) min and max training flux. label_range: (2, k) likewise.
+        center: (n_pix,) mean standardized spectrum; basis: (n_signal, n_pix) orthonormal
+            signal directions (standardized units).
+        ref_log_p, ref_signal: (m,) scores of the reference spectra (joint, signal).
+        ref_log_p_marginal: (m2,) label-free scores of (a subset of) them.
+        gaussian: a Gaussian baseline on the standardized features, or None.
+    """
+
+    flux_range: np.ndarray
+    label_range: np.ndarray
+    center: np.ndarray
+    basis: np.ndarray
+    ref_log_p: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    ref_signal: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    ref_log_p_marginal: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    gaussian: GaussianBaseline | None = None
+
+    _ARRAYS = (
+        "flux_range", "label_range", "center", "basis",
+        "ref_log_p", "ref_signal", "ref_log_p_marginal",
+    )  # fmt: skip
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Flat dict of float64 arrays (for a safetensors checkpoint)."""
+        out = {k: np.ascontiguousarray(getattr(self, k), dtype=np.float64) for k in self._ARRAYS}
+        if self.gaussian is not None:
+            st = self.gaussian.to_state()
+            out["gaussian.mean"] = np.ascontiguousarray(st["mean"])
+            out["gaussian.covariance"] = np.ascontiguousarray(st["covariance"])
+            out["gaussian.meta"] = np.array([float(st["shrinkage"]), float(st["n_samples"])])
+        return out
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: Mapping[str, np.ndarray], where: str = "ScoreReference"
+    ) -> ScoreReference:
+        missing = [k for k in cls._ARRAYS if k not in arrays]
+        if missing:
+            raise ValueError(f"{where}: missing score-reference arrays {missing}")
+        kw = {k: np.asarray(arrays[k], dtype=np.float64) for k in cls._ARRAYS}
+        gauss = None
+        if "gaussian.mean" in arrays:
+            meta = np.asarray(arrays["gaussian.meta"])
+            gauss = GaussianBaseline.from_state(
+                {
+                    "baseline": "gaussian",
+                    "shrinkage_method": "fixed",
+                    "shrinkage": float(meta[0]),
+                    "n_samples": int(meta[1]),
+                    "mean": np.asarray(arrays["gaussian.mean"], np.float64),
+                    "covariance": np.asarray(arrays["gaussian.covariance"], np.float64),
+                }
+            )
+        return cls(**kw, gaussian=gauss)
+
+
 @dataclass
 class Scorer:
-    """Scores for new spectra from a trained density.
+    """Scores for new spectra from a trained density and its :class:`ScoreReference`.
 
     Args:
         density: the trained flow with its standardization.
-        reference: (m,) ``log_p`` of held-out training spectra (for percentiles).
-        gaussian: optional fitted Gaussian baseline on the *standardized* features
-            (``log_prob(x) -> (n,)``) for ``log_ratio_gaussian``.
-        flux_range, label_range: (2, n) min/max of the training flux and labels.
-        range_sigma: widening of the ranges in training standard deviations.
+        reference: statistics of held-out training spectra (see :meth:`fit`).
+        range_sigma: widening of the training ranges, in training standard deviations.
         max_masked_fraction: above this masked fraction a spectrum is flagged.
+        profile_steps: Adam steps of the label profile (label-free score).
+        fd_step: finite-difference step (standardized units) of the signal Jacobian.
     """
 
     density: SpectrumDensity
-    reference: np.ndarray | None = None
-    gaussian: object | None = None
-    flux_range: np.ndarray | None = None
-    label_range: np.ndarray | None = None
+    reference: ScoreReference | None = None
     range_sigma: float = 5.0
     max_masked_fraction: float = 0.2
     profile_steps: int = 200
+    fd_step: float = 1e-2
+
+    @classmethod
+    def fit(
+        cls,
+        density: SpectrumDensity,
+        flux: np.ndarray,
+        labels: np.ndarray,
+        *,
+        n_signal: int | str = "auto",
+        fd_step: float = 1e-2,
+        n_marginal: int = 64,
+        gaussian: GaussianBaseline | bool = True,
+        basis_spectra: np.ndarray | None = None,
+        **kwargs: float,
+    ) -> Scorer:
+        """A scorer whose reference is the held-out training spectra ``flux`` (m, n_pix)
+        with ``labels`` (m, 3): ranges, signal subspace, reference scores
+        (label-free ones on the first ``n_marginal``), and a Gaussian baseline.
+
+        ``gaussian`` may be a Gaussian already fitted on the standardized *training*
+        features (better than one fitted on the reference); ``basis_spectra`` (n, n_pix)
+        are the physical spectra the signal subspace is computed from (default: the
+        reference)."""
+        std = density.standardizer
+        n_lab = density.config.n_labels
+        flux = np.asarray(flux, np.float64)
+        labels = np.asarray(labels, np.float64)
+        if not (np.isfinite(flux).all() and np.isfinite(labels).all()):
+            raise ValueError("Scorer.fit: reference flux and labels must be finite")
+        x = std.transform(flux, labels).astype(np.float64)  # (m, d)
+        if basis_spectra is None:
+            xs = x[:, :-n_lab]
+        else:
+            bs = np.asarray(basis_spectra, np.float64)
+            xs = (bs - std.mean[: bs.shape[1]]) / std.std[: bs.shape[1]]
+        center = xs.mean(axis=0)
+        basis = signal_subspace(xs, n_signal)
+        if gaussian is True:
+            gaussian = GaussianBaseline().fit(x)
+        ref = ScoreReference(
+            flux_range=np.stack([flux.min(axis=0), flux.max(axis=0)]),
+            label_range=np.stack([labels.min(axis=0), labels.max(axis=0)]),
+            center=center,
+            basis=basis,
+            gaussian=gaussian or None,
+        )
+        scorer = cls(density, ref, fd_step=fd_step, **kwargs)
+        out = scorer.score(flux, labels=labels, marginal="none")
+        ref.ref_log_p = np.sort(out["log_p"])
+        ref.ref_signal = np.sort(out["signal_score"])
+        if n_marginal > 0:
+            sub = scorer.score(flux[:n_marginal], marginal="all")
+            ref.ref_log_p_marginal = np.sort(sub["log_p_marginal"])
+        return scorer
+
+    def checkpoint_arrays(self) -> dict[str, np.ndarray]:
+        """The reference as ``score.*`` arrays for ``save_checkpoint(extra_arrays=...)``."""
+        if self.reference is None:
+            return {}
+        return {f"score.{k}": v for k, v in self.reference.to_arrays().items()}
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str, *, device: str = "cpu", expect_grid: dict | None = None, **kwargs: float
+    ) -> Scorer:
+        """A scorer from a checkpoint folder alone (flow, standardization, reference)."""
+        from mendis_ray.flow.checkpoint import load_checkpoint
+
+        density, info = load_checkpoint(path, device=device, expect_grid=expect_grid)
+        arrays = {
+            k.removeprefix("score."): v
+            for k, v in info.get("extra_arrays", {}).items()
+            if k.startswith("score.")
+        }
+        ref = ScoreReference.from_arrays(arrays, where=str(path)) if arrays else None
+        return cls(density, ref, **kwargs)
 
     def score(
         self,
         flux: np.ndarray,
         ivar: np.ndarray | None = None,
         labels: np.ndarray | None = None,
+        *,
+        marginal: str = "unlabelled",
         batch_size: int = 256,
     ) -> dict[str, np.ndarray]:
         """Scores of n spectra.
 
         Args:
             flux: (n, n_pix). ivar: (n, n_pix) or None (all good).
-            labels: (n, 3) Teff, log g, [Fe/H]; NaN rows (or None) are unlabelled.
+            labels: (n, 3) Teff, log g, [Fe/H]; rows with a NaN (or None) are unlabelled.
+            marginal: which rows get the label-free score: "unlabelled", "all" or "none".
 
         Returns:
-            dict of (n,) arrays: log_p (NaN where unlabelled), log_p_marginal,
-            labels_profile (n, 3), log_p_per_dim, percentile, log_ratio_gaussian,
-            masked_fraction, flags and one boolean column per flag.
+            dict of (n,) arrays: log_p (NaN where unlabelled), log_p_marginal (NaN where not
+            computed), labels_used (n, 3), log_p_per_dim, signal_score, percentile,
+            signal_percentile, log_ratio_gaussian, masked_fraction, flags and one boolean
+            column per flag.
         """
+        if marginal not in ("unlabelled", "all", "none"):
+            raise ValueError(
+                f"Scorer.score: marginal must be unlabelled/all/none, got {marginal!r}"
+            )
         std = self.density.standardizer
         n_lab = self.density.config.n_labels
         flux = np.asarray(flux, dtype=np.float64)
+        if flux.ndim != 2:
+            raise ValueError(f"Scorer: flux must be 2-D (n, n_pix), got shape {flux.shape}")
         n, n_pix = flux.shape
         if n_pix != std.n_features - n_lab:
             raise ValueError(
@@ -178,62 +369,84 @@ class Scorer:
         labels = np.full((n, n_lab), np.nan) if labels is None else np.asarray(labels, np.float64)
         if labels.shape != (n, n_lab):
             raise ValueError(f"Scorer: labels must be ({n}, {n_lab}), got {labels.shape}")
+        ref = self.reference
 
         flags = np.zeros(n, dtype=np.int64)
-        bad_value = ~np.isfinite(flux) & (ivar > 0) | ~np.isfinite(ivar)
+        bad_value = (~np.isfinite(flux) & (ivar > 0)) | ~np.isfinite(ivar)
         bad_label = np.isinf(labels).any(axis=1)
         flags[bad_value.any(axis=1) | bad_label] |= FLAG_NONFINITE
-        masked = (ivar <= 0) | ~np.isfinite(flux) | ~np.isfinite(ivar)
+        masked = ~(ivar > 0) | ~np.isfinite(flux)
         masked_fraction = masked.mean(axis=1)
         flags[masked_fraction > self.max_masked_fraction] |= FLAG_MASKED
-        mean_flux = std.mean[:n_pix]
-        filled = np.where(masked, mean_flux, flux)
+        filled = np.where(masked, std.mean[:n_pix], flux)
         labels = np.where(np.isinf(labels), np.nan, labels)
-        if self.flux_range is not None:
-            width = self.range_sigma * std.std[:n_pix]
-            out = (filled < self.flux_range[0] - width) | (filled > self.flux_range[1] + width)
-            flags[(out & ~masked).mean(axis=1) > 0.01] |= FLAG_FLUX_RANGE
         has_labels = np.isfinite(labels).all(axis=1)
-        if self.label_range is not None:
+        if ref is not None:
+            width = self.range_sigma * std.std[:n_pix]
+            out = (filled < ref.flux_range[0] - width) | (filled > ref.flux_range[1] + width)
+            flags[(out & ~masked).mean(axis=1) > 0.01] |= FLAG_FLUX_RANGE
             width = self.range_sigma * std.std[n_pix:]
-            lab_out = (labels < self.label_range[0] - width) | (
-                labels > self.label_range[1] + width
-            )
+            lab_out = (labels < ref.label_range[0] - width) | (labels > ref.label_range[1] + width)
             flags[has_labels & lab_out.any(axis=1)] |= FLAG_LABEL_RANGE
 
+        want_marg = {"all": np.ones(n, bool), "none": np.zeros(n, bool)}.get(marginal, ~has_labels)
         log_p = np.full(n, np.nan)
         log_p_marg = np.full(n, np.nan)
-        prof = np.full((n, n_lab), np.nan)
+        used = np.where(has_labels[:, None], labels, np.nan)
+        signal = np.full(n, np.nan)
         gauss = np.full(n, np.nan)
-        lab_fill = np.where(has_labels[:, None], labels, std.mean[n_pix:])
-        d = std.n_features
+        flow_lp = np.full(n, np.nan)
+        x_all = std.transform(filled, np.where(has_labels[:, None], labels, std.mean[n_pix:]))
         for a in range(0, n, batch_size):
             sl = slice(a, a + batch_size)
-            x = self.density.standardize(filled[sl], lab_fill[sl])
+            x = self._tensor(x_all[sl])  # (b, d) standardized
+            idx = np.flatnonzero(want_marg[sl])
+            if idx.size:
+                x0 = x[idx].clone()
+                x0[:, -n_lab:] = 0.0  # start the profile at the training mean
+                y, lpy, logdet = profile_labels(self.density, x0, n_lab, steps=self.profile_steps)
+                # Laplace in standardized labels, then back to physical units.
+                log_p_marg[a + idx] = (
+                    lpy.double().cpu().numpy() + 0.5 * n_lab * math.log(2 * math.pi)
+                    - 0.5 * logdet.double().cpu().numpy() + std.log_abs_det
+                    + float(np.log(std.std[n_pix:]).sum())
+                )  # fmt: skip
+                y_np = y.double().cpu().numpy()
+                fill = idx[~has_labels[a + idx]]  # unlabelled rows take y*
+                pos = np.flatnonzero(~has_labels[a + idx])
+                x_all[a + fill, -n_lab:] = y_np[pos]
+                used[a + fill] = y_np[pos] * std.std[n_pix:] + std.mean[n_pix:]
+                x = self._tensor(x_all[sl])
             with torch.no_grad():
-                lp = self.density.flow.log_prob(x).double().cpu().numpy()
-            log_p[sl] = np.where(has_labels[sl], lp + std.log_abs_det, np.nan)
-            x0 = x.clone()
-            x0[:, -n_lab:] = 0.0  # start the profile at the training mean
-            y, lpy, logdet = profile_labels(self.density, x0, n_lab, steps=self.profile_steps)
-            # Laplace in standardized labels, then back to physical units.
-            log_p_marg[sl] = (
-                lpy.double().cpu().numpy() + 0.5 * n_lab * math.log(2 * math.pi)
-                - 0.5 * logdet.double().cpu().numpy() + std.log_abs_det
-                + float(np.log(std.std[n_pix:]).sum())
-            )  # fmt: skip
-            prof[sl] = y.double().cpu().numpy() * std.std[n_pix:] + std.mean[n_pix:]
-            if self.gaussian is not None:
-                gauss[sl] = self.gaussian.log_prob(x.double().cpu().numpy())
-        base = np.where(has_labels, log_p, log_p_marg)
-        std_log_p = base - std.log_abs_det if self.gaussian is not None else None
-        result = {
+                flow_lp[sl] = self.density.flow.log_prob(x).double().cpu().numpy()
+            if ref is not None:
+                step = max(1, 4096 // (ref.basis.shape[0] + n_lab + 1))  # rows per flow call
+                for c in range(a, min(a + batch_size, n), step):
+                    e = min(c + step, a + batch_size, n)
+                    signal[c:e] = self._signal(x_all[c:e])
+                if ref.gaussian is not None:
+                    gauss[sl] = ref.gaussian.log_prob(x_all[sl].astype(np.float64))
+        log_p = np.where(has_labels, flow_lp + std.log_abs_det, np.nan)
+        known = has_labels | np.isfinite(log_p_marg)
+        signal = np.where(known, signal, np.nan)
+        primary = np.where(has_labels, log_p, log_p_marg)
+        d = std.n_features
+        pct = np.full(n, np.nan)
+        if ref is not None:
+            pct = np.where(
+                has_labels,
+                _percentile(ref.ref_log_p, primary),
+                _percentile(ref.ref_log_p_marginal, primary),
+            )
+        return {
             "log_p": log_p,
             "log_p_marginal": log_p_marg,
-            "labels_profile": prof,
-            "log_p_per_dim": base / np.where(has_labels, d, d - n_lab),
-            "percentile": self._percentile(base),
-            "log_ratio_gaussian": (std_log_p - gauss) if std_log_p is not None else gauss,
+            "labels_used": used,
+            "log_p_per_dim": primary / np.where(has_labels, d, d - n_lab),
+            "signal_score": signal,
+            "percentile": pct,
+            "signal_percentile": _percentile(ref.ref_signal if ref else None, signal),
+            "log_ratio_gaussian": np.where(known, flow_lp - gauss, np.nan),
             "masked_fraction": masked_fraction,
             "flags": flags,
             "flag_nonfinite": (flags & FLAG_NONFINITE) > 0,
@@ -241,10 +454,40 @@ class Scorer:
             "flag_flux_range": (flags & FLAG_FLUX_RANGE) > 0,
             "flag_label_range": (flags & FLAG_LABEL_RANGE) > 0,
         }
-        return result
 
-    def _percentile(self, scores: np.ndarray) -> np.ndarray:
-        if self.reference is None or len(self.reference) == 0:
-            return np.full(scores.shape, np.nan)
-        ref = np.sort(np.asarray(self.reference, dtype=np.float64))
-        return 100.0 * np.searchsorted(ref, scores, side="right") / ref.size
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        p = next(self.density.flow.parameters())
+        return torch.as_tensor(np.asarray(x), dtype=p.dtype, device=p.device)
+
+    @torch.no_grad()
+    def _signal(self, x: np.ndarray) -> np.ndarray:
+        """Latent signal statistic of standardized rows ``x`` (b, d) -> (b,)."""
+        ref = self.reference
+        assert ref is not None
+        n_lab = self.density.config.n_labels
+        b, d = x.shape
+        k = ref.basis.shape[0]
+        dirs = np.zeros((k + n_lab, d))  # signal directions in x: spectrum PCs, labels
+        dirs[:k, :-n_lab] = ref.basis
+        dirs[k:, d - n_lab :] = np.eye(n_lab)
+        m = dirs.shape[0]
+        xt = self._tensor(x)  # (b, d)
+        h = self.fd_step
+        pert = xt[:, None, :] + h * self._tensor(dirs)[None]  # (b, m, d)
+        z = self.density.flow.transform(torch.cat([xt, pert.reshape(b * m, d)]))[0]
+        z = z.double()
+        z0 = z[:b]  # (b, d)
+        jac = (z[b:].reshape(b, m, d) - z0[:, None, :]) / h  # (b, m, d) rows = J^T
+        gram = jac @ jac.transpose(1, 2)  # (b, m, m) = J^T J
+        rhs = (jac @ z0[:, :, None])[..., 0]  # (b, m) = J^T z
+        coef = torch.linalg.solve(gram, rhs)  # (b, m) GLS signal coordinates
+        return (-0.5 * (coef * rhs).sum(dim=1)).cpu().numpy()
+
+
+def _percentile(reference: np.ndarray | None, scores: np.ndarray) -> np.ndarray:
+    """Percentage of ``reference`` values <= each score (NaN without a reference)."""
+    if reference is None or len(reference) == 0:
+        return np.full(np.shape(scores), np.nan)
+    ref = np.sort(np.asarray(reference, dtype=np.float64))
+    out = 100.0 * np.searchsorted(ref, scores, side="right") / ref.size
+    return np.where(np.isfinite(scores), out, np.nan)

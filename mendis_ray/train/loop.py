@@ -129,6 +129,7 @@ class History:
     stopped_early: bool = False
     best_epoch: int = -1
     best_val_log_prob: float = -math.inf
+    initial_val_log_prob: float = math.nan
 
 
 def fit(
@@ -141,6 +142,7 @@ def fit(
     on_epoch: Callable[[int, dict], None] | None = None,
     show_progress: bool = True,
     restore_best: bool = True,
+    time_limit_s: float | None = None,
 ) -> History:
     """Train for ``cfg.epochs`` epochs with early stopping on the validation log p.
 
@@ -153,12 +155,20 @@ def fit(
         on_epoch: called after each epoch with ``(epoch, metrics)`` (checkpointing,
             reporting to Ray).
         restore_best: load the best validation state into ``model`` at the end.
+        time_limit_s: stop after the epoch during which this wall time is exceeded.
     """
     torch.manual_seed(cfg.seed)
     optimizer = optimizer or make_optimizer(model, cfg)
     stopper = EarlyStopping(cfg.patience)
     hist = History()
     bar = _progress_bar(cfg.epochs, show_progress)
+    t_start = time.perf_counter()
+    # The starting point competes too: a flow initialised at a Gaussian (see
+    # mendis_ray.flow.gaussian_init) is kept if training never improves on it.
+    hist.initial_val_log_prob = evaluate(model, val_batches())["val_log_prob"]
+    stopper.step(-1, hist.initial_val_log_prob, model)
+    stopper.bad_epochs = 0
+    log.info("initial val log p %.2f", hist.initial_val_log_prob)
     for epoch in range(cfg.epochs):
         metrics = {
             "epoch": epoch,
@@ -178,6 +188,10 @@ def fit(
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if stopper.step(epoch, metrics["val_log_prob"], model):
+            hist.stopped_early = True
+            break
+        if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s:
+            log.info("time limit %.0f s reached after epoch %d", time_limit_s, epoch)
             hist.stopped_early = True
             break
     if bar is not None:
