@@ -62,6 +62,9 @@ class TrainConfig:
     epochs: int = 3000
     grad_clip: float = 10.0
     weight_decay: float = 0.0
+    # lr multiplier of the affine layers (ActNorm, LU): Adam moves every one of the n^2
+    # LU entries by about lr per step, which at lr >> 1e-6 scrambles a whitened start.
+    linear_lr_scale: float = 1.0
     patience: int = 50  # epochs without validation improvement before stopping
     seed: int = 0
     extra: dict = field(default_factory=dict)

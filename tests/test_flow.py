@@ -255,3 +255,31 @@ def test_agreement_with_stock_nflows(n_pix: int) -> None:
     with torch.no_grad():
         a, b = ours.log_prob(x), stock.log_prob(x)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch")  # torch's own, while compiling
+def test_compiled_spline_matches_eager() -> None:
+    """torch.compile'd splines give the eager values and gradients (float32 rounding)."""
+    from mendis_ray.flow import layers
+
+    m = _flow(9)
+    _perturb(m, 0.2, seed=8)
+    x = 1.5 * torch.randn(16, m.n_features, generator=torch.Generator().manual_seed(2))
+
+    def run() -> tuple[torch.Tensor, ...]:
+        m.zero_grad()
+        lp = m.log_prob(x)
+        lp.sum().backward()
+        back, _ = m.inverse(m.transform(x)[0].detach())
+        return lp.detach(), back.detach(), m.layers[2].widths.weight.grad.clone()
+
+    eager = run()
+    try:
+        layers.compile_splines(True)
+        compiled = run()
+    finally:
+        layers.compile_splines(False)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    assert layers._SPLINE[0] is layers._rq_spline

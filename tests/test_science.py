@@ -92,22 +92,31 @@ def test_joint_score_matches_gaussian_density(gauss_density):
     assert np.all(np.isnan(out["log_p_marginal"]))
 
 
-def test_signal_score_is_noise_weighted_t2_for_a_gaussian(gauss_density):
+def test_signal_score_is_projected_log_p_and_t2_for_a_gaussian(gauss_density):
     density, gauss, flux, labels = gauss_density
     scorer = Scorer.fit(density, flux[:400], labels[:400], n_signal=3, n_marginal=0, gaussian=gauss)
     out = scorer.score(flux[400:410], labels=labels[400:410], marginal="none")
     x = density.standardizer.transform(flux[400:410], labels[400:410]).astype(np.float64)
     ref = scorer.reference
-    dirs = np.zeros((3 + 3, N_PIX + 3))
-    dirs[:3, :N_PIX] = ref.basis
-    dirs[3:, N_PIX:] = np.eye(3)
-    prec = np.linalg.inv(gauss.covariance_)
-    r = x - gauss.mean_
-    a = dirs @ prec @ r.T  # (m, n)
-    t2 = np.einsum("in,ij,jn->n", a, np.linalg.inv(dirs @ prec @ dirs.T), a)
-    np.testing.assert_allclose(out["signal_score"], -0.5 * t2, rtol=1e-3, atol=1e-3)
-    # Inliers' T^2 is chi^2 with 6 dof: the reference percentiles are spread over 0..100.
+    assert ref.basis.shape == (3, N_PIX + 3)
+    np.testing.assert_allclose(ref.basis @ ref.basis.T, np.eye(3), atol=1e-10)
+    # the definition: the density at the projection onto the signal subspace
+    x_proj = ref.center + (x - ref.center) @ ref.basis.T @ ref.basis
+    truth = multivariate_normal(gauss.mean_, gauss.covariance_).logpdf(x_proj)
+    np.testing.assert_allclose(out["signal_score"], truth, rtol=1e-4, atol=1e-3)
+    # Inliers' reference percentiles are spread over 0..100.
     assert 0 < np.nanmin(out["signal_percentile"]) and np.nanmax(out["signal_percentile"]) <= 100
+
+    # With the Gaussian's own top eigenvectors as the basis and its mean as the center,
+    # the score is const - T^2 / 2 (Hotelling's T^2 in those directions).
+    lam, vec = np.linalg.eigh(gauss.covariance_)
+    top = vec[:, ::-1][:, :3].T  # (3, d)
+    ref.basis, ref.center = top, gauss.mean_
+    out = scorer.score(flux[400:420], labels=labels[400:420], marginal="none")
+    xs = density.standardizer.transform(flux[400:420], labels[400:420]).astype(np.float64)
+    t2 = ((((xs - gauss.mean_) @ top.T) ** 2) / lam[::-1][:3]).sum(axis=1)
+    const = out["signal_score"] + 0.5 * t2
+    np.testing.assert_allclose(const, const[0], atol=1e-3)
 
 
 def test_signal_score_ignores_noise_level(gauss_density):

@@ -6,7 +6,7 @@ Every transform is an ``nn.Module`` with
 - ``forward(x) -> (y, logabsdet)``: x, y (batch, n); logabsdet (batch,) = log|det dy/dx|;
 - ``inverse(y) -> (x, logabsdet)``: logabsdet (batch,) = log|det dx/dy|.
 
-Only torch and nflows (for its spline math) are imported here.  The layers replace the
+Only torch (and nflows' spline constants) are imported here.  The layers replace the
 nflows ones where those are slow or wrong (see ``docs/design.md``): the LU layer never forms
 its weight in training, caches it in evaluation and never serves a stale cache; ActNorm's
 data-dependent initialisation is an explicit, deterministic call; the spline runs in
@@ -24,7 +24,6 @@ from nflows.transforms.splines.rational_quadratic import (
     DEFAULT_MIN_BIN_HEIGHT,
     DEFAULT_MIN_BIN_WIDTH,
     DEFAULT_MIN_DERIVATIVE,
-    rational_quadratic_spline,
 )
 from torch import Tensor, nn
 
@@ -33,6 +32,7 @@ __all__ = [
     "LUInvertibleLinear",
     "RQSplineCoupling",
     "ResidualMLP",
+    "compile_splines",
     "default_generator",
     "derivative_identity_constant",
 ]
@@ -530,6 +530,116 @@ class ResidualMLP(nn.Module):
         return h
 
 
+def _knots(unnormalized: Tensor, lo: float, hi: float, min_bin: float) -> tuple[Tensor, Tensor]:
+    """Bin edges (..., K + 1) spanning [lo, hi] exactly and bin sizes (..., K), from
+    unnormalised sizes (..., K): softmax, floored at ``min_bin`` of the interval."""
+    k = unnormalized.shape[-1]
+    sizes = min_bin + (1 - min_bin * k) * torch.softmax(unnormalized, dim=-1)  # (..., K)
+    cum = F.pad(torch.cumsum(sizes, dim=-1), (1, 0))  # (..., K + 1), 0 .. ~1
+    cum = (hi - lo) * cum + lo
+    # pin the end knots exactly (the cumulative sum's last entry is 1 only up to rounding)
+    edge = torch.arange(k + 1, device=cum.device)
+    cum = torch.where(edge == 0, lo, torch.where(edge == k, hi, cum))
+    return cum, cum[..., 1:] - cum[..., :-1]
+
+
+def _rq_spline(
+    x: Tensor,
+    w: Tensor,
+    h: Tensor,
+    d: Tensor,
+    inverse: bool,
+    k: int,
+    bound: float,
+    min_bin_width: float,
+    min_bin_height: float,
+    min_derivative: float,
+    tail_derivative: float,
+) -> tuple[Tensor, Tensor]:
+    """Rational-quadratic spline with linear tails on one chunk of rows.
+
+    x (c, n_tr); w, h (c, n_tr * K) unnormalised widths and heights; d (c, n_tr * (K-1))
+    unnormalised interior derivatives -> y (c, n_tr), logabsdet (c,) (of the forward map,
+    or of the inverse when ``inverse``).  Computed in float32 (float64 for float64 inputs)
+    whatever the parameters' dtype.
+
+    The math of nflows' ``rational_quadratic_spline`` (Durkan et al. 2019, eqs. 4-8 and
+    the inverse's quadratic root), written without its data-dependent checks (a domain
+    check and an assert that each read the whole tensor back): points outside
+    ``[-bound, bound]`` are routed around the spline with ``torch.where`` instead, so the
+    function is one straight-line graph that ``torch.compile`` fuses whole.
+    """
+    c = x.shape[0]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xs = x.to(dtype)  # (c, n_tr)
+    inside = (xs >= -bound) & (xs <= bound)  # (c, n_tr); False for NaN
+    v = torch.where(inside, xs, 0.0)  # (c, n_tr): every point is inside the interval
+    cumw, widths = _knots(w.to(dtype).view(c, -1, k), -bound, bound, min_bin_width)
+    cumh, heights = _knots(h.to(dtype).view(c, -1, k), -bound, bound, min_bin_height)
+    derivs = F.pad(d.to(dtype).view(c, -1, k - 1), (1, 1), value=tail_derivative)
+    derivs = min_derivative + F.softplus(derivs)  # (c, n_tr, K + 1)
+
+    # bin of each point: the number of interior knots at or below it
+    knots = cumh if inverse else cumw  # (c, n_tr, K + 1)
+    idx = (v[..., None] >= knots[..., 1:k]).sum(dim=-1, keepdim=True)  # (c, n_tr, 1)
+
+    def pick(t: Tensor) -> Tensor:
+        return t.gather(-1, idx)[..., 0]  # (c, n_tr)
+
+    x_k, w_k = pick(cumw), pick(widths)
+    y_k, h_k = pick(cumh), pick(heights)
+    s_k = h_k / w_k  # bin slope
+    d_k, d_k1 = pick(derivs), pick(derivs[..., 1:])
+    curv = d_k + d_k1 - 2 * s_k
+    if inverse:
+        dy = v - y_k
+        a = dy * curv + h_k * (s_k - d_k)
+        b = h_k * d_k - dy * curv
+        cq = -s_k * dy
+        disc = (b * b - 4 * a * cq).clamp_min(0.0)
+        theta = (2 * cq) / (-b - torch.sqrt(disc))
+        out = theta * w_k + x_k
+    else:
+        theta = (v - x_k) / w_k
+        t1t = theta * (1 - theta)
+        out = y_k + h_k * (s_k * theta * theta + d_k * t1t) / (s_k + curv * t1t)
+    t1t = theta * (1 - theta)
+    denom = s_k + curv * t1t
+    num = s_k * s_k * (d_k1 * theta * theta + 2 * s_k * t1t + d_k * (1 - theta) * (1 - theta))
+    lad = torch.log(num) - 2 * torch.log(denom)  # (c, n_tr) log dy/dx
+    if inverse:
+        lad = -lad
+    y = torch.where(inside, out, xs).to(x.dtype)  # (c, n_tr)
+    return y, torch.where(inside, lad, 0.0).sum(dim=1)
+
+
+#: The spline implementation in use: ``[_rq_spline]`` or its ``torch.compile``d version.
+_SPLINE: list = [_rq_spline]
+#: Row bucket of the compiled spline (batches are zero-padded to a multiple of it).
+_COMPILE_ROWS = 64
+
+
+def compile_splines(enabled: bool = True, **compile_kwargs: object) -> None:
+    """Run every coupling's spline through ``torch.compile`` (process-wide), or back to eager.
+
+    The spline is ~20 elementwise passes over (batch, n_tr, K) tensors plus ~30 over
+    (batch, n_tr): memory-bound in eager mode, where it takes more than half of a CPU
+    train step of the ``compact`` preset.  Inductor fuses those passes (C++/OpenMP on the
+    CPU, Triton on a GPU); measured in ``bench/bench_flow.py --compile``: about 2x on the
+    spline alone.  Shapes are static (dynamic-shape kernels measured 3-5x slower than
+    static ones here), so batches are zero-padded to a multiple of 64 rows and run in one
+    call; the first call of each padded shape and direction compiles (10-60 s), and
+    beyond ``torch._dynamo.config.cache_size_limit`` shapes torch falls back to eager.
+    Outputs agree with eager mode to float32 rounding (``tests/test_flow.py``).  Needs a
+    C++ compiler on the CPU.
+    """
+    if enabled:
+        kw = {"dynamic": False, **compile_kwargs}
+        _SPLINE[0] = torch.compile(_rq_spline, **kw)
+    else:
+        _SPLINE[0] = _rq_spline
+
+
 class RQSplineCoupling(nn.Module):
     """Rational-quadratic spline coupling (Durkan et al. 2019) with linear tails.
 
@@ -548,13 +658,14 @@ class RQSplineCoupling(nn.Module):
     ``PiecewiseRationalQuadraticCouplingTransform``, widths and heights are divided by
     ``sqrt(H)`` (applied to the heads' input and bias, not to their large outputs).
 
-    Spline: nflows' ``rational_quadratic_spline`` (its math, its min bin width / height /
-    derivative), with linear tails as in nflows' ``unconstrained_rational_quadratic_spline``
-    (the identity outside ``[-tail_bound, tail_bound]``, boundary derivatives 1), but the
-    tails are applied with ``torch.where`` rather than by boolean-mask compaction of the
-    parameters, and the spline is evaluated on batch chunks of about ``chunk_elements``
-    parameters per (chunk, n_tr, K) tensor so that its many elementwise passes stay in
-    cache.  It runs with autocast
+    Spline: :func:`_rq_spline`, the math of nflows' ``rational_quadratic_spline`` (and
+    its min bin width / height / derivative) with linear tails as in nflows'
+    ``unconstrained_rational_quadratic_spline`` (the identity outside
+    ``[-tail_bound, tail_bound]``, boundary derivatives 1), but the tails are applied with
+    ``torch.where`` rather than by boolean-mask compaction of the parameters, there is no
+    data-dependent check (so :func:`compile_splines` fuses it whole), and the spline is
+    evaluated on batch chunks of about ``chunk_elements`` parameters per (chunk, n_tr, K)
+    tensor so that its many elementwise passes stay in cache.  It runs with autocast
     disabled, in float32 (float64 for float64 inputs); under bf16/fp16 autocast the
     conditioner's outputs are cast up first.
 
@@ -652,34 +763,24 @@ class RQSplineCoupling(nn.Module):
         self, x: Tensor, w: Tensor, h: Tensor, d: Tensor, inverse: bool
     ) -> tuple[Tensor, Tensor]:
         """x (c, n_tr); w, h (c, n_tr * K); d (c, n_tr * (K-1)) -> y (c, n_tr), lad (c,)."""
-        c, k, bound = x.shape[0], self.n_bins, self.tail_bound
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        xs = x.to(dtype)  # (c, n_tr)
-        inside = (xs >= -bound) & (xs <= bound)  # (c, n_tr); False for NaN
-        x_in = torch.where(inside, xs, 0.0)  # (c, n_tr): every point is inside the interval
-        derivs = F.pad(d.to(dtype).view(c, -1, k - 1), (1, 1), value=self._tail_derivative)
-        y, lad = rational_quadratic_spline(
-            x_in,
-            w.to(dtype).view(c, -1, k),  # (c, n_tr, K)
-            h.to(dtype).view(c, -1, k),  # (c, n_tr, K)
-            derivs,  # (c, n_tr, K + 1)
-            inverse=inverse,
-            left=-bound,
-            right=bound,
-            bottom=-bound,
-            top=bound,
-            min_bin_width=self.min_bin_width,
-            min_bin_height=self.min_bin_height,
-            min_derivative=self.min_derivative,
-        )
-        y = torch.where(inside, y, xs).to(x.dtype)  # (c, n_tr)
-        lad = torch.where(inside, lad, 0.0).sum(dim=1)  # (c,)
-        return y, lad
+        return _SPLINE[0](
+            x, w, h, d, inverse, self.n_bins, self.tail_bound, self.min_bin_width,
+            self.min_bin_height, self.min_derivative, self._tail_derivative,
+        )  # fmt: skip
 
     def _spline(self, x_tr: Tensor, x_id: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         """x_tr (b, n_tr) conditioned on x_id (b, n_id) -> y_tr (b, n_tr), logabsdet (b,)."""
         w, h, d = self.spline_params(x_id)
         with torch.autocast(device_type=x_tr.device.type, enabled=False):
+            if _SPLINE[0] is not _rq_spline:
+                # compiled: one fused call over all rows, padded to a multiple of
+                # _COMPILE_ROWS so that only a few static shapes are ever compiled
+                b = x_tr.shape[0]
+                pad = -b % _COMPILE_ROWS
+                if pad:
+                    x_tr, w, h, d = (F.pad(t, (0, 0, 0, pad)) for t in (x_tr, w, h, d))
+                y, lad = self._spline_chunk(x_tr, w, h, d, inverse)
+                return y[:b], lad[:b]
             rows = max(1, self.chunk_elements // (self.n_transform * self.n_bins))
             if x_tr.shape[0] <= rows:
                 return self._spline_chunk(x_tr, w, h, d, inverse)

@@ -44,23 +44,44 @@ def training_curve(history: object, path: Path) -> Path:
 def score_histograms(
     scores: dict[str, dict[str, np.ndarray]], pairs: dict[str, str], path: Path,
     names: tuple[str, ...] = ("flow_log_p", "flow_signal", "gaussian", "t2_5"),
+    subtle: tuple[str, ...] = ("inliers", "inliers_snr1000", "mg_edge"),
 ) -> Path:  # fmt: skip
-    """One panel per score: histograms of inliers and each outlier class."""
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6))
-    sets = list(dict.fromkeys(list(pairs.values()) + list(pairs)))
-    for ax, name in zip(np.atleast_1d(axes), names, strict=False):
-        vals = [scores[s][name] for s in sets if name in scores[s]]
-        finite = np.concatenate([v[np.isfinite(v)] for v in vals])
-        lo, hi = np.percentile(finite, [0.5, 99.9])
-        bins = np.linspace(lo, hi, 60)
-        for s in sets:
-            v = scores[s].get(name)
-            if v is None:
-                continue
-            ax.hist(np.clip(v, lo, hi), bins=bins, histtype="step", density=True, label=s)
+    """One column per score.  Top row: the subtle sets (inliers, the same stars at higher
+    S/N, an abundance just outside the training range) on a linear axis; bottom row: the
+    held-out test set and the far outlier classes, as the distance below the test median
+    on a log axis (their scores span orders of magnitude)."""
+    far = [s for s in dict.fromkeys(list(pairs.values()) + list(pairs)) if s not in subtle]
+    near = [s for s in subtle if s in scores]
+    fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 6.6), squeeze=False)
+    for j, name in enumerate(names):
+        ax = axes[0, j]
+        vals = [scores[s][name] for s in near if name in scores[s]]
+        if vals:
+            finite = np.concatenate([v[np.isfinite(v)] for v in vals])
+            lo, hi = np.percentile(finite, [0.5, 99.5])
+            bins = np.linspace(lo, hi, 50)
+            for s in near:
+                if name in scores[s]:
+                    v = np.clip(scores[s][name], lo, hi)
+                    ax.hist(v, bins=bins, histtype="step", density=True, label=s)
         ax.set_title(name)
         ax.set_xlabel("score (higher = more typical)")
-    np.atleast_1d(axes)[0].legend(fontsize=7)
+        ax = axes[1, j]
+        ref = [s for s in far if s in scores and name in scores[s]]
+        if ref:
+            med = float(np.nanmedian(scores[ref[0]][name]))
+            gap = {s: np.maximum(med - scores[s][name], 0.0) + 1.0 for s in ref}
+            top = max(float(np.nanmax(g)) for g in gap.values())
+            bins = np.logspace(0, np.log10(max(top, 10.0)), 50)
+            for s in ref:
+                ax.hist(gap[s], bins=bins, histtype="step", density=False, label=s)
+            ax.set_xscale("log")
+        ax.set_xlabel(f"1 + max(0, median({ref[0] if ref else 'test'}) - score)")
+    axes[0, 0].legend(fontsize=7)
+    axes[1, 0].legend(fontsize=7)
+    axes[0, 0].set_ylabel("density")
+    axes[1, 0].set_ylabel("count")
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -73,21 +94,24 @@ def correlation_panels(cond: object, wavelength: np.ndarray, path: Path) -> Path
     fig, axes = plt.subplots(1, 3, figsize=(15, 5))
     kw = {"vmin": -1, "vmax": 1, "cmap": "RdBu_r", "interpolation": "nearest"}
     axes[0].imshow(cl.corr, **kw)
-    axes[0].set_title(f"flow: {cl.corr.shape[0]} absorption pixels, wavelength order")
+    n_px = cl.corr.shape[0]
+    axes[0].set_title(f"flow p(spectrum | labels)\n{n_px} absorption pixels, grid order")
     im = axes[1].imshow(cl.reindexed, **kw)
-    axes[1].set_title(f"flow: re-indexed by components (corr > {cl.threshold})")
+    axes[1].set_title(f"flow, re-indexed by connected\ncomponents of corr > {cl.threshold}")
     axes[2].imshow(cond.true_corr[np.ix_(order, order)], **kw)  # type: ignore[attr-defined]
-    axes[2].set_title("true conditional (simulator), same order")
+    axes[2].set_title("true conditional (simulator)\nsame order")
     dom = cond.dominant[order]  # type: ignore[attr-defined]
-    # mark the dominant element of the largest blocks along the re-indexed axis
-    start = 0
-    for size in cl.sizes[: min(8, cl.n_multi())]:
+    # the dominant element of each multi-pixel block, as tick labels at the block centre
+    start, ticks, labels = 0, [], []
+    for size in cl.sizes[: cl.n_multi()]:
         block = dom[start : start + size]
         known = block[block >= 0]
-        if known.size:
-            el = ELEMENTS[int(np.bincount(known).argmax())]
-            axes[1].text(start + size / 2, start - 5, el, ha="center", fontsize=8)
+        if known.size and size >= 3:
+            ticks.append(start + size / 2)
+            labels.append(f"{ELEMENTS[int(np.bincount(known).argmax())]} ({size})")
         start += size
+    for ax in axes[1:]:
+        ax.set_yticks(ticks, labels, fontsize=6)
     for ax in axes:
         ax.set_xlabel("pixel")
     fig.colorbar(im, ax=axes, shrink=0.8, label="correlation")

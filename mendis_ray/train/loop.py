@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mendis_ray.config import TrainConfig
+from mendis_ray.flow.layers import ActNorm, LUInvertibleLinear
 
 __all__ = [
     "EarlyStopping",
@@ -33,8 +34,24 @@ log = logging.getLogger(__name__)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (the paper's optimiser) with ``cfg.lr`` and ``cfg.weight_decay``."""
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """Adam (the paper's optimiser) with ``cfg.lr`` and ``cfg.weight_decay``; the affine
+    layers (ActNorm, LU linear) take ``cfg.lr * cfg.linear_lr_scale`` (frozen at 0)."""
+    affine = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, ActNorm | LUInvertibleLinear)
+        for p in m.parameters(recurse=False)
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    rest = [p for p in params if id(p) not in affine]
+    lin = [p for p in params if id(p) in affine]
+    groups = [{"params": rest}]
+    if lin and cfg.linear_lr_scale > 0:
+        groups.append({"params": lin, "lr": cfg.lr * cfg.linear_lr_scale})
+    elif lin:
+        for p in lin:  # frozen: no gradient is computed for them at all
+            p.requires_grad_(False)
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def array_batches(
