@@ -776,6 +776,9 @@ class RQSplineCoupling(nn.Module):
                 # compiled: one fused call over all rows, padded to a multiple of
                 # _COMPILE_ROWS so that only a few static shapes are ever compiled
                 b = x_tr.shape[0]
+                # a contiguous copy: the static kernel for the strided half-view measured
+                # 2.5x slower than for a contiguous input
+                x_tr = x_tr.contiguous()
                 pad = -b % _COMPILE_ROWS
                 if pad:
                     x_tr, w, h, d = (F.pad(t, (0, 0, 0, pad)) for t in (x_tr, w, h, d))
