@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("stage 1/6: flow speed vs stock nflows")
         bench_flow.main(["--compile"] + (["--quick"] if args.quick else []))
         result["speed"] = json.loads((RESULTS / "flow.json").read_text())
+    elif (RESULTS / "flow.json").exists():  # keep the latest separate speed run beside
+        result["speed"] = json.loads((RESULTS / "flow.json").read_text())
+        result["speed"]["note"] = "from bench/results/flow.json (--skip-speed)"
 
     # 2. data
     log.info("stage 2/6: data")
@@ -189,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         snr[s] = float(np.mean(hi > np.nanmax(lo)))
     result["snr1000_above_all_snr300"] = snr
     figures.score_histograms(scores, pairs, fig_dir / "scores.png")
+    ex.save_npz(
+        args.out / "scores.npz",
+        **{f"{s}.{k}": v for s, d in scores.items() for k, v in d.items()},
+    )
     save_checkpoint(
         args.out / "checkpoint", res.density, train_cfg,
         metrics={"best_val_log_prob": hist.best_val_log_prob},

@@ -95,7 +95,8 @@ def train_flow(
     show_progress: bool = True,
 ) -> TrainResult:
     """Standardize, initialise and train the flow with the no-Ray loop; the last
-    ``val_fraction`` of ``train`` is the validation set.
+    ``val_fraction`` of ``train`` is the validation set (rows must be in random order, as
+    the simulator writes them; shuffle ordered catalogs first).
 
     With ``whiten`` the flow starts at the better, on the validation set, of two Gaussians
     fitted to the training rows: the Ledoit-Wolf shrunk full covariance and factor analysis
@@ -206,7 +207,11 @@ def ood_table(
     for name, arr in sets.items():
         t0 = time.perf_counter()
         out = scorer.score(arr.flux, arr.ivar, arr.labels, marginal="none")
-        x = std.transform(arr.flux, arr.labels).astype(np.float64)
+        # the baselines see what the flow sees: masked pixels at the training mean
+        n_pix = arr.flux.shape[1]
+        masked = ~(arr.ivar > 0) | ~np.isfinite(arr.flux)
+        flux = np.where(masked, std.mean[:n_pix], arr.flux)
+        x = std.transform(flux, arr.labels).astype(np.float64)
         s = {
             "flow_log_p": out["log_p"],
             "flow_signal": out["signal_score"],

@@ -283,3 +283,27 @@ def test_compiled_spline_matches_eager() -> None:
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
     assert layers._SPLINE[0] is layers._rq_spline
+
+
+def test_coupling_rejects_bad_bins() -> None:
+    with pytest.raises(ValueError, match="n_bins"):
+        RQSplineCoupling(6, 0, hidden=8, n_blocks=1, n_bins=1, tail_bound=3.0)
+    with pytest.raises(ValueError, match="do not fit"):
+        RQSplineCoupling(6, 0, hidden=8, n_blocks=1, n_bins=2000, tail_bound=3.0)
+
+
+def test_make_optimizer_freezes_and_unfreezes_the_affine_layers() -> None:
+    from mendis_ray.config import TrainConfig
+    from mendis_ray.train.loop import make_optimizer
+
+    m = _flow(5)
+    affine = [p for mod in m.modules() if isinstance(mod, ActNorm | LUInvertibleLinear)
+              for p in mod.parameters(recurse=False)]  # fmt: skip
+    opt = make_optimizer(m, TrainConfig(lr=1e-3, linear_lr_scale=0.0, weight_decay=0.1))
+    assert not any(p.requires_grad for p in affine) and len(opt.param_groups) == 1
+    opt = make_optimizer(m, TrainConfig(lr=1e-3, linear_lr_scale=0.01, weight_decay=0.1))
+    assert all(p.requires_grad for p in affine) and len(opt.param_groups) == 2
+    lin = opt.param_groups[1]
+    assert lin["lr"] == pytest.approx(1e-5) and lin["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="linear_lr_scale"):
+        make_optimizer(m, TrainConfig(linear_lr_scale=-1.0))

@@ -179,6 +179,32 @@ def test_checkpoint_carries_the_scorer(gauss_density, tmp_path):
         load_checkpoint(tmp_path / "nowhere")
 
 
+def test_checkpoint_with_a_factor_analysis_reference(gauss_density, tmp_path):
+    """A scorer whose Gaussian is a factor-analysis model saves and reloads."""
+    from mendis_ray.science.baselines import FactorAnalysisBaseline
+
+    density, _gauss, flux, labels = gauss_density
+    x = density.standardizer.transform(flux[:300], labels[:300]).astype(np.float64)
+    fa = FactorAnalysisBaseline(3, n_iter=20).fit(x)
+    scorer = Scorer.fit(density, flux[:300], labels[:300], n_signal=2, n_marginal=0, gaussian=fa)
+    path = save_checkpoint(tmp_path / "ck", density, extra_arrays=scorer.checkpoint_arrays())
+    a = scorer.score(flux[300:305], labels=labels[300:305])["log_ratio_gaussian"]
+    b = Scorer.from_checkpoint(str(path)).score(flux[300:305], labels=labels[300:305])
+    np.testing.assert_allclose(b["log_ratio_gaussian"], a, rtol=1e-9)
+
+
+def test_flux_range_flag_counts_good_pixels_only(gauss_density):
+    """2 of 3 good pixels far out of range flag the spectrum even when most are masked."""
+    density, _gauss, flux, labels = gauss_density
+    scorer = Scorer.fit(density, flux[:300], labels[:300], n_signal=2, n_marginal=0)
+    f = flux[300:301].copy()
+    ivar = np.ones_like(f)
+    ivar[0, 3:] = 0.0  # N_PIX - 3 masked
+    f[0, :2] = 50.0
+    out = scorer.score(f, ivar, labels[300:301])
+    assert out["flag_flux_range"][0] and out["flag_masked"][0]
+
+
 def test_training_is_deterministic_and_keeps_the_best_state():
     flux, labels = _data(1200, seed=3)
     std = Standardizer.fit(flux, labels)

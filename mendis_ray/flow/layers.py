@@ -699,6 +699,13 @@ class RQSplineCoupling(nn.Module):
             raise ValueError("RQSplineCoupling needs at least 2 features")
         if mask_parity not in (0, 1):
             raise ValueError(f"mask_parity must be 0 or 1, got {mask_parity!r}")
+        if n_bins < 2:
+            raise ValueError(f"RQSplineCoupling: n_bins must be >= 2, got {n_bins}")
+        if min_bin_width * n_bins > 1.0 or min_bin_height * n_bins > 1.0:
+            raise ValueError(
+                f"RQSplineCoupling: n_bins={n_bins} bins of at least min_bin_width="
+                f"{min_bin_width} / min_bin_height={min_bin_height} do not fit in the interval"
+            )
         g = generator if generator is not None else default_generator()
         self.n = n
         self.mask_parity = mask_parity
@@ -778,9 +785,10 @@ class RQSplineCoupling(nn.Module):
                 b = x_tr.shape[0]
                 # a contiguous copy: the static kernel for the strided half-view measured
                 # 2.5x slower than for a contiguous input
-                x_tr = x_tr.contiguous()
                 pad = -b % _COMPILE_ROWS
-                if pad:
+                if not pad:
+                    x_tr = x_tr.contiguous()  # (F.pad below makes a contiguous copy too)
+                else:
                     x_tr, w, h, d = (F.pad(t, (0, 0, 0, pad)) for t in (x_tr, w, h, d))
                 y, lad = self._spline_chunk(x_tr, w, h, d, inverse)
                 return y[:b], lad[:b]

@@ -311,7 +311,8 @@ class GaussianBaseline:
     def _require_fitted(self, what: str) -> None:
         if self._chol is None:
             raise NotFittedError(
-                f"GaussianBaseline.{what}: the model is not fitted; call fit(x) or from_state()"
+                f"{type(self).__name__}.{what}: the model is not fitted; "
+                "call fit(x) or from_state()"
             )
 
     def fit(self, x: np.ndarray) -> Self:
@@ -410,7 +411,8 @@ class FactorAnalysisBaseline(GaussianBaseline):
     dense covariance through :class:`GaussianBaseline` (same API, same ``covariance_``).
 
     Args:
-        n_factors: k. n_iter: EM iterations (each O(n d k)). min_psi: floor of psi.
+        n_factors: k. n_iter: EM iterations (each O(d^2 k), after one O(n d^2) pass that
+            forms the sample covariance). min_psi: floor of psi.
 
     Attributes (after fit): those of :class:`GaussianBaseline` plus ``loadings_`` (d, k),
     ``psi_`` (d,) and ``train_log_prob_`` (mean training log-likelihood after each
@@ -472,6 +474,7 @@ class FactorAnalysisBaseline(GaussianBaseline):
             "baseline": self.name,
             "n_factors": self.n_factors,
             "n_iter": self.n_iter,
+            "min_psi": self.min_psi,
             "n_samples": int(self.n_samples_),
             "mean": self.mean_.copy(),
             "loadings": self.loadings_.copy(),
@@ -483,7 +486,9 @@ class FactorAnalysisBaseline(GaussianBaseline):
         where = "FactorAnalysisBaseline.from_state"
         _state_check_kind(state, cls.name, where)
         model = cls(
-            int(_state_get(state, "n_factors", where)), int(_state_get(state, "n_iter", where))
+            int(_state_get(state, "n_factors", where)),
+            int(_state_get(state, "n_iter", where)),
+            float(state.get("min_psi", 1e-6)),
         )
         mean = _state_array(state, "mean", where, 1)
         w = _state_array(state, "loadings", where, 2)

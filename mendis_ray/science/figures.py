@@ -57,15 +57,17 @@ def score_histograms(
         ax = axes[0, j]
         vals = [scores[s][name] for s in near if name in scores[s]]
         if vals:
-            finite = np.concatenate([v[np.isfinite(v)] for v in vals])
+            # relative to the inliers' median, so the tick labels stay short
+            med0 = float(np.nanmedian(vals[0]))
+            finite = np.concatenate([v[np.isfinite(v)] for v in vals]) - med0
             lo, hi = np.percentile(finite, [0.5, 99.5])
             bins = np.linspace(lo, hi, 50)
             for s in near:
                 if name in scores[s]:
-                    v = np.clip(scores[s][name], lo, hi)
+                    v = np.clip(scores[s][name] - med0, lo, hi)
                     ax.hist(v, bins=bins, histtype="step", density=True, label=s)
         ax.set_title(name)
-        ax.set_xlabel("score (higher = more typical)")
+        ax.set_xlabel(f"score - median({near[0] if near else 'inliers'}) (higher = more typical)")
         ax = axes[1, j]
         ref = [s for s in far if s in scores and name in scores[s]]
         if ref:

@@ -204,10 +204,11 @@ class ScoreReference:
         """Flat dict of float64 arrays (for a safetensors checkpoint)."""
         out = {k: np.ascontiguousarray(getattr(self, k), dtype=np.float64) for k in self._ARRAYS}
         if self.gaussian is not None:
-            st = self.gaussian.to_state()
-            out["gaussian.mean"] = np.ascontiguousarray(st["mean"])
-            out["gaussian.covariance"] = np.ascontiguousarray(st["covariance"])
-            out["gaussian.meta"] = np.array([float(st["shrinkage"]), float(st["n_samples"])])
+            # any GaussianBaseline (incl. factor analysis) is stored as mean + covariance
+            g = self.gaussian
+            out["gaussian.mean"] = np.ascontiguousarray(g.mean_, dtype=np.float64)
+            out["gaussian.covariance"] = np.ascontiguousarray(g.covariance_, dtype=np.float64)
+            out["gaussian.meta"] = np.array([float(g.shrinkage_ or 0.0), float(g.n_samples_)])
         return out
 
     @classmethod
@@ -385,7 +386,8 @@ class Scorer:
         if ref is not None:
             width = self.range_sigma * std.std[:n_pix]
             out = (filled < ref.flux_range[0] - width) | (filled > ref.flux_range[1] + width)
-            flags[(out & ~masked).mean(axis=1) > 0.01] |= FLAG_FLUX_RANGE
+            n_good = np.maximum((~masked).sum(axis=1), 1)
+            flags[(out & ~masked).sum(axis=1) / n_good > 0.01] |= FLAG_FLUX_RANGE
             width = self.range_sigma * std.std[n_pix:]
             lab_out = (labels < ref.label_range[0] - width) | (labels > ref.label_range[1] + width)
             flags[has_labels & lab_out.any(axis=1)] |= FLAG_LABEL_RANGE

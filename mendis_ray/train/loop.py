@@ -34,23 +34,31 @@ log = logging.getLogger(__name__)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (the paper's optimiser) with ``cfg.lr`` and ``cfg.weight_decay``; the affine
-    layers (ActNorm, LU linear) take ``cfg.lr * cfg.linear_lr_scale`` (frozen at 0)."""
-    affine = {
-        id(p)
+    """Adam (the paper's optimiser) with ``cfg.lr`` and ``cfg.weight_decay``.
+
+    The affine layers (ActNorm, LU linear) form their own group with lr
+    ``cfg.lr * cfg.linear_lr_scale`` and no weight decay (decay would pull a whitened
+    start back toward the identity).  ``linear_lr_scale == 0`` freezes them: their
+    ``requires_grad`` is set to False (and back to True for a scale > 0), so no gradient is
+    computed for them.  Under DDP call this *before* wrapping the model: parameters
+    frozen after wrapping would never be reduced.
+    """
+    scale = float(cfg.linear_lr_scale)
+    if not (scale >= 0.0 and math.isfinite(scale)):
+        raise ValueError(f"TrainConfig.linear_lr_scale must be finite and >= 0, got {scale!r}")
+    affine = [
+        p
         for m in model.modules()
         if isinstance(m, ActNorm | LUInvertibleLinear)
         for p in m.parameters(recurse=False)
-    }
-    params = [p for p in model.parameters() if p.requires_grad]
-    rest = [p for p in params if id(p) not in affine]
-    lin = [p for p in params if id(p) in affine]
-    groups = [{"params": rest}]
-    if lin and cfg.linear_lr_scale > 0:
-        groups.append({"params": lin, "lr": cfg.lr * cfg.linear_lr_scale})
-    elif lin:
-        for p in lin:  # frozen: no gradient is computed for them at all
-            p.requires_grad_(False)
+    ]
+    ids = {id(p) for p in affine}
+    for p in affine:
+        p.requires_grad_(scale > 0)
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups: list[dict] = [{"params": rest}]
+    if affine and scale > 0:
+        groups.append({"params": affine, "lr": cfg.lr * scale, "weight_decay": 0.0})
     return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
