@@ -111,7 +111,8 @@ def plot_element_response(sim: Simulator, path: Path, threshold: float = 0.01) -
     colors = np.array([cmap(i % 20) for i in range(len(ELEMENTS))])
     has = dom >= 0
     axes[1].scatter(x[has], dom[has], c=colors[dom[has]], s=4)
-    axes[1].set_yticks(range(0, len(ELEMENTS), 2), ELEMENTS[::2], fontsize=7)
+    axes[1].set_yticks(range(len(ELEMENTS)), ELEMENTS, fontsize=6)
+    axes[1].set_ylim(-0.5, len(ELEMENTS) - 0.5)
     axes[1].set_ylabel("dominant")
     ticks = np.linspace(0, wl.size - 1, 9).astype(int)
     axes[1].set_xticks(ticks, [f"{wl[t]:.0f}" for t in ticks])
