@@ -1,7 +1,7 @@
 """Train the `compact` flow on the simulated paper training set (CPU, no Ray) and compare
 it, side by side in one run, with the Gaussian and PCA baselines and Hotelling's T^2.
 
-    python bench/train_compact.py                 # ~35 min on 2 cores
+    python bench/train_compact.py                 # ~15 min on 2 cores
     python bench/train_compact.py --quick         # a few minutes, small sets (smoke test)
 
 Stages (each logs its progress):
