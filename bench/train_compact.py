@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
 
         log.info("stage 1/6: flow speed vs stock nflows")
         bench_flow.main(["--compile"] + (["--quick"] if args.quick else []))
+    if (RESULTS / "flow.json").exists():  # this run's, or the latest separate speed run
         result["speed"] = json.loads((RESULTS / "flow.json").read_text())
-    elif (RESULTS / "flow.json").exists():  # keep the latest separate speed run beside
-        result["speed"] = json.loads((RESULTS / "flow.json").read_text())
-        result["speed"]["note"] = "from bench/results/flow.json (--skip-speed)"
+        if args.skip_speed:
+            result["speed"]["note"] = "from bench/results/flow.json (--skip-speed)"
 
     # 2. data
     log.info("stage 2/6: data")
@@ -138,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     # 4. likelihood and OOD
     log.info("stage 4/6: held-out likelihood and outlier scores")
     std = res.density.standardizer
-    baselines = ex.baseline_scores(std, sets["train"], n_t2=(5, 20), n_pca=20)
-    baselines["gaussian"] = res.gaussian  # the Ledoit-Wolf Gaussian fitted in train_flow
-    baselines.update(res.start_models)  # and factor analysis (one of them is the start)
+    # the Ledoit-Wolf Gaussian and factor analysis fitted in train_flow (one is the start)
+    baselines = ex.baseline_scores(
+        std, sets["train"], n_t2=(5, 20), n_pca=20, fitted=res.start_models
+    )
     result["training"]["start"] = res.start
     result["training"]["start_val_log_prob"] = res.start_val_log_prob
     result["held_out_log_likelihood"] = ex.held_out_log_likelihood(

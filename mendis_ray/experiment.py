@@ -30,7 +30,7 @@ from mendis_ray.science.baselines import (
 from mendis_ray.science.conditional import gaussian_conditional, mala_conditional
 from mendis_ray.science.correlation import absorption_pixels, correlation_clusters, matrix_error
 from mendis_ray.science.metrics import adjusted_rand_index, auroc, purity
-from mendis_ray.science.ood import Scorer
+from mendis_ray.science.ood import Scorer, fill_masked
 from mendis_ray.science.reconstruct import reconstruct
 from mendis_ray.spectra.degrade import LABEL_SCATTER, add_noise, scatter_labels
 from mendis_ray.spectra.linelist import ELEMENTS
@@ -176,11 +176,18 @@ def subtle_sets(
 
 
 def baseline_scores(
-    std: Standardizer, train: Arrays, n_t2: tuple[int, ...] = (5,), n_pca: int = 20
+    std: Standardizer,
+    train: Arrays,
+    n_t2: tuple[int, ...] = (5,),
+    n_pca: int = 20,
+    fitted: dict[str, object] | None = None,
 ) -> dict[str, object]:
-    """Fitted baselines on the standardized training features, by score name."""
+    """Fitted baselines on the standardized training features, by score name; models in
+    ``fitted`` (e.g. ``TrainResult.start_models``) are used as they are, not refitted."""
     x = std.transform(train.flux, train.labels).astype(np.float64)
-    models: dict[str, object] = {"gaussian": GaussianBaseline().fit(x)}
+    models: dict[str, object] = dict(fitted or {})
+    if "gaussian" not in models:
+        models["gaussian"] = GaussianBaseline().fit(x)
     models[f"pca{n_pca}"] = PCABaseline(n_pca).fit(x)
     for k in n_t2:
         models[f"t2_{k}"] = HotellingT2(k).fit(x)
@@ -208,9 +215,7 @@ def ood_table(
         t0 = time.perf_counter()
         out = scorer.score(arr.flux, arr.ivar, arr.labels, marginal="none")
         # the baselines see what the flow sees: masked pixels at the training mean
-        n_pix = arr.flux.shape[1]
-        masked = ~(arr.ivar > 0) | ~np.isfinite(arr.flux)
-        flux = np.where(masked, std.mean[:n_pix], arr.flux)
+        flux, _ = fill_masked(arr.flux, arr.ivar, std.mean[: arr.flux.shape[1]])
         x = std.transform(flux, arr.labels).astype(np.float64)
         s = {
             "flow_log_p": out["log_p"],
@@ -259,9 +264,7 @@ def held_out_log_likelihood(
 @dataclass
 class ConditionalResult:
     pixels: np.ndarray  # analysed pixels (grid indices)
-    flow_corr: np.ndarray
-    gauss_corr: np.ndarray
-    true_corr: np.ndarray
+    gauss_corr: np.ndarray  # (flow and true matrices: clusters.corr, true_clusters.corr)
     clusters: object  # CorrelationClusters of the flow
     true_clusters: object
     dominant: np.ndarray  # dominant element index per analysed pixel (-1: none)
@@ -341,7 +344,7 @@ def conditional_analysis(
             "ari_vs_true_clusters": adjusted_rand_index(cl.labels, true_cl.labels),
         }
     return ConditionalResult(
-        pixels, clusters.corr, gauss_cl.corr, true_cl.corr, clusters, true_cl, dom, mean_flux,
+        pixels, gauss_cl.corr, clusters, true_cl, dom, mean_flux,
         metrics,
     )  # fmt: skip
 

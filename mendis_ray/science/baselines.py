@@ -461,11 +461,14 @@ class FactorAnalysisBaseline(GaussianBaseline):
             w = linalg.solve(ezz, sb.T, assume_a="pos").T  # (d, k)
             psi = np.maximum(s_diag - np.einsum("ij,ij->i", w, sb), self.min_psi)  # (d,)
             self.train_log_prob_.append(_fa_mean_log_prob(s, w, psi))
-        cov = w @ w.T
-        cov.flat[:: d + 1] += psi
+        self._set_factors(mean, w, psi, n)
+        return self
+
+    def _set_factors(self, mean: np.ndarray, w: np.ndarray, psi: np.ndarray, n: int) -> None:
+        cov = w @ w.T  # (d, d)
+        cov.flat[:: mean.size + 1] += psi
         self.loadings_, self.psi_ = w, psi
         self._set(mean, cov, 0.0, n, shrink=False)
-        return self
 
     def to_state(self) -> dict[str, StateValue]:
         self._require_fitted("to_state")
@@ -495,10 +498,7 @@ class FactorAnalysisBaseline(GaussianBaseline):
         psi = _state_array(state, "psi", where, 1)
         if w.shape != (mean.size, model.n_factors) or psi.shape != mean.shape:
             raise ValueError(f"{where}: loadings {w.shape} / psi {psi.shape} do not match mean")
-        cov = w @ w.T
-        cov.flat[:: mean.size + 1] += psi
-        model.loadings_, model.psi_ = w, psi
-        model._set(mean, cov, 0.0, int(_state_get(state, "n_samples", where)), shrink=False)
+        model._set_factors(mean, w, psi, int(_state_get(state, "n_samples", where)))
         return model
 
 

@@ -100,7 +100,7 @@ def correlation_panels(cond: object, wavelength: np.ndarray, path: Path) -> Path
     axes[0].set_title(f"flow p(spectrum | labels)\n{n_px} absorption pixels, grid order")
     im = axes[1].imshow(cl.reindexed, **kw)
     axes[1].set_title(f"flow, re-indexed by connected\ncomponents of corr > {cl.threshold}")
-    axes[2].imshow(cond.true_corr[np.ix_(order, order)], **kw)  # type: ignore[attr-defined]
+    axes[2].imshow(cond.true_clusters.corr[np.ix_(order, order)], **kw)  # type: ignore[attr-defined]
     axes[2].set_title("true conditional (simulator)\nsame order")
     dom = cond.dominant[order]  # type: ignore[attr-defined]
     # the dominant element of each multi-pixel block, as tick labels at the block centre

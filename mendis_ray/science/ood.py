@@ -77,6 +77,7 @@ __all__ = [
     "FLAG_NONFINITE",
     "ScoreReference",
     "Scorer",
+    "fill_masked",
     "profile_labels",
     "signal_subspace",
 ]
@@ -159,7 +160,8 @@ def signal_subspace(
     the noise, so that the projection is insensitive to the noise level (between 1 and
     ``max_signal``).  Returns (k, d).
     """
-    xc = np.asarray(x, np.float64) - np.asarray(x, np.float64).mean(axis=0)
+    xc = np.asarray(x, np.float64)
+    xc = xc - xc.mean(axis=0)
     n, d = xc.shape
     _, sv, vt = np.linalg.svd(xc, full_matrices=False)
     lam = sv**2 / max(n - 1, 1)
@@ -377,10 +379,9 @@ class Scorer:
         bad_value = (~np.isfinite(flux) & (ivar > 0)) | ~np.isfinite(ivar)
         bad_label = np.isinf(labels).any(axis=1)
         flags[bad_value.any(axis=1) | bad_label] |= FLAG_NONFINITE
-        masked = ~(ivar > 0) | ~np.isfinite(flux)
+        filled, masked = fill_masked(flux, ivar, std.mean[:n_pix])
         masked_fraction = masked.mean(axis=1)
         flags[masked_fraction > self.max_masked_fraction] |= FLAG_MASKED
-        filled = np.where(masked, std.mean[:n_pix], flux)
         labels = np.where(np.isinf(labels), np.nan, labels)
         has_labels = np.isfinite(labels).all(axis=1)
         if ref is not None:
@@ -467,6 +468,15 @@ class Scorer:
         coords = (np.asarray(x, np.float64) - ref.center) @ ref.basis.T  # (b, k)
         x_proj = ref.center + coords @ ref.basis  # (b, d) on the signal subspace
         return self.density.flow.log_prob(self._tensor(x_proj)).double().cpu().numpy()
+
+
+def fill_masked(
+    flux: np.ndarray, ivar: np.ndarray, fill: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Masked pixels (ivar <= 0, NaN ivar, or non-finite flux) of ``flux`` (n, n_pix)
+    replaced by ``fill`` (n_pix,) (the training mean): (filled flux, mask) (n, n_pix)."""
+    masked = ~(ivar > 0) | ~np.isfinite(flux)
+    return np.where(masked, fill, flux), masked
 
 
 def _percentile(reference: np.ndarray | None, scores: np.ndarray) -> np.ndarray:
