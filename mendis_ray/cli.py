@@ -3,6 +3,11 @@
 mendis simulate [--out DIR] [--n-train N] ...   paper training set + outlier sets
 mendis ingest apogee FILE... --out DIR [--labels allStar.fits]
 mendis inspect PATH                               summary of a shard or dataset folder
+mendis demo [--quick]                             the whole experiment on a local Ray
+mendis train DATA --out DIR                       Ray Train (TorchTrainer) on shards
+mendis tune DATA --out DIR                        Ray Tune: learning rate x depth
+mendis serve CHECKPOINT                           Ray Serve HTTP scoring (127.0.0.1)
+mendis score CHECKPOINT INPUTS... --out DIR       batch scoring of a catalog (Ray Data)
 """
 
 from __future__ import annotations
@@ -56,7 +61,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows = [
         write_simulated_set(
-            out, spec, sim, snr=args.snr, seed=args.seed, set_index=k, noise=args.noise
+            out,
+            spec,
+            sim,
+            seed=args.seed,
+            set_index=k,
+            noise=args.noise,
+            snr=args.train_snr if spec.name == "train" and args.train_snr is not None else args.snr,
         )
         for k, spec in enumerate(specs)
     ]
@@ -126,6 +137,140 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ray_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="compact", choices=["tiny", "compact", "paper"])
+    p.add_argument("--n-units", type=int, default=None, help="flow units (default: preset's)")
+    p.add_argument("--hidden", type=int, default=None, help="conditioner width (preset's)")
+    p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
+    p.add_argument("--lr", type=float, default=None, help="default: the preset's")
+    p.add_argument("--linear-lr-scale", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=2, help="TorchTrainer workers (DDP ranks)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--snr", type=float, default=300.0, help="degrade the shards to this S/N")
+    p.add_argument(
+        "--no-label-scatter",
+        action="store_true",
+        help="keep the shards' labels (they are already observed labels)",
+    )
+    p.add_argument("--fixed-noise", action="store_true", help="the same noise every epoch")
+    p.add_argument("--storage", default="mendis_out/ray_runs", help="Ray Train storage path")
+    p.add_argument("--resume", default=None, help="run or checkpoint folder to resume from")
+    p.add_argument("--checkpoint-every", type=int, default=1)
+    p.add_argument("--max-failures", type=int, default=2)
+    p.add_argument("--minutes", type=float, default=None, help="training time limit")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+
+
+def _ray_train_configs(args: argparse.Namespace):
+    from mendis_ray.config import get_preset
+    from mendis_ray.distributed.data import DegradeConfig
+    from mendis_ray.distributed.train import RayTrainConfig
+
+    flow_cfg, train_cfg = get_preset(args.preset)
+    changes = {
+        k: v
+        for k, v in {
+            "epochs": args.epochs, "lr": args.lr, "linear_lr_scale": args.linear_lr_scale,
+            "batch_size": args.batch_size,
+        }.items()
+        if v is not None
+    }  # fmt: skip
+    train_cfg = train_cfg.replace(**changes)
+    arch = {k: v for k, v in {"n_units": args.n_units, "hidden": args.hidden}.items() if v}
+    if arch:
+        flow_cfg = flow_cfg.replace(name=f"{flow_cfg.name}-custom", **arch)
+    ray_cfg = RayTrainConfig(
+        num_workers=args.workers,
+        use_gpu=args.gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        storage_path=args.storage,
+        resume_from=args.resume,
+        checkpoint_every=args.checkpoint_every,
+        max_failures=args.max_failures,
+        degrade=DegradeConfig(
+            snr=args.snr,
+            label_scatter=None if args.no_label_scatter else DegradeConfig().label_scatter,
+            fresh_noise=not args.fixed_noise,
+        ),
+        time_limit_s=None if args.minutes is None else 60 * args.minutes,
+    )
+    return flow_cfg, train_cfg, ray_cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mendis_ray.distributed.session import ensure_ray
+    from mendis_ray.distributed.train import train_distributed
+    from mendis_ray.flow.checkpoint import save_checkpoint
+
+    flow_cfg, train_cfg, ray_cfg = _ray_train_configs(args)
+    ensure_ray(args.address)
+    res = train_distributed(args.data, args.out, flow_cfg, train_cfg, ray_cfg)
+    best = save_checkpoint(
+        Path(args.out) / "checkpoint", res.density, train_cfg,
+        metrics={"history": res.history, "start": res.start}, extra=res.info,
+    )  # fmt: skip
+    for h in res.history:
+        print(f"epoch {h['epoch']}: train log p {h['train_log_prob']:.1f}, "
+              f"val log p {h['val_log_prob']:.1f}, {h['samples_per_s']:.0f} spectra/s")  # fmt: skip
+    print(f"best checkpoint: {best}")
+    print(f"Ray Train run (resume with --resume): {res.run_dir}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from mendis_ray.distributed.session import ensure_ray
+    from mendis_ray.distributed.tune import TuneConfig, tune_flow
+
+    flow_cfg, train_cfg, ray_cfg = _ray_train_configs(args)
+    tune_cfg = TuneConfig(
+        lr=tuple(float(x) for x in args.lrs.split(",")),
+        n_units=tuple(int(x) for x in args.units.split(",")),
+        max_concurrent_trials=args.concurrent,
+    )
+    ensure_ray(args.address)
+    res = tune_flow(args.data, args.out, flow_cfg, train_cfg, ray_cfg, tune_cfg)
+    _print_table(res.trials, ["lr", "n_units", "best_val_log_prob", "epochs", "status"])
+    print(f"best: lr {res.best['lr']:g}, {res.best['n_units']} units")
+    print(f"trials: {res.out / 'trials.csv'}")
+    print(f"best checkpoint: {res.best_checkpoint}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from mendis_ray.distributed.demo import DemoConfig, analyze_checkpoint
+    from mendis_ray.science.report import auroc_table
+
+    cfg = DemoConfig(out=args.out, address=args.address, conditional=not args.no_conditional)
+    res = analyze_checkpoint(args.checkpoint, args.data, cfg)
+    print(auroc_table(res["auroc"]))
+    print(f"report: {res['report']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mendis_ray.distributed.demo import DemoConfig, run_demo
+
+    kw = {
+        "out": args.out, "preset": args.preset, "workers": args.workers,
+        "address": args.address, "conditional": not args.no_conditional,
+    }  # fmt: skip
+    if args.quick:
+        cfg = DemoConfig.quick_config(**kw)
+    else:
+        cfg = DemoConfig(n_train=args.n_train, epochs=args.epochs, minutes=args.minutes, **kw)
+    res = run_demo(cfg)
+    print("\nAUROC (outliers vs inliers; 1 = perfect, 0.5 = blind):")
+    from mendis_ray.science.report import auroc_table
+
+    print(auroc_table(res["auroc"]))
+    print(f"\nfinished in {res['wall_seconds'] / 60:.1f} min")
+    print(f"report: {res['report']}")
+    print(f"checkpoint: {res['checkpoint']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mendis", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -137,7 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-test", type=int, default=2_000, help="held-out inliers")
     s.add_argument("--n-outlier", type=int, default=1_000, help="spectra per outlier class")
     s.add_argument("--shards", type=int, default=8, help="shards of the training set")
-    s.add_argument("--snr", type=float, default=300.0)
+    s.add_argument(
+        "--snr", type=float, default=300.0,
+        help="S/N of the written spectra; 0 writes noise-free spectra with true labels "
+        "(to be degraded by the Ray Data pipeline)",
+    )  # fmt: skip
+    s.add_argument(
+        "--train-snr", type=float, default=None,
+        help="S/N of the training set only (default: --snr; 0 = noise-free, for jobs/train.py "
+        "whose Ray Data pipeline adds fresh noise every epoch)",
+    )  # fmt: skip
     s.add_argument("--noise", choices=["photon", "flat"], default="photon")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--grid", default="paper", choices=["paper", "aspcap", "apstar"])
@@ -157,7 +311,100 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("inspect", help="validate and summarise a shard or dataset folder")
     n.add_argument("path")
     n.set_defaults(func=cmd_inspect)
+
+    # --- Ray: demo, train, tune (mendis_ray.distributed) -----------------------------
+    d = sub.add_parser(
+        "demo", help="the paper's experiment end to end on a local Ray; writes a report"
+    )
+    d.add_argument("--out", default="mendis_out/demo")
+    d.add_argument("--n-train", type=int, default=4000)
+    d.add_argument("--epochs", type=int, default=8)
+    d.add_argument("--minutes", type=float, default=6.0, help="training time limit")
+    d.add_argument("--workers", type=int, default=2, help="TorchTrainer workers")
+    d.add_argument("--preset", default="compact", choices=["tiny", "compact", "paper"])
+    d.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    d.add_argument("--no-conditional", action="store_true", help="skip the MCMC stage")
+    d.add_argument("--quick", action="store_true", help="a few-minute smoke run")
+    d.set_defaults(func=cmd_demo)
+
+    a = sub.add_parser(
+        "analyze", help="the demo's analysis (scores vs baselines, correlations, "
+        "reconstruction, report) for a trained checkpoint"
+    )  # fmt: skip
+    a.add_argument("checkpoint")
+    a.add_argument("--data", required=True, help="simulated sets (train, test, cemp, ...)")
+    a.add_argument("--out", required=True)
+    a.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    a.add_argument("--no-conditional", action="store_true", help="skip the MCMC stage")
+    a.set_defaults(func=cmd_analyze)
+
+    t = sub.add_parser("train", help="train the flow on shards with Ray Train (TorchTrainer)")
+    t.add_argument("data", help="training shards (a folder; the last shards validate)")
+    t.add_argument("--out", required=True, help="output folder (checkpoint, init checkpoint)")
+    _ray_train_args(t)
+    t.set_defaults(func=cmd_train)
+
+    u = sub.add_parser("tune", help="Ray Tune over learning rate x depth with ASHA")
+    u.add_argument("data", help="training shards")
+    u.add_argument("--out", required=True, help="output folder (trial table, best checkpoint)")
+    _ray_train_args(u)
+    u.add_argument("--lrs", default="1e-4,3e-4", help="comma-separated learning rates")
+    u.add_argument("--units", default="2,4", help="comma-separated numbers of flow units")
+    u.add_argument("--concurrent", type=int, default=1, help="trials at once")
+    u.set_defaults(func=cmd_tune)
+
+    # --- serve (mendis_ray.distributed.serving) -------------------------------------
+    v = sub.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve (local)")
+    v.add_argument("checkpoint", help="checkpoint folder")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.set_defaults(func=lambda a: _lazy("mendis_ray.distributed.serving", "main_serve")(a))
+
+    # --- score (mendis_ray.distributed.infer) -----------------------------------------
+    c = sub.add_parser("score", help="score a catalog of shards (or APOGEE FITS) with Ray Data")
+    c.add_argument("checkpoint", help="checkpoint folder")
+    c.add_argument("inputs", nargs="+", help="shard folders/files, or apStar/aspcapStar FITS")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--batch-size", type=int, default=256, help="spectra per actor call")
+    c.add_argument("--min-actors", type=int, default=1, help="smallest actor pool")
+    c.add_argument(
+        "--max-actors", type=int, default=None,
+        help="largest actor pool (default: as many as the cluster's GPUs or CPUs - 1 allow)",
+    )  # fmt: skip
+    c.add_argument("--cpus-per-actor", type=float, default=1.0, help="fractions allowed")
+    c.add_argument(
+        "--gpus-per-actor", type=float, default=None,
+        help="default: 1 if the cluster has GPUs, else 0",
+    )  # fmt: skip
+    c.add_argument(
+        "--threads-per-actor", type=int, default=None,
+        help="torch threads per actor (default: its whole CPUs, at least 1)",
+    )  # fmt: skip
+    c.add_argument("--top-n", type=int, default=100, help="rows of top_outliers.csv")
+    c.add_argument("--gallery-n", type=int, default=12, help="outliers in gallery.png (0: none)")
+    c.add_argument(
+        "--marginal", choices=["unlabelled", "all", "none"], default="unlabelled",
+        help="rows that get the (slow) label-free score",
+    )  # fmt: skip
+    c.add_argument(
+        "--rank-by", choices=["percentile", "signal"], default="percentile",
+        help="percentile: primary score (log p); signal: projected signal score",
+    )  # fmt: skip
+    c.add_argument(
+        "--flags-first", action="store_true", help="rank flagged spectra before unflagged ones"
+    )
+    c.add_argument("--labels", help="allStar-like FITS table of labels for FITS inputs")
+    c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    c.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
+    c.set_defaults(func=lambda a: _lazy("mendis_ray.distributed.infer", "main_score")(a))
     return p
+
+
+def _lazy(module: str, name: str):
+    """A command implemented in ``module`` (imported only when the command runs)."""
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv: list[str] | None = None) -> int:

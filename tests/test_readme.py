@@ -15,7 +15,7 @@ def _readme_commands() -> list[str]:
 def test_readme_has_exactly_two_setup_commands():
     cmds = _readme_commands()
     assert len(cmds) == 2, cmds
-    assert "mendis simulate" in cmds[0] and "pytest" in cmds[1]
+    assert "mendis demo" in cmds[0] and "pytest" in cmds[1]
 
 
 def test_ci_runs_the_readme_test_command():

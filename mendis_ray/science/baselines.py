@@ -320,8 +320,24 @@ class GaussianBaseline:
         arr = _check_x(x, "GaussianBaseline.fit", min_rows=2)
         n = arr.shape[0]
         mean, scatter, norm4 = _centered_moments(arr)
-        s = scatter / n
+        return self.fit_moments(mean, scatter / n, n, norm4)
+
+    def fit_moments(
+        self, mean: np.ndarray, s: np.ndarray, n: int, norm4: float | None = None
+    ) -> Self:
+        """Fit from streamed moments: ``mean`` (d,), ``s`` (d, d) the 1/n covariance of
+        ``n`` rows, and ``norm4 = sum_k |x_k - mean|^4`` (needed by Ledoit-Wolf only).
+        ``fit(x)`` is ``fit_moments`` of the moments of ``x``."""
+        mean = np.asarray(mean, np.float64)
+        s = np.array(s, np.float64, copy=True)
+        if s.shape != (mean.size, mean.size) or n < 2:
+            raise ValueError(
+                f"{type(self).__name__}.fit_moments: s {s.shape} must be (d, d) for a mean of "
+                f"{mean.size} and n >= 2 (got n={n})"
+            )
         if self.shrinkage == "ledoit-wolf":
+            if norm4 is None:
+                raise ValueError("GaussianBaseline.fit_moments: Ledoit-Wolf needs norm4")
             a = _ledoit_wolf_from_moments(s, norm4, n)
         elif self.shrinkage == "oas":
             a = _oas_from_moments(s, n)
@@ -438,12 +454,25 @@ class FactorAnalysisBaseline(GaussianBaseline):
     def fit(self, x: np.ndarray) -> Self:
         """EM on ``x`` (n, d), started from the top-k principal axes."""
         arr = _check_x(x, "FactorAnalysisBaseline.fit", min_rows=2)
-        n, d = arr.shape
+        n = arr.shape[0]
+        mean, scatter, _ = _centered_moments(arr)
+        return self.fit_moments(mean, scatter / n, n)
+
+    def fit_moments(
+        self, mean: np.ndarray, s: np.ndarray, n: int, norm4: float | None = None
+    ) -> Self:
+        """EM from the sample mean (d,) and 1/n covariance ``s`` (d, d) of ``n`` rows
+        (EM needs nothing else; ``norm4`` is ignored)."""
+        mean = np.asarray(mean, np.float64)
+        s = np.asarray(s, np.float64)
+        d = mean.size
         k = self.n_factors
+        if s.shape != (d, d) or n < 2:
+            raise ValueError(
+                f"FactorAnalysisBaseline.fit_moments: s {s.shape} must be ({d}, {d}), n >= 2"
+            )
         if k >= d:
             raise ValueError(f"FactorAnalysisBaseline: n_factors={k} must be < d={d}")
-        mean, scatter, _ = _centered_moments(arr)
-        s = scatter / n  # (d, d) 1/n sample covariance
         s_diag = np.diag(s).copy()
         lam, vec = linalg.eigh(s, subset_by_index=[d - k, d - 1])
         psi = np.full(d, max(float(s_diag.sum() - lam.sum()) / (d - k), self.min_psi))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from mendis_ray.spectra.degrade import LABEL_SCATTER, add_noise, scatter_labels
+from mendis_ray.spectra.degrade import LABEL_SCATTER, NOISE_FREE_IVAR, add_noise, scatter_labels
 from mendis_ray.spectra.shards import make_table, write_dataset
 from mendis_ray.spectra.simulate import (
     OUTLIER_CLASSES,
@@ -42,6 +42,11 @@ class SetSpec:
     n_shards: int = 1
 
 
+def noise_free(snr: float) -> bool:
+    """S/N 0 or inf asks for noise-free spectra (ivar ``NOISE_FREE_IVAR``, true labels)."""
+    return not np.isfinite(snr) or snr <= 0
+
+
 def _shard_tables(
     spec: SetSpec,
     labels: StellarLabels,
@@ -56,8 +61,14 @@ def _shard_tables(
         t0 = time.perf_counter()
         lab = labels[a:b]
         rng = np.random.default_rng(np.random.SeedSequence([seed, set_index, j]))
-        flux, ivar = add_noise(sim(lab), snr, rng, model=noise)
-        obs = scatter_labels(np.stack([lab.teff, lab.logg, lab.feh], axis=1), rng, LABEL_SCATTER)
+        true_labels = np.stack([lab.teff, lab.logg, lab.feh], axis=1)
+        if noise_free(snr):  # degraded later (mendis_ray.distributed.data)
+            flux = sim(lab).astype(np.float32)
+            ivar = np.full_like(flux, NOISE_FREE_IVAR)
+            obs = true_labels
+        else:
+            flux, ivar = add_noise(sim(lab), snr, rng, model=noise)
+            obs = scatter_labels(true_labels, rng, LABEL_SCATTER)
         extra: dict = dict(lab.truth_columns())
         extra["truth_class"] = np.array([spec.name] * (b - a))
         log.info(
@@ -75,7 +86,7 @@ def _shard_tables(
             teff=obs[:, 0],
             logg=obs[:, 1],
             feh=obs[:, 2],
-            snr=np.full(b - a, snr),
+            snr=np.full(b - a, np.inf if noise_free(snr) else snr),
             source="mendis_ray.simulate",
             extra=extra,
         )
@@ -98,11 +109,11 @@ def write_simulated_set(
         "name": "mendis_ray.spectra.simulate",
         "set": spec.name,
         "n": spec.n,
-        "snr": snr,
-        "noise": noise,
+        "snr": None if noise_free(snr) else snr,
+        "noise": "none" if noise_free(snr) else noise,
         "seed": seed,
         "set_index": set_index,
-        "label_scatter": LABEL_SCATTER,
+        "label_scatter": None if noise_free(snr) else LABEL_SCATTER,
         "simulator": sim.config.__dict__,
     }
     path = Path(out_dir) / spec.name

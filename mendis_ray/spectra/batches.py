@@ -1,0 +1,187 @@
+"""Per-batch steps of the data pipeline over pyarrow tables (numpy + pyarrow, no Ray).
+
+:mod:`mendis_ray.distributed.data` maps these over Ray Data blocks; the benchmark runs the
+same functions in plain numpy to measure what Ray adds.  A batch is a table with the
+shard columns ``id``, ``flux``, ``ivar`` (fixed-size lists), ``teff``, ``logg``, ``feh``,
+``snr`` and, when read through Ray Data with ``include_paths``, ``path``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from mendis_ray.spectra.degrade import LABEL_SCATTER, degrade_to_snr
+from mendis_ray.spectra.shards import LABEL_COLUMNS, ShardError
+
+__all__ = [
+    "DegradeConfig",
+    "degrade_batch",
+    "list_matrix",
+    "matrix_column",
+    "spectra_of",
+    "standardize_batch",
+    "validate_batch",
+]
+
+
+def list_matrix(col: pa.ChunkedArray | pa.Array, n_pix: int) -> np.ndarray:
+    """(n, n_pix) float32 of a fixed-size-list column (zero-copy where Arrow allows)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if len(arr) == 0:
+        return np.zeros((0, n_pix), np.float32)
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    if flat.size != len(arr) * n_pix:
+        raise ShardError(f"list column has {flat.size / len(arr):.1f} values per row, not {n_pix}")
+    return flat.reshape(len(arr), n_pix).astype(np.float32, copy=False)
+
+
+def matrix_column(m: np.ndarray) -> pa.FixedSizeListArray:
+    """(n, k) array -> fixed_size_list<float32>[k] column."""
+    m = np.ascontiguousarray(m, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), m.shape[1])
+
+
+def _where(batch: pa.Table, row: int) -> str:
+    rid = batch.column("id")[row].as_py()
+    if "path" in batch.column_names:
+        return f"{batch.column('path')[row].as_py()}: spectrum id {rid!r}"
+    return f"spectrum id {rid!r}"
+
+
+def validate_batch(batch: pa.Table, n_pix: int, require_labels: bool = False) -> pa.Table:
+    """Check every row of ``batch``; return it unchanged or raise :class:`ShardError`
+    naming the file (``path`` column), the spectrum id, the pixel and what was expected."""
+    for name in ("id", "flux", "ivar", *LABEL_COLUMNS):
+        if name not in batch.column_names:
+            raise ShardError(f"batch is missing column {name!r} (columns: {batch.column_names})")
+    for name in ("flux", "ivar"):
+        t = batch.schema.field(name).type
+        if not (pa.types.is_fixed_size_list(t) and t.list_size == n_pix):
+            where = batch.column("path")[0].as_py() if "path" in batch.column_names else "batch"
+            raise ShardError(f"{where}: column {name!r} is {t}, expected {n_pix} values per row")
+    flux = list_matrix(batch.column("flux"), n_pix)
+    ivar = list_matrix(batch.column("ivar"), n_pix)
+    checks = (
+        (~np.isfinite(flux), "non-finite flux (mark bad pixels with ivar 0 and a finite flux)"),
+        (~np.isfinite(ivar) | (ivar < 0), "negative or non-finite ivar"),
+    )
+    for bad, what in checks:
+        rows = np.flatnonzero(bad.any(axis=1))
+        if rows.size:
+            r = int(rows[0])
+            raise ShardError(
+                f"{_where(batch, r)} has {what} at pixel {int(np.flatnonzero(bad[r])[0])} "
+                f"({rows.size} bad row(s) in this batch)"
+            )
+    if require_labels:
+        lab = np.stack([batch.column(c).to_numpy(zero_copy_only=False) for c in LABEL_COLUMNS], 1)
+        rows = np.flatnonzero(~np.isfinite(lab.astype(np.float64)).all(axis=1))
+        if rows.size:
+            raise ShardError(
+                f"{_where(batch, int(rows[0]))} has no finite Teff/log g/[Fe/H]; training "
+                "needs labels on every row"
+            )
+    return batch
+
+
+def spectra_of(batch: pa.Table, n_pix: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flux (n, n_pix), ivar (n, n_pix), labels (n, 3) float64, NaN where null)."""
+    labels = np.stack(
+        [
+            batch.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+            for c in LABEL_COLUMNS
+        ],
+        axis=1,
+    ) if batch.num_rows else np.zeros((0, len(LABEL_COLUMNS)))  # fmt: skip
+    return (
+        list_matrix(batch.column("flux"), n_pix),
+        list_matrix(batch.column("ivar"), n_pix),
+        labels,
+    )
+
+
+@dataclass(frozen=True)
+class DegradeConfig:
+    """How observations are made from the spectra in the shards.
+
+    Attributes:
+        snr: target S/N at the continuum (noise is added up to it; None: no noise added).
+        label_scatter: Gaussian scatter of (Teff, log g, [Fe/H]) added to the labels (None:
+            labels unchanged).  Use it on noise-free simulated shards, whose labels are the
+            true ones; shards of observed spectra already carry observed labels.
+        noise_model: ``photon`` or ``flat`` (see :func:`~mendis_ray.spectra.degrade.add_noise`).
+        fresh_noise: new noise and scatter every time a batch is produced (every epoch: data
+            augmentation); otherwise the draw is a fixed function of ``seed`` and the
+            batch's ids, identical every epoch.
+        seed: base seed of the fixed draw.
+    """
+
+    snr: float | None = 300.0
+    label_scatter: tuple[float, float, float] | None = LABEL_SCATTER
+    noise_model: str = "photon"
+    fresh_noise: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.snr is not None and not (np.isfinite(self.snr) and self.snr > 0):
+            raise ValueError(f"DegradeConfig.snr must be finite and > 0 or None, got {self.snr}")
+        if self.noise_model not in ("photon", "flat"):
+            raise ValueError(f"DegradeConfig.noise_model: photon or flat, got {self.noise_model!r}")
+
+
+def _normals(batch: pa.Table, n: int, cfg: DegradeConfig) -> np.ndarray:
+    """(rows, n) standard normals.  Fixed draws are a function of (seed, spectrum id)
+    alone, so they do not depend on how the data are split into blocks or workers."""
+    rows = batch.num_rows
+    if cfg.fresh_noise:
+        rng = np.random.default_rng(secrets.randbits(63))
+        return rng.standard_normal((rows, n), dtype=np.float32)
+    z = np.empty((rows, n), np.float32)
+    for i, rid in enumerate(batch.column("id").to_pylist()):
+        key = [cfg.seed & 0xFFFFFFFFFFFFFFFF, zlib.crc32(str(rid).encode())]
+        np.random.Generator(np.random.Philox(key=key)).standard_normal(
+            n, dtype=np.float32, out=z[i]
+        )
+    return z
+
+
+def degrade_batch(batch: pa.Table, n_pix: int, cfg: DegradeConfig) -> pa.Table:
+    """Noise up to ``cfg.snr`` and label scatter on one batch; other columns unchanged
+    (``snr`` becomes the target S/N where noise was added)."""
+    if batch.num_rows == 0 or (cfg.snr is None and cfg.label_scatter is None):
+        return batch
+    flux, ivar, labels = spectra_of(batch, n_pix)
+    z = _normals(batch, n_pix + labels.shape[1], cfg)  # (n, n_pix + 3)
+    if cfg.snr is not None:
+        snr_in = batch.column("snr").to_numpy(zero_copy_only=False).astype(np.float32)
+        flux, ivar = degrade_to_snr(
+            flux, ivar, cfg.snr, None, cfg.noise_model, z=z[:, :n_pix], snr_in=snr_in
+        )
+        batch = batch.set_column(batch.column_names.index("flux"), "flux", matrix_column(flux))
+        batch = batch.set_column(batch.column_names.index("ivar"), "ivar", matrix_column(ivar))
+        old = batch.column("snr").to_numpy(zero_copy_only=False).astype(np.float32)
+        snr = np.minimum(np.nan_to_num(old, nan=np.inf), np.float32(cfg.snr))
+        batch = batch.set_column(batch.column_names.index("snr"), "snr", pa.array(snr))
+    if cfg.label_scatter is not None:
+        s = np.asarray(cfg.label_scatter, np.float64)
+        labels = labels + z[:, n_pix:].astype(np.float64) * s
+        for j, c in enumerate(LABEL_COLUMNS):
+            batch = batch.set_column(
+                batch.column_names.index(c), c, pa.array(labels[:, j].astype(np.float32))
+            )
+    return batch
+
+
+def standardize_batch(
+    batch: pa.Table, n_pix: int, mean: np.ndarray, std: np.ndarray
+) -> dict[str, np.ndarray]:
+    """``{"x": (n, n_pix + 3) float32}`` standardized features; masked pixels (ivar <= 0)
+    are set to the training mean (0 after standardization)."""
+    flux, ivar, labels = spectra_of(batch, n_pix)
+    v = np.concatenate([np.where(ivar > 0, flux, mean[:n_pix]), labels], axis=1)  # (n, d)
+    return {"x": ((v - mean) / std).astype(np.float32)}

@@ -1,0 +1,210 @@
+"""Ray Data ingest and Ray Train on a local Ray: validation errors name the shard, the
+degrade step is right and reproducible, DDP keeps the replicas identical, a killed
+worker is replaced and the run resumes, explicit resume continues a run, Tune runs
+trials and picks the best."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from safetensors.torch import load_file
+
+from mendis_ray.config import FlowConfig, TrainConfig
+from mendis_ray.spectra.shards import ShardError, read_dataset, table_arrays
+
+FLOW = FlowConfig(name="test", n_units=1, hidden=16, n_blocks=1, n_bins=4)
+TRAIN = TrainConfig(lr=1e-3, batch_size=64, epochs=2, linear_lr_scale=0.0, patience=10)
+
+
+def _sorted(a: dict) -> dict:
+    order = np.argsort(a["ids"])
+    return {k: v[order] for k, v in a.items()}
+
+
+def test_degrade_noise_level_and_reproducibility(ray_session, sim_sets):
+    from mendis_ray.distributed import data as D
+
+    shards = D.check_shards(D.list_shards(sim_sets / "train"))
+    clean = _sorted(D.to_numpy(D.read_spectra(shards), shards.n_pix))
+    cfg = D.DegradeConfig(snr=100.0, fresh_noise=False, seed=7)
+    ds = D.degrade(D.read_spectra(shards), shards.n_pix, cfg)
+    a, b = _sorted(D.to_numpy(ds, shards.n_pix)), _sorted(D.to_numpy(ds, shards.n_pix))
+    assert np.array_equal(a["flux"], b["flux"]) and np.array_equal(a["labels"], b["labels"])
+    z = (a["flux"] - clean["flux"]) * 100.0 / np.sqrt(np.clip(clean["flux"], 1e-3, None))
+    assert abs(z.std() - 1.0) < 0.01 and abs(z.mean()) < 0.01
+    np.testing.assert_allclose(a["ivar"], 100.0**2 / np.clip(clean["flux"], 1e-3, None), rtol=1e-3)
+    dl = (a["labels"] - clean["labels"]) / np.array([25.0, 0.1, 0.01])
+    assert np.all(np.abs(dl.std(axis=0) - 1.0) < 0.15)
+    assert np.all(a["snr"] == 100.0)
+    fresh = D.degrade(
+        D.read_spectra(shards), shards.n_pix, dataclasses.replace(cfg, fresh_noise=True)
+    )
+    c, e = _sorted(D.to_numpy(fresh, shards.n_pix)), _sorted(D.to_numpy(fresh, shards.n_pix))
+    assert not np.array_equal(c["flux"], e["flux"])
+    zc = (c["flux"] - clean["flux"]) * 100.0 / np.sqrt(np.clip(clean["flux"], 1e-3, None))
+    assert abs(zc.std() - 1.0) < 0.01
+
+
+def test_noisy_input_is_only_topped_up(ray_session, sim_sets):
+    """S/N-300 shards degraded to S/N 300 stay as they are; to S/N 100 get the rest."""
+    from mendis_ray.distributed import data as D
+
+    shards = D.check_shards(D.list_shards(sim_sets / "test"))
+    raw = _sorted(D.to_numpy(D.read_spectra(shards), shards.n_pix))
+    same = D.degrade(
+        D.read_spectra(shards), shards.n_pix, D.DegradeConfig(snr=300.0, label_scatter=None)
+    )
+    out = _sorted(D.to_numpy(same, shards.n_pix))
+    assert np.max(np.abs(out["flux"] - raw["flux"])) < 1e-3 * 0.05  # float rounding of var_t
+    assert np.array_equal(out["labels"], raw["labels"])
+
+
+def test_moments_match_numpy(ray_session, sim_sets):
+    from mendis_ray.distributed import data as D
+    from mendis_ray.flow.density import Standardizer
+
+    shards = D.check_shards(D.list_shards(sim_sets / "test"))
+    m = D.compute_moments(D.read_spectra(shards), shards.n_pix, batch_size=50)
+    t = table_arrays(read_dataset(sim_sets / "test"))
+    st = Standardizer.fit(t.flux, t.labels)
+    np.testing.assert_allclose(m.standardizer.mean, st.mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(m.standardizer.std, st.std, rtol=1e-4)
+    x = st.transform(t.flux, t.labels).astype(np.float64)
+    np.testing.assert_allclose(m.cov, np.cov(x, rowvar=False, bias=True), atol=2e-4)
+    assert m.n == len(x)
+
+
+def _write_like(src, dst, flux_fix=None, metadata=None):
+    table = pq.read_table(src)
+    if flux_fix is not None:
+        flux = table_arrays(table).flux.copy()
+        flux_fix(flux)
+        from mendis_ray.spectra.batches import matrix_column
+
+        table = table.set_column(table.column_names.index("flux"), "flux", matrix_column(flux))
+    if metadata is not None:
+        table = table.replace_schema_metadata(metadata)
+    pq.write_table(table, dst)
+
+
+def test_bad_shards_are_named(ray_session, sim_sets, tmp_path):
+    from mendis_ray.distributed import data as D
+
+    good = sorted((sim_sets / "test").glob("*.parquet"))[0]
+    bad_dir = tmp_path / "nan"
+    bad_dir.mkdir()
+    shutil.copy(good, bad_dir / "a.parquet")
+    bad = bad_dir / "b.parquet"
+
+    def poison(f):
+        f[3, 17] = np.nan
+
+    _write_like(good, bad, flux_fix=poison, metadata=pq.read_schema(good).metadata)
+    shards = D.check_shards(D.list_shards(bad_dir))  # footers are fine
+    with pytest.raises(Exception, match=r"b\.parquet.*pixel 17") as err:
+        D.to_numpy(D.read_spectra(shards), shards.n_pix)
+    assert "non-finite flux" in str(err.value)
+    # a shard on another grid, and a file that is not Parquet, fail before any read
+    meta = dict(pq.read_schema(good).metadata)
+    info = json.loads(meta[b"mendis_ray"])
+    info["grid"]["hash"] = "0" * 16
+    meta[b"mendis_ray"] = json.dumps(info).encode()
+    other = tmp_path / "grid"
+    other.mkdir()
+    shutil.copy(good, other / "a.parquet")
+    _write_like(good, other / "c.parquet", metadata=meta)
+    with pytest.raises(ShardError, match=r"c\.parquet: shard grid"):
+        D.check_shards(D.list_shards(other))
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "x.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ShardError, match=r"x\.parquet: not a readable Parquet"):
+        D.check_shards(D.list_shards(junk))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ray_session, sim_sets, tmp_path_factory):
+    from mendis_ray.distributed.train import RayTrainConfig, train_distributed
+
+    tmp = tmp_path_factory.mktemp("ddp")
+    cfg = RayTrainConfig(
+        num_workers=2, cpus_per_worker=1, storage_path=str(tmp / "runs"),
+        dump_params_dir=str(tmp / "params"), checkpoint_every=1,
+    )  # fmt: skip
+    res = train_distributed(sim_sets / "train", tmp / "out", FLOW, TRAIN, cfg)
+    return res, tmp
+
+
+def test_ddp_replicas_stay_identical(ddp_run):
+    from mendis_ray.flow.checkpoint import load_checkpoint
+
+    res, tmp = ddp_run
+    p0 = load_file(str(tmp / "params" / "rank0.safetensors"))
+    p1 = load_file(str(tmp / "params" / "rank1.safetensors"))
+    init, _ = load_checkpoint(res.init_checkpoint)
+    start = init.flow.state_dict()
+    moved = max(float((p0[k].double() - start[k].double()).abs().max()) for k in p0)
+    assert moved > 1e-5, "training did not change the weights"
+    for k in p0:  # each rank saw a different half of the data, yet the weights agree
+        assert np.array_equal(p0[k].numpy(), p1[k].numpy()), k
+    assert [h["epoch"] for h in res.history] == [0, 1]
+    assert res.history[0]["rows"] >= 256  # both ranks' rows counted
+    assert res.info["world_size"] == 2
+    # the standardization computed once on the driver is the one in the final checkpoint
+    np.testing.assert_array_equal(res.density.standardizer.mean, init.standardizer.mean)
+
+
+def test_explicit_resume_continues(ddp_run, sim_sets):
+    from mendis_ray.distributed.train import RayTrainConfig, latest_checkpoint, train_distributed
+
+    res, tmp = ddp_run
+    ckpt = latest_checkpoint(res.run_dir)
+    assert json.loads((ckpt / "state.json").read_text())["epoch"] == 1
+    cfg = RayTrainConfig(num_workers=1, storage_path=str(tmp / "runs"),
+                         resume_from=str(res.run_dir))  # fmt: skip
+    more = train_distributed(sim_sets / "train", tmp / "out2", FLOW, TRAIN.replace(epochs=3), cfg)
+    assert [h["epoch"] for h in more.history] == [0, 1, 2]
+    assert more.info["resumed_at"] == 2
+    assert more.history[:2] == res.history
+
+
+def test_killed_worker_is_replaced_and_run_finishes(ray_session, sim_sets, tmp_path):
+    from mendis_ray.distributed.train import RayTrainConfig, train_distributed
+
+    marker = tmp_path / "killed"
+    cfg = RayTrainConfig(
+        num_workers=2, cpus_per_worker=1, storage_path=str(tmp_path / "runs"),
+        max_failures=1, fail_at_epoch=1, fail_marker=str(marker),
+    )  # fmt: skip
+    res = train_distributed(
+        sim_sets / "train", tmp_path / "out", FLOW, TRAIN.replace(epochs=3), cfg
+    )
+    assert marker.exists(), "the worker was never killed"
+    assert [h["epoch"] for h in res.history] == [0, 1, 2]
+    assert res.info["resumed_at"] == 1  # restarted from the epoch-0 checkpoint
+
+
+def test_tune_runs_trials_and_writes_best(ray_session, sim_sets, tmp_path):
+    from mendis_ray.distributed.train import RayTrainConfig
+    from mendis_ray.distributed.tune import TuneConfig, tune_flow
+    from mendis_ray.flow.checkpoint import load_checkpoint
+
+    res = tune_flow(
+        sim_sets / "train", tmp_path / "tune", FLOW, TRAIN.replace(epochs=1),
+        RayTrainConfig(num_workers=1, storage_path=str(tmp_path / "runs")),
+        TuneConfig(lr=(1e-4, 1e-3), n_units=(1,)),
+    )  # fmt: skip
+    assert len(res.trials) == 2
+    assert {t["lr"] for t in res.trials} == {1e-4, 1e-3}
+    assert all(t["status"] == "completed" for t in res.trials)
+    assert res.best["best_val_log_prob"] == max(t["best_val_log_prob"] for t in res.trials)
+    best_cfg = json.loads((tmp_path / "tune" / "best_config.json").read_text())
+    assert best_cfg["train_config"]["lr"] == res.best["lr"]
+    assert (tmp_path / "tune" / "trials.csv").read_text().count("\n") == 3
+    density, _ = load_checkpoint(res.best_checkpoint)
+    assert density.config.n_units == res.best["n_units"]
