@@ -177,7 +177,7 @@ def _train_sample(data: Path, n_pix: int, cfg: DemoConfig, limit: int) -> ex.Arr
     degraded (fixed draw) to ``cfg.snr`` with label scatter, noisy ones used as they are."""
     shards = D.check_shards(D.list_shards(data / "train"))
     ds = D.read_spectra(shards).limit(limit)
-    first = next(ds.limit(1).iter_batches(batch_format="pyarrow"))
+    first = ds.take_batch(1, batch_format="pyarrow")
     if not np.isfinite(first.column("snr").to_numpy()).all():
         ds = D.degrade(ds, n_pix, D.DegradeConfig(snr=cfg.snr, fresh_noise=False, seed=cfg.seed))
     a = D.to_numpy(ds, n_pix)

@@ -106,13 +106,16 @@ def test_ray_job_submit_train(ray_head, sim_sets, tmp_path):
         "--submission-id", f"mendis-test-{os.getpid()}",
         "--", sys.executable, "jobs/train.py", "--config", str(cfg_path),
     ]  # fmt: skip
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    for _ in range(30):  # the head's job agent comes up a little after the dashboard
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent to submit job" not in res.stderr + res.stdout:
+            break
+        time.sleep(3)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    status = subprocess.run(
-        ["ray", "job", "status", "--address", url, f"mendis-test-{os.getpid()}"],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert "SUCCEEDED" in status.stdout + status.stderr
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    status = JobSubmissionClient(url).get_job_status(f"mendis-test-{os.getpid()}")
+    assert status == JobStatus.SUCCEEDED
     assert "best checkpoint:" in res.stdout
     info = json.loads((out / "train" / "checkpoint" / "config.json").read_text())
     assert info["flow_config"]["n_units"] == 1
