@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="mendis_out/demo")
     d.add_argument("--n-train", type=int, default=4000)
     d.add_argument("--epochs", type=int, default=8)
-    d.add_argument("--minutes", type=float, default=6.0, help="training time limit")
+    d.add_argument("--minutes", type=float, default=5.0, help="training time limit")
     d.add_argument("--workers", type=int, default=2, help="TorchTrainer workers")
     d.add_argument("--preset", default="compact", choices=["tiny", "compact", "paper"])
     d.add_argument("--address", default=None, help="Ray cluster address (default: local)")
@@ -356,8 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     # --- serve (mendis_ray.distributed.serving) -------------------------------------
     v = sub.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve (local)")
     v.add_argument("checkpoint", help="checkpoint folder")
-    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--batch-size", type=int, default=None, help="spectra per model batch (64)")
+    v.add_argument("--batch-wait-timeout-s", type=float, default=None, help="default 0.01")
+    v.add_argument("--num-cpus", type=float, default=None, help="per replica (all cores)")
+    v.add_argument("--num-gpus", type=float, default=None, help="per replica (0)")
+    v.add_argument("--num-replicas", type=int, default=None, help="fixed count (1)")
+    v.add_argument("--max-request-bytes", type=int, default=None, help="413 above (64 MiB)")
+    v.add_argument("--max-marginal", type=int, default=None, help="label-free spectra (8)")
+    v.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     v.set_defaults(func=lambda a: _lazy("mendis_ray.distributed.serving", "main_serve")(a))
 
     # --- score (mendis_ray.distributed.infer) -----------------------------------------

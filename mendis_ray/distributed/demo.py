@@ -53,7 +53,7 @@ class DemoConfig:
     shards: int = 8
     preset: str = "compact"
     epochs: int = 8
-    minutes: float = 6.0  # training time limit
+    minutes: float = 5.0  # training time limit
     lr: float = 3e-4
     linear_lr_scale: float = 0.0  # affine layers stay at the Gaussian start
     batch_size: int = 128
@@ -63,8 +63,8 @@ class DemoConfig:
     snr: float = 300.0
     conditional: bool = True
     n_chains: int = 32
-    n_warmup: int = 200
-    n_keep: int = 100
+    n_warmup: int = 150
+    n_keep: int = 80
     seed: int = 0
     address: str | None = None
     quick: bool = False

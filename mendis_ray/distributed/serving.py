@@ -1,0 +1,570 @@
+"""The Ray Serve scoring application: ``POST /score`` over HTTP for a trained checkpoint.
+
+One deployment, :class:`MendisScorer`, with a FastAPI ingress.  Each replica loads the
+checkpoint once (:meth:`mendis_ray.science.ood.Scorer.from_checkpoint`), sets its torch
+thread count from its CPUs (Ray sets ``OMP_NUM_THREADS=1`` in workers) and scores through
+one ``@serve.batch`` queue whose size is counted in *spectra*: concurrent requests of one
+spectrum are fanned in to one batch, and large requests are cut into batch-sized pieces,
+so the flow sees batches of up to ``batch_size`` spectra.  The model runs in a worker
+thread, so the replica keeps reading and validating the next requests meanwhile, and the
+batches formed during a model call are merged into the next call (:class:`_ModelQueue`).
+
+Endpoints:
+
+- ``POST /score``: JSON (one or many spectra) or a bulk table (Arrow IPC stream/file,
+  Parquet), see :mod:`mendis_ray.scoring_api`; query ``marginal`` (``none`` default, or
+  ``unlabelled``: the slow label-free score, at most ``max_marginal`` spectra per request)
+  and ``grid`` (hash or name the model must have).  Returns one result per spectrum:
+  log p, the normalised score ``log_p_per_dim``, percentile, signal score, likelihood
+  ratio to the Gaussian, flags by name.
+- ``GET /healthz``; ``GET /model`` (grid, preset, parameter count, training metrics,
+  limits); OpenAPI docs at ``/docs``.
+
+Bad input is a 4xx with ``{"error": "FIELD: short message", "field": FIELD}`` and never
+echoes the input: 400 unreadable body, 413 over ``max_request_bytes`` (Content-Length and
+the bytes actually read are both checked), 415 unknown content type, 422 invalid values.
+
+Use::
+
+    app = build_app({"checkpoint": "mendis_out/compact/checkpoint", "num_cpus": 2})
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.run(app, name="mendis", route_prefix="/")
+
+or ``mendis serve CHECKPOINT`` (:func:`main_serve`), or ``serve deploy`` with
+``serve/config.yaml`` (import path ``serve.app:build_app``).
+
+(No ``from __future__ import annotations`` here: FastAPI resolves the route signatures of
+the class-based view from real annotations in the replica.)
+"""
+
+import argparse
+import asyncio
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ray import serve
+from ray.serve.deployment import Application
+
+from mendis_ray import __version__
+from mendis_ray.scoring_api import (
+    BODY_KINDS,
+    DEFAULT_MAX_MARGINAL,
+    DEFAULT_MAX_SPECTRA,
+    ErrorResponse,
+    ParsedRequest,
+    RequestError,
+    ScoreResponse,
+    body_kind,
+    dumps,
+    format_validation_errors,
+    openapi_request_body,
+    parse_body,
+    results_to_json,
+)
+
+__all__ = ["MendisScorer", "ServeArgs", "build_app", "main_serve"]
+
+log = logging.getLogger(__name__)
+
+
+class ServeArgs(BaseModel):
+    """Arguments of :func:`build_app` (the ``args:`` of a Serve config file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str = Field(description="checkpoint folder (config.json + model.safetensors)")
+    batch_size: int = Field(64, ge=1, le=65536, description="spectra per scoring batch")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0.0, le=10.0, description="how long a batch waits to fill"
+    )
+    device: str | None = Field(
+        None, pattern=r"^(cpu|cuda(:\d+)?)$", description="default: cuda if num_gpus > 0"
+    )
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs per replica (sets torch threads)")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica")
+    num_threads: int | None = Field(None, ge=1, description="torch threads; default num_cpus")
+    num_replicas: int | None = Field(None, ge=1, description="fixed count (no autoscaling)")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(32.0, gt=0.0)
+    max_ongoing_requests: int = Field(128, ge=1)
+    max_request_bytes: int = Field(64 << 20, ge=1024, description="413 above this")
+    max_spectra: int = Field(DEFAULT_MAX_SPECTRA, ge=1, description="spectra per request")
+    max_marginal: int = Field(
+        DEFAULT_MAX_MARGINAL, ge=0, description="label-free (slow) spectra per request"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeArgs":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})"
+            )
+        if self.device and self.device.startswith("cuda") and self.num_gpus <= 0:
+            raise ValueError(f"device {self.device!r} needs num_gpus > 0")
+        return self
+
+    @property
+    def resolved_device(self) -> str:
+        return self.device or ("cuda" if self.num_gpus > 0 else "cpu")
+
+    @property
+    def threads(self) -> int:
+        return self.num_threads or max(1, int(self.num_cpus))
+
+
+def validate_args(args: Mapping[str, Any]) -> ServeArgs:
+    """:class:`ServeArgs` from a dict, or a ValueError naming every bad argument.  The
+    checkpoint folder must exist here (the driver, or the Serve controller for ``serve
+    deploy``) and at the same path on every node that runs a replica; a relative path is
+    resolved here."""
+    if not isinstance(args, Mapping):
+        raise ValueError(f"build_app: args must be a mapping, got {type(args).__name__}")
+    try:
+        s = ServeArgs.model_validate(dict(args))
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'args'}: {e['msg']}"
+            for e in err.errors(include_url=False, include_input=False)
+        )
+        known = ", ".join(ServeArgs.model_fields)
+        raise ValueError(f"build_app: bad args ({problems}); known args: {known}") from None
+    ckpt = Path(s.checkpoint)
+    missing = [f for f in ("config.json", "model.safetensors") if not (ckpt / f).is_file()]
+    if missing:
+        raise ValueError(
+            f"build_app: checkpoint {str(ckpt)!r} is not a checkpoint folder ({missing} missing)"
+        )
+    # replicas may start in another working directory: pass an absolute path
+    return s.model_copy(update={"checkpoint": str(ckpt.resolve())})
+
+
+# ---------------------------------------------------------------------- FastAPI app
+
+app = FastAPI(
+    title="mendis_ray scoring",
+    version=__version__,
+    description="Normalizing-flow density scores of stellar spectra (higher = more typical). "
+    "POST spectra to /score as JSON or as an Arrow/Parquet table; GET /model for the "
+    "model's grid and limits.",
+)
+
+_ERRORS = {
+    400: {"model": ErrorResponse, "description": "unreadable body (invalid JSON, Arrow...)"},
+    413: {"model": ErrorResponse, "description": "body larger than max_request_bytes"},
+    415: {"model": ErrorResponse, "description": "unsupported Content-Type"},
+    422: {"model": ErrorResponse, "description": "invalid values; names the field"},
+}
+
+
+@app.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse(exc.to_dict(), status_code=exc.status)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    err = format_validation_errors(exc.errors())  # no input echo
+    return JSONResponse(err.to_dict(), status_code=err.status)
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("internal error on %s %s", request.method, request.url.path)
+    return JSONResponse(
+        {"error": "internal error (see the replica log)", "field": ""}, status_code=500
+    )
+
+
+@dataclass
+class _Item:
+    """One piece of a request in the batch queue: (k, n_pix) flux/ivar, (k, 3) labels."""
+
+    flux: np.ndarray
+    ivar: np.ndarray
+    labels: np.ndarray
+    marginal: bool
+
+    def __len__(self) -> int:
+        return len(self.flux)
+
+
+def _n_spectra(items: list[_Item]) -> int:
+    return sum(len(i) for i in items)
+
+
+#: Batches ``@serve.batch`` may hand over while the model is busy (they wait, and are
+#: merged, in the :class:`_ModelQueue`).
+_MAX_PENDING_BATCHES = 256
+
+
+class _BatchWarningFilter(logging.Filter):
+    """Drops Serve's warning that ``max_batch_size * max_concurrent_batches`` exceeds
+    ``max_ongoing_requests``: it counts batch sizes in requests, ours are in spectra
+    (``batch_size_fn``), and the many concurrent batches only wait in the model queue."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "max_concurrent_batches" not in record.getMessage()
+
+
+class _ModelQueue:
+    """Runs ``fn(items) -> results`` in ``executor`` one call at a time, each call on every
+    group that waited meanwhile, up to ``max_rows`` spectra.
+
+    ``@serve.batch`` forms a batch as soon as its wait times out, even while the model is
+    still busy with the previous one (with ``max_concurrent_batches=1`` it then waits
+    behind it): under sustained load of single spectra that makes many small model batches
+    (measured: 9 spectra on average for 64 requests in flight).  Here the groups that
+    arrive during a model call are merged into the next one instead.  Lives on the
+    replica's event loop (no locks needed)."""
+
+    def __init__(self, executor: ThreadPoolExecutor, fn: Any, max_rows: int) -> None:
+        self.executor = executor
+        self.fn = fn
+        self.max_rows = max_rows
+        self.pending: list[tuple[list[_Item], asyncio.Future]] = []
+        self.running = False
+
+    async def submit(self, items: list[_Item]) -> list[dict[str, np.ndarray]]:
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((items, fut))
+        if not self.running:
+            self.running = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.pending:
+                take, rows = 0, 0
+                for items, _ in self.pending:
+                    n = _n_spectra(items)
+                    if take and rows + n > self.max_rows:
+                        break
+                    take, rows = take + 1, rows + n
+                groups, self.pending = self.pending[:take], self.pending[take:]
+                flat = [i for items, _ in groups for i in items]
+                try:
+                    results = await loop.run_in_executor(self.executor, self.fn, flat)
+                except Exception as err:  # every waiting request gets the error
+                    for _, fut in groups:
+                        if not fut.done():
+                            fut.set_exception(err)
+                    continue
+                a = 0
+                for items, fut in groups:
+                    if not fut.done():  # a cancelled request (client gone) is skipped
+                        fut.set_result(results[a : a + len(items)])
+                    a += len(items)
+        finally:
+            self.running = False
+
+
+@serve.deployment(name="MendisScorer")
+@serve.ingress(app)
+class MendisScorer:
+    """A replica: the checkpoint's :class:`~mendis_ray.science.ood.Scorer` behind HTTP."""
+
+    def __init__(self, args: dict) -> None:
+        import torch
+
+        from mendis_ray.science.ood import Scorer
+
+        s = ServeArgs.model_validate(args)
+        self.args = s
+        self.threads = s.threads
+        torch.set_num_threads(self.threads)
+        t0 = time.perf_counter()
+        self.scorer = Scorer.from_checkpoint(s.checkpoint, device=s.resolved_device)
+        info = json.loads((Path(s.checkpoint) / "config.json").read_text())
+        density = self.scorer.density
+        self.n_labels = density.config.n_labels
+        self.n_pix = density.standardizer.n_features - self.n_labels
+        self.grid = {k: v for k, v in info.get("grid", {}).items() if k != "wavelength"}
+        self.grid.setdefault("n_pix", self.n_pix)
+        self.model_info = {
+            "grid": self.grid,
+            "preset": info.get("flow_config", {}).get("name"),
+            "flow_config": info.get("flow_config"),
+            "train_config": info.get("train_config"),
+            "metrics": info.get("metrics", {}),
+            "created": info.get("created"),
+            "n_parameters": int(sum(p.numel() for p in density.flow.parameters())),
+            "has_reference": self.scorer.reference is not None,
+            "device": s.resolved_device,
+            "torch_threads": self.threads,
+            "limits": {
+                "batch_size": s.batch_size,
+                "max_request_bytes": s.max_request_bytes,
+                "max_spectra": s.max_spectra,
+                "max_marginal": s.max_marginal,
+            },
+            "content_types": list(BODY_KINDS),
+            "version": __version__,
+        }
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a replica (not expected)
+            replica = str(os.getpid())
+        self.stats: dict[str, Any] = {
+            "replica": replica, "requests": 0, "spectra": 0, "batches": 0,
+            "read_s": 0.0, "parse_s": 0.0, "model_s": 0.0, "respond_s": 0.0,
+        }  # fmt: skip
+        # One model thread (torch releases the GIL), with the replica's thread count.
+        self.pool = ThreadPoolExecutor(1, "mendis-score", torch.set_num_threads, (self.threads,))
+        self.model_queue = _ModelQueue(self.pool, self._score_items, s.batch_size)
+        logging.getLogger("ray.serve").addFilter(_BatchWarningFilter())
+        self._score_batch.set_max_batch_size(s.batch_size)
+        self._score_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        # Warm up (first calls build caches) on the training mean.
+        mean = density.standardizer.mean
+        flux = np.tile(mean[: self.n_pix], (2, 1))
+        self.pool.submit(
+            self.scorer.score, flux, None, np.tile(mean[self.n_pix :], (2, 1)), marginal="none"
+        ).result()
+        log.info(
+            "replica ready: %s (%d px, %d parameters) on %s, %d torch threads, in %.1f s",
+            s.checkpoint, self.n_pix, self.model_info["n_parameters"], s.resolved_device,
+            self.threads, time.perf_counter() - t0,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ endpoints
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        """Liveness: 200 once the replica has loaded its model."""
+        return {"status": "ok"}
+
+    @app.get("/model")
+    async def model(self) -> dict:
+        """The served model: grid (name, n_pix, hash), preset, parameter count, training
+        metrics, the request limits, and this replica's counters: requests scored,
+        spectra, model batches (fewer batches than requests means fan-in), and seconds
+        spent reading bodies, parsing them, in the model, and writing responses."""
+        return {**self.model_info, "stats": dict(self.stats)}
+
+    @app.get("/", include_in_schema=False)
+    async def root(self) -> dict:
+        return {"score": "POST /score", "model": "/model", "health": "/healthz", "docs": "/docs"}
+
+    @app.post(
+        "/score",
+        response_model=ScoreResponse,
+        responses=_ERRORS,
+        openapi_extra={"requestBody": openapi_request_body()},
+    )
+    async def score(
+        self,
+        request: Request,
+        marginal: Literal["none", "unlabelled"] | None = Query(
+            None,
+            description="'unlabelled': label-free score of the unlabelled spectra "
+            "(an optimisation per spectrum, ~100-1000x slower; at most max_marginal per "
+            "request). Default 'none'. A JSON body's own 'marginal' wins.",
+        ),
+        grid: str | None = Query(
+            None, max_length=64, description="grid hash or name the model must have"
+        ),
+    ) -> Response:
+        """Score spectra: one result per spectrum, in order (see ScoreResponse)."""
+        t0 = time.perf_counter()
+        kind = body_kind(request.headers.get("content-type"))
+        body = await self._read_body(request)
+        t1 = time.perf_counter()
+        parsed = parse_body(
+            body,
+            kind,
+            n_pix=self.n_pix,
+            model_grid=self.grid,
+            max_spectra=self.args.max_spectra,
+            max_marginal=self.args.max_marginal,
+            marginal=marginal,
+            grid=grid,
+        )
+        del body
+        t2 = time.perf_counter()
+        scores = await self._score(parsed)
+        t3 = time.perf_counter()
+        payload = {
+            "n": len(parsed),
+            "grid": self.grid.get("hash"),
+            "marginal": parsed.marginal,
+            "results": results_to_json(scores, parsed.ids, parsed.labelled),
+        }
+        response = Response(dumps(payload), media_type="application/json")
+        st = self.stats
+        st["requests"] += 1
+        st["read_s"] += t1 - t0
+        st["parse_s"] += t2 - t1
+        st["respond_s"] += time.perf_counter() - t3
+        return response
+
+    # ------------------------------------------------------------------ internals
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refusing (413) one whose Content-Length or actual size is over
+        ``max_request_bytes`` without reading more than that."""
+        limit = self.args.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                raise RequestError(400, "Content-Length", "not an integer") from None
+            if size > limit:
+                raise RequestError(
+                    413,
+                    "body",
+                    f"{size} bytes exceed the limit of {limit} bytes (max_request_bytes)",
+                )
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise RequestError(
+                    413, "body", f"more than the limit of {limit} bytes (max_request_bytes)"
+                )
+            chunks.append(chunk)
+        if total == 0:
+            raise RequestError(400, "body", "empty body")
+        return b"".join(chunks)
+
+    async def _score(self, req: ParsedRequest) -> dict[str, np.ndarray]:
+        """Scores of a parsed request through the batch queue, in pieces of at most
+        ``batch_size`` spectra (all enqueued at once, so they are scored back to back)."""
+        step = self.args.batch_size
+        want = req.marginal == "unlabelled"
+        pieces = [
+            _Item(req.flux[a : a + step], req.ivar[a : a + step], req.labels[a : a + step], want)
+            for a in range(0, len(req), step)
+        ]
+        outs = await asyncio.gather(*(self._score_batch(p) for p in pieces))
+        if len(outs) == 1:
+            return outs[0]
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    @serve.batch(
+        max_batch_size=64,
+        batch_wait_timeout_s=0.01,
+        max_concurrent_batches=_MAX_PENDING_BATCHES,
+        batch_size_fn=_n_spectra,
+    )
+    async def _score_batch(self, items: list[_Item]) -> list[dict[str, np.ndarray]]:
+        """Fan-in: the items of concurrent requests, grouped by ``@serve.batch``, go to
+        the model queue, which merges the groups that wait while the model is busy."""
+        return await self.model_queue.submit(items)
+
+    def _score_items(self, items: list[_Item]) -> list[dict[str, np.ndarray]]:
+        flux = np.concatenate([i.flux for i in items])
+        ivar = np.concatenate([i.ivar for i in items])
+        labels = np.concatenate([i.labels for i in items])
+        want = np.concatenate([np.full(len(i), i.marginal) for i in items])
+        want &= ~np.isfinite(labels).all(axis=1)
+        size = max(self.args.batch_size, 1)
+        t0 = time.perf_counter()
+        if not want.any():
+            out = self.scorer.score(flux, ivar, labels, marginal="none", batch_size=size)
+        else:  # label-free rows on their own (their optimisation must not slow the rest)
+            out = {}
+            for rows, mode in ((~want, "none"), (want, "unlabelled")):
+                if not rows.any():
+                    continue
+                part = self.scorer.score(
+                    flux[rows], ivar[rows], labels[rows], marginal=mode, batch_size=size
+                )
+                for k, v in part.items():
+                    if k not in out:
+                        out[k] = np.empty((len(flux), *v.shape[1:]), dtype=v.dtype)
+                    out[k][rows] = v
+        self.stats["batches"] += 1
+        self.stats["spectra"] += len(flux)
+        self.stats["model_s"] += time.perf_counter() - t0
+        bounds = np.cumsum([0, *(len(i) for i in items)])
+        return [{k: v[a:b] for k, v in out.items()} for a, b in itertools.pairwise(bounds)]
+
+
+# ---------------------------------------------------------------------- application
+
+
+def build_app(args: Mapping[str, Any]) -> Application:
+    """The Serve application for ``args`` (see :class:`ServeArgs`; ``checkpoint`` is
+    required).  Autoscaling between ``min_replicas`` and ``max_replicas`` (target
+    ``target_ongoing_requests`` per replica) unless ``num_replicas`` fixes the count.
+    Raises ValueError naming every bad argument."""
+    s = validate_args(args)
+    options: dict[str, Any] = {
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+    }
+    if s.num_replicas is not None:
+        # autoscaling_config silently wins over num_replicas: clear it explicitly
+        options.update(num_replicas=s.num_replicas, autoscaling_config=None)
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": s.min_replicas,
+            "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+        }
+    log.info("Serve app for %s: %s", s.checkpoint, options)
+    return MendisScorer.options(**options).bind(s.model_dump())
+
+
+#: ``mendis serve`` options passed on to :func:`build_app` when given
+_CLI_ARGS = (
+    "batch_size",
+    "batch_wait_timeout_s",
+    "device",
+    "num_cpus",
+    "num_gpus",
+    "num_threads",
+    "num_replicas",
+    "max_request_bytes",
+    "max_spectra",
+    "max_marginal",
+)
+
+
+def main_serve(args: argparse.Namespace) -> int:
+    """``mendis serve CHECKPOINT``: a local Ray (or ``--address``), Serve on
+    ``host:port`` (127.0.0.1 by default) with one replica using every core, blocking until
+    Ctrl-C."""
+    a = vars(args)
+    app_args: dict[str, Any] = {"checkpoint": a["checkpoint"]}
+    app_args.update({k: a[k] for k in _CLI_ARGS if a.get(k) is not None})
+    app_args.setdefault("num_replicas", 1)  # one replica using every core of this machine
+    app_args.setdefault("num_cpus", float(os.cpu_count() or 1))
+    application = build_app(app_args)  # validates before Ray starts
+    host, port = a.get("host") or "127.0.0.1", int(a.get("port") or 8000)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding to %s: anyone who reaches it can use the endpoint", host)
+
+    from mendis_ray.distributed.session import ensure_ray
+
+    ensure_ray(a.get("address"), num_cpus=max(4, int(np.ceil(app_args["num_cpus"]))))
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(application, name="mendis", route_prefix="/")
+    url = f"http://{host}:{port}"
+    print(f"mendis serve: scoring {a['checkpoint']} at {url}/score (docs {url}/docs); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("mendis serve: stopping")
+    finally:
+        serve.shutdown()
+    return 0
