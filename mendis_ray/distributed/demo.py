@@ -261,7 +261,7 @@ def analyze(
 
     t0 = time.perf_counter()
     log.info("stage 6/7: reconstruction")
-    rec = ex.reconstruction_analysis(density, test, n=8, steps=100 if cfg.quick else 300)
+    rec = ex.reconstruction_analysis(density, test, n=8, steps=100 if cfg.quick else 200)
     result["reconstruction"] = rec["metrics"]
     figures.reconstruction(rec, sim.grid.wavelength, fig_dir / "reconstruction.png")
     stage["reconstruct"] = time.perf_counter() - t0

@@ -1,0 +1,302 @@
+"""Throughput of batch scoring on Ray Data against in-process ``Scorer.score``.
+
+Same machine, same data, same batch size, same total torch threads (default 2):
+
+(a) in-process: the catalog's arrays in memory, ``torch.set_num_threads(T)``,
+    ``Scorer.score(flux, ivar, labels, batch_size=B)`` (spectra/s of the call);
+(b) Ray, ``T`` actors x 1 thread (``ActorPoolStrategy(min_size=T, max_size=T)``, 1 CPU
+    each): shards read, validated, repartitioned and scored by the
+    :mod:`mendis_ray.distributed.infer` pipeline, batches consumed on the driver;
+(c) Ray, 1 actor x ``T`` threads (``T`` CPUs).
+
+One-time startup is excluded from the Ray throughput and reported apart: Ray init, and
+per run the time until every actor has returned its first batch (actor start, checkpoint
+load, first batch).  Each actor stamps its batches with its pid and completion time; the
+steady rate is the rows completed after the last actor's first batch over the time from
+then to the last batch (so the tail, where one actor may idle, counts).  The configurations
+alternate (in alternating order) over ``--repeats`` rounds so that load from other work on
+a shared machine hits them alike; medians are reported (every round is in the JSON).
+Ray runs its workers at niceness 15 by default: on a machine shared with other work they
+then get a small fraction of the CPU that a niceness-0 process (the in-process baseline)
+gets.  The benchmark's local Ray starts its workers at niceness 0
+(``RAY_worker_niceness=0``, a RayConfig override) so both sides compete alike; the
+actors' niceness is recorded (``actor_niceness``) to check.
+
+The model is the ``compact`` preset (38M parameters) at its Gaussian start (0 epochs;
+scoring cost does not depend on the weights), standardized on simulated S/N 300 spectra,
+with a scoring reference from held-out ones.  Data and checkpoint are cached in ``--work``.
+Writes ``bench/results/bench_infer.json``.
+
+    python bench/bench_infer.py                   # 4096 spectra, batch 256, 2 threads
+    python bench/bench_infer.py --quick           # 2048 spectra, 1 round
+    python bench/bench_infer.py --n 8192 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from _common import report  # noqa: E402
+
+from mendis_ray.distributed.infer import CatalogScorer  # noqa: E402
+
+log = logging.getLogger("bench_infer")
+TARGET_RATIO = 0.90
+
+
+class TimedScorer(CatalogScorer):
+    """:class:`CatalogScorer` that stamps each output batch with the actor's pid, the
+    batch's start and end (``time.time()``) and the checkpoint load time."""
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        t0 = time.time()
+        out = super().__call__(batch)
+        n = out.num_rows
+        stamps = {"_pid": os.getpid(), "_t_start": t0, "_t_end": time.time(),
+                  "_load_s": self.load_seconds, "_nice": os.nice(0)}  # fmt: skip
+        for name, value in stamps.items():
+            out = out.append_column(name, pa.array(np.full(n, value)))
+        return out
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def build(work: Path, n: int, batch: int, n_train: int, rebuild: bool) -> tuple[Path, Path]:
+    """(catalog folder, checkpoint folder): ``n`` simulated S/N 300 spectra in shards of
+    ``batch`` rows, and a compact-preset checkpoint with its scoring reference."""
+    import json
+
+    from mendis_ray.config import get_preset
+    from mendis_ray.experiment import Arrays, train_flow
+    from mendis_ray.flow.checkpoint import save_checkpoint
+    from mendis_ray.science.ood import Scorer
+    from mendis_ray.spectra.datasets import SetSpec, write_simulated_set
+    from mendis_ray.spectra.shards import read_dataset, shard_metadata, table_arrays
+    from mendis_ray.spectra.simulate import Simulator, paper_training_labels
+
+    sim = Simulator()
+    catalog, ckpt = work / "catalog", work / "checkpoint"
+    manifest = catalog / "_manifest.json"
+    shards = max(1, n // batch)
+    if (
+        rebuild
+        or not manifest.exists()
+        or json.loads(manifest.read_text())["rows"] != [n // shards] * shards
+    ):
+        t0 = time.perf_counter()
+        write_simulated_set(work, SetSpec("catalog", n // shards * shards, paper_training_labels,
+                                          shards), sim, snr=300, seed=11)  # fmt: skip
+        log.info("catalog: %d spectra in %d shards (%.1f s)", n, shards, time.perf_counter() - t0)
+    if rebuild or not (ckpt / "config.json").exists():
+        t0 = time.perf_counter()
+        write_simulated_set(work, SetSpec("train", n_train, paper_training_labels, 1), sim,
+                            snr=300, seed=12)  # fmt: skip
+        tr = table_arrays(read_dataset(work / "train"))
+        grid = shard_metadata(next((work / "train").glob("*.parquet")))["grid"]
+        flow_cfg, train_cfg = get_preset("compact")
+        train_cfg = train_cfg.replace(epochs=0)  # the Gaussian start: cost is what matters
+        n_ref = n_train // 4
+        fit = slice(0, n_train - n_ref)
+        res = train_flow(Arrays(tr.flux[fit], tr.ivar[fit], tr.labels[fit]), flow_cfg,
+                         train_cfg, grid, show_progress=False)  # fmt: skip
+        scorer = Scorer.fit(res.density, tr.flux[-n_ref:], tr.labels[-n_ref:], n_marginal=16,
+                            gaussian=res.gaussian)  # fmt: skip
+        save_checkpoint(ckpt, res.density, train_cfg, metrics={"epochs": 0},
+                        extra_arrays=scorer.checkpoint_arrays())  # fmt: skip
+        n_params = sum(p.numel() for p in res.density.flow.parameters())
+        log.info("checkpoint: compact, %.1fM parameters (%.1f s)", n_params / 1e6,
+                 time.perf_counter() - t0)  # fmt: skip
+    return catalog, ckpt
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_inprocess(scorer, arrays, batch: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    scorer.score(arrays.flux, arrays.ivar, arrays.labels, batch_size=batch)
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "rate": len(arrays.flux) / dt}
+
+
+def run_ray(ckpt: Path, shards, batch: int, actors: int, threads: int) -> dict:
+    """One pass of the scoring pipeline with ``actors`` x ``threads``; see the module doc.
+
+    Steady window: from the moment every actor has started its first batch (all models
+    loaded) to the end of the last batch; each batch counts with the fraction of its
+    (start, end) interval inside the window, so work done before the window is not
+    credited to it."""
+    from mendis_ray.distributed.infer import build_pipeline
+
+    ds = build_pipeline(
+        ckpt, shards, batch_size=batch, min_actors=actors, max_actors=actors,
+        num_cpus_per_actor=float(threads), threads_per_actor=threads, scorer_cls=TimedScorer,
+    )  # fmt: skip
+    t0 = time.time()
+    seen: dict[tuple, int] = {}  # (pid, start, end) -> rows
+    nice = None
+    loads: dict[int, float] = {}
+    for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        cols = [b.column(c).to_numpy() for c in ("_pid", "_t_start", "_t_end", "_load_s")]
+        for pid, ts, te, ld in zip(*cols, strict=True):  # one driver batch may hold several
+            key = (int(pid), float(ts), float(te))
+            seen[key] = seen.get(key, 0) + 1
+            loads[int(pid)] = float(ld)
+        nice = int(b.column("_nice")[0].as_py()) if b.num_rows else None
+    t_done = time.time()
+    pid = np.array([k[0] for k in seen])
+    ts = np.array([k[1] for k in seen])
+    te = np.array([k[2] for k in seen])
+    n = np.array(list(seen.values()), np.float64)
+    t_s = max(ts[pid == p].min() for p in np.unique(pid))  # every actor is working
+    t_e = te.max()
+    overlap = np.clip(np.minimum(te, t_e) - np.maximum(ts, t_s), 0, None)
+    frac = overlap / np.maximum(te - ts, 1e-9)
+    steady_rows = float((n * frac).sum())
+    busy = float((te - ts).sum()) / max(len(np.unique(pid)) * (t_e - ts.min()), 1e-9)
+    return {
+        "rows": int(n.sum()),
+        "batches": len(seen),
+        "actors_seen": len(np.unique(pid)),
+        "actor_niceness": nice,
+        "startup_s": t_s - t0,
+        "load_s": float(np.mean(list(loads.values()))),
+        "steady_rows": steady_rows,
+        "rate": steady_rows / (t_e - t_s) if t_e > t_s else float("nan"),
+        "actor_busy_fraction": busy,
+        "end_to_end_rate": float(n.sum()) / (t_done - t0),
+        "seconds": t_done - t0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=4096, help="catalog spectra")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2, help="total torch threads")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n-train", type=int, default=2000)
+    ap.add_argument("--work", default="mendis_out/bench_infer", help="cached data/checkpoint")
+    ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="2048 spectra, 1 round")
+    ap.add_argument("--name", default="bench_infer", help="results/NAME.json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.repeats = 2048, 1
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    T, B = args.threads, args.batch
+
+    import ray
+    import torch
+
+    from mendis_ray.distributed.data import check_shards, list_shards
+    from mendis_ray.distributed.session import ensure_ray
+    from mendis_ray.science.ood import Scorer
+    from mendis_ray.spectra.shards import read_dataset, table_arrays
+
+    catalog, ckpt = build(Path(args.work), args.n, B, args.n_train, args.rebuild)
+    shards = check_shards(list_shards(catalog))
+    t0 = time.perf_counter()
+    arrays = table_arrays(read_dataset(catalog))
+    read_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scorer = Scorer.from_checkpoint(str(ckpt), expect_grid=shards.grid)
+    load_s = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in scorer.density.flow.parameters())
+    os.environ.setdefault("RAY_worker_niceness", "0")  # see the module doc
+    t0 = time.perf_counter()
+    resources = ensure_ray(num_cpus=max(4, os.cpu_count() or 1))
+    init_s = time.perf_counter() - t0
+    driver_nice = os.nice(0)
+    print(
+        f"compact flow ({n_params / 1e6:.1f}M parameters), {shards.n_rows} spectra in "
+        f"{len(shards.files)} shards, batch {B}, {T} threads in all; {os.cpu_count()} cores, "
+        f"Ray {ray.__version__} with {resources.get('CPU')} logical CPUs"
+    )
+    print(f"startup: read arrays {read_s:.2f} s, load checkpoint {load_s:.2f} s, "
+          f"ray.init {init_s:.2f} s")  # fmt: skip
+
+    for _ in range(2):  # warm-up (first calls are slow: allocations, cached LU weights)
+        run_inprocess(scorer, table_arrays(read_dataset(catalog).slice(0, 2 * B)), B, T)
+    configs = {
+        "in-process": lambda: run_inprocess(scorer, arrays, B, T),
+        f"ray {T} actors x 1 thread": lambda: run_ray(ckpt, shards, B, T, 1),
+        f"ray 1 actor x {T} threads": lambda: run_ray(ckpt, shards, B, 1, T),
+    }
+    results: dict[str, list[dict]] = {k: [] for k in configs}
+    load_before = os.getloadavg()
+    names = list(configs)
+    for r in range(args.repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            res = configs[name]()
+            results[name].append(res)
+            log.info("round %d %s: %.1f spectra/s", r, name, res["rate"])
+        torch.set_num_threads(T)
+
+    base = statistics.median(x["rate"] for x in results["in-process"])
+    best_base = max(x["rate"] for x in results["in-process"])
+    rows = []
+    for name, runs in results.items():
+        rate = statistics.median(x["rate"] for x in runs)
+        ray_run = "startup_s" in runs[0]
+        rows.append({
+            "config": name,
+            "spectra_per_s": rate,
+            "ratio": rate / base,
+            "best_ratio": max(x["rate"] for x in runs) / best_base,
+            "startup_s": statistics.median(x["startup_s"] for x in runs) if ray_run else load_s,
+            "model_load_s": statistics.median(x["load_s"] for x in runs) if ray_run else load_s,
+            "end_to_end_per_s": (statistics.median(x["end_to_end_rate"] for x in runs)
+                                 if ray_run else rate),
+            "actor_busy": (statistics.median(x["actor_busy_fraction"] for x in runs)
+                           if ray_run else 1.0),
+        })  # fmt: skip
+    print()
+    report(
+        args.name,
+        rows,
+        extra={
+            "n_spectra": shards.n_rows,
+            "batch_size": B,
+            "threads": T,
+            "n_params": n_params,
+            "cores": os.cpu_count(),
+            "ray_version": ray.__version__,
+            "ray_init_s": init_s,
+            "driver_niceness": driver_nice,
+            "load_average_before_after": [load_before, os.getloadavg()],
+            "read_arrays_s": read_s,
+            "target_ratio": TARGET_RATIO,
+            "rounds": results,
+        },
+    )
+    worst = min(r["ratio"] for r in rows[1:])
+    ratios = ", ".join(f"{r['config']} {r['ratio']:.2f}" for r in rows[1:])
+    verdict = "met" if worst >= TARGET_RATIO else "MISSED"
+    print(f"\nRay / in-process throughput: {ratios} (target >= {TARGET_RATIO}: {verdict})")
+    print(f"1-min load average before/after the timed rounds: {load_before[0]:.1f} / "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

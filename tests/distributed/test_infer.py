@@ -1,0 +1,226 @@
+"""Batch scoring of catalogs with Ray Data (mendis_ray.distributed.infer).
+
+One scoring run of ``test`` + ``cemp`` (module fixture ``scored``) is checked from several
+sides; reruns, bad input and FITS input get their own small runs.  Actors take half a CPU
+so the pool fits beside other tests in the shared session (4 logical CPUs)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from mendis_ray.distributed import infer
+from mendis_ray.spectra.shards import ShardError
+
+DR17 = Path(__file__).resolve().parents[3] / "shared" / "data" / "apogee_dr17"
+RUN = {"batch_size": 64, "min_actors": 1, "max_actors": 2, "num_cpus_per_actor": 0.5}
+
+
+@pytest.fixture(scope="module")
+def scored(ray_session, checkpoint, sim_sets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("score") / "out"
+    return infer.score_catalog(
+        checkpoint, [sim_sets / "test", sim_sets / "cemp"], out, top_n=40, gallery_n=4, **RUN
+    )
+
+
+def _read_inputs(sim_sets: Path) -> pa.Table:
+    from mendis_ray.spectra.shards import read_dataset
+
+    tables = [read_dataset(sim_sets / name) for name in ("test", "cemp")]
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _hidden(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.startswith(".")]
+
+
+def test_scores_equal_in_process_scorer(scored, checkpoint, sim_sets):
+    """Every score column of the Ray pipeline equals Scorer.score on the same rows."""
+    from mendis_ray.science.ood import Scorer
+    from mendis_ray.spectra.shards import table_arrays
+
+    inputs = _read_inputs(sim_sets)
+    a = table_arrays(inputs)
+    want = Scorer.from_checkpoint(str(checkpoint)).score(a.flux, a.ivar, a.labels)
+    got = pq.read_table(scored.scores)
+    pos = {rid: k for k, rid in enumerate(got.column("id").to_pylist())}
+    order = np.array([pos[rid] for rid in inputs.column("id").to_pylist()])
+    for name, values in want.items():
+        if name == "labels_used":
+            cols = [got.column(c).to_numpy()[order] for c in infer.USED_COLUMNS]
+            np.testing.assert_allclose(np.stack(cols, 1), values, rtol=1e-9, equal_nan=True)
+            continue
+        col = got.column(name).to_numpy(zero_copy_only=False)[order]
+        if values.dtype.kind == "f":
+            np.testing.assert_allclose(col, values, rtol=1e-9, atol=1e-9, equal_nan=True,
+                                       err_msg=name)  # fmt: skip
+        else:
+            np.testing.assert_array_equal(col, values, err_msg=name)
+    assert np.isfinite(want["log_p"]).all()  # labelled rows: the joint score everywhere
+
+
+def test_every_input_id_exactly_once(scored, sim_sets):
+    ids = pq.read_table(scored.scores, columns=["id"]).column("id").to_pylist()
+    inputs = _read_inputs(sim_sets).column("id").to_pylist()
+    assert len(ids) == len(inputs) == 240
+    assert sorted(ids) == sorted(inputs)
+    paths = pq.read_table(scored.scores, columns=["id", "path"]).to_pylist()
+    assert all(Path(r["path"]).parent.name == r["id"].split("-")[0] for r in paths)
+    assert scored.summary["rows"] == scored.summary["distinct_ids"] == 240
+
+
+def test_top_outliers_rank_cemp_above_inliers(scored):
+    top = pq.read_table(scored.top_parquet)
+    csv = pacsv.read_csv(scored.top_csv)
+    assert top.num_rows == 40
+    assert top.column("rank").to_pylist() == list(range(1, 41))
+    assert all(rid.startswith("cemp-") for rid in top.column("id").to_pylist())
+    # the ranking key is monotone: percentile, then log p per dimension
+    key = list(zip(top.column("percentile").to_pylist(), top.column("log_p_per_dim").to_pylist(),
+                   strict=True))  # fmt: skip
+    assert key == sorted(key)
+    assert csv.column("id").to_pylist() == top.column("id").to_pylist()
+    # over the whole catalog every CEMP star ranks above every test inlier
+    full = pq.read_table(scored.scores)
+    order = infer.rank_outliers(full)
+    ranked = [full.column("id")[int(i)].as_py() for i in order]
+    assert all(rid.startswith("cemp-") for rid in ranked[:80])
+    flagged = top.column("flag_names").to_pylist()
+    assert all(
+        (f == "") == (n == 0) for f, n in zip(flagged, top.column("flags").to_pylist(), strict=True)
+    )
+
+
+def test_gallery_is_a_sane_png(scored):
+    data = scored.gallery.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])  # IHDR
+    assert 600 <= width <= 3000 and 4 * 150 <= height <= 6000
+    assert 20_000 < len(data) < 5_000_000
+
+
+def test_summary_json(scored):
+    s = json.loads((scored.out / "summary.json").read_text())
+    assert s["rows"] == 240 and s["seconds"] > 0 and s["spectra_per_s"] > 0
+    assert s["actors"]["min"] == 1 and s["actors"]["max"] == 2
+    assert s["actors"]["num_cpus"] == 0.5 and s["actors"]["num_gpus"] == 0
+    assert len(s["files"]["inputs"]) == 3
+    assert all(Path(f).exists() for f in s["files"]["scores"])
+    assert s["files"]["gallery"] == str(scored.gallery)
+
+
+def test_rerun_into_same_out_replaces_cleanly(scored, checkpoint, sim_sets, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(scored.out, out)
+    res = infer.score_catalog(
+        checkpoint, [sim_sets / "test", sim_sets / "cemp"], out, top_n=10, gallery_n=0,
+        **{**RUN, "max_actors": 1},
+    )  # fmt: skip
+    ids = pq.read_table(res.scores, columns=["id"]).column("id")
+    assert len(ids) == 240 and pc.count_distinct(ids).as_py() == 240
+    assert pq.read_table(res.top_parquet).num_rows == 10
+    assert not _hidden(out), f"temporary files left: {_hidden(out)}"
+    assert not (out / "gallery.png").exists()  # no gallery asked: the old one is gone
+    assert sorted(p.name for p in out.iterdir()) == [
+        "scores", "summary.json", "top_outliers.csv", "top_outliers.parquet",
+    ]  # fmt: skip
+
+
+def test_bad_row_names_file_and_id(ray_session, checkpoint, sim_sets, tmp_path):
+    """A shard with a NaN flux (valid footer, copied schema metadata) fails on its row."""
+    good = sorted((sim_sets / "test").glob("*.parquet"))[0]
+    table = pq.read_table(good)
+    flux = table.column("flux").combine_chunks()
+    values = flux.flatten().to_numpy(zero_copy_only=False).copy()
+    n_pix = flux.type.list_size
+    values[5 * n_pix + 100] = np.nan
+    bad_flux = pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float32()), n_pix)
+    table = table.set_column(table.column_names.index("flux"), "flux", bad_flux)
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table, bad)  # keeps table.schema.metadata: check_shards passes
+    bad_id = table.column("id")[5].as_py()
+    out = tmp_path / "out"
+    with pytest.raises(ShardError, match=rf"bad\.parquet.*{bad_id}.*pixel 100"):
+        infer.score_catalog(checkpoint, [bad], out, top_n=5, gallery_n=0, **RUN)
+    assert not (out / "scores").exists() and not _hidden(out)
+
+
+def test_wrong_grid_is_named_before_scoring(checkpoint, sim_sets, tmp_path):
+    from mendis_ray.spectra.grid import get_grid
+    from mendis_ray.spectra.shards import make_table, write_shard
+
+    grid = get_grid("aspcap")
+    rng = np.random.default_rng(0)
+    flux = (1 + 0.01 * rng.standard_normal((3, grid.n_pix))).astype(np.float32)
+    table = make_table(["w-0", "w-1", "w-2"], flux, np.ones_like(flux), teff=np.full(3, 4500.0),
+                       logg=np.full(3, 2.0), feh=np.zeros(3), snr=np.full(3, 100.0))  # fmt: skip
+    wrong = write_shard(tmp_path / "wrong.parquet", table, grid)
+    with pytest.raises(ShardError, match=r"wrong\.parquet.*aspcap.*does not match the model"):
+        infer.score_catalog(checkpoint, [sim_sets / "test", wrong], tmp_path / "out")
+    with pytest.raises(ShardError, match=r"wrong\.parquet.*7214 px"):
+        infer.score_catalog(checkpoint, [wrong], tmp_path / "out")
+
+
+def test_actor_pool_autoscaling_config(monkeypatch, checkpoint, sim_sets):
+    import ray
+
+    from mendis_ray.distributed.data import check_shards, list_shards
+
+    opts = infer.actor_pool_options(
+        min_actors=2, max_actors=5, num_cpus_per_actor=0.5, num_gpus_per_actor=0, batch_size=32
+    )
+    assert isinstance(opts["compute"], ray.data.ActorPoolStrategy)
+    assert (opts["compute"].min_size, opts["compute"].max_size) == (2, 5)
+    assert opts["num_cpus"] == 0.5 and "num_gpus" not in opts and opts["batch_size"] == 32
+    gpu = infer.actor_pool_options(
+        min_actors=1, max_actors=4, num_cpus_per_actor=1, num_gpus_per_actor=1, batch_size=8
+    )
+    assert gpu["num_gpus"] == 1
+    with pytest.raises(ValueError, match="min_actors"):
+        infer.actor_pool_options(
+            min_actors=3, max_actors=2, num_cpus_per_actor=1, num_gpus_per_actor=0, batch_size=8
+        )
+    # build_pipeline passes the bounds through (the dataset is lazy: nothing runs here)
+    seen = {}
+    real = infer.actor_pool_options
+    monkeypatch.setattr(infer, "actor_pool_options", lambda **kw: seen.update(kw) or real(**kw))
+    shards = check_shards(list_shards(sim_sets / "test"))
+    infer.build_pipeline(checkpoint, shards, min_actors=1, max_actors=3, num_cpus_per_actor=0.25)
+    assert seen["min_actors"] == 1 and seen["max_actors"] == 3
+    assert seen["num_cpus_per_actor"] == 0.25
+    # defaults: a GPU cluster gets one actor per GPU, a CPU one keeps a CPU for reads
+    assert infer.default_max_actors({"CPU": 16, "GPU": 4}, 1.0, 1.0) == 4
+    assert infer.default_max_actors({"CPU": 4}, 1.0, 0.0) == 3
+    assert infer.default_actor_threads(0.5) == 1 and infer.default_actor_threads(2.0) == 2
+
+
+@pytest.mark.skipif(not DR17.is_dir(), reason=f"APOGEE DR17 files not found at {DR17}")
+def test_cli_scores_apogee_fits(ray_session, checkpoint, tmp_path, capsys):
+    """FITS inputs are ingested into out/_ingested and scored label-free (no labels)."""
+    from mendis_ray.cli import main
+
+    files = sorted(str(p) for p in DR17.glob("apStar-*.fits"))
+    out = tmp_path / "out"
+    rc = main(["score", str(checkpoint), *files, "--out", str(out), "--batch-size", "8",
+               "--max-actors", "1", "--cpus-per-actor", "0.5", "--top-n", "5",
+               "--gallery-n", "2"])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert str(out / "scores") in printed and str(out / "top_outliers.csv") in printed
+    assert sorted(p.suffix for p in (out / "_ingested").glob("*.parquet")) == [".parquet"]
+    scores = pq.read_table(out / "scores")
+    assert scores.num_rows == len(files)
+    assert np.isnan(scores.column("log_p").to_numpy()).all()  # no labels: label-free score
+    assert np.isfinite(scores.column("log_p_marginal").to_numpy()).all()
+    assert np.isfinite(scores.column("teff_used").to_numpy()).all()
+    assert (out / "gallery.png").exists()
