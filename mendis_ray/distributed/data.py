@@ -71,8 +71,8 @@ def list_shards(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     files: list[Path] = []
-    for p in paths:
-        files += dataset_files(p)
+    for p in paths:  # absolute: Ray tasks and workers may run in another directory
+        files += [f.resolve() for f in dataset_files(p)]
     if not files:
         raise ShardError(f"no Parquet shards under {[str(p) for p in paths]}")
     return files

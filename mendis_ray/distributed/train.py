@@ -233,7 +233,8 @@ def prepare_training(
         flow.initialize(x_init)
     density = SpectrumDensity(flow, moments.standardizer, flow_cfg, prep.grid)
     init = save_checkpoint(
-        Path(out_dir) / "init_checkpoint", density, train_cfg,
+        # absolute: the workers run in another directory
+        Path(out_dir).resolve() / "init_checkpoint", density, train_cfg,
         extra={"start": start, "start_val_log_prob": start_ll},
     )  # fmt: skip
     return Prepared(prep, init, start, start_ll, starts)
