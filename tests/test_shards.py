@@ -76,6 +76,23 @@ def test_rewrite_removes_stale_shards_and_keeps_old_file_on_failure(tmp_path, mo
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_interrupted_write_is_refused_not_read_in_part(tmp_path):
+    g = paper_grid()
+    t = _table(6)
+
+    def tables():  # the job dies after writing the first of three shards
+        yield t.slice(0, 2)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        shards.write_dataset(tmp_path / "d", tables(), 3, g)
+    assert [p.name for p in (tmp_path / "d").glob("*.parquet")] == ["part-00000-of-00003.parquet"]
+    with pytest.raises(ShardError, match=r"incomplete dataset, 1 of 3 'part' shards.*\[1, 2\]"):
+        shards.dataset_files(tmp_path / "d")
+    shards.write_dataset(tmp_path / "d", [t.slice(0, 2), t.slice(2, 2), t.slice(4)], 3, g)
+    assert len(shards.dataset_files(tmp_path / "d")) == 3  # the rewrite is whole again
+
+
 def _write_raw(path, table, grid):
     pq.write_table(shards._with_metadata(table, grid, {}), path)
     return path

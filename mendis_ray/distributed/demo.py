@@ -16,7 +16,6 @@ few-minute smoke test the test suite runs.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from mendis_ray import experiment as ex
+from mendis_ray.atomic import write_json_atomic
 from mendis_ray.config import FlowConfig, get_preset
 from mendis_ray.distributed import data as D
 from mendis_ray.distributed.session import ensure_ray
@@ -166,7 +166,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     result["stage_seconds"] = stage
     result = analyze(density, data, out, cfg, sim=sim, moments=res.moments, result=result,
-                     subtle=subtle)  # fmt: skip
+                     subtle=subtle, fitted=res.start_models)  # fmt: skip
     result["wall_seconds"] = time.perf_counter() - t_all
     _write_outputs(out, result, cfg)
     return result
@@ -194,6 +194,7 @@ def analyze(
     moments: D.Moments | None = None,
     result: dict | None = None,
     subtle: dict | None = None,
+    fitted: dict | None = None,
 ) -> dict:
     """Stages 4-6 on a trained density: scores vs baselines, conditional correlations,
     reconstruction; figures under ``out/figures``.  ``data`` holds the simulated sets
@@ -215,7 +216,10 @@ def analyze(
     t = sets["test"]
     ref = ex.Arrays(t.flux[:n_ref], t.ivar[:n_ref], t.labels[:n_ref])
     test = ex.Arrays(t.flux[n_ref:], t.ivar[n_ref:], t.labels[n_ref:])
-    if moments is not None:  # the statistics of the whole training set, streamed
+    fitted = fitted or {}
+    if "gaussian" in fitted and "factor20" in fitted:  # fitted by train_distributed already
+        gauss, fa = fitted["gaussian"], fitted["factor20"]
+    elif moments is not None:  # the statistics of the whole training set, streamed
         m_args = (moments.mean, moments.cov, moments.n)
         gauss = GaussianBaseline().fit_moments(*m_args, moments.norm4)
         fa = FactorAnalysisBaseline(20).fit_moments(*m_args)
@@ -283,9 +287,7 @@ def _write_outputs(out: Path, result: dict, cfg: DemoConfig) -> None:
         if (fig_dir / f"{k}.png").exists()
     }
     result["report"] = str(write_report(out, result, figs))
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=_json_default))
-    tmp.replace(out / "results.json")
+    write_json_atomic(result, out / "results.json")
     log.info("stage 7/7: report written to %s", result["report"])
 
 
@@ -307,11 +309,3 @@ def analyze_checkpoint(checkpoint: str, data: str, cfg: DemoConfig) -> dict:
     result["wall_seconds"] = time.perf_counter() - t_all
     _write_outputs(out, result, cfg)
     return result
-
-
-def _json_default(o: object) -> object:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)

@@ -86,6 +86,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mendis_ray.atomic import replace_dir, write_atomic, write_json_atomic
 from mendis_ray.spectra.batches import list_matrix, spectra_of
 from mendis_ray.spectra.shards import LABEL_COLUMNS, ShardError
 
@@ -852,47 +853,14 @@ def make_gallery(top: pa.Table, typical: pa.Table, shards, path: Path) -> Path:
 # ----------------------------------------------------------------------------- atomic files
 
 
-def _temp_beside(path: Path) -> Path:
-    """A fresh hidden name beside ``path`` (same folder, so ``os.replace`` is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _atomic(path: Path, write) -> Path:
-    tmp = _temp_beside(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_table_atomic(table: pa.Table, path: Path) -> Path:
-    return _atomic(Path(path), lambda t: pq.write_table(table, t))
+    return write_atomic(path, lambda t: pq.write_table(table, t))
 
 
 def write_csv_atomic(table: pa.Table, path: Path) -> Path:
     import pyarrow.csv as pacsv
 
-    return _atomic(Path(path), lambda t: pacsv.write_csv(table, t))
-
-
-def write_json_atomic(obj: dict, path: Path) -> Path:
-    return _atomic(Path(path), lambda t: Path(t).write_text(json.dumps(obj, indent=1) + "\n"))
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the folder ``tmp`` to ``final``, replacing an existing ``final`` (moved aside
-    first, removed after: a reader sees the old folder or the new one)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return write_atomic(path, lambda t: pacsv.write_csv(table, t))
 
 
 def _remove_stale_temp(out: Path) -> None:

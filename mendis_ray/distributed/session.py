@@ -14,7 +14,18 @@ import os
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ensure_ray", "quiet_ray_env"]
+__all__ = ["ensure_ray", "quiet_ray_env", "quiet_worker_logging"]
+
+
+def quiet_worker_logging() -> None:
+    """Worker setup hook of the embedded cluster.  It runs without a dashboard, hence
+    without Ray's State API, and Ray Train's placement-group cleaner actor then warns
+    "Failed to query Ray Train Controller actor state" every second of every run.  The
+    cleaner only matters when a controller dies ungracefully on a long-lived cluster;
+    an embedded cluster ends with this process."""
+    logging.getLogger(
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    ).setLevel(logging.ERROR)
 
 
 def quiet_ray_env(local: bool) -> None:
@@ -65,5 +76,6 @@ def ensure_ray(
             object_store_memory=object_store_memory,
             include_dashboard=False,
             logging_level="WARNING",
+            runtime_env={"worker_process_setup_hook": quiet_worker_logging},
         )
     return ray.cluster_resources()

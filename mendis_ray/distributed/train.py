@@ -131,6 +131,7 @@ class DistributedResult:
     moments: Moments
     seconds: float
     info: dict = field(default_factory=dict)
+    start_models: dict = field(default_factory=dict)  # name -> the fitted Gaussian candidates
 
 
 # ----------------------------------------------------------------------------- driver
@@ -189,6 +190,18 @@ def prepare_data(data: str | os.PathLike | list, cfg: RayTrainConfig) -> DataPre
     return DataPrep(train_ds, val_ds, moments, shards.grid, train.n_rows, val.n_rows, val_x)
 
 
+def check_rows_per_worker(n_train: int, num_workers: int, batch_size: int) -> None:
+    """Each worker gets about ``n_train / num_workers`` rows an epoch and drops the last
+    partial batch (DDP needs equal step counts): refuse a run that would take no step."""
+    per_worker = n_train // max(num_workers, 1)
+    if per_worker < batch_size:
+        raise ValueError(
+            f"{n_train} training spectra over {num_workers} workers is {per_worker} per "
+            f"worker per epoch, fewer than batch_size {batch_size}: no training step would "
+            f"be taken. Lower batch_size or the number of workers, or add training shards."
+        )
+
+
 def prepare_training(
     data: str | os.PathLike | list | DataPrep,
     out_dir: str | os.PathLike,
@@ -199,6 +212,7 @@ def prepare_training(
     """Steps 1-3 of the module docstring; ``data`` may be a :class:`DataPrep` already
     made (Tune trials share one)."""
     prep = data if isinstance(data, DataPrep) else prepare_data(data, cfg)
+    check_rows_per_worker(prep.n_train, cfg.num_workers, train_cfg.batch_size)
     moments = prep.moments
     if flow_cfg.n_features != moments.mean.size:
         raise ValueError(
@@ -314,6 +328,7 @@ def train_distributed(
         start=prep.start,
         start_val_log_prob=prep.start_val_log_prob,
         moments=prep.data.moments,
+        start_models=prep.start_models,
         seconds=time.perf_counter() - t0,
         info={
             "run_name": run_name,
@@ -413,6 +428,12 @@ def train_loop_per_worker(config: dict) -> None:
             )
         )
         tr = train_epoch(model, batches, optimizer, train_cfg.grad_clip)
+        t_train = time.perf_counter() - t_ep  # the training pass alone (data feed included)
+        if tr["rows"] == 0:
+            raise RuntimeError(
+                f"rank {rank}: epoch {epoch} took no training step (fewer rows on this "
+                f"worker than batch_size {bs}); lower batch_size or the number of workers"
+            )
         val = val_log_prob()
         rows = torch.tensor([tr["rows"]], dtype=torch.float64)
         if world > 1:
@@ -424,6 +445,7 @@ def train_loop_per_worker(config: dict) -> None:
             "rows": int(rows.item()),
             "seconds": time.perf_counter() - t_ep,
             "samples_per_s": float(rows.item()) / max(time.perf_counter() - t_ep, 1e-9),
+            "train_samples_per_s": float(rows.item()) / max(t_train, 1e-9),
         }
         history.append(metrics)
         stop = stopper.step(epoch, val, flow)

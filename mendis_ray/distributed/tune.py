@@ -16,7 +16,6 @@ checkpoint format).
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -25,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from mendis_ray.atomic import replace_dir, temp_beside, write_atomic, write_json_atomic
 from mendis_ray.config import FlowConfig, TrainConfig
 from mendis_ray.distributed.train import (
     MODEL_DIR,
@@ -168,36 +168,28 @@ def tune_flow(
     if not ok:
         raise RuntimeError(f"Tune: no trial produced a checkpoint; see {out / 'trials.json'}")
     best = max(ok, key=lambda t: t["best_val_log_prob"])
-    _write_json(out / "trials.json", trials)
+    write_json_atomic(trials, out / "trials.json")
     _write_csv(out / "trials.csv", trials)
     best_cfg = {
         "flow_config": {**asdict(flow_cfg), "n_units": best["n_units"]},
         "train_config": {**asdict(train_cfg), "lr": best["lr"]},
         "trial": best,
     }
-    _write_json(out / "best_config.json", best_cfg)
+    write_json_atomic(best_cfg, out / "best_config.json")
     dst = out / "best_checkpoint"
-    tmp = out / ".best_checkpoint.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_beside(dst)
     shutil.copytree(Path(best["checkpoint"]) / MODEL_DIR, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    replace_dir(tmp, dst)
     log.info("best trial %s: lr %g, %d units, val log p %.2f", best["trial"], best["lr"],
              best["n_units"], best["best_val_log_prob"])  # fmt: skip
     return TuneResult(trials, best, dst, out, time.perf_counter() - t0)
 
 
-def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    write_atomic(path, write)

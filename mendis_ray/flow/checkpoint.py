@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mendis_ray.atomic import replace_dir
 from mendis_ray.config import FlowConfig, TrainConfig
 from mendis_ray.flow.density import SpectrumDensity, Standardizer
 
@@ -76,13 +77,7 @@ def save_checkpoint(
     try:
         save_file(tensors, str(tmp / TENSORS))
         (tmp / CONFIG).write_text(json.dumps(config, indent=1, default=float))
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,6 +10,8 @@ import math
 import os
 from pathlib import Path
 
+from mendis_ray.atomic import write_atomic
+
 __all__ = ["auroc_table", "write_report"]
 
 #: score names in the AUROC table, in display order, with a short description
@@ -159,8 +161,5 @@ def write_report(out: Path, result: dict, figures: dict[str, Path]) -> Path:
         f"- Ray Train run folder: `{result.get('run_dir', '-')}`",
         "",
     ]
-    path = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(md))
-    os.replace(tmp, path)
-    return path
+    text = "\n".join(md)
+    return write_atomic(out / "report.md", lambda t: t.write_text(text))

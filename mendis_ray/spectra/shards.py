@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mendis_ray.atomic import json_default
 from mendis_ray.spectra.grid import Grid
 
 __all__ = [
@@ -151,17 +152,9 @@ def _with_metadata(table: pa.Table, grid: Grid, generator: Mapping | None) -> pa
         "generator": dict(generator or {}),
     }
     kv = dict(table.schema.metadata or {})
-    kv[META_KEY] = json.dumps(meta, default=_json_default).encode()
+    kv[META_KEY] = json.dumps(meta, default=json_default).encode()
     kv[WAVE_KEY] = grid.wavelength.astype("<f8").tobytes()
     return table.replace_schema_metadata(kv)
-
-
-def _json_default(o: object) -> object:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def _atomic_write_bytes_path(path: Path) -> Path:
@@ -231,7 +224,7 @@ def write_dataset(
     }
     mpath = out / MANIFEST
     tmp = _atomic_write_bytes_path(mpath)
-    tmp.write_text(json.dumps(manifest, indent=1, default=_json_default))
+    tmp.write_text(json.dumps(manifest, indent=1, default=json_default))
     os.replace(tmp, mpath)
     keep = set(manifest["files"])
     for stale in out.glob(f"{prefix}-*-of-*.parquet"):
@@ -262,7 +255,27 @@ def dataset_files(path: str | os.PathLike) -> list[Path]:
     files = sorted(f for f in p.glob("*.parquet") if not f.name.startswith("."))
     if not files:
         raise ShardError(f"{p}: folder holds no .parquet files")
+    _check_complete(p, files)
     return files
+
+
+def _check_complete(folder: Path, files: list[Path]) -> None:
+    """A folder without a manifest whose shard names (``prefix-00002-of-00010``) announce
+    more shards than it holds is an interrupted write: refuse it rather than train on part."""
+    announced: dict[str, set[int]] = {}
+    for f in files:
+        m = _SHARD_RE.match(f.name)
+        if m:
+            announced.setdefault(f"{m['prefix']}-of-{m['n']}", set()).add(int(m["i"]))
+    for key, have in announced.items():
+        n = int(key.rsplit("-of-", 1)[1])
+        if len(have) < n:
+            missing = sorted(set(range(n)) - have)
+            raise ShardError(
+                f"{folder}: incomplete dataset, {len(have)} of {n} '{key.rsplit('-of-', 1)[0]}' "
+                f"shards and no {MANIFEST} (an interrupted write?); missing shard numbers "
+                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}. Rewrite the set."
+            )
 
 
 def shard_metadata(path: str | os.PathLike) -> dict:

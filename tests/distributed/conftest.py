@@ -47,7 +47,9 @@ def ray_session():
 @pytest.fixture(scope="session")
 def sim_sets(tmp_path_factory):
     """Simulated shards on the paper grid: ``train`` (noise-free, 4 shards, 480 rows),
-    ``test`` (S/N 300, 160 rows) and ``cemp`` (S/N 300, 80 rows)."""
+    ``test`` (S/N 300, 160 rows), ``cemp`` (S/N 300, 80 rows) and ``ref`` (S/N 300, 80
+    rows: the scoring reference, disjoint from every scored row so that no score sits
+    exactly on a reference value, where the percentile would flip on float rounding)."""
     from mendis_ray.spectra.datasets import SetSpec, write_simulated_set
     from mendis_ray.spectra.simulate import OUTLIER_CLASSES, Simulator, paper_training_labels
 
@@ -56,6 +58,7 @@ def sim_sets(tmp_path_factory):
     write_simulated_set(out, SetSpec("train", 480, paper_training_labels, 4), sim, snr=0, seed=1)
     write_simulated_set(out, SetSpec("test", 160, paper_training_labels, 2), sim, seed=2)
     write_simulated_set(out, SetSpec("cemp", 80, OUTLIER_CLASSES["cemp"], 1), sim, seed=3)
+    write_simulated_set(out, SetSpec("ref", 80, paper_training_labels, 1), sim, seed=4)
     return out
 
 
@@ -80,8 +83,8 @@ def checkpoint(sim_sets, tmp_path_factory):
     flow_cfg = FlowConfig(name="test", n_units=1, hidden=16, n_blocks=1, n_bins=4)
     train_cfg = TrainConfig(lr=1e-4, batch_size=128, epochs=1, linear_lr_scale=0.0)
     res = train_flow(Arrays(flux, ivar, labels), flow_cfg, train_cfg, grid, show_progress=False)
-    test = table_arrays(read_dataset(sim_sets / "test"))
-    scorer = Scorer.fit(res.density, test.flux[:80], test.labels[:80], n_marginal=8,
+    ref = table_arrays(read_dataset(sim_sets / "ref"))
+    scorer = Scorer.fit(res.density, ref.flux, ref.labels, n_marginal=8,
                         gaussian=res.gaussian)  # fmt: skip
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint"
     save_checkpoint(path, res.density, train_cfg, metrics={"epochs": 1},

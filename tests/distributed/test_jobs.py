@@ -46,7 +46,9 @@ def ray_head(tmp_path):
     """A real ``ray start --head`` on 127.0.0.1, stopped by its PID (never ``ray stop``)."""
     if shutil.which("ray") is None:
         pytest.skip("the ray CLI is not on PATH")
-    port, dash = _free_port(), _free_port()
+    # every port the head opens is a free one: the session's own Ray (conftest) already
+    # holds Ray's default agent ports on this host
+    port, dash, agent, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
@@ -58,7 +60,10 @@ def ray_head(tmp_path):
          "--port", str(port), "--num-cpus", "4", "--num-gpus", "0",
          "--object-store-memory", str(500 * 2**20),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--include-dashboard", "true", "--temp-dir", ray_tmp],
+         "--include-dashboard", "true", "--temp-dir", ray_tmp,
+         "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port",
+         str(agent_grpc), "--metrics-export-port", str(metrics),
+         "--runtime-env-agent-port", str(runtime_env)],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{dash}"
@@ -76,7 +81,7 @@ def ray_head(tmp_path):
                     f"ray head did not start: {(tmp_path / 'head.log').read_text()[-2000:]}"
                 )
             time.sleep(1)
-        yield url, env
+        yield url, env, Path(ray_tmp)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -90,7 +95,7 @@ def ray_head(tmp_path):
 
 
 def test_ray_job_submit_train(ray_head, sim_sets, tmp_path):
-    url, env = ray_head
+    url, env, ray_tmp = ray_head
     out = tmp_path / "job"
     cfg = {
         "train": {
@@ -106,12 +111,17 @@ def test_ray_job_submit_train(ray_head, sim_sets, tmp_path):
         "--submission-id", f"mendis-test-{os.getpid()}",
         "--", sys.executable, "jobs/train.py", "--config", str(cfg_path),
     ]  # fmt: skip
-    for _ in range(30):  # the head's job agent comes up a little after the dashboard
+    deadline = time.time() + 300  # the head's job agent registers after the dashboard
+    while True:  # (seconds on a quiet host; minutes when CI shares 2 cores with a test run)
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if "No available agent to submit job" not in res.stderr + res.stdout:
+        if "No available agent" not in res.stderr + res.stdout or time.time() > deadline:
             break
-        time.sleep(3)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        time.sleep(5)
+    agent_logs = "".join(
+        f"\n--- {p.name}\n" + p.read_text(errors="replace")[-1500:]
+        for p in sorted(ray_tmp.glob("session_latest/logs/dashboard_agent*"))
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:] + agent_logs
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     status = JobSubmissionClient(url).get_job_status(f"mendis-test-{os.getpid()}")

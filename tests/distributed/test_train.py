@@ -140,6 +140,16 @@ def ddp_run(ray_session, sim_sets, tmp_path_factory):
     return res, tmp
 
 
+def test_too_few_rows_per_worker_is_refused(ray_session, sim_sets, tmp_path):
+    """drop_last with fewer rows per worker than a batch would train nothing: refused."""
+    from mendis_ray.distributed.train import RayTrainConfig, train_distributed
+
+    cfg = RayTrainConfig(num_workers=2, storage_path=str(tmp_path / "runs"))
+    with pytest.raises(ValueError, match=r"per worker per epoch, fewer than batch_size 512"):
+        train_distributed(sim_sets / "train", tmp_path, FLOW, TRAIN.replace(batch_size=512), cfg)
+    assert not (tmp_path / "init_checkpoint").exists()
+
+
 def test_ddp_replicas_stay_identical(ddp_run):
     from mendis_ray.flow.checkpoint import load_checkpoint
 

@@ -1,0 +1,62 @@
+"""Atomic file and folder writes: write under a temporary name beside the target, then
+rename (``os.replace`` within one folder is atomic), so a reader sees the old file or the
+new one, never half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["json_default", "replace_dir", "temp_beside", "write_atomic", "write_json_atomic"]
+
+
+def json_default(o: object) -> object:
+    """``json.dumps(default=...)`` for numpy scalars and arrays (anything else: str)."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def temp_beside(path: Path) -> Path:
+    """A fresh hidden name beside ``path`` (same folder, so ``os.replace`` is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` then rename ``tmp`` to ``path``; the temporary is removed on error."""
+    path = Path(path)
+    tmp = temp_beside(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(obj: object, path: str | os.PathLike) -> Path:
+    """JSON (indented, numpy-aware) written atomically."""
+    text = json.dumps(obj, indent=1, default=json_default) + "\n"
+    return write_atomic(path, lambda t: t.write_text(text))
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the folder ``tmp`` to ``final``, replacing an existing ``final`` (moved aside
+    first, removed after: a reader sees the old folder or the new one)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
