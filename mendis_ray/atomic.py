@@ -51,12 +51,23 @@ def write_json_atomic(obj: object, path: str | os.PathLike) -> Path:
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the folder ``tmp`` to ``final``, replacing an existing ``final`` (moved aside
-    first, removed after: a reader sees the old folder or the new one)."""
+    """Move the folder ``tmp`` to ``final``, replacing an existing ``final``.
+
+    POSIX cannot swap two folders atomically: the old ``final`` is renamed aside first,
+    so for the instant between the two renames ``final`` is absent (a reader sees the old
+    folder, the new one, or none, never a mix).  If the second rename fails the old folder
+    is put back and ``tmp`` removed; the old folder is deleted only once the new one is
+    in place."""
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -87,10 +87,30 @@ def test_interrupted_write_is_refused_not_read_in_part(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         shards.write_dataset(tmp_path / "d", tables(), 3, g)
     assert [p.name for p in (tmp_path / "d").glob("*.parquet")] == ["part-00000-of-00003.parquet"]
-    with pytest.raises(ShardError, match=r"incomplete dataset, 1 of 3 'part' shards.*\[1, 2\]"):
+    with pytest.raises(ShardError, match=r"_writing marker.*interrupted"):
         shards.dataset_files(tmp_path / "d")
     shards.write_dataset(tmp_path / "d", [t.slice(0, 2), t.slice(2, 2), t.slice(4)], 3, g)
     assert len(shards.dataset_files(tmp_path / "d")) == 3  # the rewrite is whole again
+    assert not (tmp_path / "d" / "_writing").exists()
+
+    # an interrupted REwrite: the old manifest still names all three files, one is new
+    with pytest.raises(KeyboardInterrupt):
+        shards.write_dataset(tmp_path / "d", tables(), 3, g)
+    assert (tmp_path / "d" / "_manifest.json").exists()
+    with pytest.raises(ShardError, match=r"_writing marker"):
+        shards.dataset_files(tmp_path / "d")
+
+
+def test_partial_copy_without_manifest_is_refused(tmp_path):
+    g = paper_grid()
+    t = _table(6)
+    shards.write_dataset(tmp_path / "d", [t.slice(0, 2), t.slice(2, 2), t.slice(4)], 3, g)
+    (tmp_path / "e").mkdir()
+    part = tmp_path / "e" / "part-00000-of-00003.parquet"
+    part.write_bytes((tmp_path / "d" / part.name).read_bytes())  # one of three, no manifest
+    with pytest.raises(ShardError, match=r"incomplete dataset, 1 of 3 'part' shards.*\[1, 2\]"):
+        shards.dataset_files(tmp_path / "e")
+    assert shards.dataset_files(part) == [part]  # a file named on purpose is fine
 
 
 def _write_raw(path, table, grid):

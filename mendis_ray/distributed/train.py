@@ -159,12 +159,18 @@ class Prepared:
     start_models: dict
 
 
-def prepare_data(data: str | os.PathLike | list, cfg: RayTrainConfig) -> DataPrep:
+def prepare_data(
+    data: str | os.PathLike | list, cfg: RayTrainConfig, *, batch_size: int | None = None
+) -> DataPrep:
     """Steps 1-2 of the module docstring: check and split the shards, stream the degraded
-    training set once for the standardization and covariance, build the pipelines."""
+    training set once for the standardization and covariance, build the pipelines.
+    With ``batch_size``, a split too small for ``cfg.num_workers`` workers is refused
+    before any data are read (:func:`check_rows_per_worker`)."""
     shards = check_shards(list_shards(data))
     tr_files, val_files = split_files(shards.files, cfg.val_fraction)
     train = check_shards(tr_files, shards.grid)
+    if batch_size is not None:  # from the footers: before the pass over the data
+        check_rows_per_worker(train.n_rows, cfg.num_workers, batch_size)
     val = check_shards(val_files, shards.grid)
     n_pix = shards.n_pix
     fixed = DegradeConfig(**{**asdict(cfg.degrade), "fresh_noise": False})
@@ -211,8 +217,11 @@ def prepare_training(
 ) -> Prepared:
     """Steps 1-3 of the module docstring; ``data`` may be a :class:`DataPrep` already
     made (Tune trials share one)."""
-    prep = data if isinstance(data, DataPrep) else prepare_data(data, cfg)
-    check_rows_per_worker(prep.n_train, cfg.num_workers, train_cfg.batch_size)
+    if isinstance(data, DataPrep):
+        prep = data
+        check_rows_per_worker(prep.n_train, cfg.num_workers, train_cfg.batch_size)
+    else:
+        prep = prepare_data(data, cfg, batch_size=train_cfg.batch_size)
     moments = prep.moments
     if flow_cfg.n_features != moments.mean.size:
         raise ValueError(

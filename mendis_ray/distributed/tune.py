@@ -103,7 +103,7 @@ def tune_flow(
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ray_cfg = replace(ray_cfg, storage_path=storage_uri(ray_cfg.storage_path))
-    prep = prepare_data(data, ray_cfg)
+    prep = prepare_data(data, ray_cfg, batch_size=train_cfg.batch_size)
     base = {
         "flow": asdict(flow_cfg),
         "train": asdict(train_cfg),
@@ -164,12 +164,12 @@ def tune_flow(
                 "checkpoint": m.get("checkpoint_path", ""),
             }
         )
+    write_json_atomic(trials, out / "trials.json")
+    _write_csv(out / "trials.csv", trials)
     ok = [t for t in trials if t["checkpoint"] and math.isfinite(t["best_val_log_prob"])]
     if not ok:
         raise RuntimeError(f"Tune: no trial produced a checkpoint; see {out / 'trials.json'}")
     best = max(ok, key=lambda t: t["best_val_log_prob"])
-    write_json_atomic(trials, out / "trials.json")
-    _write_csv(out / "trials.csv", trials)
     best_cfg = {
         "flow_config": {**asdict(flow_cfg), "n_units": best["n_units"]},
         "train_config": {**asdict(train_cfg), "lr": best["lr"]},
@@ -178,7 +178,11 @@ def tune_flow(
     write_json_atomic(best_cfg, out / "best_config.json")
     dst = out / "best_checkpoint"
     tmp = temp_beside(dst)
-    shutil.copytree(Path(best["checkpoint"]) / MODEL_DIR, tmp)
+    try:
+        shutil.copytree(Path(best["checkpoint"]) / MODEL_DIR, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_dir(tmp, dst)
     log.info("best trial %s: lr %g, %d units, val log p %.2f", best["trial"], best["lr"],
              best["n_units"], best["best_val_log_prob"])  # fmt: skip

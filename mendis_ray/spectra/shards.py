@@ -71,6 +71,7 @@ WAVE_KEY = b"mendis_ray.wavelength"
 LABEL_COLUMNS = ("teff", "logg", "feh")
 REQUIRED_COLUMNS = ("id", "flux", "ivar", *LABEL_COLUMNS, "snr")
 MANIFEST = "_manifest.json"
+WRITING = "_writing"  # present while write_dataset runs; left behind if it is interrupted
 _SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.parquet$")
 
 
@@ -204,6 +205,9 @@ def write_dataset(
     that this write does not replace are removed after the new manifest is in place."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Until the new manifest is in place the folder may mix new shards with an earlier
+    # write's (same names): the marker makes readers refuse it, and stays if this dies.
+    (out / WRITING).write_text(f"write_dataset in progress (pid {os.getpid()})\n")
     written: list[Path] = []
     rows: list[int] = []
     for i, table in enumerate(tables):
@@ -231,6 +235,7 @@ def write_dataset(
         if stale.name not in keep and _SHARD_RE.match(stale.name):
             stale.unlink()
             log.info("removed stale shard %s", stale)
+    (out / WRITING).unlink()
     return written
 
 
@@ -242,6 +247,12 @@ def dataset_files(path: str | os.PathLike) -> list[Path]:
         return [p]
     if not p.is_dir():
         raise ShardError(f"{p}: no such file or folder")
+    if (p / WRITING).exists():
+        raise ShardError(
+            f"{p}: holds a {WRITING} marker, so a write into it is in progress or was "
+            f"interrupted and its shards may mix two writes; rewrite the set (or, if no "
+            f"write is running and you trust the files, pass the .parquet files themselves)"
+        )
     mpath = p / MANIFEST
     if mpath.exists():
         try:
@@ -274,7 +285,8 @@ def _check_complete(folder: Path, files: list[Path]) -> None:
             raise ShardError(
                 f"{folder}: incomplete dataset, {len(have)} of {n} '{key.rsplit('-of-', 1)[0]}' "
                 f"shards and no {MANIFEST} (an interrupted write?); missing shard numbers "
-                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}. Rewrite the set."
+                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}. Rewrite the set, or "
+                f"pass the .parquet files themselves to use a subset on purpose."
             )
 
 

@@ -28,18 +28,13 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray (4 logical CPUs on any machine, 1 GB object store, no dashboard)."""
+    """The embedded Ray the package starts (4 logical CPUs on any machine, 1 GB object
+    store, no dashboard, its worker setup hook)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=4,
-            num_gpus=0,
-            object_store_memory=1 << 30,
-            include_dashboard=False,
-            logging_level="WARNING",
-        )
+    from mendis_ray.distributed.session import ensure_ray
+
+    ensure_ray(num_cpus=4, object_store_memory=1 << 30)
     yield ray
     ray.shutdown()
 

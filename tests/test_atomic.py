@@ -1,0 +1,53 @@
+"""Atomic writes: a reader sees the old file or folder or the new one, never a mix, and
+a failed write leaves the old one in place and no temporaries behind."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mendis_ray import atomic
+
+
+def test_write_atomic_keeps_old_file_and_no_temp_on_error(tmp_path):
+    path = tmp_path / "a.json"
+    atomic.write_json_atomic({"x": np.float32(1.5), "v": np.arange(3)}, path)
+    assert json.loads(path.read_text()) == {"x": 1.5, "v": [0, 1, 2]}
+
+    def half(tmp):
+        tmp.write_text('{"x": ')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic.write_atomic(path, half)
+    assert json.loads(path.read_text())["x"] == 1.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def _folder(path, text):
+    path.mkdir()
+    (path / "f.txt").write_text(text)
+    return path
+
+
+def test_replace_dir_swaps_and_restores_old_on_failure(tmp_path, monkeypatch):
+    final = _folder(tmp_path / "ckpt", "old")
+    atomic.replace_dir(_folder(tmp_path / ".new1", "new"), final)
+    assert (final / "f.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+    real, calls = os.replace, []
+
+    def second_fails(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError("rename failed")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(OSError, match="rename failed"):
+        atomic.replace_dir(_folder(tmp_path / ".new2", "newer"), final)
+    monkeypatch.undo()
+    assert (final / "f.txt").read_text() == "new"  # the old folder is back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp, no .old
