@@ -447,13 +447,14 @@ def train_loop_per_worker(config: dict) -> None:
         rows = torch.tensor([tr["rows"]], dtype=torch.float64)
         if world > 1:
             torch.distributed.all_reduce(rows)
+        t_epoch = time.perf_counter() - t_ep
         metrics = {
             "epoch": epoch,
             "train_log_prob": tr["train_log_prob"],
             "val_log_prob": val,
             "rows": int(rows.item()),
-            "seconds": time.perf_counter() - t_ep,
-            "samples_per_s": float(rows.item()) / max(time.perf_counter() - t_ep, 1e-9),
+            "seconds": t_epoch,
+            "samples_per_s": float(rows.item()) / max(t_epoch, 1e-9),
             "train_samples_per_s": float(rows.item()) / max(t_train, 1e-9),
         }
         history.append(metrics)

@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mendis_ray.atomic import json_default
+from mendis_ray.atomic import json_default, write_atomic, write_json_atomic
 from mendis_ray.spectra.grid import Grid
 
 __all__ = [
@@ -158,12 +157,6 @@ def _with_metadata(table: pa.Table, grid: Grid, generator: Mapping | None) -> pa
     return table.replace_schema_metadata(kv)
 
 
-def _atomic_write_bytes_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_shard(
     path: str | os.PathLike,
     table: pa.Table,
@@ -177,14 +170,10 @@ def write_shard(
     path.parent.mkdir(parents=True, exist_ok=True)
     table = _with_metadata(table, grid, generator)
     validate_table(table, str(path), grid)
-    tmp = _atomic_write_bytes_path(path)
-    try:
-        pq.write_table(table, tmp, compression=compression, use_dictionary=["id", "source"])
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    dictionary = ["id", "source"]
+    return write_atomic(
+        path, lambda t: pq.write_table(table, t, compression=compression, use_dictionary=dictionary)
+    )
 
 
 def shard_name(prefix: str, i: int, n: int) -> str:
@@ -226,10 +215,7 @@ def write_dataset(
         "rows": rows,
         "total_rows": int(sum(rows)),
     }
-    mpath = out / MANIFEST
-    tmp = _atomic_write_bytes_path(mpath)
-    tmp.write_text(json.dumps(manifest, indent=1, default=json_default))
-    os.replace(tmp, mpath)
+    write_json_atomic(manifest, out / MANIFEST)
     keep = set(manifest["files"])
     for stale in out.glob(f"{prefix}-*-of-*.parquet"):
         if stale.name not in keep and _SHARD_RE.match(stale.name):
@@ -273,17 +259,16 @@ def dataset_files(path: str | os.PathLike) -> list[Path]:
 def _check_complete(folder: Path, files: list[Path]) -> None:
     """A folder without a manifest whose shard names (``prefix-00002-of-00010``) announce
     more shards than it holds is an interrupted write: refuse it rather than train on part."""
-    announced: dict[str, set[int]] = {}
+    announced: dict[tuple[str, int], set[int]] = {}  # (prefix, n announced) -> numbers held
     for f in files:
         m = _SHARD_RE.match(f.name)
         if m:
-            announced.setdefault(f"{m['prefix']}-of-{m['n']}", set()).add(int(m["i"]))
-    for key, have in announced.items():
-        n = int(key.rsplit("-of-", 1)[1])
+            announced.setdefault((m["prefix"], int(m["n"])), set()).add(int(m["i"]))
+    for (prefix, n), have in announced.items():
         if len(have) < n:
             missing = sorted(set(range(n)) - have)
             raise ShardError(
-                f"{folder}: incomplete dataset, {len(have)} of {n} '{key.rsplit('-of-', 1)[0]}' "
+                f"{folder}: incomplete dataset, {len(have)} of {n} '{prefix}' "
                 f"shards and no {MANIFEST} (an interrupted write?); missing shard numbers "
                 f"{missing[:5]}{' ...' if len(missing) > 5 else ''}. Rewrite the set, or "
                 f"pass the .parquet files themselves to use a subset on purpose."
