@@ -48,6 +48,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     sim = Simulator(grid=get_grid(args.grid))
+    if args.population == "survey":
+        return _simulate_survey(args, sim, out)
     specs = paper_sets(args.n_train, args.n_test, args.n_outlier, args.shards)
     log.info(
         "simulating %d sets into %s (grid %s, %d px, S/N %g, seed %d)",
@@ -90,6 +92,33 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"\nWrote {sum(r['rows'] for r in rows)} spectra on the {sim.grid.name} grid "
         f"({sim.grid.n_pix} px) in {total:.1f} s:"
     )
+    _print_table(rows, ["set", "rows", "shards", "megabytes", "seconds", "path"])
+    for f in figures:
+        print(f"figure: {f}")
+    print(f"summary: {out / 'summary.json'}")
+    return 0
+
+
+def _simulate_survey(args: argparse.Namespace, sim, out: Path) -> int:
+    """``mendis simulate --population survey``: the survey population and its outlier sets
+    (per-star S/N, so ``--snr`` / ``--train-snr`` / ``--noise`` do not apply)."""
+    from mendis_ray.spectra.datasets import survey_sets, write_survey_set
+
+    specs = survey_sets(args.n_train, args.n_test, args.n_outlier, args.shards)
+    log.info("simulating %d survey sets into %s (seed %d)", len(specs), out, args.seed)
+    t0 = time.perf_counter()
+    rows = [write_survey_set(out, spec, sim, seed=args.seed, set_index=k)
+            for k, spec in enumerate(specs)]  # fmt: skip
+    total = time.perf_counter() - t0
+    figures = []
+    if not args.no_figures:
+        from mendis_ray.spectra.plots import plot_population
+
+        figures.append(plot_population(out / "train", out / "figures" / "population.png"))
+    summary = {"out": str(out), "population": "survey", "grid": sim.grid.describe(),
+               "sets": rows, "seconds": total, "figures": [str(f) for f in figures]}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\nWrote {sum(r['rows'] for r in rows)} survey spectra in {total:.1f} s:")
     _print_table(rows, ["set", "rows", "shards", "megabytes", "seconds", "path"])
     for f in figures:
         print(f"figure: {f}")
@@ -200,6 +229,8 @@ def _ray_train_configs(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.model == "signal":
+        return cmd_train_signal(args)
     from mendis_ray.distributed.session import ensure_ray
     from mendis_ray.distributed.train import train_distributed
     from mendis_ray.flow.checkpoint import save_checkpoint
@@ -216,6 +247,40 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"val log p {h['val_log_prob']:.1f}, {h['samples_per_s']:.0f} spectra/s")  # fmt: skip
     print(f"best checkpoint: {best}")
     print(f"Ray Train run (resume with --resume): {res.run_dir}")
+    return 0
+
+
+def cmd_train_signal(args: argparse.Namespace) -> int:
+    """``mendis train --model signal``: the signal-space model, trained in this process
+    (a small flow on k + 3 dimensions; no Ray needed)."""
+    from mendis_ray.config import SignalConfig
+    from mendis_ray.train.signal import train_signal_checkpoint
+
+    changes = {
+        k: v
+        for k, v in {
+            "n_signal": args.k, "n_units": args.n_units, "hidden": args.hidden,
+            "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+            "seed": args.seed,
+        }.items()
+        if v is not None
+    }  # fmt: skip
+    cfg = SignalConfig().replace(**changes)
+    minutes = args.minutes
+    s = train_signal_checkpoint(
+        args.data if isinstance(args.data, list) else [args.data], args.out, cfg,
+        time_limit_s=None if minutes is None else 60 * minutes, show_progress=not args.quiet,
+    )  # fmt: skip
+    print(
+        f"\nsignal-space model: k = {s['k']} signal directions + 3 labels, {s['train_rows']} "
+        f"training / {s['val_rows']} validation spectra, {s['epochs']} epochs "
+        f"(best {s['best_epoch']}) in {s['seconds']:.1f} s"
+    )
+    print(
+        f"validation log q (flow coordinates): {s['initial_val_log_q']:.2f} at the start -> "
+        f"{s['best_val_log_q']:.2f}; mean total log p {s['val_log_p']:.1f} nats per spectrum"
+    )
+    print(f"checkpoint: {s['checkpoint']}")
     return 0
 
 
@@ -294,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.add_argument("--noise", choices=["photon", "flat"], default="photon")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--population", choices=["paper", "survey"], default="paper",
+        help="paper: the paper's box and its three outlier classes; survey: a survey-like "
+        "giant population (curved branch, two alpha sequences, S/N 50-1000, masks) and its "
+        "outlier sets (mendis_ray.spectra.population)",
+    )  # fmt: skip
     s.add_argument("--grid", default="paper", choices=["paper", "aspcap", "apstar"])
     s.add_argument("--no-figures", action="store_true")
     s.set_defaults(func=cmd_simulate)
@@ -338,9 +409,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-conditional", action="store_true", help="skip the MCMC stage")
     a.set_defaults(func=cmd_analyze)
 
-    t = sub.add_parser("train", help="train the flow on shards with Ray Train (TorchTrainer)")
-    t.add_argument("data", help="training shards (a folder; the last shards validate)")
+    t = sub.add_parser(
+        "train", help="train a model on shards: the signal-space model (default, in-process) "
+        "or the paper's full-space flow (--model flow, Ray Train)",
+    )  # fmt: skip
+    t.add_argument("data", help="training shards (a folder; for --model flow the last shards "
+                   "validate, for --model signal a seeded random 10%%)")  # fmt: skip
     t.add_argument("--out", required=True, help="output folder (checkpoint, init checkpoint)")
+    t.add_argument(
+        "--model", choices=["signal", "flow"], default="signal",
+        help="signal: flow on the signal coordinates + calibrated residual (the benchmark's "
+        "best); flow: the paper's flow on all pixels with Ray Train",
+    )  # fmt: skip
+    t.add_argument("--k", type=int, default=None, help="signal directions (default: automatic)")
+    t.add_argument("--seed", type=int, default=None, help="signal model: seed (0)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
     _ray_train_args(t)
     t.set_defaults(func=cmd_train)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["N_LABELS", "PRESETS", "FlowConfig", "TrainConfig", "get_preset"]
+__all__ = ["N_LABELS", "PRESETS", "FlowConfig", "SignalConfig", "TrainConfig", "get_preset"]
 
 #: Labels modelled jointly with the spectrum: Teff, log g, [Fe/H].
 N_LABELS = 3
@@ -71,6 +71,51 @@ class TrainConfig:
 
     def replace(self, **changes: object) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SignalConfig:
+    """The signal-space model (:mod:`mendis_ray.flow.signal`): its linear first stage, its
+    conditional flow on (signal coordinates, labels) and how that flow is trained."""
+
+    # linear stage
+    n_signal: int | None = None  # k; None: directions whose variance beats a noisy star's noise
+    k_max: int = 32  # largest automatic k
+    snr_ratio: float = 1.0  # the automatic rule's signal-to-noise variance ratio
+    # conditional flow: the paper's units on k + 3 dimensions, context = noise level
+    n_units: int = 6
+    hidden: int = 128
+    n_blocks: int = 2
+    n_bins: int = 8
+    tail_bound: float = 5.0
+    # training (Adam, early stopping on the validation log p)
+    lr: float = 1e-3
+    batch_size: int = 256
+    epochs: int = 200
+    patience: int = 12
+    weight_decay: float = 1e-5
+    grad_clip: float = 10.0
+    seed: int = 0
+
+    def replace(self, **changes: object) -> SignalConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SignalConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"SignalConfig: unknown field(s) {sorted(unknown)}")
+        return cls(**d)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            lr=self.lr, batch_size=self.batch_size, epochs=self.epochs, grad_clip=self.grad_clip,
+            weight_decay=self.weight_decay, patience=self.patience, seed=self.seed,
+        )  # fmt: skip
 
 
 PRESETS: dict[str, tuple[FlowConfig, TrainConfig]] = {

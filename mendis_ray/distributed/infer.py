@@ -110,12 +110,17 @@ USED_COLUMNS = tuple(f"{c}_used" for c in LABEL_COLUMNS)
 RANK_KEYS = {
     "percentile": ("percentile", "log_p_per_dim"),
     "signal": ("signal_percentile", "signal_score"),
+    "residual": ("residual_percentile", "residual_score"),
 }
+#: The tie-break of the primary percentile for a signal-space checkpoint (which has no
+#: per-dimension log p: its primary score is the combined tail probability ``score``).
+SIGNAL_PRIMARY = ("percentile", "score")
 FLAG_BITS = {1: "nonfinite", 2: "masked", 4: "flux_range", 8: "label_range"}
 #: The leading columns of the outlier table (the scores, then the input's other columns).
 TOP_COLUMNS = (
-    "rank", "id", "percentile", "log_p_per_dim", "signal_percentile", "log_ratio_gaussian",
-    "flags", "flag_names", "log_p", "log_p_marginal", "signal_score", *USED_COLUMNS,
+    "rank", "id", "percentile", "score", "signal_score", "residual_score", "residual_percentile",
+    "chi2_dof", "log_p_per_dim", "signal_percentile", "log_ratio_gaussian",
+    "flags", "flag_names", "log_p", "log_p_marginal", *USED_COLUMNS,
     *LABEL_COLUMNS, "snr", "masked_fraction", "flag_nonfinite", "flag_masked",
     "flag_flux_range", "flag_label_range", "path",
 )  # fmt: skip
@@ -148,7 +153,7 @@ class CatalogScorer:
     ) -> None:
         import torch
 
-        from mendis_ray.science.ood import Scorer
+        from mendis_ray.science.signal_scores import load_scorer
 
         t0 = time.perf_counter()
         torch.set_num_threads(max(1, int(num_threads)))
@@ -157,7 +162,7 @@ class CatalogScorer:
         self.device = device
         self.n_pix = int(grid["n_pix"])
         self.marginal = marginal
-        self.scorer = Scorer.from_checkpoint(checkpoint, device=device, expect_grid=grid)
+        self.scorer = load_scorer(checkpoint, device=device, expect_grid=grid)
         self.load_seconds = time.perf_counter() - t0
         log.info(
             "actor %d: loaded %s on %s (%d torch threads) in %.1f s",
@@ -435,8 +440,9 @@ def score_catalog(
     )  # fmt: skip
 
     t0 = time.perf_counter()
-    keys = [*{"id", "path", "flags", *RANK_KEYS["percentile"], *RANK_KEYS[rank_by]}]
-    ranking = pq.read_table(scores_dir, columns=keys)
+    names = set(pq.read_schema(next(iter(sorted(scores_dir.glob("*.parquet"))))).names)
+    wanted = {"id", "path", "flags", *RANK_KEYS["percentile"], *RANK_KEYS[rank_by], "score"}
+    ranking = pq.read_table(scores_dir, columns=sorted(wanted & names))
     n_unique = pc.count_distinct(ranking.column("id")).as_py()
     if n_unique != ranking.num_rows:
         log.warning(
@@ -631,7 +637,7 @@ def rank_outliers(
 
     ``table`` needs the ``RANK_KEYS[rank_by]`` columns (and ``flags`` with
     ``flags_first``).  NaN scores sort last."""
-    keys = [(k, "ascending") for k in RANK_KEYS[rank_by]]
+    keys = [(k, "ascending") for k in rank_keys(table, rank_by)]
     if flags_first:
         flagged = pc.not_equal(table.column("flags"), 0)
         table = table.append_column("_flagged", flagged)
@@ -641,12 +647,22 @@ def rank_outliers(
     return pc.sort_indices(table, sort_keys=keys).to_numpy()  # NaN and null sort last
 
 
+def rank_keys(table: pa.Table, rank_by: str) -> tuple[str, ...]:
+    """The columns that rank ``table`` for ``rank_by`` (the primary percentile of a
+    signal-space checkpoint's scores is tie-broken by ``score``)."""
+    if rank_by not in RANK_KEYS:
+        raise ValueError(f"rank_by must be one of {sorted(RANK_KEYS)}, got {rank_by!r}")
+    if rank_by == "percentile" and "log_p_per_dim" not in table.column_names:
+        return SIGNAL_PRIMARY
+    return RANK_KEYS[rank_by]
+
+
 def _typical_rows(ranking: pa.Table, n: int, exclude: np.ndarray) -> np.ndarray:
-    """Indices of the ``n`` most typical unflagged rows (highest percentile, then log p
-    per dimension), not in ``exclude``."""
+    """Indices of the ``n`` most typical unflagged rows (highest percentile, then its
+    tie-break score), not in ``exclude``."""
     order = rank_outliers(ranking)[::-1]
     flags = ranking.column("flags").to_numpy()
-    lp = ranking.column("log_p_per_dim").to_numpy(zero_copy_only=False)
+    lp = ranking.column(rank_keys(ranking, "percentile")[1]).to_numpy(zero_copy_only=False)
     keep = (flags[order] == 0) & np.isfinite(lp[order]) & ~np.isin(order, exclude)
     return order[keep][:n]
 
@@ -751,12 +767,17 @@ def _title(row: dict, neighbour: str) -> str:
     lab = ""
     if all(v is not None and np.isfinite(v) for v in used):
         lab = f"  Teff {used[0]:.0f} logg {used[1]:.2f} [Fe/H] {used[2]:+.2f}"
+    if "score" in row:  # signal-space checkpoint: log tail probabilities
+        scores = (f"signal pct {_num(row.get('signal_percentile'), '.1f')}, residual pct "
+                  f"{_num(row.get('residual_percentile'), '.1f')}, chi2/dof "
+                  f"{_num(row.get('chi2_dof'), '.2f')}")  # fmt: skip
+    else:
+        scores = (f"log p/dim {_num(row.get('log_p_per_dim'), '.3f')}, signal pct "
+                  f"{_num(row.get('signal_percentile'), '.1f')}, log ratio gauss "
+                  f"{_num(row.get('log_ratio_gaussian'), '.1f')}")  # fmt: skip
     return (
         f"#{row['rank']} {row['id']}: percentile {_num(row.get('percentile'), '.1f')}, "
-        f"log p/dim {_num(row.get('log_p_per_dim'), '.3f')}, signal pct "
-        f"{_num(row.get('signal_percentile'), '.1f')}, log ratio gauss "
-        f"{_num(row.get('log_ratio_gaussian'), '.1f')}, flags {flags}\n{lab.strip()}"
-        f"{'; ' if lab else ''}{neighbour}"
+        f"{scores}, flags {flags}\n{lab.strip()}{'; ' if lab else ''}{neighbour}"
     )
 
 
@@ -944,9 +965,14 @@ def main_score(args: argparse.Namespace) -> int:
     if top:
         print("\nmost outlying:")
         for r in top:
+            if "score" in r:  # a signal-space checkpoint
+                detail = (f"score {_num(r.get('score'), '.2f')}  signal "
+                          f"{_num(r.get('signal_score'), '.2f')}  residual "
+                          f"{_num(r.get('residual_score'), '.2f')}")  # fmt: skip
+            else:
+                detail = f"log p/dim {_num(r.get('log_p_per_dim'), '.3f')}"
             print(
                 f"  {r['rank']:>3}  {r['id']}  percentile {_num(r.get('percentile'), '.1f')}  "
-                f"log p/dim {_num(r.get('log_p_per_dim'), '.3f')}  flags "
-                f"{r['flag_names'] or '-'}"
+                f"{detail}  flags {r['flag_names'] or '-'}"
             )
     return 0

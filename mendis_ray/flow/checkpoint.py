@@ -28,7 +28,15 @@ from mendis_ray.atomic import replace_dir
 from mendis_ray.config import FlowConfig, TrainConfig
 from mendis_ray.flow.density import SpectrumDensity, Standardizer
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "check_grid",
+    "checkpoint_kind",
+    "load_checkpoint",
+    "read_config",
+    "save_checkpoint",
+]
 
 FORMAT_VERSION = 1
 CONFIG = "config.json"
@@ -104,32 +112,19 @@ def load_checkpoint(
     from mendis_ray.flow.model import MendisFlow
 
     path = Path(path)
-    cfg_path, ten_path = path / CONFIG, path / TENSORS
-    for p in (cfg_path, ten_path):
-        if not p.is_file():
-            raise CheckpointError(f"{path}: not a mendis_ray checkpoint ({p.name} is missing)")
-    try:
-        info = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({err})") from err
-    if info.get("format_version") != FORMAT_VERSION:
+    info, ten_path = read_config(path)
+    cfg_path = path / CONFIG
+    if checkpoint_kind(path, info) != "flow":
         raise CheckpointError(
-            f"{path}: checkpoint format {info.get('format_version')!r}, this version reads "
-            f"{FORMAT_VERSION}"
+            f"{path}: a {info.get('model_kind')!r} checkpoint, not a full-space flow "
+            "(load it with mendis_ray.science.signal_scores.load_scorer)"
         )
     try:
         flow_cfg = FlowConfig.from_dict(info["flow_config"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{cfg_path}: bad flow_config ({err})") from err
     grid = info.get("grid", {})
-    if expect_grid is not None and (
-        grid.get("hash") != expect_grid.get("hash") or grid.get("n_pix") != expect_grid.get("n_pix")
-    ):
-        raise CheckpointError(
-            f"{path}: checkpoint was trained on grid {grid.get('name')!r} ({grid.get('n_pix')} px, "
-            f"hash {grid.get('hash')}), but the data are on grid {expect_grid.get('name')!r} "
-            f"({expect_grid.get('n_pix')} px, hash {expect_grid.get('hash')})"
-        )
+    check_grid(path, grid, expect_grid)
     if expect_preset is not None and flow_cfg.name != expect_preset:
         raise CheckpointError(
             f"{path}: checkpoint is preset {flow_cfg.name!r}, expected {expect_preset!r}"
@@ -166,3 +161,42 @@ def load_checkpoint(
     density = SpectrumDensity(flow, std, flow_cfg, grid).to(device)
     density.eval()
     return density, info
+
+
+def read_config(path: str | os.PathLike) -> tuple[dict, Path]:
+    """The parsed ``config.json`` of a checkpoint folder and the path of its tensors;
+    a :class:`CheckpointError` naming the file when either is missing or unreadable."""
+    path = Path(path)
+    cfg_path, ten_path = path / CONFIG, path / TENSORS
+    for p in (cfg_path, ten_path):
+        if not p.is_file():
+            raise CheckpointError(f"{path}: not a mendis_ray checkpoint ({p.name} is missing)")
+    try:
+        info = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({err})") from err
+    if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
+        got = info.get("format_version") if isinstance(info, dict) else None
+        raise CheckpointError(
+            f"{path}: checkpoint format {got!r}, this version reads {FORMAT_VERSION}"
+        )
+    return info, ten_path
+
+
+def checkpoint_kind(path: str | os.PathLike, info: dict | None = None) -> str:
+    """``"flow"`` (the full-space Mendis flow; every checkpoint before the signal model)
+    or ``"signal"`` (:mod:`mendis_ray.flow.signal`)."""
+    info = info if info is not None else read_config(path)[0]
+    return str(info.get("model_kind", "flow"))
+
+
+def check_grid(path: str | os.PathLike, grid: dict, expect_grid: dict | None) -> None:
+    """Refuse a checkpoint trained on another grid than ``expect_grid`` (hash and size)."""
+    if expect_grid is not None and (
+        grid.get("hash") != expect_grid.get("hash") or grid.get("n_pix") != expect_grid.get("n_pix")
+    ):
+        raise CheckpointError(
+            f"{path}: checkpoint was trained on grid {grid.get('name')!r} ({grid.get('n_pix')} px, "
+            f"hash {grid.get('hash')}), but the data are on grid {expect_grid.get('name')!r} "
+            f"({expect_grid.get('n_pix')} px, hash {expect_grid.get('hash')})"
+        )

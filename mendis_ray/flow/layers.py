@@ -675,7 +675,9 @@ class RQSplineCoupling(nn.Module):
 
     Args:
         n: features; mask_parity: 0 or 1; hidden, n_blocks, dropout: conditioner;
-        n_bins: spline bins K; tail_bound: B; generator: CPU generator for the init.
+        n_bins: spline bins K; tail_bound: B; generator: CPU generator for the init;
+        n_context: width of a context vector fed to the conditioner with the kept half
+            (0: unconditional; the signal-space model conditions on the noise level).
     """
 
     chunk_elements: int = 1 << 18
@@ -693,6 +695,7 @@ class RQSplineCoupling(nn.Module):
         min_bin_width: float = DEFAULT_MIN_BIN_WIDTH,
         min_bin_height: float = DEFAULT_MIN_BIN_HEIGHT,
         min_derivative: float = DEFAULT_MIN_DERIVATIVE,
+        n_context: int = 0,
     ) -> None:
         super().__init__()
         if n < 2:
@@ -718,7 +721,10 @@ class RQSplineCoupling(nn.Module):
         a, b = self.split, n - self.split
         self.n_identity, self.n_transform = (a, b) if mask_parity == 0 else (b, a)
         self._tail_derivative = derivative_identity_constant(min_derivative)
-        self.conditioner = ResidualMLP(self.n_identity, hidden, n_blocks, dropout, g)
+        self.n_context = int(n_context)
+        self.conditioner = ResidualMLP(
+            self.n_identity + self.n_context, hidden, n_blocks, dropout, g
+        )
         self.widths = _empty_linear(hidden, self.n_transform * n_bins)
         self.heights = _empty_linear(hidden, self.n_transform * n_bins)
         self.derivatives = _empty_linear(hidden, self.n_transform * (n_bins - 1))
@@ -775,8 +781,15 @@ class RQSplineCoupling(nn.Module):
             self.min_bin_height, self.min_derivative, self._tail_derivative,
         )  # fmt: skip
 
-    def _spline(self, x_tr: Tensor, x_id: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        """x_tr (b, n_tr) conditioned on x_id (b, n_id) -> y_tr (b, n_tr), logabsdet (b,)."""
+    def _spline(
+        self, x_tr: Tensor, x_id: Tensor, inverse: bool, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """x_tr (b, n_tr) conditioned on x_id (b, n_id) and ``context`` (b, n_context) ->
+        y_tr (b, n_tr), logabsdet (b,)."""
+        if self.n_context:
+            if context is None or context.shape != (x_id.shape[0], self.n_context):
+                raise ValueError(f"RQSplineCoupling: needs a context (batch, {self.n_context})")
+            x_id = torch.cat([x_id, context.to(x_id.dtype)], dim=1)  # (b, n_id + n_context)
         w, h, d = self.spline_params(x_id)
         with torch.autocast(device_type=x_tr.device.type, enabled=False):
             if _SPLINE[0] is not _rq_spline:
@@ -805,14 +818,14 @@ class RQSplineCoupling(nn.Module):
             lad = torch.cat([p[1] for p in parts])  # (b,)
             return y, lad
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (batch, n) -> y (batch, n), logabsdet (batch,)."""
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (batch, n) [, context (batch, n_context)] -> y (batch, n), logabsdet (batch,)."""
         x_id, x_tr = self._split(x)
-        y_tr, logabsdet = self._spline(x_tr, x_id, inverse=False)
+        y_tr, logabsdet = self._spline(x_tr, x_id, inverse=False, context=context)
         return self._merge(x_id, y_tr), logabsdet
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        """y (batch, n) -> x (batch, n), logabsdet (batch,) of the inverse."""
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """y (batch, n) [, context] -> x (batch, n), logabsdet (batch,) of the inverse."""
         y_id, y_tr = self._split(y)
-        x_tr, logabsdet = self._spline(y_tr, y_id, inverse=True)
+        x_tr, logabsdet = self._spline(y_tr, y_id, inverse=True, context=context)
         return self._merge(y_id, x_tr), logabsdet

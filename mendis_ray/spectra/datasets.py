@@ -19,6 +19,15 @@ import numpy as np
 import pyarrow as pa
 
 from mendis_ray.spectra.degrade import LABEL_SCATTER, NOISE_FREE_IVAR, add_noise, scatter_labels
+from mendis_ray.spectra.population import (
+    SURVEY_SETS,
+    Realized,
+    SetContext,
+    SurveyPopulation,
+    apply_masks,
+    inliers,
+    observe_labels,
+)
 from mendis_ray.spectra.shards import make_table, write_dataset
 from mendis_ray.spectra.simulate import (
     OUTLIER_CLASSES,
@@ -27,7 +36,14 @@ from mendis_ray.spectra.simulate import (
     paper_training_labels,
 )
 
-__all__ = ["SetSpec", "paper_sets", "write_simulated_set"]
+__all__ = [
+    "POPULATIONS",
+    "SetSpec",
+    "paper_sets",
+    "survey_sets",
+    "write_simulated_set",
+    "write_survey_set",
+]
 
 log = logging.getLogger(__name__)
 
@@ -153,3 +169,97 @@ def paper_sets(
         SetSpec(name, n_outlier, fn, shards_for(n_outlier)) for name, fn in OUTLIER_CLASSES.items()
     ]
     return [s for s in specs if s.n > 0]
+
+
+# --- the survey population (mendis_ray.spectra.population) ----------------------------
+
+#: Populations ``mendis simulate --population`` knows.
+POPULATIONS = ("paper", "survey")
+
+
+@dataclass(frozen=True)
+class SurveySpec:
+    """One survey set: a name, a size, a generator ``f(ctx, n, rng) -> Realized``."""
+
+    name: str
+    n: int
+    maker: Callable[[SetContext, int, np.random.Generator], Realized]
+    n_shards: int = 1
+
+
+def survey_sets(
+    n_train: int = 20_000,
+    n_test: int = 2_000,
+    n_outlier: int = 1_000,
+    n_shards: int = 8,
+) -> list[SurveySpec]:
+    """Training, validation-free held-out inliers (``test``) and every outlier set of
+    :data:`~mendis_ray.spectra.population.SURVEY_SETS`, ``n_outlier`` stars each."""
+    shards_for = lambda n: max(1, min(n_shards, n // 500))  # noqa: E731
+    specs = [
+        SurveySpec("train", n_train, inliers, n_shards),
+        SurveySpec("test", n_test, inliers, shards_for(n_test)),
+    ]
+    specs += [SurveySpec(k, n_outlier, f, shards_for(n_outlier)) for k, f in SURVEY_SETS.items()]
+    return [s for s in specs if s.n > 0]
+
+
+def _survey_tables(
+    spec: SurveySpec, r: Realized, ctx: SetContext, set_index: int
+) -> Iterator[pa.Table]:
+    bounds = np.linspace(0, spec.n, spec.n_shards + 1).astype(int)
+    for j, (a, b) in enumerate(itertools.pairwise(bounds)):
+        rng = np.random.default_rng(np.random.SeedSequence([ctx.seed, set_index, j]))
+        lab, snr = r.labels[a:b], r.snr[a:b]
+        flux, ivar = add_noise(r.flux[a:b], snr, rng)
+        apply_masks(ctx.pop, ivar, rng)
+        true = np.stack([lab.teff, lab.logg, lab.feh], axis=1)
+        obs = observe_labels(ctx.pop, true, snr, rng)
+        extra: dict = dict(lab.truth_columns())
+        extra |= {k: v[a:b] for k, v in r.truth.items()}
+        extra["truth_class"] = np.array([spec.name] * (b - a))
+        yield make_table(
+            [f"{spec.name}-{i:07d}" for i in range(a, b)], flux, ivar,
+            teff=obs[:, 0], logg=obs[:, 1], feh=obs[:, 2], snr=snr,
+            source="mendis_ray.population.survey", extra=extra,
+        )  # fmt: skip
+
+
+def write_survey_set(
+    out_dir: str | Path,
+    spec: SurveySpec,
+    sim: Simulator,
+    *,
+    seed: int = 0,
+    set_index: int = 0,
+    population: SurveyPopulation | None = None,
+) -> dict:
+    """Simulate survey set ``spec`` and write it to ``out_dir/spec.name``; a summary row.
+
+    Determinism as for :func:`write_simulated_set`: the stars come from
+    ``SeedSequence([seed, set_index])`` and shard ``j``'s noise, masks and label errors from
+    ``SeedSequence([seed, set_index, j])``."""
+    t0 = time.perf_counter()
+    ctx = SetContext(population or SurveyPopulation(), sim, seed)
+    r = spec.maker(ctx, spec.n, np.random.default_rng(np.random.SeedSequence([seed, set_index])))
+    generator = {
+        "name": "mendis_ray.spectra.population", "population": "survey", "set": spec.name,
+        "n": spec.n, "seed": seed, "set_index": set_index, "noise": "photon, per-star S/N",
+        "population_config": {k: v for k, v in ctx.pop.__dict__.items()},
+        "simulator": sim.config.__dict__,
+    }  # fmt: skip
+    path = Path(out_dir) / spec.name
+    files = write_dataset(
+        path, _survey_tables(spec, r, ctx, set_index), spec.n_shards, sim.grid, generator,
+        prefix=spec.name,
+    )  # fmt: skip
+    dt = time.perf_counter() - t0
+    log.info("%s: %d spectra in %.1f s", spec.name, spec.n, dt)
+    return {
+        "set": spec.name,
+        "rows": spec.n,
+        "shards": len(files),
+        "path": str(path),
+        "megabytes": sum(f.stat().st_size for f in files) / 1e6,
+        "seconds": dt,
+    }

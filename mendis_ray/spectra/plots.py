@@ -123,3 +123,38 @@ def plot_element_response(sim: Simulator, path: Path, threshold: float = 0.01) -
     out = _atomic_savefig(fig, path)
     plt.close(fig)
     return out
+
+
+def plot_population(train_dir: Path, path: Path) -> Path:
+    """The survey population's labels (truth columns of the shards under ``train_dir``):
+    the Teff-log g diagram coloured by [Fe/H], [alpha/Fe] vs [Fe/H] (the two sequences),
+    and the S/N distribution."""
+    from mendis_ray.spectra.population import SurveyPopulation
+    from mendis_ray.spectra.shards import read_dataset
+
+    t = read_dataset(train_dir)
+    col = lambda name: t.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
+    teff, logg, feh = col("truth_teff"), col("truth_logg"), col("truth_fe_h")
+    alpha, snr = col("truth_alpha_fe"), col("snr")
+    plt = _plt()
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.6))
+    sc = ax[0].scatter(teff, logg, c=feh, s=2, cmap="viridis", rasterized=True)
+    ax[0].invert_xaxis()
+    ax[0].invert_yaxis()
+    ax[0].set(xlabel="Teff (K)", ylabel="log g", title="giant branch and red clump")
+    fig.colorbar(sc, ax=ax[0], label="[Fe/H]")
+    ax[1].scatter(feh, alpha, s=2, c="0.3", alpha=0.4, rasterized=True)
+    grid = np.linspace(-1.0, 0.4, 50)
+    low, high = SurveyPopulation().alpha_sequences(grid)
+    ax[1].plot(grid, low, "C0", label="low-alpha sequence")
+    ax[1].plot(grid, high, "C3", label="high-alpha sequence")
+    ax[1].plot(grid, 0.5 * (low + high), "k--", lw=1, label="between (outlier set)")
+    ax[1].set(xlabel="[Fe/H]", ylabel="[alpha/Fe]", title="two disc sequences")
+    ax[1].legend(fontsize=8)
+    ax[2].hist(snr, bins=np.geomspace(50, 1000, 40), color="0.4")
+    ax[2].set(xscale="log", xlabel="S/N", ylabel="stars", title="per-star S/N")
+    fig.suptitle(f"survey population: {len(teff)} training stars (true labels)")
+    fig.tight_layout()
+    out = _atomic_savefig(fig, path)
+    plt.close(fig)
+    return out

@@ -271,15 +271,32 @@ class Simulator:
 
     # -- forward model ------------------------------------------------------------------
 
-    def __call__(self, labels: StellarLabels, dtype: type = np.float32) -> np.ndarray:
-        """Noise-free flux (n, n_pix) for ``labels``."""
+    def __call__(
+        self, labels: StellarLabels, dtype: type = np.float32, rv: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Noise-free flux (n, n_pix) for ``labels``, Doppler-shifted by ``rv`` (n,) km/s
+        (positive: redshift) when given."""
         out = np.empty((len(labels), self.grid.n_pix), dtype=dtype)
         bs = self.config.batch_size
+        if rv is not None:
+            rv = np.asarray(rv, dtype=np.float64).reshape(-1)
+            if rv.shape != (len(labels),) or not np.all(np.isfinite(rv)):
+                raise ValueError(f"Simulator: rv must be {len(labels)} finite values")
         for a in range(0, len(labels), bs):
-            out[a : a + bs] = self._batch(labels[a : a + bs])
+            out[a : a + bs] = self._batch(
+                labels[a : a + bs], None if rv is None else rv[a : a + bs]
+            )
         return out
 
-    def _batch(self, lab: StellarLabels) -> np.ndarray:
+    def _shifted_rows(self, rv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fine-grid rows (n_pix, b) and linear-interpolation weights (b,) of each pixel
+        centre seen at radial velocity ``rv`` (b,) km/s: flux observed at lambda is the
+        rest-frame flux at lambda / (1 + v/c), i.e. ``v / dv`` fine pixels bluewards."""
+        shift = -np.asarray(rv) / self.dv  # (b,) fine pixels
+        base = np.floor(shift).astype(np.int64)
+        return self._centres[:, None] + base[None, :], (shift - base).astype(np.float32)
+
+    def _batch(self, lab: StellarLabels, rv: np.ndarray | None = None) -> np.ndarray:
         ltau, damp = log_tau0(self.lines, lab.teff, lab.logg, lab.x_h)
         tau0 = np.power(10.0, np.minimum(ltau, 8.0)).astype(np.float32)  # (b, n_lines)
         tau = self._phi_g @ tau0.T  # (n_fine, b)
@@ -296,9 +313,17 @@ class Simulator:
             h = k.size // 2
             kmat[half - h : half + h + 1, j] = k
         conv = np.zeros((self.grid.n_pix, len(lab)), dtype=np.float32)
+        if rv is None:
+            for t in range(2 * half + 1):
+                if np.any(kmat[t]):
+                    conv += depth[self._centres + (t - half)] * kmat[t]
+            return 1.0 - conv.T
+        rows, frac = self._shifted_rows(rv)  # (n_pix, b), (b,)
+        cols = np.arange(len(lab))[None, :]
         for t in range(2 * half + 1):
             if np.any(kmat[t]):
-                conv += depth[self._centres + (t - half)] * kmat[t]
+                r = rows + (t - half)
+                conv += (depth[r, cols] * (1 - frac) + depth[r + 1, cols] * frac) * kmat[t]
         return 1.0 - conv.T
 
 

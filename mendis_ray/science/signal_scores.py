@@ -1,0 +1,365 @@
+"""Scores of the signal-space model, calibrated across S/N, and its checkpoint.
+
+Which score answers which question (all "higher = more typical"; ``*_score`` are natural
+logs of tail probabilities, 0 = perfectly typical, -inf = impossible):
+
+``signal_score``
+    Is the star's *stellar signal* typical?  The conditional flow's log q(signal
+    coordinates, labels | noise level), compared with held-out training stars at the same
+    noise level (median and MAD in bins of the noise level, interpolated), as a normal
+    tail probability.  Finds unusual combinations: between the alpha sequences, off the
+    giant branch, odd abundance patterns, labels that do not match the spectrum.  Without
+    labels (NaN), the labels are integrated out by importance sampling (32 draws from a
+    linear regression of labels on the signal coordinates).
+``residual_score``
+    Is there anything *outside* the signal space?  The residual after the star's own
+    noise-weighted projection, scanned at 1, 4, 16 and 64 pixels (the largest |window sum|
+    of the standardized residual, a matched filter for lines, spikes, bumps and continuum
+    errors) and as a whole (chi^2 / dof); each statistic is calibrated against training
+    stars at the same noise level and the most significant one wins (calibrated again).
+    Finds unknown lines, sky residuals, instrument bumps, normalisation errors, the
+    second star of a binary.
+``score`` (with ``percentile``)
+    The primary triage score: Fisher's combination of the two tail probabilities,
+    ``log P(chi^2_4 > -2 (signal_score + residual_score))``.
+``log_p``
+    The exact total log p(good pixels, labels | noise) in physical units: a density, for
+    comparisons with other density models, *not* a triage score (it rewards clean spectra).
+``percentile``, ``signal_percentile``, ``residual_percentile``
+    Percentage of held-out training stars scoring <= this one.
+
+A spectrum whose score cannot be computed (no good pixel, non-finite result) gets -inf
+and a flag: it ranks as the most outlying, never NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from scipy import stats
+from scipy.special import logsumexp
+
+from mendis_ray.atomic import replace_dir
+from mendis_ray.config import SignalConfig
+from mendis_ray.flow.signal import SignalCoordinates, SignalSpaceModel
+from mendis_ray.flow.signal_basis import SignalBasis
+
+__all__ = ["NoiseCalibration", "SignalScorer", "residual_statistics"]
+
+SCALES = (1, 4, 16, 64)
+FLAGS = {"nonfinite": 1, "masked": 2, "flux_range": 4, "label_range": 8}
+MODEL_KIND = "signal"
+
+
+@dataclass
+class NoiseCalibration:
+    """Centre and robust scale of a statistic as smooth functions of the noise level t.
+
+    Fitted on reference stars: the median and 1.4826 x MAD in quantile bins of t, then a
+    quadratic in t through the bin medians and through the log of the bin scales
+    (weighted by the bins' counts); t is clipped to the fitted range, so a star noisier
+    or cleaner than every reference star is compared with the nearest ones."""
+
+    center: np.ndarray  # (3,) polynomial coefficients of the centre in t (highest first)
+    log_scale: np.ndarray  # (3,) ... of log scale
+    t_range: np.ndarray  # (2,) range of the bin centres
+
+    @classmethod
+    def fit(cls, t: np.ndarray, u: np.ndarray, n_bins: int = 12) -> NoiseCalibration:
+        ok = np.isfinite(u) & np.isfinite(t)
+        t, u = t[ok], u[ok]
+        n_bins = max(1, min(n_bins, len(t) // 40))
+        edges = np.quantile(t, np.linspace(0, 1, n_bins + 1))
+        idx = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, n_bins - 1)
+        tc, c, s, w = (np.zeros(n_bins) for _ in range(4))
+        for b in range(n_bins):
+            ub = u[idx == b]
+            if ub.size == 0:
+                continue
+            tc[b], c[b], w[b] = np.median(t[idx == b]), np.median(ub), np.sqrt(ub.size)
+            s[b] = max(1.4826 * np.median(np.abs(ub - c[b])), 1e-9)
+        keep = w > 0
+        deg = min(2, int(keep.sum()) - 1)
+        pc = np.polyfit(tc[keep], c[keep], deg, w=w[keep]) if deg > 0 else c[keep][:1]
+        ps = (
+            np.polyfit(tc[keep], np.log(s[keep]), deg, w=w[keep])
+            if deg > 0
+            else np.log(s[keep][:1])
+        )
+        pad = lambda a: np.concatenate([np.zeros(3 - len(a)), a])  # noqa: E731
+        return cls(pad(pc), pad(ps), np.array([tc[keep].min(), tc[keep].max()]))
+
+    def z(self, t: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """(u - centre(t)) / scale(t)."""
+        tc = np.clip(t, *self.t_range)
+        return (u - np.polyval(self.center, tc)) / np.exp(np.polyval(self.log_scale, tc))
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.center": self.center, f"{prefix}.log_scale": self.log_scale,
+                f"{prefix}.t_range": self.t_range}  # fmt: skip
+
+    @classmethod
+    def from_arrays(cls, a: dict, prefix: str) -> NoiseCalibration:
+        return cls(a[f"{prefix}.center"], a[f"{prefix}.log_scale"], a[f"{prefix}.t_range"])
+
+
+def residual_statistics(c: SignalCoordinates) -> np.ndarray:
+    """(n, 1 + len(SCALES)): chi^2/dof, then per scale s the largest |sum of w over s
+    consecutive pixels| / sqrt(good pixels among them), with w the standardized residual
+    ``c.proj.wres`` (0 at masked pixels): a matched filter for features of width s."""
+    w = c.proj.wres
+    good = w != 0
+    out = [c.proj.chi2 / c.proj.dof]
+    cw = np.zeros((w.shape[0], w.shape[1] + 1), np.float32)
+    np.cumsum(w, axis=1, out=cw[:, 1:])
+    cg = np.zeros_like(cw)
+    np.cumsum(good, axis=1, out=cg[:, 1:])
+    for s in SCALES:
+        sums = cw[:, s:] - cw[:, :-s]
+        cnt = np.maximum(cg[:, s:] - cg[:, :-s], 1)
+        out.append(np.abs(sums / np.sqrt(cnt)).max(axis=1))
+    return np.stack(out, axis=1).astype(np.float64)
+
+
+def _stat_names() -> list[str]:
+    return ["chi2"] + [f"scan{s}" for s in SCALES]
+
+
+@dataclass
+class SignalScorer:
+    """Scores for new spectra from a :class:`SignalSpaceModel` and its reference."""
+
+    model: SignalSpaceModel
+    ref: dict[str, np.ndarray] = field(default_factory=dict)  # calibrations, ranges, sorted scores
+    grid: dict = field(default_factory=dict)
+    max_masked_fraction: float = 0.2
+    n_importance: int = 32
+
+    # -- building the reference -----------------------------------------------------------
+
+    @classmethod
+    def fit(
+        cls,
+        model: SignalSpaceModel,
+        flux: np.ndarray,
+        ivar: np.ndarray,
+        labels: np.ndarray,
+        train_coords: SignalCoordinates,
+        grid: dict | None = None,
+        train: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> SignalScorer:
+        """Reference from held-out training stars ``flux``, ``ivar`` (m, p), ``labels``
+        (m, 3): percentiles, the flow's noise calibration, flux and label ranges; the label
+        regression (label-free scores) from ``train_coords``; the residual calibration and
+        the flux ranges from ``train`` = (flux, ivar, labels) of the training stars when
+        given (else from the held-out ones)."""
+        train_flux, train_ivar, train_labels = train if train is not None else (None,) * 3
+        k = model.basis.k
+        xs = np.c_[train_coords.y[:, :k], np.ones(len(train_coords.y))]
+        coef = np.linalg.lstsq(xs, train_coords.y[:, k:], rcond=None)[0]  # (k + 1, 3)
+        res = train_coords.y[:, k:] - xs @ coef
+        chol = np.linalg.cholesky(np.cov(res.T) * 1.5**2 + 1e-6 * np.eye(3))
+        src, src_ivar = (flux, ivar) if train_flux is None else (train_flux, train_ivar)
+        fl = np.where(src_ivar > 0, src, np.nan)
+        ref = {"label_coef": coef, "label_chol": chol,
+               "flux_lo": np.nanmin(fl, 0) - 5 * model.basis.scale,
+               "flux_hi": np.nanmax(fl, 0) + 5 * model.basis.scale,
+               "label_lo": labels.min(0) - 5 * labels.std(0),
+               "label_hi": labels.max(0) + 5 * labels.std(0)}  # fmt: skip
+        scorer = cls(model, ref, grid or {})
+        c = model.coordinates(flux, ivar, labels, keep_residual=True)
+        # residual statistics: calibrated on the training stars when given (the linear
+        # stage has k << n parameters, so they are as good as held-out ones, and many more)
+        cal_flux, cal_ivar = (flux, ivar) if train_flux is None else (train_flux, train_ivar)
+        cc = c
+        if train_flux is not None:
+            cc = model.coordinates(cal_flux, cal_ivar, train_labels, keep_residual=True)
+        stats_ = residual_statistics(cc)
+        zs = []
+        for j, name in enumerate(_stat_names()):
+            cal = NoiseCalibration.fit(cc.t, stats_[:, j])
+            ref |= cal.arrays(f"cal.{name}")
+            zs.append(cal.z(cc.t, stats_[:, j]))
+        ref |= NoiseCalibration.fit(cc.t, np.max(zs, axis=0)).arrays("cal.residual")
+        # the flow's log q: held-out stars only (the flow has seen the training ones)
+        ref |= NoiseCalibration.fit(c.t, model.flow_log_prob(c)).arrays("cal.signal")
+        ref |= NoiseCalibration.fit(c.t, scorer._label_free(c)).arrays("cal.signal_free")
+        out = scorer.score(flux, ivar, labels)
+        for key in ("score", "signal_score", "residual_score"):
+            ref[f"sorted.{key}"] = np.sort(out[key])
+        return scorer
+
+    def _label_free(self, c: SignalCoordinates, seed: int = 0) -> np.ndarray:
+        """log q(signal coordinates | t) with the labels integrated out (importance
+        sampling from the label regression), (n,)."""
+        k, m = self.model.basis.k, self.n_importance
+        mu = np.c_[c.y[:, :k], np.ones(len(c.y))] @ self.ref["label_coef"]  # (n, 3)
+        eps = np.random.default_rng(seed).standard_normal((m, 3))  # common draws: deterministic
+        chol = self.ref["label_chol"]
+        draws = mu[:, None, :] + (eps @ chol.T)[None]  # (n, m, 3)
+        log_prop = stats.multivariate_normal(np.zeros(3), chol @ chol.T).logpdf(eps @ chol.T)
+        y = np.concatenate([np.repeat(c.y[:, None, :k], m, 1), draws], axis=2).reshape(-1, k + 3)
+        cc = SignalCoordinates(y, np.repeat(c.t, m), c.proj)
+        lq = self.model.flow_log_prob(cc).reshape(-1, m) - log_prop[None]
+        w = np.exp(lq - lq.max(axis=1, keepdims=True))
+        self._posterior_labels = (w[:, :, None] * draws).sum(1) / w.sum(1)[:, None]  # (n, 3)
+        return logsumexp(lq, axis=1) - np.log(m)
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def _clean(self, flux, ivar, labels):
+        """Masks for non-finite input: bad pixels become masked, inf labels missing."""
+        flux = np.asarray(flux, np.float64)
+        n = len(flux)
+        ivar = np.ones_like(flux) if ivar is None else np.asarray(ivar, np.float64)
+        labels = np.full((n, 3), np.nan) if labels is None else np.asarray(labels, np.float64)
+        bad_pix = (~np.isfinite(flux) | ~np.isfinite(ivar)) & (np.nan_to_num(ivar, nan=1.0) != 0)
+        nonfinite = bad_pix.any(axis=1) | np.isinf(labels).any(axis=1)
+        ivar = np.where(bad_pix | ~np.isfinite(ivar) | (ivar < 0), 0.0, ivar)
+        flux = np.where(ivar > 0, flux, self.model.basis.mean)
+        labels = np.where(np.isinf(labels), np.nan, labels)
+        return flux, ivar, labels, nonfinite
+
+    def score(self, flux, ivar=None, labels=None, **_: object) -> dict[str, np.ndarray]:
+        """Scores of n spectra: ``flux``, ``ivar`` (n, p), ``labels`` (n, 3) (NaN rows:
+        label-free).  Returns (n,) arrays (see the module doc) plus ``labels_used``."""
+        flux, ivar, labels, nonfinite = self._clean(flux, ivar, labels)
+        m, r = self.model, self.ref
+        k = m.basis.k
+        labelled = np.isfinite(labels).all(axis=1)
+        with np.errstate(all="ignore"):
+            fill_labels = np.where(labelled[:, None], labels, m.label_mean)
+            c = m.coordinates(flux, ivar, fill_labels, keep_residual=True)
+            lq = m.flow_log_prob(c)
+            est = np.zeros((len(flux), 3))  # standardized label estimates (label-free rows)
+            if (~labelled).any():
+                sub = SignalCoordinates(c.y[~labelled], c.t[~labelled], c.proj)
+                lq[~labelled] = self._label_free(sub)
+                est[~labelled] = self._posterior_labels
+            cal_sig = NoiseCalibration.from_arrays(r, "cal.signal")
+            cal_free = NoiseCalibration.from_arrays(r, "cal.signal_free")
+            z_sig = np.where(labelled, -cal_sig.z(c.t, lq), -cal_free.z(c.t, lq))
+            st = residual_statistics(c)
+            zs = [NoiseCalibration.from_arrays(r, f"cal.{n}").z(c.t, st[:, j])
+                  for j, n in enumerate(_stat_names())]  # fmt: skip
+            z_res = NoiseCalibration.from_arrays(r, "cal.residual").z(c.t, np.max(zs, axis=0))
+            sig = stats.norm.logsf(z_sig)
+            res = stats.norm.logsf(z_res)
+            x = -2 * (sig + res)  # Fisher: chi^2 with 4 dof, log sf in closed form (no underflow)
+            comb = np.minimum(-x / 2 + np.log1p(x / 2), 0.0)
+            log_p = m.total_log_prob(c, lq) + np.where(labelled, 0.0, np.log(m.label_scale).sum())
+            labels_used = np.where(labelled[:, None], labels, est * m.label_scale + m.label_mean)
+        n_pix = flux.shape[1]
+        masked_fraction = 1.0 - c.proj.n_good / n_pix
+        no_good = c.proj.n_good <= k
+        out = {"score": comb, "signal_score": sig, "residual_score": res, "log_p": log_p}
+        for key in out:  # impossible or unscorable: the most outlying, never NaN
+            v = out[key]
+            nonfinite |= np.isnan(v)
+            out[key] = np.where(np.isnan(v) | no_good, -np.inf, v)
+        for key in ("score", "signal_score", "residual_score"):
+            ref = r.get(f"sorted.{key}")
+            name = "percentile" if key == "score" else key.replace("_score", "_percentile")
+            out[name] = (
+                np.full(len(flux), np.nan) if ref is None
+                else 100.0 * np.searchsorted(ref, out[key], side="right") / len(ref)
+            )  # fmt: skip
+        good = ivar > 0
+        out_range = good & ((flux < r["flux_lo"]) | (flux > r["flux_hi"]))
+        flux_range = out_range.sum(1) > 0.01 * np.maximum(good.sum(1), 1)
+        label_range = labelled & ((labels < r["label_lo"]) | (labels > r["label_hi"])).any(1)
+        masked = (masked_fraction > self.max_masked_fraction) | no_good
+        flags = nonfinite * FLAGS["nonfinite"] + masked * FLAGS["masked"]
+        flags += flux_range * FLAGS["flux_range"] + label_range * FLAGS["label_range"]
+        out |= {
+            "chi2_dof": np.nan_to_num(c.proj.chi2 / c.proj.dof, nan=np.inf),
+            "noise_level": c.t,
+            "labelled": labelled, "labels_used": labels_used,
+            "masked_fraction": masked_fraction, "flags": flags.astype(np.int64),
+            "flag_nonfinite": nonfinite, "flag_masked": masked,
+            "flag_flux_range": flux_range, "flag_label_range": label_range,
+        }  # fmt: skip
+        return out
+
+    # -- checkpoint ---------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, metrics: dict | None = None) -> Path:
+        """Write the model and reference to the folder ``path`` atomically (no pickle)."""
+        from mendis_ray.flow.checkpoint import CONFIG, FORMAT_VERSION, TENSORS
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        m = self.model
+        arrays = {f"basis.{k}": v for k, v in m.basis.arrays().items()}
+        arrays |= {"label_mean": m.label_mean, "label_scale": m.label_scale, "t_range": m.t_range}
+        arrays |= {f"score.{k}": np.asarray(v, np.float64) for k, v in self.ref.items()}
+        arrays |= {f"flow.{k}": v.detach().cpu().numpy() for k, v in m.flow.state_dict().items()}
+        if "wavelength" in self.grid:
+            arrays["grid.wavelength"] = np.asarray(self.grid["wavelength"], np.float64)
+        config = {
+            "format_version": FORMAT_VERSION, "model_kind": MODEL_KIND,
+            "signal_config": m.cfg.to_dict(), "k": m.basis.k,
+            "grid": {k: v for k, v in self.grid.items() if k != "wavelength"},
+            "metrics": metrics or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }  # fmt: skip
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / TENSORS))
+            (tmp / CONFIG).write_text(json.dumps(config, indent=1, default=float))
+            replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike, *, expect_grid: dict | None = None, **_: object
+    ) -> SignalScorer:
+        """Load a signal-model checkpoint written by :meth:`save`."""
+        from mendis_ray.flow.checkpoint import CheckpointError, check_grid, read_config
+
+        path = Path(path)
+        info, ten_path = read_config(path)
+        check_grid(path, info.get("grid", {}), expect_grid)
+        try:
+            a = load_file(str(ten_path))
+            cfg = SignalConfig.from_dict(info["signal_config"])
+            fields = ("mean", "scale", "basis", "eigenvalues", "intrinsic")
+            basis = SignalBasis(*(a[f"basis.{f}"] for f in fields))
+            model = SignalSpaceModel(basis, a["label_mean"], a["label_scale"], a["t_range"], cfg)
+            state = {k.removeprefix("flow."): torch.from_numpy(v) for k, v in a.items()
+                     if k.startswith("flow.")}  # fmt: skip
+            model.flow.load_state_dict(state, strict=True)
+        except Exception as err:  # safetensors / shapes / missing keys
+            raise CheckpointError(f"{path}: not a usable signal-model checkpoint ({err})") from err
+        if not (np.all(np.isfinite(basis.scale)) and np.all(basis.scale > 0)):
+            raise CheckpointError(f"{path}: basis.scale must be finite and > 0")
+        model.eval()
+        grid = dict(info.get("grid", {}))
+        if "grid.wavelength" in a:
+            grid["wavelength"] = a["grid.wavelength"]
+        ref = {k.removeprefix("score."): v for k, v in a.items() if k.startswith("score.")}
+        return cls(model, ref, grid)
+
+
+def load_scorer(path: str | os.PathLike, **kwargs: object):
+    """The scorer of any checkpoint: :class:`SignalScorer` for a signal-space model,
+    :class:`~mendis_ray.science.ood.Scorer` for a full-space flow (``kwargs``: ``device``,
+    ``expect_grid``)."""
+    from mendis_ray.flow.checkpoint import checkpoint_kind
+
+    if checkpoint_kind(path) == MODEL_KIND:
+        return SignalScorer.from_checkpoint(path, expect_grid=kwargs.get("expect_grid"))
+    from mendis_ray.science.ood import Scorer
+
+    return Scorer.from_checkpoint(str(path), **kwargs)
