@@ -152,7 +152,7 @@ class SignalSpaceModel(nn.Module):
         ``keep_residual`` keeps the standardized residual (for the residual scan)."""
         parts = [self.basis.project(flux[a : a + chunk], ivar[a : a + chunk], keep_residual)
                  for a in range(0, len(flux), chunk)]  # fmt: skip
-        fields = ("s", "cov", "chi2", "dof", "log_resid", "n_good")
+        fields = ("s", "cov", "chi2", "dof", "log_resid", "n_good", "intrinsic_fraction")
         if keep_residual:
             fields += ("wres",)
         proj = Projection(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))

@@ -52,6 +52,7 @@ class Projection:
     dof: np.ndarray  # (n,) good pixels - k
     log_resid: np.ndarray  # (n,) -chi2/2 - sum log(2 pi D)/2 + log det(2 pi C)/2 - sum log scale
     n_good: np.ndarray  # (n,) good pixels
+    intrinsic_fraction: np.ndarray | None = None  # (n,) mean of v / (noise + v), good pixels
     wres: np.ndarray | None = None  # (n, p) (z - U s_hat) sqrt(L), on request
 
 
@@ -187,7 +188,8 @@ class SignalBasis:
             + 0.5 * (logdet_c + k * _LOG_2PI)
             - good.astype(np.float32) @ np.log(self.scale).astype(np.float32)
         )
-        proj = Projection(s, cov, chi2, np.maximum(n_good - k, 1), log_resid, n_good)
+        frac = (lam @ self.intrinsic.astype(np.float32)) / np.maximum(n_good, 1)
+        proj = Projection(s, cov, chi2, np.maximum(n_good - k, 1), log_resid, n_good, frac)
         if keep_residual:
             proj.wres = wres
         return proj

@@ -62,7 +62,8 @@ MODEL_KIND = "signal"
 
 @dataclass
 class NoiseCalibration:
-    """Centre and robust scale of a statistic as smooth functions of the noise level t.
+    """Centre and robust scale of a statistic as smooth functions of a noise variable t
+    (here the signal fractions ``_rho_res`` / ``_rho_sig``, which saturate at high S/N).
 
     Fitted on reference stars: the median and 1.4826 x MAD in quantile bins of t, then a
     quadratic in t through the bin medians and through the log of the bin scales
@@ -130,6 +131,22 @@ def residual_statistics(c: SignalCoordinates) -> np.ndarray:
     return np.stack(out, axis=1).astype(np.float64)
 
 
+def _rho_res(c: SignalCoordinates) -> np.ndarray:
+    """How much of the residual variance is intrinsic rather than noise, (n,) in [0, 1]:
+    the variable the residual statistics are calibrated on (it saturates as S/N grows, so
+    a star cleaner than every reference star is compared with the cleanest ones)."""
+    return c.proj.intrinsic_fraction
+
+
+def _rho_sig(c: SignalCoordinates, model: SignalSpaceModel) -> np.ndarray:
+    """How signal-dominated the signal coordinates are, (n,) in [0, 1]: the mean over the
+    k directions of eigenvalue / (eigenvalue + noise variance); the signal score's
+    calibration variable."""
+    noise = np.diagonal(c.proj.cov, axis1=1, axis2=2)
+    lam = model.basis.eigenvalues
+    return (lam / (lam + noise)).mean(axis=1)
+
+
 def _stat_names() -> list[str]:
     return ["chi2"] + [f"scan{s}" for s in SCALES]
 
@@ -186,13 +203,14 @@ class SignalScorer:
         stats_ = residual_statistics(cc)
         zs = []
         for j, name in enumerate(_stat_names()):
-            cal = NoiseCalibration.fit(cc.t, stats_[:, j])
+            cal = NoiseCalibration.fit(_rho_res(cc), stats_[:, j])
             ref |= cal.arrays(f"cal.{name}")
-            zs.append(cal.z(cc.t, stats_[:, j]))
-        ref |= NoiseCalibration.fit(cc.t, np.max(zs, axis=0)).arrays("cal.residual")
+            zs.append(cal.z(_rho_res(cc), stats_[:, j]))
+        ref |= NoiseCalibration.fit(_rho_res(cc), np.max(zs, axis=0)).arrays("cal.residual")
         # the flow's log q: held-out stars only (the flow has seen the training ones)
-        ref |= NoiseCalibration.fit(c.t, model.flow_log_prob(c)).arrays("cal.signal")
-        ref |= NoiseCalibration.fit(c.t, scorer._label_free(c)).arrays("cal.signal_free")
+        rho = _rho_sig(c, model)
+        ref |= NoiseCalibration.fit(rho, model.flow_log_prob(c)).arrays("cal.signal")
+        ref |= NoiseCalibration.fit(rho, scorer._label_free(c)).arrays("cal.signal_free")
         out = scorer.score(flux, ivar, labels)
         for key in ("score", "signal_score", "residual_score"):
             ref[f"sorted.{key}"] = np.sort(out[key])
@@ -247,11 +265,13 @@ class SignalScorer:
                 est[~labelled] = self._posterior_labels
             cal_sig = NoiseCalibration.from_arrays(r, "cal.signal")
             cal_free = NoiseCalibration.from_arrays(r, "cal.signal_free")
-            z_sig = np.where(labelled, -cal_sig.z(c.t, lq), -cal_free.z(c.t, lq))
+            rho = _rho_sig(c, m)
+            z_sig = np.where(labelled, -cal_sig.z(rho, lq), -cal_free.z(rho, lq))
             st = residual_statistics(c)
-            zs = [NoiseCalibration.from_arrays(r, f"cal.{n}").z(c.t, st[:, j])
+            rr = _rho_res(c)
+            zs = [NoiseCalibration.from_arrays(r, f"cal.{n}").z(rr, st[:, j])
                   for j, n in enumerate(_stat_names())]  # fmt: skip
-            z_res = NoiseCalibration.from_arrays(r, "cal.residual").z(c.t, np.max(zs, axis=0))
+            z_res = NoiseCalibration.from_arrays(r, "cal.residual").z(rr, np.max(zs, axis=0))
             sig = stats.norm.logsf(z_sig)
             res = stats.norm.logsf(z_res)
             x = -2 * (sig + res)  # Fisher: chi^2 with 4 dof, log sf in closed form (no underflow)
