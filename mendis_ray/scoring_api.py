@@ -61,7 +61,14 @@ from pydantic import (
     ValidationError,
 )
 
-from mendis_ray.science.ood import FLAG_FLUX_RANGE, FLAG_LABEL_RANGE, FLAG_MASKED, FLAG_NONFINITE
+from mendis_ray.parquet_guard import parquet_bounds
+from mendis_ray.science.ood import (
+    FLAG_FLUX_RANGE,
+    FLAG_LABEL_RANGE,
+    FLAG_MASKED,
+    FLAG_NONFINITE,
+    FLAG_UNSCORABLE,
+)
 from mendis_ray.spectra.shards import META_KEY, ShardError, _metadata_from_schema
 
 __all__ = [
@@ -119,6 +126,7 @@ FLAG_NAMES: dict[int, str] = {
     FLAG_MASKED: "masked",
     FLAG_FLUX_RANGE: "flux_range",
     FLAG_LABEL_RANGE: "label_range",
+    FLAG_UNSCORABLE: "unscorable",
 }
 #: float score columns of Scorer.score copied into each result row
 SCORE_FIELDS = (
@@ -156,8 +164,9 @@ def _clip(text: str, n: int = _MAX_MESSAGE) -> str:
 
 # ---------------------------------------------------------------------- request schema
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-NonNegFloat = Annotated[float, Field(allow_inf_nan=False, ge=0.0)]
+# strict: JSON numbers only (no "1.0" strings, no true/false)
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0)]
 
 
 def _int_to_str(v: Any) -> Any:
@@ -250,7 +259,10 @@ class ScoreResult(BaseModel):
     log_ratio_gaussian: float | None = Field(description="log p_flow - log p_gaussian")
     masked_fraction: float | None = None
     labels_used: dict[str, float | None] = Field(description="given labels, or the best-fit")
-    flags: list[str] = Field(description="nonfinite, masked, flux_range, label_range")
+    flags: list[str] = Field(
+        description="nonfinite, masked, flux_range, label_range, unscorable (the model "
+        "could not score it: scores null, percentile 0)"
+    )
     flag_bits: int
 
 
@@ -310,7 +322,10 @@ def format_validation_errors(errors: Sequence[Mapping[str, Any]]) -> RequestErro
     if not errors:
         return RequestError(422, "body", "invalid request")
     first = errors[0]
-    field = _loc(first.get("loc", ()))
+    loc = tuple(first.get("loc", ()))
+    if first.get("type") == "extra_forbidden" and loc:
+        loc = (*loc[:-1], "(unknown field)")  # never reflect the client's key
+    field = _loc(loc)
     msg = str(first.get("msg", "invalid value"))
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more error(s))"
@@ -365,7 +380,7 @@ def body_kind(content_type: str | None) -> str:
     if media in BODY_KINDS:
         return BODY_KINDS[media]
     accepted = ", ".join(BODY_KINDS)
-    what = f"{_clip(media, 60)!r} is not supported" if media else "header missing"
+    what = "not supported" if media else "header missing"
     raise RequestError(415, "Content-Type", f"{what}; send one of {accepted}")
 
 
@@ -473,7 +488,8 @@ def _check_range(
 
 
 def _id(ids: Sequence[Any], r: int) -> str:
-    return f" (id {_clip(str(ids[r]), 40)!r})" if ids[r] is not None else ""
+    """Nothing: the field path names the row, and ids are client input (never echoed)."""
+    return ""
 
 
 def check_grid(
@@ -487,15 +503,10 @@ def check_grid(
     want = f"the model's grid {name!r} ({n_pix} px, hash {ghash})"
     if isinstance(given, str):
         if given not in (ghash, name):
-            raise RequestError(422, field, f"{_clip(given, 64)!r} is not {want}")
+            raise RequestError(422, field, f"not {want} (see GET /model)")
         return
     if given.get("hash") != ghash or given.get("n_pix") != n_pix:
-        raise RequestError(
-            422,
-            field,
-            f"the spectra are on grid {_clip(str(given.get('name')), 40)!r} "
-            f"({given.get('n_pix')} px, hash {_clip(str(given.get('hash')), 20)}), not {want}",
-        )
+        raise RequestError(422, field, f"the spectra are on another grid, not {want}")
 
 
 # ---------------------------------------------------------------------- binary bodies
@@ -517,36 +528,80 @@ def parse_arrow(
 ) -> ParsedRequest:
     """Parse an Arrow IPC (``arrow_stream``/``arrow_file``) or ``parquet`` body.
 
-    The row count is checked before the data are read where the format allows (Parquet
-    footer; IPC batch by batch), and only the columns of ``ARROW_COLUMNS`` are decoded.
+    The row count is checked before the data are read where the format allows (Parquet:
+    the footer, the row groups and every page header of the read columns, see
+    :func:`_read_parquet`; IPC batch by batch), and only the columns of ``ARROW_COLUMNS``
+    are decoded.
     A body whose schema metadata carries ``mendis_ray`` shard metadata must be on
     ``model_grid``."""
     what = _KIND_NAMES.get(kind, kind)
     try:
-        schema, table = _read_table(pa.py_buffer(body), kind, max_spectra)
+        schema, table = _read_table(pa.py_buffer(body), kind, max_spectra, n_pix)
     except RequestError:
         raise
     except Exception as err:  # pyarrow raises many types for corrupt input
-        reason = _clip(f"{type(err).__name__}: {err}", 160)
-        raise RequestError(400, "body", f"not a readable {what} ({reason})") from None
+        # the type only: pyarrow's messages quote column names and metadata
+        log.info("unreadable %s body: %s", what, _clip(f"{type(err).__name__}: {err}", 200))
+        raise RequestError(400, "body", f"not a readable {what} ({type(err).__name__})") from None
     if META_KEY in (schema.metadata or {}):
         try:
             meta = _metadata_from_schema(schema, "body")
-        except ShardError as err:
-            raise RequestError(422, "metadata", str(err)) from None
+        except ShardError:
+            raise RequestError(422, "metadata", "invalid mendis_ray shard metadata") from None
         if model_grid is not None and isinstance(meta.get("grid"), dict):
             check_grid(model_grid, meta["grid"], "metadata.grid")
     return table_request(table, n_pix, max_spectra=max_spectra)
 
 
-def _read_table(buf: pa.Buffer, kind: str, max_spectra: int) -> tuple[pa.Schema, pa.Table]:
+def decoded_limit(max_spectra: int, n_pix: int) -> int:
+    """Decompressed page bytes a Parquet body may hold: float64 flux and ivar of
+    ``max_spectra`` spectra, ids and labels, plus 4 MiB."""
+    return max_spectra * (16 * n_pix + 4096) + (4 << 20)
+
+
+def _read_parquet(buf: pa.Buffer, max_spectra: int, n_pix: int) -> tuple[pa.Schema, pa.Table]:
+    """The wanted columns of a Parquet body, bounded before anything is decoded: the
+    footer's row count must equal its row groups' (:func:`parquet_bounds`), the pages'
+    own value counts must fit that many rows of at most ``n_pix`` values, and their
+    decompressed size :func:`decoded_limit`; then the row groups are read in batches,
+    counting rows as they come."""
+    limit = decoded_limit(max_spectra, n_pix)
+    try:
+        bounds = parquet_bounds(
+            memoryview(buf), ARROW_COLUMNS, max_rows=max_spectra, max_decoded_bytes=limit
+        )
+    except ValueError as err:  # our own messages, no input in them
+        raise RequestError(400, "body", f"not a readable Parquet file ({err})") from None
+    _check_rows(bounds.num_rows, max_spectra)
+    if bounds.decoded_bytes > limit:
+        raise RequestError(413, "body", f"the Parquet pages decompress to more than {limit} bytes")
+    per_row = {"flux": n_pix, "ivar": n_pix}
+    for col, n_values in bounds.values.items():
+        if n_values > bounds.num_rows * max(per_row.get(col, 1), 1):
+            raise RequestError(
+                400, "body", f"column {col!r}: the pages hold more values than the footer's rows"
+            )
+    pf = pq.ParquetFile(pa.BufferReader(buf))
+    schema = pf.schema_arrow
+    cols = [c for c in ARROW_COLUMNS if c in schema.names]
+    batches: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=cols, use_threads=False):
+        rows += batch.num_rows
+        _check_rows(rows, max_spectra)
+        batches.append(batch)
+    if rows != bounds.num_rows:
+        raise RequestError(400, "body", "the Parquet pages do not hold the footer's row count")
+    out_schema = pa.schema([schema.field(c) for c in cols])
+    return schema, pa.Table.from_batches(batches, schema=out_schema)
+
+
+def _read_table(
+    buf: pa.Buffer, kind: str, max_spectra: int, n_pix: int
+) -> tuple[pa.Schema, pa.Table]:
     """(schema with metadata, table of the wanted columns) of a binary body."""
     if kind == "parquet":
-        pf = pq.ParquetFile(pa.BufferReader(buf))
-        _check_rows(pf.metadata.num_rows, max_spectra)
-        schema = pf.schema_arrow
-        cols = [c for c in ARROW_COLUMNS if c in schema.names]
-        return schema, pf.read(columns=cols)
+        return _read_parquet(buf, max_spectra, n_pix)
     opener = pa.ipc.open_stream if kind == "arrow_stream" else pa.ipc.open_file
     schema = opener(buf).schema
     wanted = [i for i, f in enumerate(schema) if f.name in ARROW_COLUMNS]
@@ -580,8 +635,7 @@ def table_request(table: pa.Table, n_pix: int, *, max_spectra: int) -> ParsedReq
     _check_rows(n, max_spectra)
     names = table.column_names
     if "flux" not in names:
-        have = ", ".join(repr(c) for c in table.schema.names[:10])
-        raise RequestError(422, "flux", f"missing column 'flux' (columns: {have or 'none'})")
+        raise RequestError(422, "flux", "missing column 'flux'")
     ids = _ids(table) if "id" in names else [None] * n
     flux = _matrix(table.column("flux"), n_pix, "flux", ids, nullable=False)
     ivar = (
@@ -600,7 +654,7 @@ def _ids(table: pa.Table) -> list[Any]:
     col = table.column("id")
     t = col.type
     if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)):
-        raise RequestError(422, "id", f"column must hold strings or integers, found {t}")
+        raise RequestError(422, "id", f"column must hold strings or integers, found {_kind(t)}")
     ids = [None if v is None else str(v) for v in col.to_pylist()]
     for r, v in enumerate(ids):
         if v is not None and len(v) > MAX_ID_LENGTH:
@@ -616,10 +670,10 @@ def _matrix(
     arr = col.combine_chunks()
     t = arr.type
     if not (pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t)):
-        raise RequestError(422, name, f"expected a list of numbers per row, found {t}")
+        raise RequestError(422, name, f"expected a list of numbers per row, found {_kind(t)}")
     vt = t.value_type
     if not (pa.types.is_floating(vt) or pa.types.is_integer(vt)):
-        raise RequestError(422, name, f"expected numbers in the lists, found {vt}")
+        raise RequestError(422, name, f"expected numbers in the lists, found {_kind(vt)}")
     n = len(arr)
     null = arr.is_null().to_numpy(zero_copy_only=False)
     if null.any() and not nullable:
@@ -642,7 +696,7 @@ def _matrix(
             )
     keep = ~null
     sub = arr.filter(pa.array(keep)) if null.any() else arr
-    values = sub.flatten().cast(pa.float64()).to_numpy(zero_copy_only=False)
+    values = _to_float64(sub.flatten(), name).to_numpy(zero_copy_only=False)
     out = np.ones((n, n_pix))
     out[keep] = values.reshape(-1, n_pix)
     bad = ~np.isfinite(out) | (np.abs(out) > F32_MAX)
@@ -661,12 +715,36 @@ def _matrix(
     return out
 
 
+def _kind(t: pa.DataType) -> str:
+    """A coarse name of an Arrow type (its str() quotes client-chosen field names)."""
+    for test, name in (
+        (pa.types.is_floating, "floats"), (pa.types.is_integer, "integers"),
+        (pa.types.is_string, "strings"), (pa.types.is_large_string, "strings"),
+        (pa.types.is_binary, "binary"), (pa.types.is_boolean, "booleans"),
+        (pa.types.is_struct, "structs"), (pa.types.is_list, "lists"),
+        (pa.types.is_large_list, "lists"), (pa.types.is_fixed_size_list, "lists"),
+        (pa.types.is_null, "nulls"), (pa.types.is_dictionary, "dictionary"),
+    ):  # fmt: skip
+        if test(t):
+            return name
+    return "another type"
+
+
+def _to_float64(arr: pa.Array | pa.ChunkedArray, name: str) -> pa.Array | pa.ChunkedArray:
+    """``arr`` as float64.  Integers beyond 2^53 (e.g. uint64 2^64-1) are rounded, not
+    refused: they are far outside any flux range and get scored and flagged."""
+    try:
+        return arr.cast(pa.float64(), safe=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        raise RequestError(422, name, "values not convertible to float64") from None
+
+
 def _vector(col: pa.ChunkedArray, name: str, ids: Sequence[Any]) -> np.ndarray:
     """(n,) float64 label column; null and NaN mean not given."""
     t = col.type
     if not (pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t)):
-        raise RequestError(422, name, f"expected a numeric column, found {t}")
-    v = col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+        raise RequestError(422, name, f"expected a numeric column, found {_kind(t)}")
+    v = _to_float64(col, name).to_numpy(zero_copy_only=False).astype(np.float64)
     bad = np.isinf(v) | (np.abs(np.nan_to_num(v)) > F32_MAX)
     if bad.any():
         r = int(np.flatnonzero(bad)[0])

@@ -201,6 +201,31 @@ class _Item:
     def __len__(self) -> int:
         return len(self.flux)
 
+    def rows(self, sl: slice) -> "_Item":
+        return _Item(self.flux[sl], self.ivar[sl], self.labels[sl], self.marginal)
+
+
+def _unscorable(n: int, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Scores of ``n`` spectra the model could not score (see ``FLAG_UNSCORABLE`` in
+    :mod:`mendis_ray.science.ood`): flagged, -inf scores, the most outlying percentile."""
+    from mendis_ray.science.ood import FLAG_UNSCORABLE
+
+    labelled = np.isfinite(labels).all(axis=1)
+    out: dict[str, np.ndarray] = {
+        k: np.full(n, np.nan) for k in ("log_p_marginal", "log_ratio_gaussian", "masked_fraction")
+    }
+    out["log_p"] = np.where(labelled, -np.inf, np.nan)
+    out["log_p_per_dim"] = np.where(labelled, -np.inf, np.nan)
+    out["signal_score"] = np.where(labelled, -np.inf, np.nan)
+    out["percentile"] = np.where(labelled, 0.0, np.nan)
+    out["signal_percentile"] = np.where(labelled, 0.0, np.nan)
+    out["labels_used"] = np.where(labelled[:, None], labels, np.nan)
+    out["flags"] = np.full(n, FLAG_UNSCORABLE, dtype=np.int64)
+    for name in ("nonfinite", "masked", "flux_range", "label_range"):
+        out[f"flag_{name}"] = np.zeros(n, bool)
+    out["flag_unscorable"] = np.ones(n, bool)
+    return out
+
 
 def _n_spectra(items: list[_Item]) -> int:
     return sum(len(i) for i in items)
@@ -259,8 +284,8 @@ class _ModelQueue:
                 groups, self.pending = self.pending[:take], self.pending[take:]
                 flat = [i for items, _ in groups for i in items]
                 try:
-                    results = await loop.run_in_executor(self.executor, self.fn, flat)
-                except Exception as err:  # every waiting request gets the error
+                    results = await loop.run_in_executor(self.executor, self._isolated, flat)
+                except Exception as err:  # not expected: _isolated contains row failures
                     for _, fut in groups:
                         if not fut.done():
                             fut.set_exception(err)
@@ -272,6 +297,30 @@ class _ModelQueue:
                     a += len(items)
         finally:
             self.running = False
+
+    def _isolated(self, items: list[_Item]) -> list[dict[str, np.ndarray]]:
+        """``fn(items)``; where it raises, the items are scored in halves (a piece of one
+        item in halves of its rows) down to single rows, and a single row that still
+        fails gets :func:`_unscorable` scores.  One bad spectrum then costs its
+        companions ~2 log2(n) extra model calls, never their results."""
+        try:
+            return self.fn(items)
+        except Exception as err:
+            n = _n_spectra(items)
+            if n <= 1:
+                log.warning("a spectrum could not be scored (%s): flagged unscorable",
+                            type(err).__name__)  # fmt: skip
+                return [_unscorable(len(i), i.labels) for i in items]
+            log.warning("a batch of %d spectra failed (%s): scoring its parts apart",
+                        n, type(err).__name__)  # fmt: skip
+        if len(items) > 1:
+            h = len(items) // 2
+            return self._isolated(items[:h]) + self._isolated(items[h:])
+        (item,) = items
+        h = len(item) // 2
+        parts = [self._isolated([item.rows(slice(0, h))])[0],
+                 self._isolated([item.rows(slice(h, None))])[0]]  # fmt: skip
+        return [{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}]
 
 
 @serve.deployment(name="MendisScorer")

@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ensure_ray", "quiet_ray_env", "quiet_worker_logging"]
+__all__ = [
+    "ensure_ray",
+    "is_loopback",
+    "listening_sockets",
+    "process_tree",
+    "quiet_ray_env",
+    "quiet_worker_logging",
+]
 
 
 def quiet_worker_logging() -> None:
@@ -79,3 +87,87 @@ def ensure_ray(
             runtime_env={"worker_process_setup_hook": quiet_worker_logging},
         )
     return ray.cluster_resources()
+
+
+# ---------------------------------------------------------------------- exposure checks
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (Linux ``/proc``; ``[pid]`` elsewhere)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return [pid]
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    out, stack = [pid], [pid]
+    while stack:
+        for c in children.get(stack.pop(), []):
+            out.append(c)
+            stack.append(c)
+    return out
+
+
+def _tcp_listeners() -> dict[str, tuple[str, int]]:
+    """socket inode -> (address, port) of every listening TCP socket (v4 and v6)."""
+    out: dict[str, tuple[str, int]] = {}
+    for path, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A":  # 0A = LISTEN
+                continue
+            hex_addr, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_addr)
+            # /proc prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            out[fields[9]] = (socket.inet_ntop(family, raw), int(hex_port, 16))
+    return out
+
+
+def listening_sockets(pids: list[int]) -> list[dict]:
+    """The listening TCP sockets held by ``pids``, like ``ss -ltnp``: dicts of ``pid``,
+    ``process`` (its name), ``address`` and ``port``.  Linux only (``/proc``)."""
+    socks = _tcp_listeners()
+    out = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            with open(f"/proc/{pid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        seen = set()
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            inode = link[8:-1] if link.startswith("socket:[") else None
+            if inode in socks and inode not in seen:
+                seen.add(inode)
+                addr, port = socks[inode]
+                out.append({"pid": pid, "process": name, "address": addr, "port": port})
+    return sorted(out, key=lambda r: (r["process"], r["port"]))
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1 or an IPv4-mapped loopback address (::ffff:127.x.y.z)."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
