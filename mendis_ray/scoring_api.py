@@ -535,22 +535,37 @@ def parse_arrow(
     A body whose schema metadata carries ``mendis_ray`` shard metadata must be on
     ``model_grid``."""
     what = _KIND_NAMES.get(kind, kind)
-    try:
-        schema, table = _read_table(pa.py_buffer(body), kind, max_spectra, n_pix)
-    except RequestError:
-        raise
-    except Exception as err:  # pyarrow raises many types for corrupt input
-        # the type only: pyarrow's messages quote column names and metadata
-        log.info("unreadable %s body: %s", what, _clip(f"{type(err).__name__}: {err}", 200))
-        raise RequestError(400, "body", f"not a readable {what} ({type(err).__name__})") from None
-    if META_KEY in (schema.metadata or {}):
+    buf = pa.py_buffer(body)
+    for step in ("schema", "table"):
         try:
-            meta = _metadata_from_schema(schema, "body")
-        except ShardError:
-            raise RequestError(422, "metadata", "invalid mendis_ray shard metadata") from None
-        if model_grid is not None and isinstance(meta.get("grid"), dict):
-            check_grid(model_grid, meta["grid"], "metadata.grid")
+            if step == "schema":  # the footer / first message only: the grid comes first
+                schema = _read_schema(buf, kind)
+            else:
+                table = _read_table(buf, kind, max_spectra, n_pix)
+        except RequestError:
+            raise
+        except Exception as err:  # pyarrow raises many types for corrupt input
+            # the type only: pyarrow's messages quote column names and metadata
+            log.info("unreadable %s body: %s", what, _clip(f"{type(err).__name__}: {err}", 200))
+            raise RequestError(
+                400, "body", f"not a readable {what} ({type(err).__name__})"
+            ) from None
+        if step == "schema" and META_KEY in (schema.metadata or {}):
+            try:
+                meta = _metadata_from_schema(schema, "body")
+            except ShardError:
+                raise RequestError(422, "metadata", "invalid mendis_ray shard metadata") from None
+            if model_grid is not None and isinstance(meta.get("grid"), dict):
+                check_grid(model_grid, meta["grid"], "metadata.grid")
     return table_request(table, n_pix, max_spectra=max_spectra)
+
+
+def _read_schema(buf: pa.Buffer, kind: str) -> pa.Schema:
+    """The schema (with metadata) of a binary body, reading no data pages."""
+    if kind == "parquet":
+        return pq.read_schema(pa.BufferReader(buf))
+    opener = pa.ipc.open_stream if kind == "arrow_stream" else pa.ipc.open_file
+    return opener(buf).schema
 
 
 def decoded_limit(max_spectra: int, n_pix: int) -> int:
@@ -559,7 +574,7 @@ def decoded_limit(max_spectra: int, n_pix: int) -> int:
     return max_spectra * (16 * n_pix + 4096) + (4 << 20)
 
 
-def _read_parquet(buf: pa.Buffer, max_spectra: int, n_pix: int) -> tuple[pa.Schema, pa.Table]:
+def _read_parquet(buf: pa.Buffer, max_spectra: int, n_pix: int) -> pa.Table:
     """The wanted columns of a Parquet body, bounded before anything is decoded: the
     footer's row count must equal its row groups' (:func:`parquet_bounds`), the pages'
     own value counts must fit that many rows of at most ``n_pix`` values, and their
@@ -579,7 +594,10 @@ def _read_parquet(buf: pa.Buffer, max_spectra: int, n_pix: int) -> tuple[pa.Sche
     for col, n_values in bounds.values.items():
         if n_values > bounds.num_rows * max(per_row.get(col, 1), 1):
             raise RequestError(
-                400, "body", f"column {col!r}: the pages hold more values than the footer's rows"
+                422,
+                col,
+                f"the pages hold more values than {bounds.num_rows} row(s) of at most "
+                f"{per_row.get(col, 1)} (the footer's row count, the model's pixels)",
             )
     pf = pq.ParquetFile(pa.BufferReader(buf))
     schema = pf.schema_arrow
@@ -592,14 +610,11 @@ def _read_parquet(buf: pa.Buffer, max_spectra: int, n_pix: int) -> tuple[pa.Sche
         batches.append(batch)
     if rows != bounds.num_rows:
         raise RequestError(400, "body", "the Parquet pages do not hold the footer's row count")
-    out_schema = pa.schema([schema.field(c) for c in cols])
-    return schema, pa.Table.from_batches(batches, schema=out_schema)
+    return pa.Table.from_batches(batches, schema=pa.schema([schema.field(c) for c in cols]))
 
 
-def _read_table(
-    buf: pa.Buffer, kind: str, max_spectra: int, n_pix: int
-) -> tuple[pa.Schema, pa.Table]:
-    """(schema with metadata, table of the wanted columns) of a binary body."""
+def _read_table(buf: pa.Buffer, kind: str, max_spectra: int, n_pix: int) -> pa.Table:
+    """The table of the wanted columns of a binary body."""
     if kind == "parquet":
         return _read_parquet(buf, max_spectra, n_pix)
     opener = pa.ipc.open_stream if kind == "arrow_stream" else pa.ipc.open_file
@@ -616,7 +631,7 @@ def _read_table(
         rows += batch.num_rows
         _check_rows(rows, max_spectra)
         batches.append(batch)
-    return schema, pa.Table.from_batches(batches, schema=reader.schema)
+    return pa.Table.from_batches(batches, schema=reader.schema)
 
 
 def _check_rows(n: int, max_spectra: int) -> None:
