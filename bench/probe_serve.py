@@ -43,7 +43,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import report
+from _common import report  # noqa: E402
 
 log = logging.getLogger("probe_serve")
 
@@ -124,9 +124,15 @@ def start_server(code: Path, checkpoint: Path, port: int) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(code), RAY_USAGE_STATS_ENABLED="0")
     cmd = [sys.executable, "-m", "mendis_ray.cli", "serve", str(checkpoint), "--port", str(port),
            "--num-cpus", "2", "--batch-size", "64"]  # fmt: skip
-    logf = open(HERE / "results" / f".probe_server_{port}.log", "w")  # noqa: SIM115
+    logf = open(f"/tmp/probe_server_{port}.log", "w")
+
+    # a background process inherits SIGINT ignored: restore the default, as in a terminal
+    def sigint_default() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=str(code))  # fmt: skip
+                            start_new_session=True, cwd=str(code),
+                            preexec_fn=sigint_default)  # fmt: skip
     deadline = time.time() + 180
     while time.time() < deadline:
         status, _, _ = post(port, b"", path="/healthz", timeout=5)
@@ -166,7 +172,7 @@ def poison_under_load(port, bodies, reference, n_pix, clients, duration, n_poiso
             i += clients
 
     def poisoner() -> None:
-        for k in range(n_poison):
+        for _ in range(n_poison):
             time.sleep(duration / (n_poison + 1))
             status, _, _ = post(port, poison)
             with lock:
@@ -282,8 +288,11 @@ def main() -> int:
         tree_pids = [r["pid"] for r in out.get("listeners", [])]
         time.sleep(15)
         alive = [pid for pid in set(tree_pids) if Path(f"/proc/{pid}").exists()]
-        out["after_ctrl_c"] = {"server_exit": proc.poll(), "listener_pids_alive_15s": alive,
-                               "listeners_alive": [r for r in listening_sockets_of(alive)]}
+        out["after_ctrl_c"] = {
+            "server_exit": proc.poll(),
+            "listener_pids_alive_15s": alive,
+            "listeners_alive": [r for r in listening_sockets_of(alive)],
+        }
         for pid in alive:  # clean up what it left (our own processes, by PID)
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -294,7 +303,7 @@ def main() -> int:
 
     print("\nlistening sockets of the server's process tree (like ss -ltnp):")
     for r in out["listeners"]:
-        print(f"  LISTEN {r['address']}:{r['port']:<6} users:((\"{r['process']}\",pid={r['pid']}))")
+        print(f'  LISTEN {r["address"]}:{r["port"]:<6} users:(("{r["process"]}",pid={r["pid"]}))')
     pu, lf = out["poison_under_load"], out["lying_footer"]
     rows = [
         {"probe": "poison under load: valid failed", "value": f"{pu['valid_failed']} / "

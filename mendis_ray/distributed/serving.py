@@ -39,10 +39,12 @@ the class-based view from real annotations in the replica.)
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -75,7 +77,7 @@ from mendis_ray.scoring_api import (
     results_to_json,
 )
 
-__all__ = ["MendisScorer", "ServeArgs", "build_app", "main_serve"]
+__all__ = ["MendisScorer", "ServeArgs", "bind_replica_grpc_to_loopback", "build_app", "main_serve"]
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,11 @@ def validate_args(args: Mapping[str, Any]) -> ServeArgs:
         raise ValueError(
             f"build_app: checkpoint {str(ckpt)!r} is not a checkpoint folder ({missing} missing)"
         )
+    # Load it once here: a truncated or invalid checkpoint fails now with its own error,
+    # instead of replicas failing and being restarted by Serve for a minute.
+    from mendis_ray.science.ood import Scorer
+
+    Scorer.from_checkpoint(str(ckpt))  # raises CheckpointError (a ValueError)
     # replicas may start in another working directory: pass an absolute path
     return s.model_copy(update={"checkpoint": str(ckpt.resolve())})
 
@@ -323,6 +330,37 @@ class _ModelQueue:
         return [{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}]
 
 
+def bind_replica_grpc_to_loopback() -> bool:
+    """In a replica of a cluster whose node IP is 127.0.0.1 (the embedded cluster of
+    :func:`mendis_ray.distributed.session.ensure_ray`), bind Serve's inter-deployment
+    gRPC server to 127.0.0.1 instead of every interface.
+
+    Ray Serve 2.60 binds it to ``[::]:0`` unconditionally (``replica.py``), after the
+    deployment's constructor has run, through ``add_port_to_grpc_server``; this wraps
+    that function in this replica process.  Returns whether it did; a Ray without that
+    hook is left alone (with a warning), and the listening-socket test then fails."""
+    import ray
+    from ray.serve._private import replica as replica_mod
+
+    if ray.util.get_node_ip_address() != "127.0.0.1":
+        return False
+    add = getattr(replica_mod, "add_port_to_grpc_server", None)
+    if add is None:
+        log.warning("cannot bind the replica's gRPC server to 127.0.0.1 (Ray internals changed)")
+        return False
+    if getattr(add, "_mendis_loopback", False):
+        return True
+
+    def add_loopback(server: Any, address: str) -> int:
+        if address.startswith("[::]:") or address.startswith("0.0.0.0:"):
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return add(server, address)
+
+    add_loopback._mendis_loopback = True  # type: ignore[attr-defined]
+    replica_mod.add_port_to_grpc_server = add_loopback
+    return True
+
+
 @serve.deployment(name="MendisScorer")
 @serve.ingress(app)
 class MendisScorer:
@@ -335,6 +373,7 @@ class MendisScorer:
 
         s = ServeArgs.model_validate(args)
         self.args = s
+        bind_replica_grpc_to_loopback()
         self.threads = s.threads
         torch.set_num_threads(self.threads)
         t0 = time.perf_counter()
@@ -376,6 +415,9 @@ class MendisScorer:
         # One model thread (torch releases the GIL), with the replica's thread count.
         self.pool = ThreadPoolExecutor(1, "mendis-score", torch.set_num_threads, (self.threads,))
         self.model_queue = _ModelQueue(self.pool, self._score_items, s.batch_size)
+        # Parsing (JSON validation, Arrow/Parquet decoding) runs off the event loop, so a
+        # large body never stalls other requests or /healthz.
+        self.parse_pool = ThreadPoolExecutor(2, "mendis-parse")
         logging.getLogger("ray.serve").addFilter(_BatchWarningFilter())
         self._score_batch.set_max_batch_size(s.batch_size)
         self._score_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -434,15 +476,19 @@ class MendisScorer:
         kind = body_kind(request.headers.get("content-type"))
         body = await self._read_body(request)
         t1 = time.perf_counter()
-        parsed = parse_body(
-            body,
-            kind,
-            n_pix=self.n_pix,
-            model_grid=self.grid,
-            max_spectra=self.args.max_spectra,
-            max_marginal=self.args.max_marginal,
-            marginal=marginal,
-            grid=grid,
+        parsed = await asyncio.get_running_loop().run_in_executor(
+            self.parse_pool,
+            functools.partial(
+                parse_body,
+                body,
+                kind,
+                n_pix=self.n_pix,
+                model_grid=self.grid,
+                max_spectra=self.args.max_spectra,
+                max_marginal=self.args.max_marginal,
+                marginal=marginal,
+                grid=grid,
+            ),
         )
         del body
         t2 = time.perf_counter()
@@ -602,18 +648,32 @@ def main_serve(args: argparse.Namespace) -> int:
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: anyone who reaches it can use the endpoint", host)
 
-    from mendis_ray.distributed.session import ensure_ray
+    from mendis_ray.distributed.session import ensure_ray, shutdown_embedded_ray
 
-    ensure_ray(a.get("address"), num_cpus=max(4, int(np.ceil(app_args["num_cpus"]))))
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(application, name="mendis", route_prefix="/")
-    url = f"http://{host}:{port}"
-    print(f"mendis serve: scoring {a['checkpoint']} at {url}/score (docs {url}/docs); Ctrl-C stops")
+    def _stop(signum: int, frame: Any) -> None:  # SIGTERM (docker stop, systemd): as Ctrl-C
+        raise KeyboardInterrupt
+
     try:
+        ensure_ray(a.get("address"), num_cpus=max(4, int(np.ceil(app_args["num_cpus"]))))
+        signal.signal(signal.SIGTERM, _stop)  # after Ray, which installs its own handler
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application, name="mendis", route_prefix="/")
+        url = f"http://{host}:{port}"
+        print(f"mendis serve: scoring {a['checkpoint']} at {url}/score (docs {url}/docs); "
+              "Ctrl-C stops")  # fmt: skip
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("mendis serve: stopping")
     finally:
-        serve.shutdown()
+        # Serve's actors, then the embedded cluster (GCS, raylet, agents) by this process:
+        # nothing of it is left running or listening.
+        import ray
+
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        except Exception as err:  # Ray already gone: nothing to stop
+            log.debug("serve.shutdown: %s", err)
+        shutdown_embedded_ray()
     return 0
