@@ -288,3 +288,30 @@ def test_uint64_flux_is_parsed_not_a_server_error():
         w.write_table(table)
     req = sa.parse_body(sink.getvalue(), "arrow_stream", n_pix=6, model_grid={})
     assert req.flux[0, 0] == pytest.approx(1.8446744073709552e19)
+
+
+# ---------------------------------------------------------------------- mendis score --out
+
+
+def test_score_out_must_be_a_folder_and_a_failed_run_leaves_nothing(tmp_path, capsys):
+    from mendis_ray.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"grid": {"hash": "x", "n_pix": 5}}))
+    a_file = tmp_path / "scores.txt"
+    a_file.write_text("keep me")
+    # an existing file: a clear message, no traceback (was a FileExistsError traceback)
+    assert main(["score", str(ckpt), str(tmp_path / "nowhere"), "--out", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a folder" in err and "Traceback" not in err
+    assert a_file.read_text() == "keep me"
+    # a run that fails after making --out removes it (was left empty)
+    out = tmp_path / "new" / "out"
+    assert main(["score", str(ckpt), str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert not out.exists()
+    # an existing folder is kept (a rerun must not lose earlier results)
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text("{}")
+    assert main(["score", str(ckpt), str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert (out / "summary.json").read_text() == "{}"
