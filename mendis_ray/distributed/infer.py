@@ -111,13 +111,13 @@ RANK_KEYS = {
     "percentile": ("percentile", "log_p_per_dim"),
     "signal": ("signal_percentile", "signal_score"),
 }
-FLAG_BITS = {1: "nonfinite", 2: "masked", 4: "flux_range", 8: "label_range"}
+FLAG_BITS = {1: "nonfinite", 2: "masked", 4: "flux_range", 8: "label_range", 16: "unscorable"}
 #: The leading columns of the outlier table (the scores, then the input's other columns).
 TOP_COLUMNS = (
     "rank", "id", "percentile", "log_p_per_dim", "signal_percentile", "log_ratio_gaussian",
     "flags", "flag_names", "log_p", "log_p_marginal", "signal_score", *USED_COLUMNS,
     *LABEL_COLUMNS, "snr", "masked_fraction", "flag_nonfinite", "flag_masked",
-    "flag_flux_range", "flag_label_range", "path",
+    "flag_flux_range", "flag_label_range", "flag_unscorable", "path",
 )  # fmt: skip
 _TMP_RE = re.compile(r"^\.scores\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
