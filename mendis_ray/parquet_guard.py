@@ -1,4 +1,5 @@
-"""Bounds of a Parquet body, read from its own bytes before pyarrow decodes anything.
+"""Bounds of a Parquet or Arrow IPC body, read from its own bytes before pyarrow decodes
+anything (:func:`parquet_bounds`; :func:`ipc_message_bounds` for IPC messages).
 
 A Parquet footer is not evidence: ``FileMetaData.num_rows`` can say 1 while the pages
 hold 100,000 rows, and a few KB of run-length-encoded pages can decompress to gigabytes.
@@ -25,6 +26,7 @@ __all__ = [
     "ParquetBounds",
     "decode_struct",
     "encode_struct",
+    "ipc_message_bounds",
     "parquet_bounds",
     "read_footer",
     "write_footer",
@@ -310,3 +312,93 @@ def parquet_bounds(
                 raise ValueError("a column chunk's pages do not hold its num_values")
             values[path[0]] = values.get(path[0], 0) + seen
     return ParquetBounds(file_rows, rg_rows, decoded, values)
+
+
+# ---------------------------------------------------------------------- Arrow IPC
+#
+# An IPC record batch may be compressed (LZ4/ZSTD): a few KB of body can claim gigabytes
+# once decompressed, and pyarrow decompresses a whole batch before the caller sees its
+# row count.  The Message flatbuffer says the batch's row count and every buffer's place
+# in the body, and a compressed buffer starts with its uncompressed length (int64), so
+# both bounds are known before decoding.
+
+_RECORD_BATCH, _DICTIONARY_BATCH = 3, 2  # MessageHeader union tags
+
+
+class _Flat:
+    """Minimal flatbuffer table access (little-endian, offsets checked against the end)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def _u(self, pos: int, size: int, signed: bool = False) -> int:
+        if pos < 0 or pos + size > len(self.data):
+            raise ValueError("IPC metadata out of range")
+        return int.from_bytes(self.data[pos : pos + size], "little", signed=signed)
+
+    def root(self) -> int:
+        return self._u(0, 4)
+
+    def field(self, table: int, i: int) -> int:
+        """Position of field ``i`` of the table at ``table`` (0 if absent)."""
+        vtable = table - self._u(table, 4, signed=True)
+        vt_size = self._u(vtable, 2)
+        o = 4 + 2 * i
+        if o + 2 > vt_size:
+            return 0
+        off = self._u(vtable + o, 2)
+        return table + off if off else 0
+
+    def int_field(self, table: int, i: int, size: int, default: int = 0) -> int:
+        pos = self.field(table, i)
+        return self._u(pos, size, signed=True) if pos else default
+
+    def table_field(self, table: int, i: int) -> int:
+        pos = self.field(table, i)
+        return pos + self._u(pos, 4) if pos else 0
+
+    def struct_vector(self, table: int, i: int, n_longs: int) -> list[tuple[int, ...]]:
+        pos = self.field(table, i)
+        if not pos:
+            return []
+        vec = pos + self._u(pos, 4)
+        n = self._u(vec, 4)
+        if n > _MAX_ITEMS:
+            raise ValueError("IPC metadata vector too long")
+        size = 8 * n_longs
+        return [
+            tuple(self._u(vec + 4 + k * size + 8 * j, 8, signed=True) for j in range(n_longs))
+            for k in range(n)
+        ]
+
+
+def ipc_message_bounds(metadata: bytes, body: bytes | memoryview | None) -> tuple[int, int]:
+    """(rows, decoded bytes) of one IPC message from its flatbuffer ``metadata`` and its
+    ``body``, without decoding it: (0, 0) for a schema message, (0, bytes) for a
+    dictionary batch (its entries are not rows of the table)."""
+    fb = _Flat(bytes(metadata))
+    msg = fb.root()
+    kind = fb.int_field(msg, 1, 1)
+    header = fb.table_field(msg, 2)
+    dictionary = kind == _DICTIONARY_BATCH
+    if dictionary and header:
+        header = fb.table_field(header, 1)  # DictionaryBatch.data: a RecordBatch
+    elif kind != _RECORD_BATCH:
+        return 0, 0
+    if not header:
+        raise ValueError("IPC record batch without a header")
+    rows = fb.int_field(header, 0, 8)
+    compressed = bool(fb.field(header, 3))
+    view = _bytes_view(body if body is not None else b"")
+    decoded = 0
+    for offset, length in fb.struct_vector(header, 2, 2):  # Buffer {offset, length}
+        if offset < 0 or length < 0 or offset + length > len(view):
+            raise ValueError("an IPC buffer outside its message body")
+        size = length
+        if compressed and length >= 8:
+            claimed = int.from_bytes(view[offset : offset + 8], "little", signed=True)
+            size = length if claimed < 0 else claimed  # -1: stored uncompressed
+        decoded += size
+    if rows < 0:
+        raise ValueError("negative IPC batch length")
+    return (0 if dictionary else rows), decoded

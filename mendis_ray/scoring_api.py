@@ -61,7 +61,7 @@ from pydantic import (
     ValidationError,
 )
 
-from mendis_ray.parquet_guard import parquet_bounds
+from mendis_ray.parquet_guard import _Flat, ipc_message_bounds, parquet_bounds
 from mendis_ray.science.ood import (
     FLAG_FLUX_RANGE,
     FLAG_LABEL_RANGE,
@@ -617,6 +617,7 @@ def _read_table(buf: pa.Buffer, kind: str, max_spectra: int, n_pix: int) -> pa.T
     """The table of the wanted columns of a binary body."""
     if kind == "parquet":
         return _read_parquet(buf, max_spectra, n_pix)
+    _check_ipc(buf, kind, max_spectra, n_pix)
     opener = pa.ipc.open_stream if kind == "arrow_stream" else pa.ipc.open_file
     schema = opener(buf).schema
     wanted = [i for i, f in enumerate(schema) if f.name in ARROW_COLUMNS]
@@ -632,6 +633,49 @@ def _read_table(buf: pa.Buffer, kind: str, max_spectra: int, n_pix: int) -> pa.T
         _check_rows(rows, max_spectra)
         batches.append(batch)
     return pa.Table.from_batches(batches, schema=reader.schema)
+
+
+def _ipc_messages(buf: pa.Buffer, kind: str):
+    """The (metadata, body) of every message of an IPC body, undecoded: the stream's
+    messages in order, or the file footer's dictionary and record-batch blocks."""
+    if kind == "arrow_stream":
+        reader = pa.ipc.MessageReader.open_stream(pa.BufferReader(buf))
+        while True:
+            try:
+                msg = reader.read_next_message()
+            except StopIteration:
+                return
+            yield msg.metadata, msg.body
+    data = memoryview(buf)
+    n = len(data)
+    if n < 18 or bytes(data[:6]) != b"ARROW1" or bytes(data[-6:]) != b"ARROW1":
+        raise ValueError("not an Arrow IPC file")
+    flen = int.from_bytes(data[n - 10 : n - 6], "little")
+    if not 0 < flen <= n - 18:
+        raise ValueError("IPC footer length out of range")
+    fb = _Flat(bytes(data[n - 10 - flen : n - 10]))
+    footer = fb.root()
+    for field in (2, 3):  # dictionaries, recordBatches: Block {offset, metaDataLength, body}
+        for offset, meta_len, body_len in fb.struct_vector(footer, field, 3):
+            size = (meta_len & 0xFFFFFFFF) + body_len
+            if offset < 8 or body_len < 0 or offset + size > n:
+                raise ValueError("an IPC block outside the file")
+            msg = pa.ipc.read_message(buf.slice(offset, size))
+            yield msg.metadata, msg.body
+
+
+def _check_ipc(buf: pa.Buffer, kind: str, max_spectra: int, n_pix: int) -> None:
+    """Rows and decompressed bytes of an IPC body from its message metadata, before any
+    batch is decoded (a compressed batch is decompressed whole): 422 over
+    ``max_spectra`` rows, 413 over :func:`decoded_limit`."""
+    limit = decoded_limit(max_spectra, n_pix)
+    rows = decoded = 0
+    for metadata, body in _ipc_messages(buf, kind):
+        r, d = ipc_message_bounds(metadata, body)
+        rows, decoded = rows + r, decoded + d
+        _check_rows(rows, max_spectra)
+        if decoded > limit:
+            raise RequestError(413, "body", f"the Arrow batches decode to more than {limit} bytes")
 
 
 def _check_rows(n: int, max_spectra: int) -> None:

@@ -315,3 +315,45 @@ def test_score_out_must_be_a_folder_and_a_failed_run_leaves_nothing(tmp_path, ca
     (out / "summary.json").write_text("{}")
     assert main(["score", str(ckpt), str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert (out / "summary.json").read_text() == "{}"
+
+
+# ---------------------------------------------------------------------- Arrow IPC bounds
+
+
+def _ipc(table: pa.Table, kind: str, compression: str | None = None) -> bytes:
+    sink = io.BytesIO()
+    options = pa.ipc.IpcWriteOptions(compression=compression)
+    new = pa.ipc.new_stream if kind == "arrow_stream" else pa.ipc.new_file
+    with new(sink, table.schema, options=options) as w:
+        w.write_table(table, max_chunksize=1 << 30)
+    return sink.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["arrow_stream", "arrow_file"])
+def test_compressed_ipc_batches_are_bounded_before_decompression(kind):
+    """A zstd-compressed batch of 20,000 zero spectra is a few hundred KB; pyarrow would
+    decompress it whole (385 MB as float64) before the row count was seen."""
+    n_pix = 2405
+    flux = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(20_000 * n_pix)), n_pix)
+    body = _ipc(pa.table({"flux": flux}), kind, "zstd")
+    del flux
+    assert len(body) < 1_000_000
+    peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(sa.RequestError) as info:
+        sa.parse_body(body, kind, n_pix=n_pix, model_grid={}, max_spectra=4096)
+    assert (info.value.status, info.value.field) == (422, "spectra")
+    with pytest.raises(sa.RequestError) as info:  # rows allowed, bytes not
+        sa.parse_body(body, kind, n_pix=10, model_grid={}, max_spectra=20_000)
+    assert info.value.status == 413
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak0
+    assert grown < 100_000, f"peak RSS grew by {grown / 1024:.0f} MB"
+
+
+@pytest.mark.parametrize("compression", [None, "lz4", "zstd"])
+@pytest.mark.parametrize("kind", ["arrow_stream", "arrow_file"])
+def test_ipc_bodies_with_dictionaries_and_compression_still_parse(kind, compression):
+    flux = pa.array([[1.0] * 6, [2.0] * 6, [3.0] * 6], type=pa.list_(pa.float32()))
+    ids = pa.array(["a", "b", "a"]).dictionary_encode()
+    table = pa.table({"flux": flux, "id": ids.cast(pa.string()), "path": ids})
+    req = sa.parse_body(_ipc(table, kind, compression), kind, n_pix=6, model_grid={})
+    assert req.ids == ["a", "b", "a"] and req.flux[2, 0] == 3.0
