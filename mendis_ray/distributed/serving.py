@@ -23,6 +23,11 @@ Endpoints:
 Bad input is a 4xx with ``{"error": "FIELD: short message", "field": FIELD}`` and never
 echoes the input: 400 unreadable body, 413 over ``max_request_bytes`` (Content-Length and
 the bytes actually read are both checked), 415 unknown content type, 422 invalid values.
+Bodies are parsed in a thread pool (never on the event loop) and bounded before decoding
+(:mod:`mendis_ray.parquet_guard`).  A valid-looking spectrum the model cannot score (e.g.
+flux of 3e38, all pixels masked) is scored, flagged ``unscorable`` and ranked most
+outlying; a model call that fails anyway is retried in parts (:class:`_ModelQueue`), so
+one bad spectrum never fails the other requests merged into its batch.
 
 Use::
 
@@ -260,8 +265,9 @@ class _ModelQueue:
     still busy with the previous one (with ``max_concurrent_batches=1`` it then waits
     behind it): under sustained load of single spectra that makes many small model batches
     (measured: 9 spectra on average for 64 requests in flight).  Here the groups that
-    arrive during a model call are merged into the next one instead.  Lives on the
-    replica's event loop (no locks needed)."""
+    arrive during a model call are merged into the next one instead.  Failures are
+    isolated per request and per row (:meth:`_isolated`).  Lives on the replica's event
+    loop (no locks needed)."""
 
     def __init__(self, executor: ThreadPoolExecutor, fn: Any, max_rows: int) -> None:
         self.executor = executor
