@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "Flatbuffer",
     "ParquetBounds",
     "decode_struct",
     "encode_struct",
@@ -325,7 +326,7 @@ def parquet_bounds(
 _RECORD_BATCH, _DICTIONARY_BATCH = 3, 2  # MessageHeader union tags
 
 
-class _Flat:
+class Flatbuffer:
     """Minimal flatbuffer table access (little-endian, offsets checked against the end)."""
 
     def __init__(self, data: bytes) -> None:
@@ -376,7 +377,7 @@ def ipc_message_bounds(metadata: bytes, body: bytes | memoryview | None) -> tupl
     """(rows, decoded bytes) of one IPC message from its flatbuffer ``metadata`` and its
     ``body``, without decoding it: (0, 0) for a schema message, (0, bytes) for a
     dictionary batch (its entries are not rows of the table)."""
-    fb = _Flat(bytes(metadata))
+    fb = Flatbuffer(bytes(metadata))
     msg = fb.root()
     kind = fb.int_field(msg, 1, 1)
     header = fb.table_field(msg, 2)

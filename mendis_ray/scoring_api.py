@@ -23,7 +23,11 @@ Request forms (``POST /score``), chosen by the ``Content-Type`` header:
 Rules common to both forms: flux and ivar values are finite and within the float32 range,
 ivar >= 0 (0 marks a bad pixel; its flux is a finite placeholder), labels are finite; a
 spectrum is *labelled* only when all of teff, logg and feh are given, otherwise it is
-scored label-free or not at all (see ``marginal``).
+scored label-free or not at all (see ``marginal``).  JSON numbers are strict (no strings,
+no booleans).  Values that pass these rules but that the model cannot score (flux of
++-3e38, integers near 2^64, every pixel masked) are scored and flagged ``unscorable``
+(see :mod:`mendis_ray.science.ood`), never a server error.  Binary bodies are bounded
+before decoding (rows, decompressed bytes: :mod:`mendis_ray.parquet_guard`).
 
 ``marginal``
     ``"none"`` (default): labelled spectra get their exact log p(flux, labels); unlabelled
@@ -61,7 +65,7 @@ from pydantic import (
     ValidationError,
 )
 
-from mendis_ray.parquet_guard import _Flat, ipc_message_bounds, parquet_bounds
+from mendis_ray.parquet_guard import Flatbuffer, ipc_message_bounds, parquet_bounds
 from mendis_ray.science.ood import (
     FLAG_FLUX_RANGE,
     FLAG_LABEL_RANGE,
@@ -653,7 +657,7 @@ def _ipc_messages(buf: pa.Buffer, kind: str):
     flen = int.from_bytes(data[n - 10 : n - 6], "little")
     if not 0 < flen <= n - 18:
         raise ValueError("IPC footer length out of range")
-    fb = _Flat(bytes(data[n - 10 - flen : n - 10]))
+    fb = Flatbuffer(bytes(data[n - 10 - flen : n - 10]))
     footer = fb.root()
     for field in (2, 3):  # dictionaries, recordBatches: Block {offset, metaDataLength, body}
         for offset, meta_len, body_len in fb.struct_vector(footer, field, 3):
