@@ -357,3 +357,32 @@ def test_ipc_bodies_with_dictionaries_and_compression_still_parse(kind, compress
     table = pa.table({"flux": flux, "id": ids.cast(pa.string()), "path": ids})
     req = sa.parse_body(_ipc(table, kind, compression), kind, n_pix=6, model_grid={})
     assert req.ids == ["a", "b", "a"] and req.flux[2, 0] == 3.0
+
+
+def test_mendis_serve_fails_fast_on_a_bad_checkpoint(scorer, tmp_path, capsys):
+    """A truncated (or zero-std) checkpoint ends `mendis serve` at once with the
+    checkpoint's error, before Ray starts (replicas were retried for a minute)."""
+    from mendis_ray.cli import main
+
+    sc, _, _ = scorer
+    d = sc.density
+    path = save_checkpoint(tmp_path / "ck", d, extra_arrays=sc.checkpoint_arrays())
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    ray_before = _ray_initialized()
+    assert main(["serve", str(path), "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "unreadable tensors" in err and "Traceback" not in err
+    assert _ray_initialized() == ray_before  # no Ray was started
+    zero = SpectrumDensity(d.flow, Standardizer(d.standardizer.mean, 0 * d.standardizer.std),
+                           CFG, GRID)  # fmt: skip
+    path = save_checkpoint(tmp_path / "zero", zero, extra_arrays=sc.checkpoint_arrays())
+    assert main(["serve", str(path), "--port", "1"]) == 2
+    assert "standardizer.std" in capsys.readouterr().err
+
+
+def _ray_initialized() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
