@@ -597,6 +597,7 @@ def test_regression_lying_parquet_footer_is_refused_cheaply(server, test_set):
     assert status == 200
 
 
+@pytest.mark.slow
 def test_poison_under_load_no_5xx_and_valid_results_unchanged(server, scorer, test_set):
     """Defect 1 under load: valid single-spectrum requests from 8 clients for ~4 s with
     poison requests interleaved: zero 5xx, every valid result equal to the spectrum
@@ -666,6 +667,7 @@ def test_embedded_cluster_and_serve_listen_on_loopback_only(server):
     assert not exposed, exposed
 
 
+@pytest.mark.slow
 def test_openapi_fuzz_with_schemathesis(server):
     """Property-based fuzzing from the service's own /openapi.json (schemathesis runs
     hypothesis on every operation, JSON and binary bodies): never a 5xx, errors short.
