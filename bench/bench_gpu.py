@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mendis_ray.config import SignalConfig, get_preset  # noqa: E402
-from mendis_ray.flow.model import MendisFlow  # noqa: E402
-from mendis_ray.flow.signal import ConditionalFlow  # noqa: E402
+from mendis_ray.config import SignalConfig, get_preset
+from mendis_ray.flow.model import MendisFlow
+from mendis_ray.flow.signal import ConditionalFlow
 
 
 def timed(fn, warmup: int = 2, repeats: int = 5) -> float:

@@ -506,7 +506,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # bad input: a clear message, no traceback
         log.debug("details", exc_info=True)
         print(f"mendis {args.command}: error: {err}", file=sys.stderr)
+        _stop_embedded_ray()
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: stop the embedded Ray (agents included) now
+        print(f"mendis {args.command}: interrupted", file=sys.stderr)
+        _stop_embedded_ray()
+        return 130
+
+
+def _stop_embedded_ray() -> None:
+    """Stop a Ray this process started or joined (nothing if Ray was never imported)."""
+    if "ray" in sys.modules:
+        from mendis_ray.distributed.session import shutdown_embedded_ray
+
+        shutdown_embedded_ray()
 
 
 if __name__ == "__main__":

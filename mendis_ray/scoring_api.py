@@ -23,7 +23,11 @@ Request forms (``POST /score``), chosen by the ``Content-Type`` header:
 Rules common to both forms: flux and ivar values are finite and within the float32 range,
 ivar >= 0 (0 marks a bad pixel; its flux is a finite placeholder), labels are finite; a
 spectrum is *labelled* only when all of teff, logg and feh are given, otherwise it is
-scored label-free or not at all (see ``marginal``).
+scored label-free or not at all (see ``marginal``).  JSON numbers are strict (no strings,
+no booleans).  Values that pass these rules but that the model cannot score (flux of
++-3e38, integers near 2^64, every pixel masked) are scored and flagged ``unscorable``
+(see :mod:`mendis_ray.science.ood`), never a server error.  Binary bodies are bounded
+before decoding (rows, decompressed bytes: :mod:`mendis_ray.parquet_guard`).
 
 ``marginal``
     ``"none"`` (default): labelled spectra get their exact log p(flux, labels); unlabelled
@@ -61,7 +65,14 @@ from pydantic import (
     ValidationError,
 )
 
-from mendis_ray.science.ood import FLAG_FLUX_RANGE, FLAG_LABEL_RANGE, FLAG_MASKED, FLAG_NONFINITE
+from mendis_ray.parquet_guard import Flatbuffer, ipc_message_bounds, parquet_bounds
+from mendis_ray.science.ood import (
+    FLAG_FLUX_RANGE,
+    FLAG_LABEL_RANGE,
+    FLAG_MASKED,
+    FLAG_NONFINITE,
+    FLAG_UNSCORABLE,
+)
 from mendis_ray.spectra.shards import META_KEY, ShardError, _metadata_from_schema
 
 __all__ = [
@@ -119,6 +130,7 @@ FLAG_NAMES: dict[int, str] = {
     FLAG_MASKED: "masked",
     FLAG_FLUX_RANGE: "flux_range",
     FLAG_LABEL_RANGE: "label_range",
+    FLAG_UNSCORABLE: "unscorable",
 }
 #: float score columns of Scorer.score copied into each result row
 SCORE_FIELDS = (
@@ -156,8 +168,9 @@ def _clip(text: str, n: int = _MAX_MESSAGE) -> str:
 
 # ---------------------------------------------------------------------- request schema
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-NonNegFloat = Annotated[float, Field(allow_inf_nan=False, ge=0.0)]
+# strict: JSON numbers only (no "1.0" strings, no true/false)
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0)]
 
 
 def _int_to_str(v: Any) -> Any:
@@ -250,7 +263,10 @@ class ScoreResult(BaseModel):
     log_ratio_gaussian: float | None = Field(description="log p_flow - log p_gaussian")
     masked_fraction: float | None = None
     labels_used: dict[str, float | None] = Field(description="given labels, or the best-fit")
-    flags: list[str] = Field(description="nonfinite, masked, flux_range, label_range")
+    flags: list[str] = Field(
+        description="nonfinite, masked, flux_range, label_range, unscorable (the model "
+        "could not score it: scores null, percentile 0)"
+    )
     flag_bits: int
 
 
@@ -310,7 +326,10 @@ def format_validation_errors(errors: Sequence[Mapping[str, Any]]) -> RequestErro
     if not errors:
         return RequestError(422, "body", "invalid request")
     first = errors[0]
-    field = _loc(first.get("loc", ()))
+    loc = tuple(first.get("loc", ()))
+    if first.get("type") == "extra_forbidden" and loc:
+        loc = (*loc[:-1], "(unknown field)")  # never reflect the client's key
+    field = _loc(loc)
     msg = str(first.get("msg", "invalid value"))
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more error(s))"
@@ -365,7 +384,7 @@ def body_kind(content_type: str | None) -> str:
     if media in BODY_KINDS:
         return BODY_KINDS[media]
     accepted = ", ".join(BODY_KINDS)
-    what = f"{_clip(media, 60)!r} is not supported" if media else "header missing"
+    what = "not supported" if media else "header missing"
     raise RequestError(415, "Content-Type", f"{what}; send one of {accepted}")
 
 
@@ -473,7 +492,8 @@ def _check_range(
 
 
 def _id(ids: Sequence[Any], r: int) -> str:
-    return f" (id {_clip(str(ids[r]), 40)!r})" if ids[r] is not None else ""
+    """Nothing: the field path names the row, and ids are client input (never echoed)."""
+    return ""
 
 
 def check_grid(
@@ -487,15 +507,10 @@ def check_grid(
     want = f"the model's grid {name!r} ({n_pix} px, hash {ghash})"
     if isinstance(given, str):
         if given not in (ghash, name):
-            raise RequestError(422, field, f"{_clip(given, 64)!r} is not {want}")
+            raise RequestError(422, field, f"not {want} (see GET /model)")
         return
     if given.get("hash") != ghash or given.get("n_pix") != n_pix:
-        raise RequestError(
-            422,
-            field,
-            f"the spectra are on grid {_clip(str(given.get('name')), 40)!r} "
-            f"({given.get('n_pix')} px, hash {_clip(str(given.get('hash')), 20)}), not {want}",
-        )
+        raise RequestError(422, field, f"the spectra are on another grid, not {want}")
 
 
 # ---------------------------------------------------------------------- binary bodies
@@ -517,36 +532,96 @@ def parse_arrow(
 ) -> ParsedRequest:
     """Parse an Arrow IPC (``arrow_stream``/``arrow_file``) or ``parquet`` body.
 
-    The row count is checked before the data are read where the format allows (Parquet
-    footer; IPC batch by batch), and only the columns of ``ARROW_COLUMNS`` are decoded.
+    The row count is checked before the data are read where the format allows (Parquet:
+    the footer, the row groups and every page header of the read columns, see
+    :func:`_read_parquet`; IPC batch by batch), and only the columns of ``ARROW_COLUMNS``
+    are decoded.
     A body whose schema metadata carries ``mendis_ray`` shard metadata must be on
     ``model_grid``."""
     what = _KIND_NAMES.get(kind, kind)
-    try:
-        schema, table = _read_table(pa.py_buffer(body), kind, max_spectra)
-    except RequestError:
-        raise
-    except Exception as err:  # pyarrow raises many types for corrupt input
-        reason = _clip(f"{type(err).__name__}: {err}", 160)
-        raise RequestError(400, "body", f"not a readable {what} ({reason})") from None
-    if META_KEY in (schema.metadata or {}):
+    buf = pa.py_buffer(body)
+    for step in ("schema", "table"):
         try:
-            meta = _metadata_from_schema(schema, "body")
-        except ShardError as err:
-            raise RequestError(422, "metadata", str(err)) from None
-        if model_grid is not None and isinstance(meta.get("grid"), dict):
-            check_grid(model_grid, meta["grid"], "metadata.grid")
+            if step == "schema":  # the footer / first message only: the grid comes first
+                schema = _read_schema(buf, kind)
+            else:
+                table = _read_table(buf, kind, max_spectra, n_pix)
+        except RequestError:
+            raise
+        except Exception as err:  # pyarrow raises many types for corrupt input
+            # the type only: pyarrow's messages quote column names and metadata
+            log.info("unreadable %s body: %s", what, _clip(f"{type(err).__name__}: {err}", 200))
+            raise RequestError(
+                400, "body", f"not a readable {what} ({type(err).__name__})"
+            ) from None
+        if step == "schema" and META_KEY in (schema.metadata or {}):
+            try:
+                meta = _metadata_from_schema(schema, "body")
+            except ShardError:
+                raise RequestError(422, "metadata", "invalid mendis_ray shard metadata") from None
+            if model_grid is not None and isinstance(meta.get("grid"), dict):
+                check_grid(model_grid, meta["grid"], "metadata.grid")
     return table_request(table, n_pix, max_spectra=max_spectra)
 
 
-def _read_table(buf: pa.Buffer, kind: str, max_spectra: int) -> tuple[pa.Schema, pa.Table]:
-    """(schema with metadata, table of the wanted columns) of a binary body."""
+def _read_schema(buf: pa.Buffer, kind: str) -> pa.Schema:
+    """The schema (with metadata) of a binary body, reading no data pages."""
     if kind == "parquet":
-        pf = pq.ParquetFile(pa.BufferReader(buf))
-        _check_rows(pf.metadata.num_rows, max_spectra)
-        schema = pf.schema_arrow
-        cols = [c for c in ARROW_COLUMNS if c in schema.names]
-        return schema, pf.read(columns=cols)
+        return pq.read_schema(pa.BufferReader(buf))
+    opener = pa.ipc.open_stream if kind == "arrow_stream" else pa.ipc.open_file
+    return opener(buf).schema
+
+
+def decoded_limit(max_spectra: int, n_pix: int) -> int:
+    """Decompressed page bytes a Parquet body may hold: float64 flux and ivar of
+    ``max_spectra`` spectra, ids and labels, plus 4 MiB."""
+    return max_spectra * (16 * n_pix + 4096) + (4 << 20)
+
+
+def _read_parquet(buf: pa.Buffer, max_spectra: int, n_pix: int) -> pa.Table:
+    """The wanted columns of a Parquet body, bounded before anything is decoded: the
+    footer's row count must equal its row groups' (:func:`parquet_bounds`), the pages'
+    own value counts must fit that many rows of at most ``n_pix`` values, and their
+    decompressed size :func:`decoded_limit`; then the row groups are read in batches,
+    counting rows as they come."""
+    limit = decoded_limit(max_spectra, n_pix)
+    try:
+        bounds = parquet_bounds(
+            memoryview(buf), ARROW_COLUMNS, max_rows=max_spectra, max_decoded_bytes=limit
+        )
+    except ValueError as err:  # our own messages, no input in them
+        raise RequestError(400, "body", f"not a readable Parquet file ({err})") from None
+    _check_rows(bounds.num_rows, max_spectra)
+    if bounds.decoded_bytes > limit:
+        raise RequestError(413, "body", f"the Parquet pages decompress to more than {limit} bytes")
+    per_row = {"flux": n_pix, "ivar": n_pix}
+    for col, n_values in bounds.values.items():
+        if n_values > bounds.num_rows * max(per_row.get(col, 1), 1):
+            raise RequestError(
+                422,
+                col,
+                f"the pages hold more values than {bounds.num_rows} row(s) of at most "
+                f"{per_row.get(col, 1)} (the footer's row count, the model's pixels)",
+            )
+    pf = pq.ParquetFile(pa.BufferReader(buf))
+    schema = pf.schema_arrow
+    cols = [c for c in ARROW_COLUMNS if c in schema.names]
+    batches: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=cols, use_threads=False):
+        rows += batch.num_rows
+        _check_rows(rows, max_spectra)
+        batches.append(batch)
+    if rows != bounds.num_rows:
+        raise RequestError(400, "body", "the Parquet pages do not hold the footer's row count")
+    return pa.Table.from_batches(batches, schema=pa.schema([schema.field(c) for c in cols]))
+
+
+def _read_table(buf: pa.Buffer, kind: str, max_spectra: int, n_pix: int) -> pa.Table:
+    """The table of the wanted columns of a binary body."""
+    if kind == "parquet":
+        return _read_parquet(buf, max_spectra, n_pix)
+    _check_ipc(buf, kind, max_spectra, n_pix)
     opener = pa.ipc.open_stream if kind == "arrow_stream" else pa.ipc.open_file
     schema = opener(buf).schema
     wanted = [i for i, f in enumerate(schema) if f.name in ARROW_COLUMNS]
@@ -561,7 +636,50 @@ def _read_table(buf: pa.Buffer, kind: str, max_spectra: int) -> tuple[pa.Schema,
         rows += batch.num_rows
         _check_rows(rows, max_spectra)
         batches.append(batch)
-    return schema, pa.Table.from_batches(batches, schema=reader.schema)
+    return pa.Table.from_batches(batches, schema=reader.schema)
+
+
+def _ipc_messages(buf: pa.Buffer, kind: str):
+    """The (metadata, body) of every message of an IPC body, undecoded: the stream's
+    messages in order, or the file footer's dictionary and record-batch blocks."""
+    if kind == "arrow_stream":
+        reader = pa.ipc.MessageReader.open_stream(pa.BufferReader(buf))
+        while True:
+            try:
+                msg = reader.read_next_message()
+            except StopIteration:
+                return
+            yield msg.metadata, msg.body
+    data = memoryview(buf)
+    n = len(data)
+    if n < 18 or bytes(data[:6]) != b"ARROW1" or bytes(data[-6:]) != b"ARROW1":
+        raise ValueError("not an Arrow IPC file")
+    flen = int.from_bytes(data[n - 10 : n - 6], "little")
+    if not 0 < flen <= n - 18:
+        raise ValueError("IPC footer length out of range")
+    fb = Flatbuffer(bytes(data[n - 10 - flen : n - 10]))
+    footer = fb.root()
+    for field in (2, 3):  # dictionaries, recordBatches: Block {offset, metaDataLength, body}
+        for offset, meta_len, body_len in fb.struct_vector(footer, field, 3):
+            size = (meta_len & 0xFFFFFFFF) + body_len
+            if offset < 8 or body_len < 0 or offset + size > n:
+                raise ValueError("an IPC block outside the file")
+            msg = pa.ipc.read_message(buf.slice(offset, size))
+            yield msg.metadata, msg.body
+
+
+def _check_ipc(buf: pa.Buffer, kind: str, max_spectra: int, n_pix: int) -> None:
+    """Rows and decompressed bytes of an IPC body from its message metadata, before any
+    batch is decoded (a compressed batch is decompressed whole): 422 over
+    ``max_spectra`` rows, 413 over :func:`decoded_limit`."""
+    limit = decoded_limit(max_spectra, n_pix)
+    rows = decoded = 0
+    for metadata, body in _ipc_messages(buf, kind):
+        r, d = ipc_message_bounds(metadata, body)
+        rows, decoded = rows + r, decoded + d
+        _check_rows(rows, max_spectra)
+        if decoded > limit:
+            raise RequestError(413, "body", f"the Arrow batches decode to more than {limit} bytes")
 
 
 def _check_rows(n: int, max_spectra: int) -> None:
@@ -580,8 +698,7 @@ def table_request(table: pa.Table, n_pix: int, *, max_spectra: int) -> ParsedReq
     _check_rows(n, max_spectra)
     names = table.column_names
     if "flux" not in names:
-        have = ", ".join(repr(c) for c in table.schema.names[:10])
-        raise RequestError(422, "flux", f"missing column 'flux' (columns: {have or 'none'})")
+        raise RequestError(422, "flux", "missing column 'flux'")
     ids = _ids(table) if "id" in names else [None] * n
     flux = _matrix(table.column("flux"), n_pix, "flux", ids, nullable=False)
     ivar = (
@@ -600,7 +717,7 @@ def _ids(table: pa.Table) -> list[Any]:
     col = table.column("id")
     t = col.type
     if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)):
-        raise RequestError(422, "id", f"column must hold strings or integers, found {t}")
+        raise RequestError(422, "id", f"column must hold strings or integers, found {_kind(t)}")
     ids = [None if v is None else str(v) for v in col.to_pylist()]
     for r, v in enumerate(ids):
         if v is not None and len(v) > MAX_ID_LENGTH:
@@ -616,10 +733,10 @@ def _matrix(
     arr = col.combine_chunks()
     t = arr.type
     if not (pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t)):
-        raise RequestError(422, name, f"expected a list of numbers per row, found {t}")
+        raise RequestError(422, name, f"expected a list of numbers per row, found {_kind(t)}")
     vt = t.value_type
     if not (pa.types.is_floating(vt) or pa.types.is_integer(vt)):
-        raise RequestError(422, name, f"expected numbers in the lists, found {vt}")
+        raise RequestError(422, name, f"expected numbers in the lists, found {_kind(vt)}")
     n = len(arr)
     null = arr.is_null().to_numpy(zero_copy_only=False)
     if null.any() and not nullable:
@@ -642,7 +759,7 @@ def _matrix(
             )
     keep = ~null
     sub = arr.filter(pa.array(keep)) if null.any() else arr
-    values = sub.flatten().cast(pa.float64()).to_numpy(zero_copy_only=False)
+    values = _to_float64(sub.flatten(), name).to_numpy(zero_copy_only=False)
     out = np.ones((n, n_pix))
     out[keep] = values.reshape(-1, n_pix)
     bad = ~np.isfinite(out) | (np.abs(out) > F32_MAX)
@@ -661,12 +778,36 @@ def _matrix(
     return out
 
 
+def _kind(t: pa.DataType) -> str:
+    """A coarse name of an Arrow type (its str() quotes client-chosen field names)."""
+    for test, name in (
+        (pa.types.is_floating, "floats"), (pa.types.is_integer, "integers"),
+        (pa.types.is_string, "strings"), (pa.types.is_large_string, "strings"),
+        (pa.types.is_binary, "binary"), (pa.types.is_boolean, "booleans"),
+        (pa.types.is_struct, "structs"), (pa.types.is_list, "lists"),
+        (pa.types.is_large_list, "lists"), (pa.types.is_fixed_size_list, "lists"),
+        (pa.types.is_null, "nulls"), (pa.types.is_dictionary, "dictionary"),
+    ):  # fmt: skip
+        if test(t):
+            return name
+    return "another type"
+
+
+def _to_float64(arr: pa.Array | pa.ChunkedArray, name: str) -> pa.Array | pa.ChunkedArray:
+    """``arr`` as float64.  Integers beyond 2^53 (e.g. uint64 2^64-1) are rounded, not
+    refused: they are far outside any flux range and get scored and flagged."""
+    try:
+        return arr.cast(pa.float64(), safe=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        raise RequestError(422, name, "values not convertible to float64") from None
+
+
 def _vector(col: pa.ChunkedArray, name: str, ids: Sequence[Any]) -> np.ndarray:
     """(n,) float64 label column; null and NaN mean not given."""
     t = col.type
     if not (pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t)):
-        raise RequestError(422, name, f"expected a numeric column, found {t}")
-    v = col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+        raise RequestError(422, name, f"expected a numeric column, found {_kind(t)}")
+    v = _to_float64(col, name).to_numpy(zero_copy_only=False).astype(np.float64)
     bad = np.isinf(v) | (np.abs(np.nan_to_num(v)) > F32_MAX)
     if bad.any():
         r = int(np.flatnonzero(bad)[0])

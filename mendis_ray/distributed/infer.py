@@ -115,14 +115,14 @@ RANK_KEYS = {
 #: The tie-break of the primary percentile for a signal-space checkpoint (which has no
 #: per-dimension log p: its primary score is the combined tail probability ``score``).
 SIGNAL_PRIMARY = ("percentile", "score")
-FLAG_BITS = {1: "nonfinite", 2: "masked", 4: "flux_range", 8: "label_range"}
+FLAG_BITS = {1: "nonfinite", 2: "masked", 4: "flux_range", 8: "label_range", 16: "unscorable"}
 #: The leading columns of the outlier table (the scores, then the input's other columns).
 TOP_COLUMNS = (
     "rank", "id", "percentile", "score", "signal_score", "residual_score", "residual_percentile",
     "chi2_dof", "log_p_per_dim", "signal_percentile", "log_ratio_gaussian",
     "flags", "flag_names", "log_p", "log_p_marginal", *USED_COLUMNS,
     *LABEL_COLUMNS, "snr", "masked_fraction", "flag_nonfinite", "flag_masked",
-    "flag_flux_range", "flag_label_range", "path",
+    "flag_flux_range", "flag_label_range", "flag_unscorable", "path",
 )  # fmt: skip
 _TMP_RE = re.compile(r"^\.scores\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
@@ -303,6 +303,53 @@ def build_pipeline(
 
 
 def score_catalog(
+    checkpoint: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    batch_size: int = 256,
+    min_actors: int = 1,
+    max_actors: int | None = None,
+    num_cpus_per_actor: float = 1.0,
+    num_gpus_per_actor: float | None = None,
+    threads_per_actor: int | None = None,
+    top_n: int = 100,
+    gallery_n: int = 12,
+    n_typical: int = 200,
+    marginal: str = "unlabelled",
+    rank_by: str = "percentile",
+    flags_first: bool = False,
+    carry_columns: Sequence[str] | None = None,
+    labels_path: str | os.PathLike | None = None,
+    ingest_shards: int | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+) -> CatalogResult:
+    """Score every spectrum of a catalog with a checkpoint on a Ray actor pool.
+
+    ``out`` must be a folder or not exist; a run that fails (or is interrupted) removes
+    the folder if it made it, and the embedded Ray it started.  See
+    :func:`_score_catalog` for the arguments."""
+    kwargs = {k: v for k, v in locals().items() if k not in ("checkpoint", "inputs", "out")}
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    created = not out.exists()
+    try:
+        return _score_catalog(checkpoint, inputs, out, **kwargs)
+    except BaseException as err:
+        # nothing left behind where this run made the folder (a rerun into an existing
+        # folder keeps the earlier results: every write there is atomic)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(err, KeyboardInterrupt):  # Ctrl-C: stop the embedded Ray now
+            from mendis_ray.distributed.session import shutdown_embedded_ray
+
+            shutdown_embedded_ray()
+        raise
+
+
+def _score_catalog(
     checkpoint: str | os.PathLike,
     inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,

@@ -23,6 +23,11 @@ Endpoints:
 Bad input is a 4xx with ``{"error": "FIELD: short message", "field": FIELD}`` and never
 echoes the input: 400 unreadable body, 413 over ``max_request_bytes`` (Content-Length and
 the bytes actually read are both checked), 415 unknown content type, 422 invalid values.
+Bodies are parsed in a thread pool (never on the event loop) and bounded before decoding
+(:mod:`mendis_ray.parquet_guard`).  A valid-looking spectrum the model cannot score (e.g.
+flux of 3e38, all pixels masked) is scored, flagged ``unscorable`` and ranked most
+outlying; a model call that fails anyway is retried in parts (:class:`_ModelQueue`), so
+one bad spectrum never fails the other requests merged into its batch.
 
 Use::
 
@@ -39,10 +44,12 @@ the class-based view from real annotations in the replica.)
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -75,7 +82,7 @@ from mendis_ray.scoring_api import (
     results_to_json,
 )
 
-__all__ = ["MendisScorer", "ServeArgs", "build_app", "main_serve"]
+__all__ = ["MendisScorer", "ServeArgs", "bind_replica_grpc_to_loopback", "build_app", "main_serve"]
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +155,11 @@ def validate_args(args: Mapping[str, Any]) -> ServeArgs:
         raise ValueError(
             f"build_app: checkpoint {str(ckpt)!r} is not a checkpoint folder ({missing} missing)"
         )
+    # Load it once here: a truncated or invalid checkpoint fails now with its own error,
+    # instead of replicas failing and being restarted by Serve for a minute.
+    from mendis_ray.science.ood import Scorer
+
+    Scorer.from_checkpoint(str(ckpt))  # raises CheckpointError (a ValueError)
     # replicas may start in another working directory: pass an absolute path
     return s.model_copy(update={"checkpoint": str(ckpt.resolve())})
 
@@ -201,6 +213,31 @@ class _Item:
     def __len__(self) -> int:
         return len(self.flux)
 
+    def rows(self, sl: slice) -> "_Item":
+        return _Item(self.flux[sl], self.ivar[sl], self.labels[sl], self.marginal)
+
+
+def _unscorable(n: int, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Scores of ``n`` spectra the model could not score (see ``FLAG_UNSCORABLE`` in
+    :mod:`mendis_ray.science.ood`): flagged, -inf scores, the most outlying percentile."""
+    from mendis_ray.science.ood import FLAG_UNSCORABLE
+
+    labelled = np.isfinite(labels).all(axis=1)
+    out: dict[str, np.ndarray] = {
+        k: np.full(n, np.nan) for k in ("log_p_marginal", "log_ratio_gaussian", "masked_fraction")
+    }
+    out["log_p"] = np.where(labelled, -np.inf, np.nan)
+    out["log_p_per_dim"] = np.where(labelled, -np.inf, np.nan)
+    out["signal_score"] = np.where(labelled, -np.inf, np.nan)
+    out["percentile"] = np.where(labelled, 0.0, np.nan)
+    out["signal_percentile"] = np.where(labelled, 0.0, np.nan)
+    out["labels_used"] = np.where(labelled[:, None], labels, np.nan)
+    out["flags"] = np.full(n, FLAG_UNSCORABLE, dtype=np.int64)
+    for name in ("nonfinite", "masked", "flux_range", "label_range"):
+        out[f"flag_{name}"] = np.zeros(n, bool)
+    out["flag_unscorable"] = np.ones(n, bool)
+    return out
+
 
 def _n_spectra(items: list[_Item]) -> int:
     return sum(len(i) for i in items)
@@ -228,8 +265,9 @@ class _ModelQueue:
     still busy with the previous one (with ``max_concurrent_batches=1`` it then waits
     behind it): under sustained load of single spectra that makes many small model batches
     (measured: 9 spectra on average for 64 requests in flight).  Here the groups that
-    arrive during a model call are merged into the next one instead.  Lives on the
-    replica's event loop (no locks needed)."""
+    arrive during a model call are merged into the next one instead.  Failures are
+    isolated per request and per row (:meth:`_isolated`).  Lives on the replica's event
+    loop (no locks needed)."""
 
     def __init__(self, executor: ThreadPoolExecutor, fn: Any, max_rows: int) -> None:
         self.executor = executor
@@ -259,8 +297,8 @@ class _ModelQueue:
                 groups, self.pending = self.pending[:take], self.pending[take:]
                 flat = [i for items, _ in groups for i in items]
                 try:
-                    results = await loop.run_in_executor(self.executor, self.fn, flat)
-                except Exception as err:  # every waiting request gets the error
+                    results = await loop.run_in_executor(self.executor, self._isolated, flat)
+                except Exception as err:  # not expected: _isolated contains row failures
                     for _, fut in groups:
                         if not fut.done():
                             fut.set_exception(err)
@@ -272,6 +310,61 @@ class _ModelQueue:
                     a += len(items)
         finally:
             self.running = False
+
+    def _isolated(self, items: list[_Item]) -> list[dict[str, np.ndarray]]:
+        """``fn(items)``; where it raises, the items are scored in halves (a piece of one
+        item in halves of its rows) down to single rows, and a single row that still
+        fails gets :func:`_unscorable` scores.  One bad spectrum then costs its
+        companions ~2 log2(n) extra model calls, never their results."""
+        try:
+            return self.fn(items)
+        except Exception as err:
+            n = _n_spectra(items)
+            if n <= 1:
+                log.warning("a spectrum could not be scored (%s): flagged unscorable",
+                            type(err).__name__)  # fmt: skip
+                return [_unscorable(len(i), i.labels) for i in items]
+            log.warning("a batch of %d spectra failed (%s): scoring its parts apart",
+                        n, type(err).__name__)  # fmt: skip
+        if len(items) > 1:
+            h = len(items) // 2
+            return self._isolated(items[:h]) + self._isolated(items[h:])
+        (item,) = items
+        h = len(item) // 2
+        parts = [self._isolated([item.rows(slice(0, h))])[0],
+                 self._isolated([item.rows(slice(h, None))])[0]]  # fmt: skip
+        return [{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}]
+
+
+def bind_replica_grpc_to_loopback() -> bool:
+    """In a replica of a cluster whose node IP is 127.0.0.1 (the embedded cluster of
+    :func:`mendis_ray.distributed.session.ensure_ray`), bind Serve's inter-deployment
+    gRPC server to 127.0.0.1 instead of every interface.
+
+    Ray Serve 2.60 binds it to ``[::]:0`` unconditionally (``replica.py``), after the
+    deployment's constructor has run, through ``add_port_to_grpc_server``; this wraps
+    that function in this replica process.  Returns whether it did; a Ray without that
+    hook is left alone (with a warning), and the listening-socket test then fails."""
+    import ray
+    from ray.serve._private import replica as replica_mod
+
+    if ray.util.get_node_ip_address() != "127.0.0.1":
+        return False
+    add = getattr(replica_mod, "add_port_to_grpc_server", None)
+    if add is None:
+        log.warning("cannot bind the replica's gRPC server to 127.0.0.1 (Ray internals changed)")
+        return False
+    if getattr(add, "_mendis_loopback", False):
+        return True
+
+    def add_loopback(server: Any, address: str) -> int:
+        if address.startswith("[::]:") or address.startswith("0.0.0.0:"):
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return add(server, address)
+
+    add_loopback._mendis_loopback = True  # type: ignore[attr-defined]
+    replica_mod.add_port_to_grpc_server = add_loopback
+    return True
 
 
 @serve.deployment(name="MendisScorer")
@@ -286,6 +379,7 @@ class MendisScorer:
 
         s = ServeArgs.model_validate(args)
         self.args = s
+        bind_replica_grpc_to_loopback()
         self.threads = s.threads
         torch.set_num_threads(self.threads)
         t0 = time.perf_counter()
@@ -327,6 +421,9 @@ class MendisScorer:
         # One model thread (torch releases the GIL), with the replica's thread count.
         self.pool = ThreadPoolExecutor(1, "mendis-score", torch.set_num_threads, (self.threads,))
         self.model_queue = _ModelQueue(self.pool, self._score_items, s.batch_size)
+        # Parsing (JSON validation, Arrow/Parquet decoding) runs off the event loop, so a
+        # large body never stalls other requests or /healthz.
+        self.parse_pool = ThreadPoolExecutor(2, "mendis-parse")
         logging.getLogger("ray.serve").addFilter(_BatchWarningFilter())
         self._score_batch.set_max_batch_size(s.batch_size)
         self._score_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -385,15 +482,19 @@ class MendisScorer:
         kind = body_kind(request.headers.get("content-type"))
         body = await self._read_body(request)
         t1 = time.perf_counter()
-        parsed = parse_body(
-            body,
-            kind,
-            n_pix=self.n_pix,
-            model_grid=self.grid,
-            max_spectra=self.args.max_spectra,
-            max_marginal=self.args.max_marginal,
-            marginal=marginal,
-            grid=grid,
+        parsed = await asyncio.get_running_loop().run_in_executor(
+            self.parse_pool,
+            functools.partial(
+                parse_body,
+                body,
+                kind,
+                n_pix=self.n_pix,
+                model_grid=self.grid,
+                max_spectra=self.args.max_spectra,
+                max_marginal=self.args.max_marginal,
+                marginal=marginal,
+                grid=grid,
+            ),
         )
         del body
         t2 = time.perf_counter()
@@ -553,18 +654,32 @@ def main_serve(args: argparse.Namespace) -> int:
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: anyone who reaches it can use the endpoint", host)
 
-    from mendis_ray.distributed.session import ensure_ray
+    from mendis_ray.distributed.session import ensure_ray, shutdown_embedded_ray
 
-    ensure_ray(a.get("address"), num_cpus=max(4, int(np.ceil(app_args["num_cpus"]))))
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(application, name="mendis", route_prefix="/")
-    url = f"http://{host}:{port}"
-    print(f"mendis serve: scoring {a['checkpoint']} at {url}/score (docs {url}/docs); Ctrl-C stops")
+    def _stop(signum: int, frame: Any) -> None:  # SIGTERM (docker stop, systemd): as Ctrl-C
+        raise KeyboardInterrupt
+
     try:
+        ensure_ray(a.get("address"), num_cpus=max(4, int(np.ceil(app_args["num_cpus"]))))
+        signal.signal(signal.SIGTERM, _stop)  # after Ray, which installs its own handler
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application, name="mendis", route_prefix="/")
+        url = f"http://{host}:{port}"
+        print(f"mendis serve: scoring {a['checkpoint']} at {url}/score (docs {url}/docs); "
+              "Ctrl-C stops")  # fmt: skip
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("mendis serve: stopping")
     finally:
-        serve.shutdown()
+        # Serve's actors, then the embedded cluster (GCS, raylet, agents) by this process:
+        # nothing of it is left running or listening.
+        import ray
+
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        except Exception as err:  # Ray already gone: nothing to stop
+            log.debug("serve.shutdown: %s", err)
+        shutdown_embedded_ray()
     return 0

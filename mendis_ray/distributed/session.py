@@ -2,19 +2,34 @@
 
 With no address this starts an embedded single-machine Ray (``address="local"``, so it
 never attaches by accident to another ``ray start`` cluster on the machine), with a
-pinned object store and no dashboard; with an address (or ``RAY_ADDRESS``, as set by
-``ray job submit``) it joins that cluster.  See ../shared/docs/ray-notes.md for why each
-setting is what it is.
+pinned object store and no dashboard, bound to 127.0.0.1 (:func:`loopback_node`); with
+an address (or ``RAY_ADDRESS``, as set by ``ray job submit``) it joins that cluster.
+See ../shared/docs/ray-notes.md for why each setting is what it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ensure_ray", "quiet_ray_env", "quiet_worker_logging"]
+__all__ = [
+    "ensure_ray",
+    "is_loopback",
+    "listening_sockets",
+    "loopback_node",
+    "process_tree",
+    "quiet_ray_env",
+    "quiet_worker_logging",
+    "shutdown_embedded_ray",
+]
+
+#: whether this process started the embedded cluster (ensure_ray without an address)
+_EMBEDDED = {"started": False}
 
 
 def quiet_worker_logging() -> None:
@@ -36,6 +51,39 @@ def quiet_ray_env(local: bool) -> None:
         # An embedded cluster bound to 127.0.0.1 needs no token; with tokens on, Ray 2.60
         # writes ~/.ray/auth_token and later clients with an explicit address fail.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+#: Ray's switch for its single-machine (Windows/macOS) mode: node IP = loopback
+_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def loopback_node() -> Iterator[None]:
+    """While Ray starts an embedded cluster inside this block, its node IP is 127.0.0.1.
+
+    Ray 2.60's GCS, raylet and core workers bind loopback only when the node IP *is*
+    127.0.0.1 (else ``*``/``::``), and the dashboard and runtime-env agents bind the node
+    IP; but ``ray.init(_node_ip_address="127.0.0.1")`` replaces a loopback address by the
+    host's outward address.  Ray's single-machine mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
+    =0``, the default on Windows and macOS) keeps 127.0.0.1: set here for this process
+    and for the processes Ray starts (they inherit the environment), and undone on exit
+    in this process so that a later ``ray.init(address=...)`` joins clusters normally.
+    The Serve replica's own gRPC server is bound by
+    :func:`mendis_ray.distributed.serving.bind_replica_grpc_to_loopback`."""
+    from ray._private import ray_constants
+
+    old_env = os.environ.get(_SINGLE_NODE_ENV)
+    old_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_NODE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_flag
+        if old_env is None:
+            os.environ.pop(_SINGLE_NODE_ENV, None)
+        else:
+            os.environ[_SINGLE_NODE_ENV] = old_env
 
 
 def ensure_ray(
@@ -69,13 +117,115 @@ def ensure_ray(
             "starting a local Ray (%d logical CPUs, %.2f GB object store)",
             cpus, (object_store_memory or 0) / 1e9,
         )  # fmt: skip
-        ray.init(
-            address="local",
-            num_cpus=cpus,
-            num_gpus=None,
-            object_store_memory=object_store_memory,
-            include_dashboard=False,
-            logging_level="WARNING",
-            runtime_env={"worker_process_setup_hook": quiet_worker_logging},
-        )
+        with loopback_node():
+            ray.init(
+                address="local",
+                num_cpus=cpus,
+                num_gpus=None,
+                object_store_memory=object_store_memory,
+                include_dashboard=False,
+                logging_level="WARNING",
+                runtime_env={"worker_process_setup_hook": quiet_worker_logging},
+                _node_ip_address="127.0.0.1",
+            )
+        _EMBEDDED["started"] = True
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip != "127.0.0.1":  # a Ray whose internals changed: say so, loudly
+            log.warning("the embedded Ray's node IP is %s, not 127.0.0.1: its ports may be "
+                        "reachable from the network", node_ip)  # fmt: skip
     return ray.cluster_resources()
+
+
+def shutdown_embedded_ray() -> None:
+    """Stop the embedded cluster this process started (GCS, raylet, workers, dashboard and
+    runtime-env agents): call on Ctrl-C or failure, so nothing is left running or
+    listening.  A joined cluster is only disconnected from."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _EMBEDDED["started"] = False
+
+
+# ---------------------------------------------------------------------- exposure checks
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (Linux ``/proc``; ``[pid]`` elsewhere)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return [pid]
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    out, stack = [pid], [pid]
+    while stack:
+        for c in children.get(stack.pop(), []):
+            out.append(c)
+            stack.append(c)
+    return out
+
+
+def _tcp_listeners() -> dict[str, tuple[str, int]]:
+    """socket inode -> (address, port) of every listening TCP socket (v4 and v6)."""
+    out: dict[str, tuple[str, int]] = {}
+    for path, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A":  # 0A = LISTEN
+                continue
+            hex_addr, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_addr)
+            # /proc prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            out[fields[9]] = (socket.inet_ntop(family, raw), int(hex_port, 16))
+    return out
+
+
+def listening_sockets(pids: list[int]) -> list[dict]:
+    """The listening TCP sockets held by ``pids``, like ``ss -ltnp``: dicts of ``pid``,
+    ``process`` (its name), ``address`` and ``port``.  Linux only (``/proc``)."""
+    socks = _tcp_listeners()
+    out = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            with open(f"/proc/{pid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        seen = set()
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            inode = link[8:-1] if link.startswith("socket:[") else None
+            if inode in socks and inode not in seen:
+                seen.add(inode)
+                addr, port = socks[inode]
+                out.append({"pid": pid, "process": name, "address": addr, "port": port})
+    return sorted(out, key=lambda r: (r["process"], r["port"]))
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1 or an IPv4-mapped loopback address (::ffff:127.x.y.z)."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback

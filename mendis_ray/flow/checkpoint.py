@@ -92,6 +92,22 @@ def save_checkpoint(
     return path
 
 
+def _check_standardizer(std: Standardizer, where: Path) -> None:
+    """Refuse a standardization that would fail (or silently poison) every score later:
+    non-finite means, or standard deviations that are not finite and positive."""
+    mean, sd = np.asarray(std.mean), np.asarray(std.std)
+    if mean.shape != sd.shape or mean.ndim != 1:
+        raise CheckpointError(f"{where}: standardizer.mean and .std differ in shape")
+    if not np.isfinite(mean).all():
+        raise CheckpointError(f"{where}: standardizer.mean has non-finite values")
+    bad = ~(np.isfinite(sd) & (sd > 0))
+    if bad.any():
+        raise CheckpointError(
+            f"{where}: standardizer.std must be finite and > 0 ({int(bad.sum())} of "
+            f"{sd.size} features are not, e.g. feature {int(np.flatnonzero(bad)[0])})"
+        )
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -146,6 +162,9 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path}: weights do not fit the {flow_cfg.name!r} flow ({err})"
         ) from err
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{ten_path}: non-finite weights in {bad[:3]}")
     try:
         std = Standardizer(
             tensors["standardizer.mean"].double().numpy(),
@@ -153,6 +172,7 @@ def load_checkpoint(
         )
     except KeyError as err:
         raise CheckpointError(f"{ten_path}: missing tensor {err}") from err
+    _check_standardizer(std, ten_path)
     if "grid.wavelength" in tensors:
         grid = {**grid, "wavelength": tensors["grid.wavelength"].double().numpy()}
     info["extra_arrays"] = {

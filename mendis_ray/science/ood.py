@@ -50,7 +50,17 @@ Flags (bit field ``flags`` plus boolean columns):
 * ``FLAG_MASKED`` -- more than ``max_masked_fraction`` of pixels masked;
 * ``FLAG_FLUX_RANGE`` -- more than 1% of good pixels outside the training flux range
   widened by ``range_sigma`` training standard deviations;
-* ``FLAG_LABEL_RANGE`` -- given labels outside the training range widened the same way.
+* ``FLAG_LABEL_RANGE`` -- given labels outside the training range widened the same way;
+* ``FLAG_UNSCORABLE`` -- the model cannot score the spectrum: every pixel masked, or
+  values whose standardized form (or whose flow / Gaussian density) is not finite, e.g.
+  flux of +-3e38.  Such a row never raises and never looks typical: its log p,
+  label-free log p, per-dimension and signal scores are -inf, its percentiles 0 (the most
+  outlying rank) and its likelihood ratio NaN.  The other rows of the call are unaffected.
+
+Scores are computed row by row in float32 batches: the same spectrum scored in batches
+of different sizes or with different companions differs only by float rounding of the
+reductions (measured: at most about 5e-4 nats of log p on a 2408-dimensional flow, i.e.
+1e-7 relative), never by more than ``BATCH_TOLERANCE`` nats.
 
 Masked pixels (ivar = 0, or non-finite flux) are filled with the training mean flux at
 that pixel before scoring: the score then measures the good pixels plus a perfectly
@@ -75,6 +85,7 @@ __all__ = [
     "FLAG_LABEL_RANGE",
     "FLAG_MASKED",
     "FLAG_NONFINITE",
+    "FLAG_UNSCORABLE",
     "ScoreReference",
     "Scorer",
     "fill_masked",
@@ -86,6 +97,9 @@ FLAG_NONFINITE = 1
 FLAG_MASKED = 2
 FLAG_FLUX_RANGE = 4
 FLAG_LABEL_RANGE = 8
+FLAG_UNSCORABLE = 16
+#: bound on how much a spectrum's log p (nats) may change with its batch companions
+BATCH_TOLERANCE = 2e-3
 
 
 def profile_labels(
@@ -400,7 +414,12 @@ class Scorer:
         signal = np.full(n, np.nan)
         gauss = np.full(n, np.nan)
         flow_lp = np.full(n, np.nan)
-        x_all = std.transform(filled, np.where(has_labels[:, None], labels, std.mean[n_pix:]))
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow: marked below
+            x_all = std.transform(filled, np.where(has_labels[:, None], labels, std.mean[n_pix:]))
+        # Rows the model cannot score (no good pixel, or values that overflow once
+        # standardized) are evaluated at the training mean and marked; see FLAG_UNSCORABLE.
+        unscorable = (masked_fraction >= 1.0) | ~np.isfinite(x_all).all(axis=1)
+        x_all[unscorable] = 0.0
         for a in range(0, n, batch_size):
             sl = slice(a, a + batch_size)
             x = self._tensor(x_all[sl])  # (b, d) standardized
@@ -427,8 +446,19 @@ class Scorer:
                 signal[sl] = self._signal(x_all[sl])
                 if ref.gaussian is not None:
                     gauss[sl] = ref.gaussian.log_prob(x_all[sl].astype(np.float64))
+        unscorable |= ~np.isfinite(flow_lp)
+        if ref is not None:
+            unscorable |= ~np.isfinite(signal)
+            if ref.gaussian is not None:
+                unscorable |= ~np.isfinite(gauss)
+        flags[unscorable] |= FLAG_UNSCORABLE
+        log_p_marg = np.where(unscorable & want_marg, -np.inf, log_p_marg)
+        used[unscorable & ~has_labels] = np.nan
         log_p = np.where(has_labels, flow_lp + std.log_abs_det, np.nan)
+        log_p[unscorable & has_labels] = -np.inf
         known = has_labels | np.isfinite(log_p_marg)
+        known |= unscorable & want_marg
+        signal = np.where(unscorable, -np.inf, signal)
         signal = np.where(known, signal, np.nan)
         primary = np.where(has_labels, log_p, log_p_marg)
         d = std.n_features
@@ -439,6 +469,10 @@ class Scorer:
                 _percentile(ref.ref_log_p, primary),
                 _percentile(ref.ref_log_p_marginal, primary),
             )
+        signal_pct = _percentile(ref.ref_signal if ref else None, signal)
+        if ref is not None:  # the most outlying rank, wherever a score was asked for
+            pct[unscorable & known] = 0.0
+            signal_pct[unscorable & known] = 0.0
         return {
             "log_p": log_p,
             "log_p_marginal": log_p_marg,
@@ -446,14 +480,15 @@ class Scorer:
             "log_p_per_dim": primary / np.where(has_labels, d, d - n_lab),
             "signal_score": signal,
             "percentile": pct,
-            "signal_percentile": _percentile(ref.ref_signal if ref else None, signal),
-            "log_ratio_gaussian": np.where(known, flow_lp - gauss, np.nan),
+            "signal_percentile": signal_pct,
+            "log_ratio_gaussian": np.where(known & ~unscorable, flow_lp - gauss, np.nan),
             "masked_fraction": masked_fraction,
             "flags": flags,
             "flag_nonfinite": (flags & FLAG_NONFINITE) > 0,
             "flag_masked": (flags & FLAG_MASKED) > 0,
             "flag_flux_range": (flags & FLAG_FLUX_RANGE) > 0,
             "flag_label_range": (flags & FLAG_LABEL_RANGE) > 0,
+            "flag_unscorable": unscorable,
         }
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:

@@ -56,7 +56,7 @@ from mendis_ray.flow.signal_basis import SignalBasis
 __all__ = ["NoiseCalibration", "SignalScorer", "residual_statistics"]
 
 SCALES = (1, 4, 16, 64)
-FLAGS = {"nonfinite": 1, "masked": 2, "flux_range": 4, "label_range": 8}
+FLAGS = {"nonfinite": 1, "masked": 2, "flux_range": 4, "label_range": 8, "unscorable": 16}
 MODEL_KIND = "signal"
 
 
@@ -282,9 +282,10 @@ class SignalScorer:
         masked_fraction = 1.0 - c.proj.n_good / n_pix
         no_good = c.proj.n_good <= k
         out = {"score": comb, "signal_score": sig, "residual_score": res, "log_p": log_p}
+        unscorable = no_good.copy()
         for key in out:  # impossible or unscorable: the most outlying, never NaN
             v = out[key]
-            nonfinite |= np.isnan(v)
+            unscorable |= np.isnan(v)
             out[key] = np.where(np.isnan(v) | no_good, -np.inf, v)
         for key in ("score", "signal_score", "residual_score"):
             ref = r.get(f"sorted.{key}")
@@ -300,6 +301,7 @@ class SignalScorer:
         masked = (masked_fraction > self.max_masked_fraction) | no_good
         flags = nonfinite * FLAGS["nonfinite"] + masked * FLAGS["masked"]
         flags += flux_range * FLAGS["flux_range"] + label_range * FLAGS["label_range"]
+        flags += unscorable * FLAGS["unscorable"]
         out |= {
             "chi2_dof": np.nan_to_num(c.proj.chi2 / c.proj.dof, nan=np.inf),
             "noise_level": c.t,
@@ -307,6 +309,7 @@ class SignalScorer:
             "masked_fraction": masked_fraction, "flags": flags.astype(np.int64),
             "flag_nonfinite": nonfinite, "flag_masked": masked,
             "flag_flux_range": flux_range, "flag_label_range": label_range,
+            "flag_unscorable": unscorable,
         }  # fmt: skip
         return out
 

@@ -529,6 +529,178 @@ def test_fuzz_bad_requests_are_4xx_and_the_replica_survives(server, scorer, test
     assert json.loads(server.request("GET", "/model")[1])["stats"]["replica"] == replica
 
 
+# ---------------------------------------------------------------------- issue 14
+
+
+def _arrow_uint64_max() -> bytes:
+    values = pa.array(np.full(2405, 2**64 - 1, dtype=np.uint64))
+    table = pa.table({"flux": pa.FixedSizeListArray.from_arrays(values, 2405)})
+    return arrow_body(table, "stream")
+
+
+def poison_bodies(a) -> list[tuple[bytes, str, str]]:
+    """Valid-looking spectra the model cannot score (each broke the server before)."""
+    lab = {"teff": 4400.0, "logg": 2.0, "feh": 0.0}
+    masked = {**spectrum_json(a, 0), "ivar": [0.0] * 2405}
+    return [
+        (json.dumps({"flux": [3e38] * 2405, **lab}).encode(), "application/json", "+3e38"),
+        (json.dumps({"flux": [-3e38] * 2405, **lab}).encode(), "application/json", "-3e38"),
+        (
+            json.dumps({"flux": [3e38, -3e38] * 1202 + [1.0], **lab}).encode(),
+            "application/json",
+            "+-3e38",
+        ),
+        (_arrow_uint64_max(), CTYPES["stream"], "uint64 2^64-1"),
+        (json.dumps(masked).encode(), "application/json", "all masked"),
+    ]
+
+
+def test_regression_poison_spectra_are_scored_flagged_and_never_typical(server, test_set):
+    """Defects 1 and 2 and the all-masked percentile: 200, flagged, the most outlying."""
+    _, a = test_set
+    for body, ctype, what in poison_bodies(a):
+        status, out = server.post(body, ctype)
+        assert status == 200, (what, status, out)
+        (r,) = out["results"]
+        assert "unscorable" in r["flags"], (what, r)
+        if r["labelled"]:
+            assert r["percentile"] == 0.0 and r["log_p"] is None, (what, r)
+        else:
+            assert r["percentile"] is None and r["log_p"] is None, (what, r)
+
+
+def test_regression_lying_parquet_footer_is_refused_cheaply(server, test_set):
+    """Defect 3: a few KB whose footer says 1 row while the pages hold 100,000: refused
+    before decoding, without blocking /healthz; the replica still scores afterwards."""
+    from mendis_ray.parquet_guard import read_footer, write_footer
+
+    _, a = test_set
+    n = 1000
+    flux = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * 2405, np.float32)), 2405)
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"flux": flux}), buf, compression="zstd", data_page_size=1 << 30)
+    meta = read_footer(buf.getvalue())
+    et, (group,) = meta[4][1]
+    meta[4] = (meta[4][0], (et, [{**group} for _ in range(100)]))  # 100,000 rows
+    meta[3] = (meta[3][0], 1)  # the footer says 1
+    body = write_footer(buf.getvalue(), meta)
+    assert len(body) < 16_000
+    with ThreadPoolExecutor(2) as pool:
+        big = pool.submit(server.post, body, CTYPES["parquet"])
+        t0 = time.perf_counter()
+        health = [server.request("GET", "/healthz")[0] for _ in range(3)]
+        health_s = time.perf_counter() - t0
+        status, out = big.result()
+    assert 400 <= status < 500 and len(json.dumps(out)) < 400, (status, out)
+    assert health == [200] * 3 and health_s < 5.0
+    status, out = server.post(spectrum_json(a, 3))
+    assert status == 200
+
+
+@pytest.mark.slow
+def test_poison_under_load_no_5xx_and_valid_results_unchanged(server, scorer, test_set):
+    """Defect 1 under load: valid single-spectrum requests from 8 clients for ~4 s with
+    poison requests interleaved: zero 5xx, every valid result equal to the spectrum
+    scored alone (within the documented batch tolerance), every poison one flagged."""
+    from mendis_ray.science.ood import BATCH_TOLERANCE
+
+    _, a = test_set
+    n_valid = 16
+    want = [scorer.score(a.flux[i : i + 1], a.ivar[i : i + 1], a.labels[i : i + 1],
+                         marginal="none") for i in range(n_valid)]  # fmt: skip
+    bodies = [json.dumps(spectrum_json(a, i)).encode() for i in range(n_valid)]
+    poison = poison_bodies(a)
+    stop = time.perf_counter() + 4.0
+    problems: list = []
+    counts = {"valid": 0, "poison": 0}
+
+    def valid_client(k: int) -> None:
+        i = k
+        while time.perf_counter() < stop:
+            j = i % n_valid
+            status, out = server.post(bodies[j], "application/json")
+            counts["valid"] += 1
+            if status != 200:
+                problems.append(("valid", j, status, out))
+            else:
+                r = out["results"][0]
+                exp = want[j]
+                if abs(r["log_p"] - exp["log_p"][0]) > BATCH_TOLERANCE or r["flag_bits"] != int(
+                    exp["flags"][0]
+                ):
+                    problems.append(("changed", j, r["log_p"], float(exp["log_p"][0])))
+            i += 8
+
+    def poison_client() -> None:
+        k = 0
+        while time.perf_counter() < stop:
+            body, ctype, what = poison[k % len(poison)]
+            status, out = server.post(body, ctype)
+            counts["poison"] += 1
+            if status != 200 or "unscorable" not in out["results"][0]["flags"]:
+                problems.append(("poison", what, status))
+            k += 1
+
+    with ThreadPoolExecutor(9) as pool:
+        futures = [pool.submit(valid_client, k) for k in range(8)]
+        futures.append(pool.submit(poison_client))
+        for f in futures:
+            f.result()
+    assert counts["valid"] >= 16 and counts["poison"] >= 3, counts
+    assert not problems, problems[:5]
+
+
+def test_embedded_cluster_and_serve_listen_on_loopback_only(server):
+    """Defect 4: every listening socket of the processes this test session started (the
+    embedded Ray's GCS, raylet, workers, agents, Serve's proxy and replica) is on
+    127.0.0.1 (ss -ltnp showed *, 0.0.0.0 and the host's address before)."""
+    import os
+
+    from mendis_ray.distributed.session import is_loopback, listening_sockets, process_tree
+
+    socks = listening_sockets(process_tree(os.getpid()))
+    names = {r["process"] for r in socks}
+    assert {"gcs_server", "raylet"} <= names, names
+    assert any(n.startswith("ray::ServeRepli") for n in names), names
+    assert server.port in {r["port"] for r in socks}
+    exposed = [r for r in socks if not is_loopback(r["address"])]
+    assert not exposed, exposed
+
+
+@pytest.mark.slow
+def test_openapi_fuzz_with_schemathesis(server):
+    """Property-based fuzzing from the service's own /openapi.json (schemathesis runs
+    hypothesis on every operation, JSON and binary bodies): never a 5xx, errors short.
+    Bounded: at most 60 examples per operation and ~40 s."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{server.port}/openapi.json")
+    base = f"http://127.0.0.1:{server.port}"
+    deadline = time.perf_counter() + 40.0
+    failures: list = []
+    ran = 0
+    for result in schema.get_all_operations():
+        op = result.ok()
+        n = 60 if op.path == "/score" else 10
+
+        @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @given(case=op.as_strategy())
+        def run(case) -> None:
+            nonlocal ran
+            if time.perf_counter() > deadline:
+                return
+            resp = case.call(base_url=base, timeout=30)
+            ran += 1
+            if resp.status_code >= 500 or (resp.status_code >= 400 and len(resp.content) > 600):
+                failures.append((case.method, case.path, resp.status_code, resp.content[:200]))
+
+        run()
+    assert ran >= 30, ran
+    assert not failures, failures[:5]
+
+
 # ---------------------------------------------------------------------- arguments
 
 
@@ -547,6 +719,14 @@ def test_build_app_validates_arguments(checkpoint, tmp_path):
         build_app({"checkpoint": str(tmp_path)})
     with pytest.raises(ValueError, match="checkpoint"):
         build_app({})
+    # a truncated checkpoint fails here, with its own error (not replicas retried by Serve)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        data = (checkpoint / f).read_bytes()
+        (broken / f).write_bytes(data if f == "config.json" else data[: len(data) // 3])
+    with pytest.raises(ValueError, match="unreadable tensors"):
+        build_app({"checkpoint": str(broken)})
     fixed = build_app({"checkpoint": str(checkpoint), "num_replicas": 2, "num_gpus": 1})
     cfg = fixed._bound_deployment._deployment_config
     assert cfg.num_replicas == 2 and cfg.autoscaling_config is None
@@ -559,24 +739,36 @@ def test_build_app_validates_arguments(checkpoint, tmp_path):
 
 def test_model_queue_merges_waiting_groups_up_to_the_batch_size():
     """Groups that arrive while the model is busy are merged into the next model call
-    (at most max_rows spectra), results go back to their callers in order, and an error
-    reaches every caller of that call."""
+    (at most max_rows spectra), results go back to their callers in order, and a call
+    that fails is retried in parts: the failing row alone is flagged unscorable, every
+    other row of every merged request keeps its result (issue 14, defect 1)."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from mendis_ray.distributed.serving import _Item, _ModelQueue
+    from mendis_ray.distributed.serving import _Item, _ModelQueue, _unscorable
+    from mendis_ray.science.ood import FLAG_UNSCORABLE
 
     calls: list[list[int]] = []
 
     def fn(items):
         time.sleep(0.05)
         calls.append([len(i) for i in items])
-        if any(len(i) == 7 for i in items):
+        if any((i.flux[:, 0] < 0).any() for i in items):  # a poison row
             raise ValueError("boom")
-        return [{"n": np.array([len(i)])} for i in items]
+        out = []
+        for i in items:
+            r = _unscorable(len(i), i.labels)
+            r["flags"][:] = 0
+            r["log_p"] = i.flux[:, 1].copy()
+            out.append(r)
+        return out
 
-    def item(k: int) -> _Item:
-        return _Item(np.zeros((k, 2)), np.ones((k, 2)), np.zeros((k, 3)), False)
+    def item(k: int, poison: int | None = None) -> _Item:
+        flux = np.zeros((k, 2))
+        flux[:, 1] = 10 * k + np.arange(k)
+        if poison is not None:
+            flux[poison, 0] = -1.0
+        return _Item(flux, np.ones((k, 2)), np.zeros((k, 3)), False)
 
     async def run():
         q = _ModelQueue(ThreadPoolExecutor(1), fn, max_rows=10)
@@ -584,11 +776,21 @@ def test_model_queue_merges_waiting_groups_up_to_the_batch_size():
         await asyncio.sleep(0.01)  # the model is busy with the first group now
         rest = [asyncio.ensure_future(q.submit([item(k), item(1)])) for k in (2, 3, 4, 5)]
         out = await asyncio.gather(first, *rest)
-        bad = await asyncio.gather(q.submit([item(7)]), return_exceptions=True)
-        return out, bad
+        await asyncio.sleep(0.01)
+        calls.clear()
+        blocker = asyncio.ensure_future(q.submit([item(1)]))
+        await asyncio.sleep(0.01)
+        mixed = [asyncio.ensure_future(q.submit([item(3, poison=1)])),
+                 asyncio.ensure_future(q.submit([item(4)]))]  # fmt: skip
+        return out, await asyncio.gather(blocker, *mixed)
 
-    out, bad = asyncio.run(run())
-    assert calls[0] == [1]
-    assert calls[1:4] == [[2, 1, 3, 1], [4, 1], [5, 1]]  # merged, at most 10 rows each
-    assert [[int(r["n"][0]) for r in o] for o in out] == [[1], [2, 1], [3, 1], [4, 1], [5, 1]]
-    assert isinstance(bad[0], ValueError)
+    out, (_, poisoned, clean) = asyncio.run(run())
+    assert [[len(r["log_p"]) for r in o] for o in out] == [[1], [2, 1], [3, 1], [4, 1], [5, 1]]
+    assert [int(r["log_p"][0]) for r in out[2]] == [30, 10]
+    assert calls[1] == [3, 4]  # the poison row's group was merged with a clean one
+    np.testing.assert_array_equal(clean[0]["log_p"], [40, 41, 42, 43])
+    np.testing.assert_array_equal(clean[0]["flags"], 0)
+    p = poisoned[0]
+    assert p["flags"].tolist() == [0, FLAG_UNSCORABLE, 0]
+    assert p["log_p"][0] == 30 and p["log_p"][2] == 32 and np.isneginf(p["log_p"][1])
+    assert p["percentile"][1] == 0.0  # labelled: the most outlying rank
