@@ -52,8 +52,8 @@ def load(out: Path) -> BenchData:
 
 
 def markdown(rows: list[dict], sets: list[str]) -> str:
-    cols = ["model", "score", "heldout_log_p", *sets, "snr1000_vs_300", "calib", "train_s",
-            "spectra_per_s"]  # fmt: skip
+    cols = ["model", "score", "heldout_log_p", *sets, "snr1000_vs_300", "calib", "calib_mean",
+            "train_s", "spectra_per_s"]  # fmt: skip
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
 
     def cell(v: object) -> str:
@@ -71,6 +71,9 @@ def main() -> None:
     p.add_argument("--flow-minutes", type=float, default=None, help="full-space flow budget")
     p.add_argument("--no-flow", action="store_true", help="skip the full-space flow")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--signal", default="{}", help="SignalConfig overrides as JSON, e.g. '{\"hidden\": 64}'"
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("mendis_ray.train.loop",):
@@ -82,7 +85,8 @@ def main() -> None:
     simulate(data_dir, n_train, n_test, n_outlier, args.seed)
     data = load(data_dir)
     log.info("loaded %d training stars and %d sets", len(data.train.flux), len(data.sets) + 1)
-    runs = [signal_run(data, SignalConfig(seed=args.seed))]
+    signal_cfg = SignalConfig(seed=args.seed).replace(**json.loads(args.signal))
+    runs = [signal_run(data, signal_cfg)]
     log.info("signal model: k = %d, %.1f s", runs[0].extra["k"], runs[0].train_seconds)
     if not args.no_flow:
         minutes = args.flow_minutes or (1.0 if args.quick else 5.0)
@@ -98,6 +102,7 @@ def main() -> None:
         "benchmark": tag,
         "n_train": len(data.train.flux),
         "sets": {k: len(v.flux) for k, v in {"test": data.test, **data.sets}.items()},
+        "signal_config": signal_cfg.to_dict(),
         "signal_k": runs[0].extra["k"],
         "signal_epochs": len(hist.epochs),
         "signal_best_val_log_q": hist.best_val_log_prob,

@@ -173,3 +173,22 @@ def test_same_stars_rank_alike_at_low_and_high_snr(trained) -> None:
     a = auroc(res[100.0]["score"], res[300.0]["score"])
     assert 0.3 < a < 0.7, a
     assert auroc(res[100.0]["log_p"], res[300.0]["log_p"]) < 0.05  # raw density: fooled
+
+
+@pytest.mark.parametrize("n_ref", [30, 200, 5000])
+def test_noise_calibration_is_uniform_per_noise_level(n_ref: int) -> None:
+    """Reference stars whose statistic grows with the noise variable: a new inlier's tail
+    probability is uniform at every noise level; a far outlier gets a finite, ordered score."""
+    from mendis_ray.science.signal_scores import NoiseCalibration
+
+    rng = np.random.default_rng(1)
+    t = rng.uniform(0, 1, n_ref)
+    cal = NoiseCalibration.fit(t, 3 * t + (1 + t) * rng.standard_normal(n_ref))
+    t_new = rng.uniform(0, 1, 4000)
+    p = np.exp(cal.log_tail(t_new, 3 * t_new + (1 + t_new) * rng.standard_normal(4000)))
+    if n_ref >= 200:
+        for lo in (0.0, 0.5):
+            sel = (t_new >= lo) & (t_new < lo + 0.5)
+            assert abs(np.mean(p[sel]) - 0.5) < 0.05
+    far = cal.log_tail(np.array([0.5, 0.5]), np.array([50.0, 80.0]))
+    assert np.isfinite(far).all() and far[1] < far[0] < np.log(0.01)

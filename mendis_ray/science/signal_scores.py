@@ -5,12 +5,12 @@ logs of tail probabilities, 0 = perfectly typical, -inf = impossible):
 
 ``signal_score``
     Is the star's *stellar signal* typical?  The conditional flow's log q(signal
-    coordinates, labels | noise level), compared with held-out training stars at the same
-    noise level (median and MAD in bins of the noise level, interpolated), as a normal
-    tail probability.  Finds unusual combinations: between the alpha sequences, off the
-    giant branch, odd abundance patterns, labels that do not match the spectrum.  Without
-    labels (NaN), the labels are integrated out by importance sampling (32 draws from a
-    linear regression of labels on the signal coordinates).
+    coordinates, labels | noise level), as the fraction of held-out training stars at the
+    same noise level whose log q is as low (:class:`NoiseCalibration`).  Finds unusual
+    combinations: between the alpha sequences, off the giant branch, odd abundance
+    patterns, labels that do not match the spectrum.  Without labels (NaN), the labels are
+    integrated out by importance sampling (32 draws from a linear regression of labels on
+    the signal coordinates).
 ``residual_score``
     Is there anything *outside* the signal space?  The residual after the star's own
     noise-weighted projection, scanned at 1, 4, 16 and 64 pixels (the largest |window sum|
@@ -62,55 +62,63 @@ MODEL_KIND = "signal"
 
 @dataclass
 class NoiseCalibration:
-    """Centre and robust scale of a statistic as smooth functions of a noise variable t
-    (here the signal fractions ``_rho_res`` / ``_rho_sig``, which saturate at high S/N).
+    """The distribution of a statistic u (large = unusual) among reference stars, as a
+    function of a noise variable t (the signal fractions ``_rho_res`` / ``_rho_sig``).
 
-    Fitted on reference stars: the median and 1.4826 x MAD in quantile bins of t, then a
-    quadratic in t through the bin medians and through the log of the bin scales
-    (weighted by the bins' counts); t is clipped to the fitted range, so a star noisier
-    or cleaner than every reference star is compared with the nearest ones."""
+    The reference stars are split into quantile bins of t; each bin keeps the empirical
+    quantile function of u (``n_q`` points) and a robust scale (1.4826 x MAD).  The log
+    upper-tail probability of a new u is read off the bins at the two nearest bin centres
+    and interpolated linearly in t (flat beyond the outer centres): an inlier's tail
+    probability is uniform in every noise bin by construction.  Above a bin's largest
+    reference value the tail continues exponentially, ``log p = log(1 / (m + 1)) - (u -
+    max) / scale``, so extreme outliers keep a finite, ordered score."""
 
-    center: np.ndarray  # (3,) polynomial coefficients of the centre in t (highest first)
-    log_scale: np.ndarray  # (3,) ... of log scale
-    t_range: np.ndarray  # (2,) range of the bin centres
+    centers: np.ndarray  # (B,) median t of each bin
+    quantiles: np.ndarray  # (B, n_q) u at probabilities linspace(0, 1, n_q)
+    scale: np.ndarray  # (B,)
+    count: np.ndarray  # (B,) reference stars per bin
 
     @classmethod
-    def fit(cls, t: np.ndarray, u: np.ndarray, n_bins: int = 12) -> NoiseCalibration:
+    def fit(cls, t: np.ndarray, u: np.ndarray, n_bins: int = 16, n_q: int = 201):
         ok = np.isfinite(u) & np.isfinite(t)
         t, u = t[ok], u[ok]
-        n_bins = max(1, min(n_bins, len(t) // 40))
-        edges = np.quantile(t, np.linspace(0, 1, n_bins + 1))
-        idx = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, n_bins - 1)
-        tc, c, s, w = (np.zeros(n_bins) for _ in range(4))
-        for b in range(n_bins):
-            ub = u[idx == b]
-            if ub.size == 0:
-                continue
-            tc[b], c[b], w[b] = np.median(t[idx == b]), np.median(ub), np.sqrt(ub.size)
-            s[b] = max(1.4826 * np.median(np.abs(ub - c[b])), 1e-9)
-        keep = w > 0
-        deg = min(2, int(keep.sum()) - 1)
-        pc = np.polyfit(tc[keep], c[keep], deg, w=w[keep]) if deg > 0 else c[keep][:1]
-        ps = (
-            np.polyfit(tc[keep], np.log(s[keep]), deg, w=w[keep])
-            if deg > 0
-            else np.log(s[keep][:1])
-        )
-        pad = lambda a: np.concatenate([np.zeros(3 - len(a)), a])  # noqa: E731
-        return cls(pad(pc), pad(ps), np.array([tc[keep].min(), tc[keep].max()]))
+        n_bins = max(1, min(n_bins, len(t) // 60))
+        order = np.argsort(t, kind="stable")
+        parts = np.array_split(order, n_bins)  # equal-count bins of t
+        probs = np.linspace(0, 1, n_q)
+        centers = np.array([np.median(t[i]) for i in parts])
+        quantiles = np.stack([np.quantile(u[i], probs) for i in parts])
+        scale = np.array([max(1.4826 * np.median(np.abs(u[i] - np.median(u[i]))), 1e-9)
+                          for i in parts])  # fmt: skip
+        return cls(centers, quantiles, scale, np.array([len(i) for i in parts], float))
 
-    def z(self, t: np.ndarray, u: np.ndarray) -> np.ndarray:
-        """(u - centre(t)) / scale(t)."""
-        tc = np.clip(t, *self.t_range)
-        return (u - np.polyval(self.center, tc)) / np.exp(np.polyval(self.log_scale, tc))
+    def _log_tail_bin(self, b: int, u: np.ndarray) -> np.ndarray:
+        q = self.quantiles[b]
+        probs = np.linspace(0, 1, len(q))
+        p_min = 1.0 / (self.count[b] + 1)
+        tail = np.maximum(1.0 - np.interp(u, q, probs), p_min)  # (n,)
+        beyond = u > q[-1]
+        return np.where(beyond, np.log(p_min) - (u - q[-1]) / self.scale[b], np.log(tail))
+
+    def log_tail(self, t: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """log P(U >= u | t) (n,): 0 for typical-or-smaller u, very negative for outliers."""
+        c = self.centers
+        per_bin = np.stack([self._log_tail_bin(b, u) for b in range(len(c))])  # (B, n)
+        if len(c) == 1:
+            return per_bin[0]
+        hi = np.clip(np.searchsorted(c, t), 1, len(c) - 1)
+        lo = hi - 1
+        w = np.clip((t - c[lo]) / np.maximum(c[hi] - c[lo], 1e-12), 0, 1)
+        cols = np.arange(len(u))
+        return (1 - w) * per_bin[lo, cols] + w * per_bin[hi, cols]
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}.center": self.center, f"{prefix}.log_scale": self.log_scale,
-                f"{prefix}.t_range": self.t_range}  # fmt: skip
+        return {f"{prefix}.{k}": getattr(self, k) for k in
+                ("centers", "quantiles", "scale", "count")}  # fmt: skip
 
     @classmethod
     def from_arrays(cls, a: dict, prefix: str) -> NoiseCalibration:
-        return cls(a[f"{prefix}.center"], a[f"{prefix}.log_scale"], a[f"{prefix}.t_range"])
+        return cls(*(a[f"{prefix}.{k}"] for k in ("centers", "quantiles", "scale", "count")))
 
 
 def residual_statistics(c: SignalCoordinates) -> np.ndarray:
@@ -201,16 +209,17 @@ class SignalScorer:
         if train_flux is not None:
             cc = model.coordinates(cal_flux, cal_ivar, train_labels, keep_residual=True)
         stats_ = residual_statistics(cc)
-        zs = []
+        tails = []
         for j, name in enumerate(_stat_names()):
             cal = NoiseCalibration.fit(_rho_res(cc), stats_[:, j])
             ref |= cal.arrays(f"cal.{name}")
-            zs.append(cal.z(_rho_res(cc), stats_[:, j]))
-        ref |= NoiseCalibration.fit(_rho_res(cc), np.max(zs, axis=0)).arrays("cal.residual")
+            tails.append(cal.log_tail(_rho_res(cc), stats_[:, j]))
+        worst = -np.min(tails, axis=0)  # the most significant scale (large = unusual)
+        ref |= NoiseCalibration.fit(_rho_res(cc), worst).arrays("cal.residual")
         # the flow's log q: held-out stars only (the flow has seen the training ones)
         rho = _rho_sig(c, model)
-        ref |= NoiseCalibration.fit(rho, model.flow_log_prob(c)).arrays("cal.signal")
-        ref |= NoiseCalibration.fit(rho, scorer._label_free(c)).arrays("cal.signal_free")
+        ref |= NoiseCalibration.fit(rho, -model.flow_log_prob(c)).arrays("cal.signal")
+        ref |= NoiseCalibration.fit(rho, -scorer._label_free(c)).arrays("cal.signal_free")
         out = scorer.score(flux, ivar, labels)
         for key in ("score", "signal_score", "residual_score"):
             ref[f"sorted.{key}"] = np.sort(out[key])
@@ -263,17 +272,17 @@ class SignalScorer:
                 sub = SignalCoordinates(c.y[~labelled], c.t[~labelled], c.proj)
                 lq[~labelled] = self._label_free(sub)
                 est[~labelled] = self._posterior_labels
-            cal_sig = NoiseCalibration.from_arrays(r, "cal.signal")
-            cal_free = NoiseCalibration.from_arrays(r, "cal.signal_free")
             rho = _rho_sig(c, m)
-            z_sig = np.where(labelled, -cal_sig.z(rho, lq), -cal_free.z(rho, lq))
+            sig = np.where(
+                labelled,
+                NoiseCalibration.from_arrays(r, "cal.signal").log_tail(rho, -lq),
+                NoiseCalibration.from_arrays(r, "cal.signal_free").log_tail(rho, -lq),
+            )
             st = residual_statistics(c)
             rr = _rho_res(c)
-            zs = [NoiseCalibration.from_arrays(r, f"cal.{n}").z(rr, st[:, j])
-                  for j, n in enumerate(_stat_names())]  # fmt: skip
-            z_res = NoiseCalibration.from_arrays(r, "cal.residual").z(rr, np.max(zs, axis=0))
-            sig = stats.norm.logsf(z_sig)
-            res = stats.norm.logsf(z_res)
+            tails = [NoiseCalibration.from_arrays(r, f"cal.{n}").log_tail(rr, st[:, j])
+                     for j, n in enumerate(_stat_names())]  # fmt: skip
+            res = NoiseCalibration.from_arrays(r, "cal.residual").log_tail(rr, -np.min(tails, 0))
             x = -2 * (sig + res)  # Fisher: chi^2 with 4 dof, log sf in closed form (no underflow)
             comb = np.minimum(-x / 2 + np.log1p(x / 2), 0.0)
             log_p = m.total_log_prob(c, lq) + np.where(labelled, 0.0, np.log(m.label_scale).sum())

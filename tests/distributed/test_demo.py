@@ -27,3 +27,9 @@ def test_quick_demo_end_to_end(ray_session, tmp_path):
     assert json.loads((out / "results.json").read_text())["training"]["epochs_run"] == 1
     assert "| flow |" in report and "AUROC" in report
     assert (out / "checkpoint" / "model.safetensors").is_file()
+    # stage 4b: the signal-space model beside the flow, with its own checkpoint
+    assert auroc[("stripped", "signal_model")] > 0.95
+    assert "signal-space model beside the flow" in report and "signal_model" in report
+    from mendis_ray.science.signal_scores import load_scorer
+
+    assert load_scorer(out / "checkpoint_signal").model.basis.k >= 2
