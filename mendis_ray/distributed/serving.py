@@ -172,9 +172,9 @@ def validate_args(args: Mapping[str, Any]) -> ServeArgs:
 app = FastAPI(
     title="mendis_ray scoring",
     version=__version__,
-    description="Normalizing-flow density scores of stellar spectra (higher = more typical). "
-    "POST spectra to /score as JSON or as an Arrow/Parquet table; GET /model for the "
-    "model's grid and limits.",
+    description="Outlier scores of stellar spectra from a signal-space model or a full-space "
+    "normalizing flow (higher = more typical). POST spectra to /score as JSON or as an "
+    "Arrow/Parquet table; GET /model for the model kind, grid and limits.",
 )
 
 _ERRORS = {
