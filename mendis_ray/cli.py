@@ -5,7 +5,7 @@ mendis ingest apogee FILE... --out DIR [--labels allStar.fits]
 mendis inspect PATH                               summary of a shard or dataset folder
 mendis demo [--quick]                             the whole experiment on a local Ray
 mendis train DATA --out DIR                       Ray Train (TorchTrainer) on shards
-mendis tune DATA --out DIR                        Ray Tune: learning rate x depth
+mendis tune DATA --out DIR                        Ray Tune: k x depth (signal) or lr x depth
 mendis serve CHECKPOINT                           Ray Serve HTTP scoring (127.0.0.1)
 mendis score CHECKPOINT INPUTS... --out DIR       batch scoring of a catalog (Ray Data)
 """
@@ -284,20 +284,62 @@ def cmd_train_signal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str | None, kind: type, default: str | None = None) -> tuple | None:
+    """``"1,2"`` -> (1, 2) of ``kind`` (``default`` when ``text`` is None; None if both are)."""
+    text = default if text is None else text
+    return None if text is None else tuple(kind(x) for x in text.split(",") if x.strip())
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
+    if args.model == "signal":
+        return cmd_tune_signal(args)
     from mendis_ray.distributed.session import ensure_ray
     from mendis_ray.distributed.tune import TuneConfig, tune_flow
 
     flow_cfg, train_cfg, ray_cfg = _ray_train_configs(args)
     tune_cfg = TuneConfig(
-        lr=tuple(float(x) for x in args.lrs.split(",")),
-        n_units=tuple(int(x) for x in args.units.split(",")),
+        lr=_csv(args.lrs, float, "1e-4,3e-4"),
+        n_units=_csv(args.units, int, "2,4"),
         max_concurrent_trials=args.concurrent,
     )
     ensure_ray(args.address)
     res = tune_flow(args.data, args.out, flow_cfg, train_cfg, ray_cfg, tune_cfg)
     _print_table(res.trials, ["lr", "n_units", "best_val_log_prob", "epochs", "status"])
     print(f"best: lr {res.best['lr']:g}, {res.best['n_units']} units")
+    print(f"trials: {res.out / 'trials.csv'}")
+    print(f"best checkpoint: {res.best_checkpoint}")
+    return 0
+
+
+def cmd_tune_signal(args: argparse.Namespace) -> int:
+    """``mendis tune --model signal``: a Ray Tune grid over k x depth (x lr) of the
+    signal-space model, ranked by the validation log p of the total model."""
+    from mendis_ray.config import SignalConfig
+    from mendis_ray.distributed.session import ensure_ray
+    from mendis_ray.distributed.tune import SignalTuneConfig, tune_signal
+
+    changes = {
+        k: v
+        for k, v in {
+            "hidden": args.hidden, "epochs": args.epochs, "lr": args.lr,
+            "batch_size": args.batch_size,
+        }.items()
+        if v is not None
+    }  # fmt: skip
+    cfg = SignalConfig().replace(**changes)
+    tune_cfg = SignalTuneConfig(
+        ks=_csv(args.ks, int), n_units=_csv(args.units, int, "4,6"), lr=_csv(args.lrs, float),
+        cpus_per_trial=args.cpus_per_trial, max_concurrent_trials=args.concurrent,
+        time_limit_s=None if args.minutes is None else 60 * args.minutes,
+        storage_path=args.storage,
+    )  # fmt: skip
+    ensure_ray(args.address)
+    res = tune_signal(args.data, args.out, cfg, tune_cfg)
+    rows = [{**t, "lr": f"{t['lr']:g}"} for t in res.trials]
+    _print_table(rows, ["k", "n_units", "lr", "val_log_p", "val_log_q", "epochs", "status"])
+    b = res.best
+    print(f"best: k {b['k']}, {b['n_units']} units, lr {b['lr']:g}: validation log p "
+          f"{b['val_log_p']:.1f} nats per spectrum (total model)")  # fmt: skip
     print(f"trials: {res.out / 'trials.csv'}")
     print(f"best checkpoint: {res.best_checkpoint}")
     return 0
@@ -427,12 +469,25 @@ def build_parser() -> argparse.ArgumentParser:
     _ray_train_args(t)
     t.set_defaults(func=cmd_train)
 
-    u = sub.add_parser("tune", help="Ray Tune over learning rate x depth with ASHA")
+    u = sub.add_parser(
+        "tune", help="Ray Tune: signal directions k x depth of the signal-space model "
+        "(default), or learning rate x depth of the full-space flow with ASHA (--model flow)",
+    )  # fmt: skip
     u.add_argument("data", help="training shards")
     u.add_argument("--out", required=True, help="output folder (trial table, best checkpoint)")
+    u.add_argument(
+        "--model", choices=["signal", "flow"], default="signal",
+        help="signal: grid over --ks x --units (x --lrs), trials ranked by the validation log "
+        "p of the total model; flow: the full-space flow, --lrs x --units with ASHA",
+    )  # fmt: skip
     _ray_train_args(u)
-    u.add_argument("--lrs", default="1e-4,3e-4", help="comma-separated learning rates")
-    u.add_argument("--units", default="2,4", help="comma-separated numbers of flow units")
+    u.add_argument("--ks", default="5,10,20", help="signal: comma-separated numbers of signal "
+                   "directions k")  # fmt: skip
+    u.add_argument("--lrs", default=None, help="comma-separated learning rates (flow: default "
+                   "1e-4,3e-4; signal: default not searched, --lr or 1e-3)")  # fmt: skip
+    u.add_argument("--units", default=None, help="comma-separated numbers of flow units "
+                   "(default: flow 2,4; signal 4,6)")  # fmt: skip
+    u.add_argument("--cpus-per-trial", type=float, default=0.5, help="signal: CPUs per trial")
     u.add_argument("--concurrent", type=int, default=1, help="trials at once")
     u.set_defaults(func=cmd_tune)
 

@@ -37,6 +37,9 @@ before decoding (rows, decompressed bytes: :mod:`mendis_ray.parquet_guard`).
     optimisation per spectrum (up to 200 Adam steps of the flow: about 100-1000x the cost
     of a labelled score), so a request may ask for it for at most ``max_marginal``
     spectra.
+    A signal-space checkpoint scores unlabelled spectra label-free in every case (the
+    labels are integrated out by importance sampling, about the cost of a labelled
+    score); ``marginal`` is accepted and bounded the same way, and changes nothing there.
 
 Errors are :class:`RequestError` (HTTP status, the offending field, a short message that
 never echoes the input): 400 unreadable body, 413 too large, 415 unknown content type,
@@ -132,7 +135,9 @@ FLAG_NAMES: dict[int, str] = {
     FLAG_LABEL_RANGE: "label_range",
     FLAG_UNSCORABLE: "unscorable",
 }
-#: float score columns of Scorer.score copied into each result row
+#: float score columns copied into each result row: those of ``Scorer.score`` (full-space
+#: flow) and of ``SignalScorer.score`` (signal-space model); a column the served model
+#: does not compute is null
 SCORE_FIELDS = (
     "log_p",
     "log_p_marginal",
@@ -142,6 +147,11 @@ SCORE_FIELDS = (
     "signal_percentile",
     "log_ratio_gaussian",
     "masked_fraction",
+    "score",
+    "residual_score",
+    "residual_percentile",
+    "chi2_dof",
+    "noise_level",
 )
 _MAX_MESSAGE = 300
 
@@ -249,19 +259,51 @@ def request_models(
 
 
 class ScoreResult(BaseModel):
-    """Scores of one spectrum (null where not computed); see mendis_ray.science.ood."""
+    """Scores of one spectrum, null where not computed or where the served model kind has
+    none (see ``model_kind`` in the response): a full-space flow (mendis_ray.science.ood)
+    or a signal-space model (mendis_ray.science.signal_scores).  Higher = more typical."""
 
     index: int = Field(description="position of the spectrum in the request")
     id: str | None = None
     labelled: bool = Field(description="teff, logg and feh were all given")
-    log_p: float | None = Field(description="log p(flux, labels) in physical units (nats)")
-    log_p_marginal: float | None = Field(description="label-free log p(flux) (marginal)")
-    log_p_per_dim: float | None = Field(description="the normalised score: log p / dimension")
-    percentile: float | None = Field(description="% of held-out training spectra scoring <=")
-    signal_score: float | None = Field(description="projected log-likelihood (subtle outliers)")
+    log_p: float | None = Field(
+        description="log p(flux, labels) in physical units (nats); signal model: the total "
+        "density, labels integrated out for an unlabelled spectrum"
+    )
+    log_p_marginal: float | None = Field(
+        description="flow: label-free log p(flux) (marginal); signal model: null"
+    )
+    log_p_per_dim: float | None = Field(
+        description="flow: the normalised score, log p / dimension; signal model: null"
+    )
+    percentile: float | None = Field(
+        description="% of held-out training spectra whose primary score (flow: log p; "
+        "signal model: score) is <= this one's"
+    )
+    signal_score: float | None = Field(
+        description="flow: projected log-likelihood (subtle outliers); signal model: "
+        "calibrated log tail probability of the signal coordinates"
+    )
     signal_percentile: float | None = None
-    log_ratio_gaussian: float | None = Field(description="log p_flow - log p_gaussian")
+    log_ratio_gaussian: float | None = Field(
+        description="flow: log p_flow - log p_gaussian; signal model: null"
+    )
     masked_fraction: float | None = None
+    score: float | None = Field(
+        None, description="signal model: the triage score (log tail probability, 0 = "
+        "typical), signal and residual combined; flow: null"
+    )  # fmt: skip
+    residual_score: float | None = Field(
+        None, description="signal model: log tail probability of the residual outside the "
+        "signal space (lines, artefacts); flow: null"
+    )  # fmt: skip
+    residual_percentile: float | None = Field(None, description="signal model; flow: null")
+    chi2_dof: float | None = Field(
+        None, description="signal model: residual chi^2 per degree of freedom; flow: null"
+    )
+    noise_level: float | None = Field(
+        None, description="signal model: the noise level the flow is conditioned on; flow: null"
+    )
     labels_used: dict[str, float | None] = Field(description="given labels, or the best-fit")
     flags: list[str] = Field(
         description="nonfinite, masked, flux_range, label_range, unscorable (the model "
@@ -273,6 +315,9 @@ class ScoreResult(BaseModel):
 class ScoreResponse(BaseModel):
     n: int
     grid: str | None = Field(description="hash of the model's grid")
+    model_kind: Literal["flow", "signal"] | None = Field(
+        None, description="the served model: full-space flow or signal-space model"
+    )
     marginal: Marginal
     results: list[ScoreResult]
 
@@ -824,12 +869,14 @@ def results_to_json(
     labelled: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """One JSON-able dict per spectrum (see :class:`ScoreResult`) from the output of
-    :meth:`mendis_ray.science.ood.Scorer.score` (a dict of (n,) arrays, ``labels_used``
-    (n, 3)); ``labelled`` (n,) bool says which spectra came with all three labels.  NaN
-    and infinities become None (JSON null)."""
+    :meth:`mendis_ray.science.ood.Scorer.score` or
+    :meth:`mendis_ray.science.signal_scores.SignalScorer.score` (a dict of (n,) arrays,
+    ``labels_used`` (n, 3)); ``labelled`` (n,) bool says which spectra came with all three
+    labels.  NaN and infinities become None (JSON null), and so does every column of
+    :data:`SCORE_FIELDS` that ``scores`` lacks."""
     n = len(scores["flags"])
     ids = list(ids) if ids is not None else [None] * n
-    cols = {k: _nullable(scores[k]) for k in SCORE_FIELDS}
+    cols = {k: _nullable(scores[k]) if k in scores else [None] * n for k in SCORE_FIELDS}
     used = [_nullable(np.asarray(scores["labels_used"])[:, j]) for j in range(3)]
     flags = np.asarray(scores["flags"]).astype(np.int64).tolist()
     if labelled is None:  # log_p is NaN exactly where labels were not given (or bad)

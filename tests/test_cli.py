@@ -67,3 +67,29 @@ def test_console_script_entry_point():
         [sys.executable, "-m", "mendis_ray.cli", "--help"], capture_output=True, text=True
     )
     assert r.returncode == 0 and "simulate" in r.stdout
+
+
+JOBS = {"simulate": ["simulate"], "train": ["train"], "tune": ["tune"], "analyze": ["analyze"],
+        "demo": ["demo"], "score_catalog": ["score"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", ["local", "paper"])
+def test_job_configs_parse_and_keep_their_models(preset):
+    """Every section of jobs/configs/PRESET.yaml is a valid ``mendis`` command line (the
+    jobs run exactly that), and the train and tune sections pick the full-space flow
+    (their flow options would be ignored by the signal-space default)."""
+    import importlib.util
+
+    from mendis_ray.cli import build_parser
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("jobs_entry", root / "jobs" / "_entry.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    path = root / "jobs" / "configs" / f"{preset}.yaml"
+    parsed = {
+        section: build_parser().parse_args([*command, *entry.section_args(path, section)])
+        for section, command in JOBS.items()
+    }
+    assert parsed["train"].model == "flow" and parsed["tune"].model == "flow"
+    assert parsed["tune"].lrs and parsed["tune"].units

@@ -1,9 +1,11 @@
 """The Ray Serve scoring application: ``POST /score`` over HTTP for a trained checkpoint.
 
 One deployment, :class:`MendisScorer`, with a FastAPI ingress.  Each replica loads the
-checkpoint once (:meth:`mendis_ray.science.ood.Scorer.from_checkpoint`), sets its torch
-thread count from its CPUs (Ray sets ``OMP_NUM_THREADS=1`` in workers) and scores through
-one ``@serve.batch`` queue whose size is counted in *spectra*: concurrent requests of one
+checkpoint once, whichever model it holds (:class:`mendis_ray.predictor.Predictor`: the
+full-space flow's :class:`~mendis_ray.science.ood.Scorer` or the signal-space model's
+:class:`~mendis_ray.science.signal_scores.SignalScorer`), sets its torch thread count
+from its CPUs (Ray sets ``OMP_NUM_THREADS=1`` in workers) and scores through one
+``@serve.batch`` queue whose size is counted in *spectra*: concurrent requests of one
 spectrum are fanned in to one batch, and large requests are cut into batch-sized pieces,
 so the flow sees batches of up to ``batch_size`` spectra.  The model runs in a worker
 thread, so the replica keeps reading and validating the next requests meanwhile, and the
@@ -14,11 +16,14 @@ Endpoints:
 - ``POST /score``: JSON (one or many spectra) or a bulk table (Arrow IPC stream/file,
   Parquet), see :mod:`mendis_ray.scoring_api`; query ``marginal`` (``none`` default, or
   ``unlabelled``: the slow label-free score, at most ``max_marginal`` spectra per request)
-  and ``grid`` (hash or name the model must have).  Returns one result per spectrum:
+  and ``grid`` (hash or name the model must have).  Returns one result per spectrum with
+  the scores of the served model kind (null where it has none): a flow checkpoint gives
   log p, the normalised score ``log_p_per_dim``, percentile, signal score, likelihood
-  ratio to the Gaussian, flags by name.
-- ``GET /healthz``; ``GET /model`` (grid, preset, parameter count, training metrics,
-  limits); OpenAPI docs at ``/docs``.
+  ratio to the Gaussian; a signal-space checkpoint the triage ``score`` and its
+  percentile, signal and residual scores and percentiles, log p, chi^2/dof and noise
+  level (unlabelled spectra always scored label-free); flags by name for both.
+- ``GET /healthz``; ``GET /model`` (model kind, grid, preset or signal config, parameter
+  count, training metrics, limits); OpenAPI docs at ``/docs``.
 
 Bad input is a 4xx with ``{"error": "FIELD: short message", "field": FIELD}`` and never
 echoes the input: 400 unreadable body, 413 over ``max_request_bytes`` (Content-Length and
@@ -46,7 +51,6 @@ import argparse
 import asyncio
 import functools
 import itertools
-import json
 import logging
 import os
 import signal
@@ -66,6 +70,7 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from mendis_ray import __version__
+from mendis_ray.predictor import Predictor, flow_unscorable
 from mendis_ray.scoring_api import (
     BODY_KINDS,
     DEFAULT_MAX_MARGINAL,
@@ -157,9 +162,7 @@ def validate_args(args: Mapping[str, Any]) -> ServeArgs:
         )
     # Load it once here: a truncated or invalid checkpoint fails now with its own error,
     # instead of replicas failing and being restarted by Serve for a minute.
-    from mendis_ray.science.ood import Scorer
-
-    Scorer.from_checkpoint(str(ckpt))  # raises CheckpointError (a ValueError)
+    Predictor.load(ckpt)  # either model kind; raises CheckpointError (a ValueError)
     # replicas may start in another working directory: pass an absolute path
     return s.model_copy(update={"checkpoint": str(ckpt.resolve())})
 
@@ -169,9 +172,9 @@ def validate_args(args: Mapping[str, Any]) -> ServeArgs:
 app = FastAPI(
     title="mendis_ray scoring",
     version=__version__,
-    description="Normalizing-flow density scores of stellar spectra (higher = more typical). "
-    "POST spectra to /score as JSON or as an Arrow/Parquet table; GET /model for the "
-    "model's grid and limits.",
+    description="Outlier scores of stellar spectra from a signal-space model or a full-space "
+    "normalizing flow (higher = more typical). POST spectra to /score as JSON or as an "
+    "Arrow/Parquet table; GET /model for the model kind, grid and limits.",
 )
 
 _ERRORS = {
@@ -217,26 +220,9 @@ class _Item:
         return _Item(self.flux[sl], self.ivar[sl], self.labels[sl], self.marginal)
 
 
-def _unscorable(n: int, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Scores of ``n`` spectra the model could not score (see ``FLAG_UNSCORABLE`` in
-    :mod:`mendis_ray.science.ood`): flagged, -inf scores, the most outlying percentile."""
-    from mendis_ray.science.ood import FLAG_UNSCORABLE
-
-    labelled = np.isfinite(labels).all(axis=1)
-    out: dict[str, np.ndarray] = {
-        k: np.full(n, np.nan) for k in ("log_p_marginal", "log_ratio_gaussian", "masked_fraction")
-    }
-    out["log_p"] = np.where(labelled, -np.inf, np.nan)
-    out["log_p_per_dim"] = np.where(labelled, -np.inf, np.nan)
-    out["signal_score"] = np.where(labelled, -np.inf, np.nan)
-    out["percentile"] = np.where(labelled, 0.0, np.nan)
-    out["signal_percentile"] = np.where(labelled, 0.0, np.nan)
-    out["labels_used"] = np.where(labelled[:, None], labels, np.nan)
-    out["flags"] = np.full(n, FLAG_UNSCORABLE, dtype=np.int64)
-    for name in ("nonfinite", "masked", "flux_range", "label_range"):
-        out[f"flag_{name}"] = np.zeros(n, bool)
-    out["flag_unscorable"] = np.ones(n, bool)
-    return out
+#: Scores of ``n`` full-space-flow rows that could not be scored (``Predictor.unscorable``
+#: gives those of the served model kind).
+_unscorable = flow_unscorable
 
 
 def _n_spectra(items: list[_Item]) -> int:
@@ -266,13 +252,18 @@ class _ModelQueue:
     behind it): under sustained load of single spectra that makes many small model batches
     (measured: 9 spectra on average for 64 requests in flight).  Here the groups that
     arrive during a model call are merged into the next one instead.  Failures are
-    isolated per request and per row (:meth:`_isolated`).  Lives on the replica's event
-    loop (no locks needed)."""
+    isolated per request and per row (:meth:`_isolated`); ``unscorable(n, labels)`` gives
+    the results of a row that fails alone (the keys of ``fn``'s results: the served model
+    kind's, :meth:`mendis_ray.predictor.Predictor.unscorable`).  Lives on the replica's
+    event loop (no locks needed)."""
 
-    def __init__(self, executor: ThreadPoolExecutor, fn: Any, max_rows: int) -> None:
+    def __init__(
+        self, executor: ThreadPoolExecutor, fn: Any, max_rows: int, unscorable: Any = None
+    ) -> None:
         self.executor = executor
         self.fn = fn
         self.max_rows = max_rows
+        self.unscorable = unscorable or flow_unscorable
         self.pending: list[tuple[list[_Item], asyncio.Future]] = []
         self.running = False
 
@@ -314,7 +305,7 @@ class _ModelQueue:
     def _isolated(self, items: list[_Item]) -> list[dict[str, np.ndarray]]:
         """``fn(items)``; where it raises, the items are scored in halves (a piece of one
         item in halves of its rows) down to single rows, and a single row that still
-        fails gets :func:`_unscorable` scores.  One bad spectrum then costs its
+        fails gets ``unscorable`` scores.  One bad spectrum then costs its
         companions ~2 log2(n) extra model calls, never their results."""
         try:
             return self.fn(items)
@@ -323,7 +314,7 @@ class _ModelQueue:
             if n <= 1:
                 log.warning("a spectrum could not be scored (%s): flagged unscorable",
                             type(err).__name__)  # fmt: skip
-                return [_unscorable(len(i), i.labels) for i in items]
+                return [self.unscorable(len(i), i.labels) for i in items]
             log.warning("a batch of %d spectra failed (%s): scoring its parts apart",
                         n, type(err).__name__)  # fmt: skip
         if len(items) > 1:
@@ -370,12 +361,11 @@ def bind_replica_grpc_to_loopback() -> bool:
 @serve.deployment(name="MendisScorer")
 @serve.ingress(app)
 class MendisScorer:
-    """A replica: the checkpoint's :class:`~mendis_ray.science.ood.Scorer` behind HTTP."""
+    """A replica: the checkpoint's scorer (either model kind, through
+    :class:`~mendis_ray.predictor.Predictor`) behind HTTP."""
 
     def __init__(self, args: dict) -> None:
         import torch
-
-        from mendis_ray.science.ood import Scorer
 
         s = ServeArgs.model_validate(args)
         self.args = s
@@ -383,23 +373,14 @@ class MendisScorer:
         self.threads = s.threads
         torch.set_num_threads(self.threads)
         t0 = time.perf_counter()
-        self.scorer = Scorer.from_checkpoint(s.checkpoint, device=s.resolved_device)
-        info = json.loads((Path(s.checkpoint) / "config.json").read_text())
-        density = self.scorer.density
-        self.n_labels = density.config.n_labels
-        self.n_pix = density.standardizer.n_features - self.n_labels
-        self.grid = {k: v for k, v in info.get("grid", {}).items() if k != "wavelength"}
-        self.grid.setdefault("n_pix", self.n_pix)
+        self.predictor = Predictor.load(s.checkpoint, device=s.resolved_device)
+        self.scorer = self.predictor.scorer
+        self.n_pix = self.predictor.n_pix
+        self.grid = self.predictor.grid
         self.model_info = {
             "grid": self.grid,
-            "preset": info.get("flow_config", {}).get("name"),
-            "flow_config": info.get("flow_config"),
-            "train_config": info.get("train_config"),
-            "metrics": info.get("metrics", {}),
-            "created": info.get("created"),
-            "n_parameters": int(sum(p.numel() for p in density.flow.parameters())),
-            "has_reference": self.scorer.reference is not None,
-            "device": s.resolved_device,
+            **self.predictor.info,
+            "device": self.predictor.device,
             "torch_threads": self.threads,
             "limits": {
                 "batch_size": s.batch_size,
@@ -420,7 +401,9 @@ class MendisScorer:
         }  # fmt: skip
         # One model thread (torch releases the GIL), with the replica's thread count.
         self.pool = ThreadPoolExecutor(1, "mendis-score", torch.set_num_threads, (self.threads,))
-        self.model_queue = _ModelQueue(self.pool, self._score_items, s.batch_size)
+        self.model_queue = _ModelQueue(
+            self.pool, self._score_items, s.batch_size, self.predictor.unscorable
+        )
         # Parsing (JSON validation, Arrow/Parquet decoding) runs off the event loop, so a
         # large body never stalls other requests or /healthz.
         self.parse_pool = ThreadPoolExecutor(2, "mendis-parse")
@@ -428,15 +411,12 @@ class MendisScorer:
         self._score_batch.set_max_batch_size(s.batch_size)
         self._score_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         # Warm up (first calls build caches) on the training mean.
-        mean = density.standardizer.mean
-        flux = np.tile(mean[: self.n_pix], (2, 1))
-        self.pool.submit(
-            self.scorer.score, flux, None, np.tile(mean[self.n_pix :], (2, 1)), marginal="none"
-        ).result()
+        self.pool.submit(self.predictor.warm_up).result()
         log.info(
-            "replica ready: %s (%d px, %d parameters) on %s, %d torch threads, in %.1f s",
-            s.checkpoint, self.n_pix, self.model_info["n_parameters"], s.resolved_device,
-            self.threads, time.perf_counter() - t0,
+            "replica ready: %s (%s model, %d px, %d parameters) on %s, %d torch threads, "
+            "in %.1f s", s.checkpoint, self.predictor.kind, self.n_pix,
+            self.model_info["n_parameters"], self.predictor.device, self.threads,
+            time.perf_counter() - t0,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ endpoints
@@ -448,7 +428,8 @@ class MendisScorer:
 
     @app.get("/model")
     async def model(self) -> dict:
-        """The served model: grid (name, n_pix, hash), preset, parameter count, training
+        """The served model: ``model_kind`` (``flow`` or ``signal``), grid (name, n_pix,
+        hash), preset (flow) or signal config and k (signal), parameter count, training
         metrics, the request limits, and this replica's counters: requests scored,
         spectra, model batches (fewer batches than requests means fan-in), and seconds
         spent reading bodies, parsing them, in the model, and writing responses."""
@@ -503,6 +484,7 @@ class MendisScorer:
         payload = {
             "n": len(parsed),
             "grid": self.grid.get("hash"),
+            "model_kind": self.predictor.kind,
             "marginal": parsed.marginal,
             "results": results_to_json(scores, parsed.ids, parsed.labelled),
         }
@@ -575,23 +557,8 @@ class MendisScorer:
         ivar = np.concatenate([i.ivar for i in items])
         labels = np.concatenate([i.labels for i in items])
         want = np.concatenate([np.full(len(i), i.marginal) for i in items])
-        want &= ~np.isfinite(labels).all(axis=1)
-        size = max(self.args.batch_size, 1)
         t0 = time.perf_counter()
-        if not want.any():
-            out = self.scorer.score(flux, ivar, labels, marginal="none", batch_size=size)
-        else:  # label-free rows on their own (their optimisation must not slow the rest)
-            out = {}
-            for rows, mode in ((~want, "none"), (want, "unlabelled")):
-                if not rows.any():
-                    continue
-                part = self.scorer.score(
-                    flux[rows], ivar[rows], labels[rows], marginal=mode, batch_size=size
-                )
-                for k, v in part.items():
-                    if k not in out:
-                        out[k] = np.empty((len(flux), *v.shape[1:]), dtype=v.dtype)
-                    out[k][rows] = v
+        out = self.predictor.score(flux, ivar, labels, want, batch_size=self.args.batch_size)
         self.stats["batches"] += 1
         self.stats["spectra"] += len(flux)
         self.stats["model_s"] += time.perf_counter() - t0

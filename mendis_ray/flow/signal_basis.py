@@ -186,7 +186,7 @@ class SignalBasis:
             -0.5 * chi2
             - 0.5 * (log_d.sum(axis=1, dtype=np.float64) + n_good * _LOG_2PI)
             + 0.5 * (logdet_c + k * _LOG_2PI)
-            - good.astype(np.float32) @ np.log(self.scale).astype(np.float32)
+            - good.astype(np.float64) @ np.log(self.scale)
         )
         frac = (lam @ self.intrinsic.astype(np.float32)) / np.maximum(n_good, 1)
         proj = Projection(s, cov, chi2, np.maximum(n_good - k, 1), log_resid, n_good, frac)

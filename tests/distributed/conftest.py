@@ -85,3 +85,32 @@ def checkpoint(sim_sets, tmp_path_factory):
     save_checkpoint(path, res.density, train_cfg, metrics={"epochs": 1},
                     extra_arrays=scorer.checkpoint_arrays())  # fmt: skip
     return path
+
+
+@pytest.fixture(scope="session")
+def survey_sets(tmp_path_factory):
+    """Survey-population shards (``mendis simulate --population survey``): ``train``
+    (1500 spectra, 2 shards; noise, masks and label errors per star) and ``test`` (60)."""
+    from mendis_ray.spectra.datasets import survey_sets as specs
+    from mendis_ray.spectra.datasets import write_survey_set
+    from mendis_ray.spectra.simulate import Simulator
+
+    out = tmp_path_factory.mktemp("survey")
+    sim = Simulator()
+    for k, spec in enumerate(specs(n_train=1500, n_test=60, n_outlier=0, n_shards=2)):
+        write_survey_set(out, spec, sim, seed=0, set_index=k)
+    return out
+
+
+@pytest.fixture(scope="session")
+def signal_checkpoint(survey_sets, tmp_path_factory):
+    """A small signal-space model checkpoint (no Ray), as ``mendis train --model signal``
+    writes it: k = 6 signal directions, 2 units of hidden width 32, 3 epochs on
+    ``survey_sets/train``, the scorer's reference fitted on its validation rows."""
+    from mendis_ray.config import SignalConfig
+    from mendis_ray.train.signal import train_signal_checkpoint
+
+    cfg = SignalConfig(n_signal=6, n_units=2, hidden=32, epochs=3)
+    out = tmp_path_factory.mktemp("signal")
+    summary = train_signal_checkpoint([survey_sets / "train"], out, cfg, show_progress=False)
+    return Path(summary["checkpoint"])

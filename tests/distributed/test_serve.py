@@ -1,12 +1,14 @@
 """The Ray Serve scoring endpoint over real HTTP: a local Serve on 127.0.0.1 and a free
-port, one replica, the session's small checkpoint.  Scores must equal in-process
-``Scorer.score``; every kind of bad input must be a 4xx naming the field, and a fuzz run
-of a few hundred bad requests must leave the replica serving."""
+port, one replica per application: the session's small flow checkpoint at ``/`` and its
+small signal-space checkpoint at ``/signal``.  Scores must equal in-process
+``Scorer.score`` / ``SignalScorer.score``; every kind of bad input must be a 4xx naming
+the field, and a fuzz run of a few hundred bad requests must leave the replica serving."""
 
 from __future__ import annotations
 
 import http.client
 import io
+import itertools
 import json
 import socket
 import threading
@@ -27,6 +29,14 @@ FIELDS = (
     "log_p", "log_p_marginal", "log_p_per_dim", "percentile", "signal_score",
     "signal_percentile", "log_ratio_gaussian", "masked_fraction",
 )  # fmt: skip
+#: the signal-space model's result fields (null for a flow checkpoint)
+SIGNAL_ONLY = ("score", "residual_score", "residual_percentile", "chi2_dof", "noise_level")
+SIGNAL_FIELDS = (
+    "score", "signal_score", "residual_score", "log_p", "percentile", "signal_percentile",
+    "residual_percentile", "chi2_dof", "noise_level", "masked_fraction",
+)  # fmt: skip
+#: the flow's result fields (null for a signal checkpoint)
+FLOW_ONLY = ("log_p_marginal", "log_p_per_dim", "log_ratio_gaussian")
 
 
 def _free_port() -> int:
@@ -36,10 +46,12 @@ def _free_port() -> int:
 
 
 class Client:
-    """HTTP to the local Serve (a new connection per request)."""
+    """HTTP to the local Serve (a new connection per request) for the application at
+    route ``prefix``."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, prefix: str = "") -> None:
         self.port = port
+        self.prefix = prefix
 
     def request(
         self, method: str, path: str, body: bytes | None = None, ctype: str | None = None
@@ -47,7 +59,7 @@ class Client:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
             headers = {"Content-Type": ctype} if ctype is not None else {}
-            conn.request(method, path, body=body, headers=headers)
+            conn.request(method, self.prefix + path, body=body, headers=headers)
             resp = conn.getresponse()
             return resp.status, resp.read()
         finally:
@@ -100,20 +112,30 @@ class Client:
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, checkpoint):
-    """Serve on 127.0.0.1:FREE with one replica of half a CPU (fixed count)."""
+def serve_port(ray_session):
+    """Serve's HTTP proxy on 127.0.0.1:FREE for this module's applications."""
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+
+
+def _deploy(checkpoint, name: str, prefix: str, batch_size: int) -> None:
+    """One replica of half a CPU (fixed count) serving ``checkpoint`` at ``prefix``."""
     from ray import serve
 
     from mendis_ray.distributed.serving import build_app
 
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app(
         {
             "checkpoint": str(checkpoint),
             "num_replicas": 1,
             "num_cpus": 0.5,
-            "batch_size": 32,
+            "batch_size": batch_size,
             "batch_wait_timeout_s": 0.05,
             "max_ongoing_requests": 64,
             "max_request_bytes": MAX_BYTES,
@@ -121,11 +143,14 @@ def server(ray_session, checkpoint):
             "max_marginal": 2,
         }
     )
-    serve.run(app, name="mendis-test", route_prefix="/")
-    try:
-        yield Client(port)
-    finally:
-        serve.shutdown()
+    serve.run(app, name=name, route_prefix=prefix)
+
+
+@pytest.fixture(scope="module")
+def server(serve_port, checkpoint):
+    """The flow checkpoint at ``/`` (batches of 32 spectra)."""
+    _deploy(checkpoint, "mendis-test", "/", 32)
+    return Client(serve_port)
 
 
 @pytest.fixture(scope="module")
@@ -159,13 +184,17 @@ def spectrum_json(a, i: int, labels: bool = True, ivar: bool = True) -> dict:
     return s
 
 
-def assert_matches(results: list[dict], expected: dict, rows: np.ndarray | None = None) -> None:
-    """Server results equal in-process Scorer.score output (None <-> NaN)."""
+def assert_matches(
+    results: list[dict], expected: dict, rows: np.ndarray | None = None, fields=FIELDS
+) -> None:
+    """Server results equal in-process Scorer.score (or SignalScorer.score, with
+    ``fields=SIGNAL_FIELDS``) output (None <-> NaN or +-inf)."""
     n = len(results)
     rows = np.arange(n) if rows is None else rows
-    for k in FIELDS:
+    for k in fields:
         got = np.array([np.nan if r[k] is None else r[k] for r in results], dtype=np.float64)
         want = np.asarray(expected[k], dtype=np.float64)[rows]
+        want = np.where(np.isfinite(want), want, np.nan)  # JSON null
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, equal_nan=True, err_msg=k)
     flags = np.array([r["flag_bits"] for r in results])
     np.testing.assert_array_equal(flags, np.asarray(expected["flags"])[rows])
@@ -185,6 +214,7 @@ def test_health_model_and_docs(server, scorer, checkpoint):
     status, data = server.request("GET", "/model")
     assert status == 200
     info = json.loads(data)
+    assert info["model_kind"] == "flow"
     cfg = json.loads((checkpoint / "config.json").read_text())
     assert info["grid"]["hash"] == cfg["grid"]["hash"] and info["grid"]["n_pix"] == 2405
     assert info["grid"]["name"] == "paper" and info["preset"] == "test"
@@ -206,9 +236,11 @@ def test_json_single_spectrum_matches_in_process(server, scorer, test_set):
     assert status == 200, out
     resp = ScoreResponse.model_validate(out)
     assert resp.n == 1 and resp.marginal == "none" and out["results"][0]["id"] == str(a.ids[0])
+    assert out["model_kind"] == "flow"
     want = scorer.score(a.flux[:1], a.ivar[:1], a.labels[:1], marginal="none")
     assert_matches(out["results"], want)
     assert out["results"][0]["labelled"] is True and out["results"][0]["log_p"] is not None
+    assert all(out["results"][0][k] is None for k in SIGNAL_ONLY)  # the signal model's
 
 
 def test_json_batch_matches_in_process(server, scorer, test_set):
@@ -598,13 +630,17 @@ def test_regression_lying_parquet_footer_is_refused_cheaply(server, test_set):
 
 
 @pytest.mark.slow
-def test_poison_under_load_no_5xx_and_valid_results_unchanged(server, scorer, test_set):
-    """Defect 1 under load: valid single-spectrum requests from 8 clients for ~4 s with
-    poison requests interleaved: zero 5xx, every valid result equal to the spectrum
-    scored alone (within the documented batch tolerance), every poison one flagged."""
+@pytest.mark.parametrize("kind", ["flow", "signal"])
+def test_poison_under_load_no_5xx_and_valid_results_unchanged(request, kind):
+    """Defect 1 under load, for both model kinds: valid single-spectrum requests from 8
+    clients for ~4 s with poison requests interleaved: zero 5xx, every valid result equal
+    to the spectrum scored alone (within the documented batch tolerance), every poison
+    one flagged."""
     from mendis_ray.science.ood import BATCH_TOLERANCE
 
-    _, a = test_set
+    names = {"flow": ("server", "scorer", "test_set"),
+             "signal": ("signal_server", "signal_scorer", "survey_test")}  # fmt: skip
+    server, scorer, (_, a) = (request.getfixturevalue(n) for n in names[kind])
     n_valid = 16
     want = [scorer.score(a.flux[i : i + 1], a.ivar[i : i + 1], a.labels[i : i + 1],
                          marginal="none") for i in range(n_valid)]  # fmt: skip
@@ -625,8 +661,9 @@ def test_poison_under_load_no_5xx_and_valid_results_unchanged(server, scorer, te
             else:
                 r = out["results"][0]
                 exp = want[j]
-                if abs(r["log_p"] - exp["log_p"][0]) > BATCH_TOLERANCE or r["flag_bits"] != int(
-                    exp["flags"][0]
+                keys = ("log_p", "score") if kind == "signal" else ("log_p",)
+                if r["flag_bits"] != int(exp["flags"][0]) or any(
+                    abs(r[k] - exp[k][0]) > BATCH_TOLERANCE for k in keys
                 ):
                     problems.append(("changed", j, r["log_p"], float(exp["log_p"][0])))
             i += 8
@@ -794,3 +831,182 @@ def test_model_queue_merges_waiting_groups_up_to_the_batch_size():
     assert p["flags"].tolist() == [0, FLAG_UNSCORABLE, 0]
     assert p["log_p"][0] == 30 and p["log_p"][2] == 32 and np.isneginf(p["log_p"][1])
     assert p["percentile"][1] == 0.0  # labelled: the most outlying rank
+
+
+# ---------------------------------------------------------------------- signal-space model
+
+
+@pytest.fixture(scope="module")
+def signal_server(serve_port, signal_checkpoint):
+    """The signal-space checkpoint at ``/signal`` (batches of 64 spectra: the requests
+    below are scored in one model call each, as in process)."""
+    _deploy(signal_checkpoint, "mendis-signal", "/signal", 64)
+    return Client(serve_port, "/signal")
+
+
+@pytest.fixture(scope="module")
+def signal_scorer(signal_checkpoint):
+    import torch
+
+    from mendis_ray.science.signal_scores import SignalScorer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the replica's thread count (num_cpus 0.5 -> 1)
+    try:
+        yield SignalScorer.from_checkpoint(signal_checkpoint)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def signal_reference(ray_session, signal_checkpoint, signal_scorer):
+    """``score(flux, ivar, labels)``: ``SignalScorer.score`` called directly, in a Ray
+    worker: the replica's numeric environment (one torch thread, one BLAS thread: Ray sets
+    ``OMP_NUM_THREADS=1``).  The thread counts change the linear stage's float64 sums in
+    the last bits, and the float32 residual scan then moves the scores by up to ~3e-6, so
+    the result is also checked against the driver's own call within 1e-4."""
+
+    def score_in_worker(checkpoint: str, flux, ivar, labels) -> dict:  # sent by value
+        import torch
+
+        from mendis_ray.science.signal_scores import SignalScorer
+
+        torch.set_num_threads(1)
+        return SignalScorer.from_checkpoint(checkpoint).score(flux, ivar, labels)
+
+    task = ray_session.remote(num_cpus=0.25)(score_in_worker)
+
+    def score(flux, ivar, labels) -> dict:
+        out = ray_session.get(task.remote(str(signal_checkpoint), flux, ivar, labels))
+        here = signal_scorer.score(flux, ivar, labels)
+        for k in ("score", "signal_score", "residual_score", "percentile"):
+            np.testing.assert_allclose(out[k], here[k], atol=1e-4, rtol=0, err_msg=k)
+        return out
+
+    return score
+
+
+@pytest.fixture(scope="module")
+def survey_test(survey_sets):
+    from mendis_ray.spectra.shards import read_dataset, table_arrays
+
+    table = read_dataset(survey_sets / "test")
+    return table, table_arrays(table)
+
+
+def test_signal_model_info(signal_server, signal_scorer, signal_checkpoint):
+    status, data = signal_server.request("GET", "/model")
+    assert status == 200
+    info = json.loads(data)
+    cfg = json.loads((signal_checkpoint / "config.json").read_text())
+    assert info["model_kind"] == "signal" and info["k"] == 6 == cfg["k"]
+    assert info["signal_config"] == cfg["signal_config"] and info["preset"] is None
+    assert info["grid"]["hash"] == cfg["grid"]["hash"] and info["grid"]["n_pix"] == 2405
+    n_par = sum(p.numel() for p in signal_scorer.model.flow.parameters())
+    assert info["n_parameters"] == n_par and info["has_reference"] is True
+    assert info["device"] == "cpu" and info["torch_threads"] == 1
+    assert signal_server.request("GET", "/healthz") == (200, b'{"status":"ok"}')
+
+
+def test_signal_json_batch_matches_in_process(signal_server, signal_reference, survey_test):
+    """Labelled and unlabelled spectra, with and without ivar: finite scores and
+    percentiles for every valid spectrum (unlabelled ones scored label-free), equal to
+    in-process SignalScorer.score; the flow's fields null."""
+    _, a = survey_test
+    idx = np.arange(12)
+    labelled = idx % 4 != 3
+    with_ivar = idx % 3 != 2
+    spectra = [spectrum_json(a, i, labels=labelled[i], ivar=with_ivar[i]) for i in idx]
+    status, out = signal_server.post({"spectra": spectra})
+    assert status == 200, out
+    resp = ScoreResponse.model_validate(out)
+    assert resp.model_kind == "signal" and resp.n == 12
+    ivar = np.where(with_ivar[:, None], a.ivar[idx], 1.0)
+    want = signal_reference(a.flux[idx], ivar, labels_or_nan(a, idx, labelled))
+    assert_matches(out["results"], want, fields=SIGNAL_FIELDS)
+    res = out["results"]
+    assert [r["labelled"] for r in res] == labelled.tolist()
+    for r in res:
+        assert all(r[k] is None for k in FLOW_ONLY), r
+        assert "unscorable" not in r["flags"], r
+        for k in ("score", "signal_score", "residual_score", "log_p", "chi2_dof"):
+            assert r[k] is not None and np.isfinite(r[k]), (k, r)
+        for k in ("percentile", "signal_percentile", "residual_percentile"):
+            assert r[k] is not None and 0.0 <= r[k] <= 100.0, (k, r)
+        assert all(v is not None for v in r["labels_used"].values()), r
+    used = np.array([[r["labels_used"][k] for k in ("teff", "logg", "feh")] for r in res])
+    np.testing.assert_allclose(used, want["labels_used"], rtol=1e-9)
+
+
+def test_signal_arrow_bulk_matches_in_process(signal_server, signal_reference, survey_test):
+    table, a = survey_test
+    body = arrow_body(table.slice(10, 40), "stream")  # a shard slice, with its grid metadata
+    status, out = signal_server.post(body, CTYPES["stream"])
+    assert status == 200, out
+    assert out["n"] == 40 and [r["id"] for r in out["results"]] == list(a.ids[10:50])
+    want = signal_reference(a.flux[10:50], a.ivar[10:50], a.labels[10:50])
+    assert_matches(out["results"], want, fields=SIGNAL_FIELDS)
+
+
+def test_signal_unscorable_spectra_rank_most_outlying(signal_server, survey_test):
+    """All masked (labelled or not) and the poison spectra that broke the flow server:
+    200, scores -inf (null), percentiles 0, flagged unscorable."""
+    _, a = survey_test
+    unlabelled_masked = {**spectrum_json(a, 1, labels=False), "ivar": [0.0] * 2405}
+    bodies = poison_bodies(a)
+    bodies.append((json.dumps(unlabelled_masked).encode(), "application/json", "masked, no labels"))
+    for body, ctype, what in bodies:
+        status, out = signal_server.post(body, ctype)
+        assert status == 200, (what, status, out)
+        (r,) = out["results"]
+        assert "unscorable" in r["flags"] and r["flag_bits"] & 16, (what, r)
+        assert r["score"] is None and r["log_p"] is None and r["signal_score"] is None, (what, r)
+        assert r["percentile"] == 0.0 and r["residual_percentile"] == 0.0, (what, r)
+        if "masked" in what:
+            assert "masked" in r["flags"] and r["masked_fraction"] == 1.0, (what, r)
+
+
+def test_signal_rows_failing_in_the_model_are_isolated(signal_scorer, survey_test):
+    """The replica's retry-in-halves with the real signal scorer: a row whose model call
+    raises (injected: a sentinel flux) is flagged unscorable with the signal model's keys;
+    every other row of the merged call keeps its score (within BATCH_TOLERANCE)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mendis_ray.distributed.serving import _Item, _ModelQueue
+    from mendis_ray.predictor import SIGNAL_KEYS, Predictor
+    from mendis_ray.science.ood import BATCH_TOLERANCE, FLAG_UNSCORABLE
+
+    _, a = survey_test
+    pred = Predictor("signal", signal_scorer, 2405, {}, {}, "cpu")
+
+    def fn(items):
+        flux = np.concatenate([i.flux for i in items])
+        if (flux[:, 0] == SENTINEL).any():
+            raise FloatingPointError("injected model failure")
+        ivar = np.concatenate([i.ivar for i in items])
+        labels = np.concatenate([i.labels for i in items])
+        out = pred.score(flux, ivar, labels, np.zeros(len(flux), bool))
+        bounds = np.cumsum([0, *(len(i) for i in items)])
+        return [{k: v[x:y] for k, v in out.items()} for x, y in itertools.pairwise(bounds)]
+
+    flux, ivar = a.flux[:8].astype(np.float64), a.ivar[:8]
+    flux[5, 0] = SENTINEL
+    labels = a.labels[:8].astype(np.float64)
+    items = [_Item(flux[:3], ivar[:3], labels[:3], False),
+             _Item(flux[3:], ivar[3:], labels[3:], False)]  # fmt: skip
+
+    async def run():
+        q = _ModelQueue(ThreadPoolExecutor(1), fn, max_rows=64, unscorable=pred.unscorable)
+        return await q.submit(items)
+
+    first, second = asyncio.run(run())
+    assert set(first) == set(second) == set(SIGNAL_KEYS)
+    got = {k: np.concatenate([first[k], second[k]]) for k in SIGNAL_KEYS}
+    assert got["flags"][5] == FLAG_UNSCORABLE and got["percentile"][5] == 0.0
+    assert np.isneginf(got["score"][5]) and np.isneginf(got["log_p"][5])
+    ok = np.arange(8) != 5
+    want = pred.score(a.flux[:8][ok], ivar[ok], labels[ok], np.zeros(7, bool))
+    for k in ("score", "signal_score", "residual_score", "log_p"):
+        np.testing.assert_allclose(got[k][ok], want[k], atol=BATCH_TOLERANCE, rtol=0, err_msg=k)
+    np.testing.assert_array_equal(got["flags"][ok], want["flags"])

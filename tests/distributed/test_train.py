@@ -1,7 +1,7 @@
 """Ray Data ingest and Ray Train on a local Ray: validation errors name the shard, the
 degrade step is right and reproducible, DDP keeps the replicas identical, a killed
 worker is replaced and the run resumes, explicit resume continues a run, Tune runs
-trials and picks the best."""
+trials and picks the best (full-space flow and signal-space model)."""
 
 from __future__ import annotations
 
@@ -218,3 +218,42 @@ def test_tune_runs_trials_and_writes_best(ray_session, sim_sets, tmp_path):
     assert (tmp_path / "tune" / "trials.csv").read_text().count("\n") == 3
     density, _ = load_checkpoint(res.best_checkpoint)
     assert density.config.n_units == res.best["n_units"]
+
+
+@pytest.mark.slow
+def test_tune_signal_grid_over_k_ranks_by_total_log_p(ray_session, survey_sets, tmp_path):
+    """Two trials (k 4 and 6) on 1500 survey spectra: a complete table, the best trial by
+    the validation log p of the total model (which the best checkpoint reproduces on the
+    same validation rows), its config, and a loadable, scoring signal checkpoint."""
+    from mendis_ray.config import SignalConfig
+    from mendis_ray.distributed.tune import SignalTuneConfig, tune_signal, validation_log_p
+    from mendis_ray.science.signal_scores import SignalScorer, load_scorer
+    from mendis_ray.train.signal import load_training_shards
+
+    cfg = SignalConfig(hidden=32, epochs=2)
+    grid = SignalTuneConfig(ks=(4, 6), n_units=(2,), max_concurrent_trials=2,
+                            storage_path=str(tmp_path / "runs"))  # fmt: skip
+    res = tune_signal(survey_sets / "train", tmp_path / "tune", cfg, grid)
+    assert sorted(t["k"] for t in res.trials) == [4, 6] and len(res.trials) == 2
+    assert all(t["status"] == "completed" and t["k_used"] == t["k"] for t in res.trials)
+    assert all(np.isfinite(t["val_log_p"]) and t["val_finite"] == 1.0 for t in res.trials)
+    assert res.best["val_log_p"] == max(t["val_log_p"] for t in res.trials)
+    out = tmp_path / "tune"
+    best_cfg = json.loads((out / "best_config.json").read_text())
+    assert best_cfg["signal_config"]["n_signal"] == res.best["k"]
+    assert best_cfg["signal_config"]["n_units"] == 2 and best_cfg["trial"] == res.best
+    assert all(t["lr"] == cfg.lr for t in res.trials)  # not searched: the config's
+    table = (out / "trials.csv").read_text().splitlines()
+    assert len(table) == 3 and "val_log_p" in table[0].split(",")
+    assert json.loads((out / "trials.json").read_text()) == res.trials
+    scorer = load_scorer(res.best_checkpoint)
+    assert isinstance(scorer, SignalScorer) and scorer.model.basis.k == res.best["k"]
+    # the reported metric is the checkpoint's total log p on the shared validation rows
+    flux, ivar, labels, _ = load_training_shards([survey_sets / "train"], cfg.seed)
+    va = slice(len(flux) - round(0.1 * len(flux)), len(flux))
+    coords = scorer.model.coordinates(flux[va], ivar[va], labels[va])
+    val_log_p, finite = validation_log_p(scorer.model, coords)
+    assert finite == 1.0 and val_log_p == pytest.approx(res.best["val_log_p"], abs=1e-2)
+    test = table_arrays(read_dataset(survey_sets / "test"))
+    scores = scorer.score(test.flux, test.ivar, test.labels)
+    assert np.isfinite(scores["score"]).all() and np.isfinite(scores["percentile"]).all()
