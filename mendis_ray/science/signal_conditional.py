@@ -8,10 +8,11 @@ labels, and accepts against the flow's exact density with the labels fixed, at t
 cleanest noise level the model was trained on (the signal of a noise-free spectrum).
 Proposals jump between modes (at fixed Teff, log g and [Fe/H] a disc giant's [alpha/Fe] is
 bimodal; MALA, a local sampler, stayed in its modes: split-R-hat 1.3-1.8 after 600 steps),
-so many chains converge in a few hundred steps (split-R-hat and ESS are reported).
+so chains converge in about a thousand cheap steps (split-R-hat and ESS are reported).
 A spectrum draw is ``mean + scale * (U s + sqrt(intrinsic) * eps)``: the signal
-coordinates' draw plus the independent intrinsic residual of the linear stage.  Its correlation matrix over the
-absorption pixels, the graph corr > threshold and its connected components come from
+coordinates' draw plus the independent intrinsic residual of the linear stage.  Its
+correlation matrix over the absorption pixels, the graph corr > threshold and its
+connected components come from
 :func:`~mendis_ray.science.correlation.correlation_clusters`, as for the full flow.
 """
 
