@@ -54,7 +54,7 @@ def signal_conditional(
     *,
     n_chains: int = 64,
     n_warmup: int = 200,
-    n_keep: int = 1000,
+    n_keep: int = 2000,
     n_draw: int = 100_000,
     threshold: float = 0.8,
     min_depth: float = 0.05,
@@ -79,25 +79,30 @@ def _near_draws(
     n_draw: int = 200_000, n_near: int = 2000,
 ) -> np.ndarray:  # fmt: skip
     """Signal coordinates (n_near, k) of the flow's own joint draws whose labels are
-    nearest ``y0``: an approximate sample of the conditional that covers all its modes."""
+    nearest ``y0``, regression-adjusted to ``y0``: an approximate sample of the conditional
+    that covers all its modes (the proposal of :func:`independence_mh`)."""
     k = model.basis.k
     g = torch.Generator().manual_seed(seed)
-    best_d, best_y = np.zeros(0), np.zeros((0, k))
+    best_d, best_y = np.zeros(0), np.zeros((0, model.n_dim))
     with torch.no_grad():
         for a in range(0, n_draw, 50_000):
             b = min(50_000, n_draw - a)
             z = torch.randn(b, model.n_dim, generator=g)
             y = model.flow.inverse(z, ctx.expand(b, 1)).double().numpy()  # (b, k + 3)
             best_d = np.concatenate([best_d, np.linalg.norm(y[:, k:] - y0, axis=1)])
-            best_y = np.concatenate([best_y, y[:, :k]])
+            best_y = np.concatenate([best_y, y])
             keep = np.argsort(best_d)[:n_near]
             best_d, best_y = best_d[keep], best_y[keep]
-    return best_y
+    # regression adjustment (Beaumont et al. 2002): move each draw's signal coordinates
+    # along the local linear relation with the labels to the conditioning labels
+    dy = best_y[:, k:] - best_y[:, k:].mean(axis=0)
+    coef = np.linalg.lstsq(dy, best_y[:, :k] - best_y[:, :k].mean(axis=0), rcond=None)[0]
+    return best_y[:, :k] + (y0 - best_y[:, k:]) @ coef
 
 
 def independence_mh(
     model: SignalSpaceModel, y0: np.ndarray, ctx: torch.Tensor, *, n_chains: int = 64,
-    n_warmup: int = 200, n_keep: int = 1000, n_draw: int = 100_000, seed: int = 0,
+    n_warmup: int = 200, n_keep: int = 2000, n_draw: int = 100_000, seed: int = 0,
 ) -> ConditionalSamples:  # fmt: skip
     """Independence Metropolis-Hastings for the signal coordinates given labels ``y0``:
     proposals from a Gaussian kernel density of :func:`_near_draws` (chains jump between

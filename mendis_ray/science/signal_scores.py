@@ -21,7 +21,8 @@ logs of tail probabilities, 0 = perfectly typical, -inf = impossible):
     second star of a binary.
 ``score`` (with ``percentile``)
     The primary triage score: Fisher's combination of the two tail probabilities,
-    ``log P(chi^2_4 > -2 (signal_score + residual_score))``.
+    ``log P(chi^2_4 > -2 (signal_score + residual_score))``, calibrated once more against
+    the held-out stars at the same noise level (the two tails are not independent).
 ``log_p``
     The exact total log p(good pixels, labels | noise) in physical units: a density, for
     comparisons with other density models, *not* a triage score (it rewards clean spectra).
@@ -220,6 +221,8 @@ class SignalScorer:
         rho = _rho_sig(c, model)
         ref |= NoiseCalibration.fit(rho, -model.flow_log_prob(c)).arrays("cal.signal")
         ref |= NoiseCalibration.fit(rho, -scorer._label_free(c)).arrays("cal.signal_free")
+        fisher = scorer.score(flux, ivar, labels)["score"]  # before its own calibration
+        ref |= NoiseCalibration.fit(rho, -fisher).arrays("cal.combined")
         out = scorer.score(flux, ivar, labels)
         for key in ("score", "signal_score", "residual_score"):
             ref[f"sorted.{key}"] = np.sort(out[key])
@@ -285,6 +288,8 @@ class SignalScorer:
             res = NoiseCalibration.from_arrays(r, "cal.residual").log_tail(rr, -np.min(tails, 0))
             x = -2 * (sig + res)  # Fisher: chi^2 with 4 dof, log sf in closed form (no underflow)
             comb = np.minimum(-x / 2 + np.log1p(x / 2), 0.0)
+            if "cal.combined.centers" in r:  # the two tails are not independent: calibrate
+                comb = NoiseCalibration.from_arrays(r, "cal.combined").log_tail(rho, -comb)
             log_p = m.total_log_prob(c, lq) + np.where(labelled, 0.0, np.log(m.label_scale).sum())
             labels_used = np.where(labelled[:, None], labels, est * m.label_scale + m.label_mean)
         n_pix = flux.shape[1]
