@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Self
 
 __all__ = ["N_LABELS", "PRESETS", "FlowConfig", "SignalConfig", "TrainConfig", "get_preset"]
 
@@ -16,8 +17,25 @@ __all__ = ["N_LABELS", "PRESETS", "FlowConfig", "SignalConfig", "TrainConfig", "
 N_LABELS = 3
 
 
+class _DictConfig:
+    """``replace``, ``to_dict`` and a strict ``from_dict`` for the config dataclasses."""
+
+    def replace(self, **changes: object) -> Self:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Self:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class FlowConfig:
+class FlowConfig(_DictConfig):
     """Architecture of the flow on x = (standardized spectrum, standardized labels).
 
     Each unit is ActNorm -> invertible 1x1 (LU) -> rational-quadratic spline coupling.
@@ -37,20 +55,6 @@ class FlowConfig:
     @property
     def n_features(self) -> int:
         return self.n_pix + self.n_labels
-
-    def replace(self, **changes: object) -> FlowConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FlowConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"FlowConfig: unknown field(s) {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class SignalConfig:
+class SignalConfig(_DictConfig):
     """The signal-space model (:mod:`mendis_ray.flow.signal`): its linear first stage, its
     conditional flow on (signal coordinates, labels) and how that flow is trained."""
 
@@ -96,20 +100,6 @@ class SignalConfig:
     weight_decay: float = 1e-5
     grad_clip: float = 10.0
     seed: int = 0
-
-    def replace(self, **changes: object) -> SignalConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SignalConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"SignalConfig: unknown field(s) {sorted(unknown)}")
-        return cls(**d)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,6 +37,7 @@ __all__ = [
     "load_checkpoint",
     "read_config",
     "save_checkpoint",
+    "write_checkpoint_dir",
 ]
 
 FORMAT_VERSION = 1
@@ -81,9 +83,20 @@ def save_checkpoint(
         "extra": extra or {},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    return write_checkpoint_dir(path, config, lambda f: save_file(tensors, f))
+
+
+def write_checkpoint_dir(
+    path: str | os.PathLike, config: dict, save_tensors: Callable[[str], None]
+) -> Path:
+    """Write a checkpoint folder atomically: ``save_tensors(file)`` writes the safetensors
+    file and ``config`` becomes ``config.json``, under a temporary name beside ``path``
+    that replaces ``path`` only once both are complete.  Every model kind saves this way."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        save_file(tensors, str(tmp / TENSORS))
+        save_tensors(str(tmp / TENSORS))
         (tmp / CONFIG).write_text(json.dumps(config, indent=1, default=float))
         replace_dir(tmp, path)
     except BaseException:

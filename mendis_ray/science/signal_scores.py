@@ -35,10 +35,7 @@ and a flag: it ranks as the most outlying, never NaN.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +46,6 @@ from safetensors.numpy import load_file, save_file
 from scipy import stats
 from scipy.special import logsumexp
 
-from mendis_ray.atomic import replace_dir
 from mendis_ray.config import SignalConfig
 from mendis_ray.flow.signal import SignalCoordinates, SignalSpaceModel
 from mendis_ray.flow.signal_basis import SignalBasis
@@ -331,7 +327,7 @@ class SignalScorer:
 
     def save(self, path: str | os.PathLike, metrics: dict | None = None) -> Path:
         """Write the model and reference to the folder ``path`` atomically (no pickle)."""
-        from mendis_ray.flow.checkpoint import CONFIG, FORMAT_VERSION, TENSORS
+        from mendis_ray.flow.checkpoint import FORMAT_VERSION, write_checkpoint_dir
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -348,15 +344,8 @@ class SignalScorer:
             "grid": {k: v for k, v in self.grid.items() if k != "wavelength"},
             "metrics": metrics or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }  # fmt: skip
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / TENSORS))
-            (tmp / CONFIG).write_text(json.dumps(config, indent=1, default=float))
-            replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        return write_checkpoint_dir(path, config, lambda f: save_file(arrays, f))
 
     @classmethod
     def from_checkpoint(
