@@ -216,7 +216,7 @@ class SignalScorer:
         # the flow's log q: held-out stars only (the flow has seen the training ones)
         rho = _rho_sig(c, model)
         ref |= NoiseCalibration.fit(rho, -model.flow_log_prob(c)).arrays("cal.signal")
-        ref |= NoiseCalibration.fit(rho, -scorer._label_free(c)).arrays("cal.signal_free")
+        ref |= NoiseCalibration.fit(rho, -scorer._label_free(c)[0]).arrays("cal.signal_free")
         fisher = scorer.score(flux, ivar, labels)["score"]  # before its own calibration
         ref |= NoiseCalibration.fit(rho, -fisher).arrays("cal.combined")
         out = scorer.score(flux, ivar, labels)
@@ -224,9 +224,10 @@ class SignalScorer:
             ref[f"sorted.{key}"] = np.sort(out[key])
         return scorer
 
-    def _label_free(self, c: SignalCoordinates, seed: int = 0) -> np.ndarray:
+    def _label_free(self, c: SignalCoordinates, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """log q(signal coordinates | t) with the labels integrated out (importance
-        sampling from the label regression), (n,)."""
+        sampling from the label regression), (n,), and the labels' posterior means in
+        standardized units, (n, 3)."""
         k, m = self.model.basis.k, self.n_importance
         mu = np.c_[c.y[:, :k], np.ones(len(c.y))] @ self.ref["label_coef"]  # (n, 3)
         eps = np.random.default_rng(seed).standard_normal((m, 3))  # common draws: deterministic
@@ -237,8 +238,8 @@ class SignalScorer:
         cc = SignalCoordinates(y, np.repeat(c.t, m), c.proj)
         lq = self.model.flow_log_prob(cc).reshape(-1, m) - log_prop[None]
         w = np.exp(lq - lq.max(axis=1, keepdims=True))
-        self._posterior_labels = (w[:, :, None] * draws).sum(1) / w.sum(1)[:, None]  # (n, 3)
-        return logsumexp(lq, axis=1) - np.log(m)
+        posterior = (w[:, :, None] * draws).sum(1) / w.sum(1)[:, None]  # (n, 3)
+        return logsumexp(lq, axis=1) - np.log(m), posterior
 
     # -- scoring ------------------------------------------------------------------------------
 
@@ -269,8 +270,7 @@ class SignalScorer:
             est = np.zeros((len(flux), 3))  # standardized label estimates (label-free rows)
             if (~labelled).any():
                 sub = SignalCoordinates(c.y[~labelled], c.t[~labelled], c.proj)
-                lq[~labelled] = self._label_free(sub)
-                est[~labelled] = self._posterior_labels
+                lq[~labelled], est[~labelled] = self._label_free(sub)
             rho = _rho_sig(c, m)
             sig = np.where(
                 labelled,

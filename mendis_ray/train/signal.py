@@ -143,6 +143,12 @@ def train_signal_checkpoint(
     cfg = cfg or SignalConfig()
     t0 = time.perf_counter()
     flux, ivar, labels, grid = load_training_shards(paths, cfg.seed)
+    if np.median(ivar[ivar > 0]) > 1e11:  # NOISE_FREE_IVAR: simulated with --train-snr 0
+        log.warning(
+            "the training spectra are noise-free (ivar ~1e12): the signal-space model learns "
+            "each star's noise from its ivar, so train it on observed (noisy) spectra, or "
+            "use --model flow, whose Ray Data pipeline adds noise"
+        )
     log.info("read %d training spectra (%d px) in %.1f s", len(flux), flux.shape[1],
              time.perf_counter() - t0)  # fmt: skip
     res = train_signal_model(flux, ivar, labels, cfg, time_limit_s=time_limit_s,

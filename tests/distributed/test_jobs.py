@@ -99,7 +99,8 @@ def test_ray_job_submit_train(ray_head, sim_sets, tmp_path):
     out = tmp_path / "job"
     cfg = {
         "train": {
-            "args": [str(sim_sets / "train")], "out": str(out / "train"), "preset": "compact",
+            "args": [str(sim_sets / "train")], "out": str(out / "train"), "model": "flow",
+            "preset": "compact",
             "n_units": 1, "hidden": 16, "epochs": 1, "batch_size": 64, "workers": 2,
             "linear_lr_scale": 0.0, "storage": str(out / "runs"),
         }
