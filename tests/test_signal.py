@@ -213,3 +213,20 @@ def test_conditional_correlations_and_reconstruction(trained) -> None:
     good = te.ivar[:50] > 0
     chi2 = ((te.flux[:50] - rec) ** 2 * te.ivar[:50])[good].mean()
     assert chi2 < 3.0  # residual about the noise (plus the intrinsic part at high S/N)
+
+
+def test_cleaner_than_training_is_noised_down_deterministically() -> None:
+    from mendis_ray.science.signal_scores import match_noise, star_snr
+
+    rng = np.random.default_rng(0)
+    flux = 1 + 0.001 * rng.standard_normal((3, 500))
+    ivar = np.full((3, 500), 1000.0**2)  # S/N 1000
+    ivar[0] = 200.0**2  # S/N 200: below the limit, untouched
+    ivar[2, :50] = 0.0
+    f, iv = match_noise(flux, ivar, 300.0)
+    np.testing.assert_array_equal(f[0], flux[0])
+    np.testing.assert_allclose(star_snr(f, iv)[1:], 300.0, rtol=0.02)
+    assert np.all(iv[2, :50] == 0) and np.all(f[2, :50] == flux[2, :50])
+    assert np.std(f[1] - flux[1]) == pytest.approx(np.sqrt(1 / 300.0**2 - 1 / 1000.0**2), rel=0.1)
+    f2, _ = match_noise(flux[1:2], ivar[1:2], 300.0)  # alone: the same noise
+    np.testing.assert_array_equal(f2[0], f[1])

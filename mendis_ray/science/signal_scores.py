@@ -29,6 +29,10 @@ logs of tail probabilities, 0 = perfectly typical, -inf = impossible):
 ``percentile``, ``signal_percentile``, ``residual_percentile``
     Percentage of held-out training stars scoring <= this one.
 
+The scores are calibrated over the training stars' S/N range: a spectrum cleaner than
+every training star (above the 99.5th percentile of their S/N) is first noised down to it
+(:func:`match_noise`, seeded by the spectrum itself), so it is compared like for like.
+
 A spectrum whose score cannot be computed (no good pixel, non-finite result) gets -inf
 and a flag: it ranks as the most outlying, never NaN.
 """
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,6 +141,40 @@ def residual_statistics(c: SignalCoordinates) -> np.ndarray:
     return np.stack(out, axis=1).astype(np.float64)
 
 
+def star_snr(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
+    """Each spectrum's S/N, the median of flux * sqrt(ivar) over its good pixels, (n,)."""
+    good = (ivar > 0) & np.isfinite(ivar) & (ivar < 1e11)  # 1e12: noise-free simulation
+    v = np.where(good, np.abs(flux) * np.sqrt(np.where(good, ivar, 0)), np.nan)
+    out = np.zeros(len(v))
+    some = good.any(axis=1)  # rows with no good pixel: S/N 0
+    if some.any():
+        out[some] = np.nanmedian(v[some], axis=1)
+    return out
+
+
+def match_noise(
+    flux: np.ndarray, ivar: np.ndarray, snr_max: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Spectra cleaner than every training star (S/N above ``snr_max``) get Gaussian noise
+    added down to ``snr_max``: the scores are calibrated only over the training S/N range,
+    and a cleaner spectrum would otherwise be compared with noisier references.  The noise
+    of each row is seeded by a hash of its own flux, so a spectrum scores the same alone
+    and in any batch.  Other rows are returned unchanged."""
+    snr = star_snr(flux, ivar)
+    rows = np.flatnonzero(snr > snr_max)
+    if rows.size == 0:
+        return flux, ivar
+    flux, ivar = flux.copy(), ivar.copy()
+    for i in rows:
+        f = (snr[i] / snr_max) ** 2  # noise variance factor
+        good = ivar[i] > 0
+        rng = np.random.default_rng(zlib.crc32(np.ascontiguousarray(flux[i]).tobytes()))
+        sigma_add = np.sqrt((f - 1) / np.where(good, ivar[i], 1.0))
+        flux[i] = np.where(good, flux[i] + sigma_add * rng.standard_normal(flux.shape[1]), flux[i])
+        ivar[i] = np.where(good, ivar[i] / f, 0.0)
+    return flux, ivar
+
+
 def _rho_res(c: SignalCoordinates) -> np.ndarray:
     """How much of the residual variance is intrinsic rather than noise, (n,) in [0, 1]:
     the variable the residual statistics are calibrated on (it saturates as S/N grows, so
@@ -196,7 +235,8 @@ class SignalScorer:
                "flux_lo": np.nanmin(fl, 0) - 5 * model.basis.scale,
                "flux_hi": np.nanmax(fl, 0) + 5 * model.basis.scale,
                "label_lo": labels.min(0) - 5 * labels.std(0),
-               "label_hi": labels.max(0) + 5 * labels.std(0)}  # fmt: skip
+               "label_hi": labels.max(0) + 5 * labels.std(0),
+               "snr_max": np.quantile(star_snr(src, src_ivar), [0.995])}  # fmt: skip
         scorer = cls(model, ref, grid or {})
         c = model.coordinates(flux, ivar, labels, keep_residual=True)
         # residual statistics: calibrated on the training stars when given (the linear
@@ -260,6 +300,8 @@ class SignalScorer:
         """Scores of n spectra: ``flux``, ``ivar`` (n, p), ``labels`` (n, 3) (NaN rows:
         label-free).  Returns (n,) arrays (see the module doc) plus ``labels_used``."""
         flux, ivar, labels, nonfinite = self._clean(flux, ivar, labels)
+        if "snr_max" in self.ref:
+            flux, ivar = match_noise(flux, ivar, float(np.ravel(self.ref["snr_max"])[0]))
         m, r = self.model, self.ref
         k = m.basis.k
         labelled = np.isfinite(labels).all(axis=1)
