@@ -142,9 +142,11 @@ def residual_statistics(c: SignalCoordinates) -> np.ndarray:
 
 
 def star_snr(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
-    """Each spectrum's S/N, the median of flux * sqrt(ivar) over its good pixels, (n,)."""
+    """Each continuum-normalized spectrum's S/N at the continuum, the median of sqrt(ivar)
+    over its good pixels, (n,) (from the noise alone: an absurd flux must not make a
+    spectrum look noisy)."""
     good = (ivar > 0) & np.isfinite(ivar) & (ivar < 1e11)  # 1e12: noise-free simulation
-    v = np.where(good, np.abs(flux) * np.sqrt(np.where(good, ivar, 0)), np.nan)
+    v = np.where(good, np.sqrt(np.where(good, ivar, 0)), np.nan)
     out = np.zeros(len(v))
     some = good.any(axis=1)  # rows with no good pixel: S/N 0
     if some.any():
