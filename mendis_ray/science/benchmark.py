@@ -38,6 +38,7 @@ from mendis_ray.science.baselines import (
     PCABaseline,
 )
 from mendis_ray.science.metrics import auroc
+from mendis_ray.science.ood import fill_masked
 from mendis_ray.spectra.shards import SpectraArrays
 
 __all__ = ["SNR_BINS", "BenchData", "ModelRun", "baseline_runs", "calibration", "evaluate"]
@@ -72,8 +73,8 @@ class ModelRun:
 
 
 def fill(a: SpectraArrays, mean: np.ndarray) -> np.ndarray:
-    """Flux with masked pixels (ivar 0) replaced by the training mean."""
-    return np.where(a.ivar > 0, a.flux, mean).astype(np.float64)
+    """Flux with masked pixels replaced by the training mean (:func:`fill_masked`)."""
+    return fill_masked(np.asarray(a.flux, np.float64), a.ivar, mean)[0]
 
 
 def _standardize(a: SpectraArrays, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:

@@ -141,15 +141,18 @@ def write_simulated_set(
         generator,
         prefix=spec.name,
     )
-    dt = time.perf_counter() - t0
-    size = sum(f.stat().st_size for f in files)
+    return _summary_row(spec.name, spec.n, path, files, time.perf_counter() - t0)
+
+
+def _summary_row(name: str, n: int, path: Path, files: list[Path], seconds: float) -> dict:
+    """The summary row of one written set (``mendis simulate`` prints and saves these)."""
     return {
-        "set": spec.name,
-        "rows": spec.n,
+        "set": name,
+        "rows": n,
         "shards": len(files),
         "path": str(path),
-        "megabytes": size / 1e6,
-        "seconds": dt,
+        "megabytes": sum(f.stat().st_size for f in files) / 1e6,
+        "seconds": seconds,
     }
 
 
@@ -255,11 +258,4 @@ def write_survey_set(
     )  # fmt: skip
     dt = time.perf_counter() - t0
     log.info("%s: %d spectra in %.1f s", spec.name, spec.n, dt)
-    return {
-        "set": spec.name,
-        "rows": spec.n,
-        "shards": len(files),
-        "path": str(path),
-        "megabytes": sum(f.stat().st_size for f in files) / 1e6,
-        "seconds": dt,
-    }
+    return _summary_row(spec.name, spec.n, path, files, dt)

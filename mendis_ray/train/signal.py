@@ -76,10 +76,9 @@ def train_signal_model(
     )
     log.info("signal basis: k = %d directions (%.1f s)", basis.k, time.perf_counter() - t0)
     lab = labels[tr]
-    probe = SignalSpaceModel(basis, lab.mean(0), lab.std(0) + 1e-12, np.zeros(2), cfg, cfg.seed)
-    c_tr = probe.coordinates(flux[tr], ivar[tr], labels[tr])
-    t_range = np.array([c_tr.t.min(), c_tr.t.max()])
-    model = SignalSpaceModel(basis, lab.mean(0), lab.std(0) + 1e-12, t_range, cfg, cfg.seed)
+    model = SignalSpaceModel(basis, lab.mean(0), lab.std(0) + 1e-12, np.zeros(2), cfg, cfg.seed)
+    c_tr = model.coordinates(flux[tr], ivar[tr], labels[tr])
+    model.t_range = np.array([c_tr.t.min(), c_tr.t.max()])  # the noise levels trained on
     c_va = model.coordinates(flux[va], ivar[va], labels[va])
     x_tr, x_va = model.packed(c_tr), model.packed(c_va)  # (n, k + 3 + 1)
     torch.manual_seed(cfg.seed)
