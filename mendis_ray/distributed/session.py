@@ -142,9 +142,61 @@ def shutdown_embedded_ray() -> None:
     listening.  A joined cluster is only disconnected from."""
     import ray
 
+    ours = _ray_descendants()  # before shutdown: the agents re-parent once the raylet exits
     if ray.is_initialized():
         ray.shutdown()
     _EMBEDDED["started"] = False
+    _reap(ours, grace_s=5.0)
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (``/proc/PID/stat`` field 22): tells a PID from its reuse."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _ray_descendants() -> dict[int, str]:
+    """Ray processes below this one (GCS, raylet, workers, agents): ``{pid: start time}``."""
+    found = {}
+    for pid in process_tree(os.getpid())[1:]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ")
+        except OSError:
+            continue
+        started = _start_time(pid)
+        if b"ray" in cmd and started is not None:
+            found[pid] = started
+    return found
+
+
+def _reap(procs: dict[int, str], grace_s: float) -> None:
+    """Wait up to ``grace_s`` for ``procs`` to exit, then SIGKILL the ones still there (a
+    loaded machine can leave Ray's dashboard and runtime-env agents behind a shutdown)."""
+    import signal
+    import time
+
+    def alive() -> list[int]:
+        return [p for p, t in procs.items() if _start_time(p) == t and not _zombie(p)]
+
+    deadline = time.monotonic() + grace_s
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in alive():
+        log.debug("Ray process %d outlived shutdown: killing it", pid)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 # ---------------------------------------------------------------------- exposure checks
