@@ -5,7 +5,9 @@ new one, never half of one."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -13,7 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["json_default", "replace_dir", "temp_beside", "write_atomic", "write_json_atomic"]
+__all__ = [
+    "json_default",
+    "remove_stale_dirs",
+    "replace_dir",
+    "temp_beside",
+    "write_atomic",
+    "write_csv_atomic",
+    "write_json_atomic",
+    "write_table_atomic",
+]
+
+log = logging.getLogger(__name__)
 
 
 def json_default(o: object) -> object:
@@ -48,6 +61,45 @@ def write_json_atomic(obj: object, path: str | os.PathLike) -> Path:
     """JSON (indented, numpy-aware) written atomically."""
     text = json.dumps(obj, indent=1, default=json_default) + "\n"
     return write_atomic(path, lambda t: t.write_text(text))
+
+
+def write_table_atomic(table, path: str | os.PathLike) -> Path:
+    """A pyarrow table as Parquet, written atomically."""
+    import pyarrow.parquet as pq
+
+    return write_atomic(path, lambda t: pq.write_table(table, t))
+
+
+def write_csv_atomic(table, path: str | os.PathLike) -> Path:
+    """A pyarrow table as CSV (with a header row), written atomically."""
+    import pyarrow.csv as pacsv
+
+    return write_atomic(path, lambda t: pacsv.write_csv(table, t))
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (this process counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return pid != os.getpid()
+
+
+def remove_stale_dirs(folder: Path, pattern: re.Pattern) -> list[Path]:
+    """Remove the sub-folders of ``folder`` whose name matches ``pattern`` (which has a
+    ``pid`` group) and whose process no longer exists on this machine: temporaries left
+    by runs that died.  Returns the removed paths."""
+    removed = []
+    for p in folder.iterdir():
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not _pid_alive(int(m["pid"])):
+            log.info("removing %s left by an earlier run", p)
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,9 @@ from mendis_ray.flow.density import SpectrumDensity, Standardizer
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
+    "CheckpointInfo",
     "check_grid",
+    "checkpoint_info",
     "checkpoint_kind",
     "load_checkpoint",
     "read_config",
@@ -214,6 +216,73 @@ def read_config(path: str | os.PathLike) -> tuple[dict, Path]:
             f"{path}: checkpoint format {got!r}, this version reads {FORMAT_VERSION}"
         )
     return info, ten_path
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint folder holds, read without building its model: the parsed
+    ``config.json`` (``config``) and the path of its tensors (``tensors``)."""
+
+    path: Path
+    config: dict
+    tensors: Path
+
+    @property
+    def kind(self) -> str:
+        """``"flow"`` or ``"signal"`` (see :func:`checkpoint_kind`)."""
+        return checkpoint_kind(self.path, self.config)
+
+    @property
+    def grid(self) -> dict:
+        """The grid it was trained on (``Grid.describe()`` less the wavelengths); may be
+        empty in a hand-made checkpoint."""
+        return dict(self.config.get("grid") or {})
+
+    def require_grid(self) -> dict:
+        """:attr:`grid`, or a CheckpointError where it records no hash and size."""
+        grid = self.grid
+        if "hash" not in grid or "n_pix" not in grid:
+            raise CheckpointError(
+                f"{self.path / CONFIG}: no grid (hash, n_pix) recorded; cannot check the catalog"
+            )
+        return grid
+
+    def wavelength(self) -> np.ndarray:
+        """The stored grid wavelengths (n_pix,) float64 (only that tensor is read)."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.tensors), framework="np") as f:
+                return np.asarray(f.get_tensor("grid.wavelength"), np.float64)
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"{self.tensors}: no grid wavelengths ({err})") from err
+
+    def grid_object(self):
+        """The :class:`~mendis_ray.spectra.grid.Grid` of the checkpoint: the named grid
+        with the same hash, else one rebuilt from the stored wavelengths."""
+        from mendis_ray.spectra.grid import GRID_NAMES, get_grid, grid_from_wavelength
+
+        grid = self.require_grid()
+        name = str(grid.get("name", "custom"))
+        if name in GRID_NAMES and get_grid(name).hash == grid["hash"]:
+            return get_grid(name)
+        try:
+            g = grid_from_wavelength(self.wavelength(), name=name)
+        except CheckpointError as err:
+            raise CheckpointError(
+                f"{self.path}: grid {name!r} is not a named grid and its wavelengths are not "
+                f"stored ({err}); ingest the FITS files with `mendis ingest apogee` first"
+            ) from err
+        if g.hash != grid["hash"]:
+            raise CheckpointError(f"{self.path}: cannot rebuild grid {name!r} exactly")
+        return g
+
+
+def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
+    """The metadata of a checkpoint folder (config, kind, grid) without loading its
+    weights; a :class:`CheckpointError` naming the file when it is not a checkpoint."""
+    info, tensors = read_config(path)
+    return CheckpointInfo(Path(path), info, tensors)
 
 
 def checkpoint_kind(path: str | os.PathLike, info: dict | None = None) -> str:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mendis_ray.distributed import infer
+from mendis_ray.science.ranking import USED_COLUMNS, rank_outliers
 from mendis_ray.spectra.shards import ShardError
 
 DR17 = Path(__file__).resolve().parents[3] / "shared" / "data" / "apogee_dr17"
@@ -57,7 +58,7 @@ def test_scores_equal_in_process_scorer(scored, checkpoint, sim_sets):
     order = np.array([pos[rid] for rid in inputs.column("id").to_pylist()])
     for name, values in want.items():
         if name == "labels_used":
-            cols = [got.column(c).to_numpy()[order] for c in infer.USED_COLUMNS]
+            cols = [got.column(c).to_numpy()[order] for c in USED_COLUMNS]
             np.testing.assert_allclose(np.stack(cols, 1), values, rtol=1e-9, equal_nan=True)
             continue
         col = got.column(name).to_numpy(zero_copy_only=False)[order]
@@ -92,7 +93,7 @@ def test_top_outliers_rank_cemp_above_inliers(scored):
     assert csv.column("id").to_pylist() == top.column("id").to_pylist()
     # over the whole catalog every CEMP star ranks above every test inlier
     full = pq.read_table(scored.scores)
-    order = infer.rank_outliers(full)
+    order = rank_outliers(full)
     ranked = [full.column("id")[int(i)].as_py() for i in order]
     assert all(rid.startswith("cemp-") for rid in ranked[:80])
     flagged = top.column("flag_names").to_pylist()

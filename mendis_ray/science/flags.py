@@ -1,0 +1,50 @@
+"""The quality flags of a score: one bit each in the ``flags`` column, one home.
+
+Every scorer (:mod:`~mendis_ray.science.ood`, :mod:`~mendis_ray.science.signal_scores`),
+the HTTP API (:mod:`~mendis_ray.scoring_api`) and the catalog outputs
+(:mod:`~mendis_ray.science.ranking`) take the bits and their names from :class:`Flag`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+__all__ = ["Flag", "flag_columns", "flag_list", "flag_names"]
+
+
+class Flag(enum.IntFlag):
+    """Bits of the ``flags`` column (see :mod:`mendis_ray.science.ood` for their tests)."""
+
+    #: NaN/inf flux at pixels with ivar > 0, non-finite ivar, or non-finite labels.
+    NONFINITE = 1
+    #: more than ``max_masked_fraction`` of the pixels masked.
+    MASKED = 2
+    #: more than 1% of the good pixels outside the training flux range.
+    FLUX_RANGE = 4
+    #: given labels outside the training range.
+    LABEL_RANGE = 8
+    #: the model cannot score the spectrum (every pixel masked, or non-finite input).
+    UNSCORABLE = 16
+
+    @property
+    def label(self) -> str:
+        """The flag's lower-case name (``"flux_range"``), as in ``flag_<label>`` columns."""
+        return str(self.name).lower()
+
+
+def flag_list(flags: int) -> list[str]:
+    """``["masked", "flux_range"]`` for a flag bit field (empty for 0), in bit order."""
+    return [f.label for f in Flag if int(flags) & f]
+
+
+def flag_names(flags: int) -> str:
+    """``"masked|flux_range"`` for a flag bit field (empty string for 0)."""
+    return "|".join(flag_list(flags))
+
+
+def flag_columns(flags: np.ndarray) -> dict[str, np.ndarray]:
+    """One boolean column ``flag_<label>`` (n,) per flag of the bit fields ``flags`` (n,)."""
+    flags = np.asarray(flags)
+    return {f"flag_{f.label}": (flags & int(f)) > 0 for f in Flag}

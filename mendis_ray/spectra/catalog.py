@@ -1,0 +1,86 @@
+"""A catalog's inputs for batch scoring: Parquet shards and APOGEE FITS files.
+
+``mendis score`` accepts shard files, dataset folders, apStar/aspcapStar FITS files and
+folders of them; :func:`split_inputs` sorts them, :func:`ingest_fits` turns the FITS
+files into shards on the model's grid, :func:`common_scalar_columns` names the input
+columns a scores table carries along.  No Ray, no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mendis_ray.spectra.grid import Grid
+from mendis_ray.spectra.shards import REQUIRED_COLUMNS, ShardError
+
+__all__ = ["FITS_SUFFIXES", "common_scalar_columns", "ingest_fits", "is_fits", "split_inputs"]
+
+log = logging.getLogger(__name__)
+
+FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz")
+
+
+def is_fits(p: Path) -> bool:
+    """Whether ``p`` is named like a FITS file (case-insensitive, gzip allowed)."""
+    return p.name.lower().endswith(FITS_SUFFIXES)
+
+
+def split_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """(Parquet files/folders, FITS files) of the inputs; a folder holding FITS files and
+    no Parquet counts as its FITS files."""
+    if isinstance(inputs, str | os.PathLike):
+        inputs = [inputs]
+    parquet, fits_files = [], []
+    for p in map(Path, inputs):
+        if p.is_file() and is_fits(p):
+            fits_files.append(p)
+        elif p.is_dir() and not any(p.glob("*.parquet")) and not (p / "_manifest.json").exists():
+            found = sorted(f for f in p.iterdir() if f.is_file() and is_fits(f))
+            if not found:
+                raise ShardError(f"{p}: folder holds no .parquet or FITS files")
+            fits_files += found
+        else:
+            parquet.append(p)  # list_shards names what is missing or wrong
+    return parquet, fits_files
+
+
+def ingest_fits(
+    fits_files: Sequence[Path],
+    out_dir: Path,
+    grid: Grid,
+    *,
+    labels_path: str | os.PathLike | None = None,
+    n_shards: int | None = None,
+) -> list[Path]:
+    """APOGEE FITS -> shards on ``grid`` in ``out_dir`` (replacing an earlier ingest
+    there; see :func:`~mendis_ray.spectra.fits.ingest_apogee`); default about 1,000
+    spectra per shard."""
+    from mendis_ray.spectra.fits import ingest_apogee
+
+    n = len(fits_files)
+    n_shards = min(n, max(1, n_shards or math.ceil(n / 1000)))
+    log.info("ingesting %d FITS file(s) into %s (%d shard(s))", n, out_dir, n_shards)
+    return ingest_apogee(
+        list(fits_files), out_dir, grid=grid, labels_path=labels_path, n_shards=n_shards
+    )
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t)
+
+
+def common_scalar_columns(files: Sequence[Path]) -> list[str]:
+    """Non-list columns present in every shard, other than the required ones and
+    ``path`` (read from the footers only)."""
+    common: list[str] | None = None
+    for f in files:
+        names = [fld.name for fld in pq.read_schema(f) if not _is_list(fld.type)]
+        common = names if common is None else [c for c in common if c in names]
+    return [c for c in common or [] if c not in REQUIRED_COLUMNS and c != "path"]
