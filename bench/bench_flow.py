@@ -42,8 +42,8 @@ from _common import report  # noqa: E402
 from nflows_reference import build_stock_flow, copy_weights  # noqa: E402
 
 from mendis_ray.config import FlowConfig, get_preset  # noqa: E402
-from mendis_ray.flow import layers  # noqa: E402
-from mendis_ray.flow.layers import triangular_pair_flops  # noqa: E402
+from mendis_ray.flow.coupling import compiled_splines  # noqa: E402
+from mendis_ray.flow.lu import triangular_pair_flops  # noqa: E402
 from mendis_ray.flow.model import MendisFlow  # noqa: E402
 
 TARGET_SPEEDUP = 1.5
@@ -169,23 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     # (b, c) train step, interleaved.  With --compile, "ours_compiled" is the same model
     # (same weights, same optimizer) with its splines run through torch.compile.
     variants = ["ours", "ours_compiled", "stock"] if args.compile else ["ours", "stock"]
-    spline_fns = {"ours": layers._rq_spline}
-    if args.compile:
-        layers.compile_splines(True)
-        spline_fns["ours_compiled"] = layers._SPLINE[0]
-        layers.compile_splines(False)
     ours.train(), stock.train()
     opt_o = torch.optim.Adam(ours.parameters(), lr=args.lr)
     opt_s = torch.optim.Adam(stock.parameters(), lr=args.lr)
 
     def using(name: str, f: Callable[[], object]) -> Callable[[], None]:
         def g() -> None:
-            if name in spline_fns:
-                layers._SPLINE[0] = spline_fns[name]
-            try:
+            with compiled_splines(name == "ours_compiled"):
                 f()
-            finally:
-                layers._SPLINE[0] = layers._rq_spline
 
         return g
 

@@ -43,8 +43,9 @@ from nflows.transforms import (
 )
 
 from mendis_ray.config import FlowConfig
-from mendis_ray.flow.layers import ActNorm as OurActNorm
-from mendis_ray.flow.layers import LUInvertibleLinear, RQSplineCoupling
+from mendis_ray.flow.actnorm import ActNorm as OurActNorm
+from mendis_ray.flow.coupling import RQSplineCoupling
+from mendis_ray.flow.lu import LUInvertibleLinear
 from mendis_ray.flow.model import MendisFlow
 
 __all__ = ["build_stock_flow", "copy_weights", "stock_mask"]

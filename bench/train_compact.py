@@ -35,8 +35,8 @@ from _common import RESULTS, report
 
 from mendis_ray import experiment as ex
 from mendis_ray.config import get_preset
-from mendis_ray.flow import layers
 from mendis_ray.flow.checkpoint import save_checkpoint
+from mendis_ray.flow.coupling import compiled_splines
 from mendis_ray.science import figures
 from mendis_ray.science.ood import Scorer
 from mendis_ray.spectra.datasets import paper_sets, write_simulated_set
@@ -113,15 +113,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. training
     log.info("stage 3/6: training %s for at most %.1f min", flow_cfg.name, minutes)
-    layers.compile_splines(not args.no_compile)  # training only: measured no gain in eval
-    res = ex.train_flow(
-        sets["train"],
-        flow_cfg,
-        train_cfg,
-        {**sim.grid.describe(), "wavelength": sim.grid.wavelength},
-        time_limit_s=60 * minutes,
-    )
-    layers.compile_splines(False)
+    with compiled_splines(not args.no_compile):  # training only: measured no gain in eval
+        res = ex.train_flow(
+            sets["train"],
+            flow_cfg,
+            train_cfg,
+            {**sim.grid.describe(), "wavelength": sim.grid.wavelength},
+            time_limit_s=60 * minutes,
+        )
     hist = res.history
     result["training"] = {
         "compiled_splines": not args.no_compile,

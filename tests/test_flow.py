@@ -1,5 +1,6 @@
-"""Math invariants of every flow layer and of small flows (float64), the LU cache, bf16,
-seeds, parameter counts, and agreement with a stock-nflows build of the same architecture."""
+"""Math invariants of every flow transform and of small flows (float64), the LU cache,
+bf16, seeds, parameter counts, and agreement with a stock-nflows build of the same
+architecture."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import torch
 
 from mendis_ray.config import FlowConfig, get_preset
 from mendis_ray.flow import MendisFlow, count_parameters
-from mendis_ray.flow.layers import ActNorm, LUInvertibleLinear, RQSplineCoupling
+from mendis_ray.flow.actnorm import ActNorm
+from mendis_ray.flow.coupling import RQSplineCoupling, compiled_splines
+from mendis_ray.flow.lu import LUInvertibleLinear
+from mendis_ray.flow.spline import rq_spline
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -47,8 +51,52 @@ def _flow(n_pix: int, **kw: object) -> MendisFlow:
     return MendisFlow(cfg.replace(**kw), seed=1)
 
 
-# (name, builder) pairs: every layer and small variants of the whole flow.
+class _Spline(torch.nn.Module):
+    """:func:`rq_spline` on each of ``n`` features, its knot parameters held as
+    parameters (the pure function as a transform)."""
+
+    def __init__(self, n: int, k: int, bound: float) -> None:
+        super().__init__()
+        self.n, self.bound = n, bound
+        g = torch.Generator().manual_seed(4)
+        self.w = torch.nn.Parameter(torch.randn(n, k, generator=g))
+        self.h = torch.nn.Parameter(torch.randn(n, k, generator=g))
+        self.d = torch.nn.Parameter(torch.randn(n, k - 1, generator=g))
+
+    def _run(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        b = x.shape[0]
+        params = (p.expand(b, *p.shape) for p in (self.w, self.h, self.d))
+        y, lad = rq_spline(x, *params, self.bound, inverse=inverse)  # (b, n), (b, n)
+        return y, lad.sum(dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run(x, inverse=False)
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run(y, inverse=True)
+
+
+class _WithContext(torch.nn.Module):
+    """A context-conditioned coupling (as in the signal-space flow) at a fixed context."""
+
+    def __init__(self, layer: RQSplineCoupling) -> None:
+        super().__init__()
+        self.layer, self.n = layer, layer.n
+        self.register_buffer("context", torch.linspace(-1.0, 2.0, layer.n_context))
+
+    def _ctx(self, x: torch.Tensor) -> torch.Tensor:
+        return self.context.to(x.dtype).expand(x.shape[0], -1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer(x, self._ctx(x))
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer.inverse(y, self._ctx(y))
+
+
+# (name, builder) pairs: every transform and small variants of the whole flow.
 VARIANTS = {
+    "spline": lambda: _Spline(6, k=5, bound=2.0),
     "actnorm": lambda: ActNorm(7),
     "lu": lambda: LUInvertibleLinear(7, generator=torch.Generator().manual_seed(3)),
     "lu_blocked": lambda: LUInvertibleLinear(
@@ -56,6 +104,9 @@ VARIANTS = {
     ),
     "coupling_even": lambda: RQSplineCoupling(6, 0, hidden=8, n_blocks=1, n_bins=4, tail_bound=3.0),
     "coupling_odd": lambda: RQSplineCoupling(7, 1, hidden=8, n_blocks=2, n_bins=5, tail_bound=2.0),
+    "coupling_context": lambda: _WithContext(
+        RQSplineCoupling(6, 1, hidden=8, n_blocks=1, n_bins=4, tail_bound=3.0, n_context=2)
+    ),
     "flow": lambda: _flow(5),
     "flow_odd_width": lambda: _flow(4, n_units=3, n_bins=6, tail_bound=2.0),
 }
@@ -149,7 +200,7 @@ def test_lu_training_path_matches_dense_and_gradients() -> None:
     _perturb(lu, 0.2, seed=3)
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(lu(x)[0], x @ lu.weight().T)
-    from mendis_ray.flow.layers import _LUFunction
+    from mendis_ray.flow.lu import _LUFunction
 
     inv = torch.argsort(lu.perm)
     assert torch.autograd.gradcheck(
@@ -260,8 +311,9 @@ def test_agreement_with_stock_nflows(n_pix: int) -> None:
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torch")  # torch's own, while compiling
 def test_compiled_spline_matches_eager() -> None:
-    """torch.compile'd splines give the eager values and gradients (float32 rounding)."""
-    from mendis_ray.flow import layers
+    """torch.compile'd splines give the eager values and gradients (float32 rounding), only
+    inside the compiled_splines context."""
+    from mendis_ray.flow import coupling
 
     m = _flow(9)
     _perturb(m, 0.2, seed=8)
@@ -275,14 +327,15 @@ def test_compiled_spline_matches_eager() -> None:
         return lp.detach(), back.detach(), m.layers[2].widths.weight.grad.clone()
 
     eager = run()
-    try:
-        layers.compile_splines(True)
+    with compiled_splines():
+        assert coupling.spline_function() is not coupling.spline_rows
         compiled = run()
-    finally:
-        layers.compile_splines(False)
+        with compiled_splines(False):
+            assert coupling.spline_function() is coupling.spline_rows
+        assert coupling.spline_function() is not coupling.spline_rows
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
-    assert layers._SPLINE[0] is layers._rq_spline
+    assert coupling.spline_function() is coupling.spline_rows
 
 
 def test_coupling_rejects_bad_bins() -> None:

@@ -1,8 +1,10 @@
-"""The Mendis flow (torch + nflows only): invertible layers, the flow built from a
-FlowConfig, the density over physical (flux, labels), and pickle-free checkpoints."""
+"""The Mendis flow (torch + nflows only): the invertible transforms (``actnorm``, ``lu``,
+``coupling`` with the pure spline of ``spline`` and the conditioner of ``mlp``), the flow
+built from a FlowConfig (``model``), the density over physical (flux, labels)
+(``density``), and pickle-free checkpoints (``checkpoint``)."""
 
-from mendis_ray.flow import layers
 from mendis_ray.flow.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mendis_ray.flow.coupling import compiled_splines
 from mendis_ray.flow.density import SpectrumDensity, Standardizer
 from mendis_ray.flow.model import MendisFlow, count_parameters
 
@@ -11,8 +13,8 @@ __all__ = [
     "MendisFlow",
     "SpectrumDensity",
     "Standardizer",
+    "compiled_splines",
     "count_parameters",
-    "layers",
     "load_checkpoint",
     "save_checkpoint",
 ]

@@ -1,6 +1,6 @@
 """Start the flow at the best Gaussian: whiten in the first unit's LU layer.
 
-A flow whose couplings are the identity (as :class:`~mendis_ray.flow.layers.RQSplineCoupling`
+A flow whose couplings are the identity (as :class:`~mendis_ray.flow.coupling.RQSplineCoupling`
 is at initialisation) is an affine map, i.e. a Gaussian density.  Setting the first
 invertible linear layer to the Cholesky whitening of a (shrunk) covariance of the
 training features makes that Gaussian the shrunk full-covariance Gaussian of the data, so
@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mendis_ray.flow.layers import ActNorm, LUInvertibleLinear
+from mendis_ray.flow.actnorm import ActNorm
+from mendis_ray.flow.lu import LUInvertibleLinear
 from mendis_ray.flow.model import MendisFlow
 
 __all__ = ["initialize_whitened"]

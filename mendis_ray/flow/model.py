@@ -14,7 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from mendis_ray.config import FlowConfig
-from mendis_ray.flow.layers import ActNorm, LUInvertibleLinear, RQSplineCoupling
+from mendis_ray.flow.actnorm import ActNorm
+from mendis_ray.flow.coupling import RQSplineCoupling
+from mendis_ray.flow.lu import LUInvertibleLinear
 
 __all__ = ["MendisFlow", "count_parameters"]
 

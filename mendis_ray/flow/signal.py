@@ -28,7 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from mendis_ray.config import SignalConfig
-from mendis_ray.flow.layers import ActNorm, LUInvertibleLinear, RQSplineCoupling
+from mendis_ray.flow.actnorm import ActNorm
+from mendis_ray.flow.coupling import RQSplineCoupling
+from mendis_ray.flow.lu import LUInvertibleLinear
 from mendis_ray.flow.signal_basis import Projection, SignalBasis
 
 __all__ = ["ConditionalFlow", "SignalCoordinates", "SignalSpaceModel"]

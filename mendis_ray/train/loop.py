@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from mendis_ray.config import TrainConfig
-from mendis_ray.flow.layers import ActNorm, LUInvertibleLinear
+from mendis_ray.flow.actnorm import ActNorm
+from mendis_ray.flow.lu import LUInvertibleLinear
 
 __all__ = [
     "EarlyStopping",
