@@ -19,6 +19,7 @@ __all__ = [
     "json_default",
     "remove_stale_dirs",
     "replace_dir",
+    "save_figure_atomic",
     "temp_beside",
     "write_atomic",
     "write_csv_atomic",
@@ -75,6 +76,13 @@ def write_csv_atomic(table, path: str | os.PathLike) -> Path:
     import pyarrow.csv as pacsv
 
     return write_atomic(path, lambda t: pacsv.write_csv(table, t))
+
+
+def save_figure_atomic(fig, path: str | os.PathLike, **savefig_kwargs: object) -> Path:
+    """A matplotlib figure written atomically, in the format of ``path``'s suffix."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".") or "png"
+    return write_atomic(path, lambda t: fig.savefig(t, format=fmt, **savefig_kwargs))
 
 
 def _pid_alive(pid: int) -> bool:

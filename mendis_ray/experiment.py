@@ -9,7 +9,6 @@ and the benchmark (``bench/train_compact.py``) reuse them unchanged.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mendis_ray.atomic import write_atomic
 from mendis_ray.config import FlowConfig, TrainConfig
 from mendis_ray.flow.density import SpectrumDensity, Standardizer
 from mendis_ray.flow.gaussian_init import initialize_whitened
@@ -382,13 +382,10 @@ def reconstruction_analysis(
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Atomic ``np.savez``."""
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    """Atomic ``np.savez`` (to an open file: ``np.savez`` would append ``.npz`` to a name)."""
 
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
-def finite_mean(x: np.ndarray) -> float:
-    x = np.asarray(x, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    return float(x.mean()) if x.size else math.nan
+    write_atomic(path, write)

@@ -32,39 +32,35 @@ from typing import Any
 
 import numpy as np
 
+from mendis_ray.science.flags import FLAG_COLUMNS, Flag, flag_columns
+
 __all__ = ["FLOW_KEYS", "SIGNAL_KEYS", "Predictor", "flow_unscorable", "signal_unscorable"]
 
 log = logging.getLogger(__name__)
 
-_FLAG_COLUMNS = ("flag_nonfinite", "flag_masked", "flag_flux_range", "flag_label_range")
 #: the keys of ``Scorer.score`` (full-space flow)
 FLOW_KEYS = (
     "log_p", "log_p_marginal", "labels_used", "log_p_per_dim", "signal_score", "percentile",
-    "signal_percentile", "log_ratio_gaussian", "masked_fraction", "flags", *_FLAG_COLUMNS,
-    "flag_unscorable",
+    "signal_percentile", "log_ratio_gaussian", "masked_fraction", "flags", *FLAG_COLUMNS,
 )  # fmt: skip
 #: the keys of ``SignalScorer.score`` served (signal-space model)
 SIGNAL_KEYS = (
     "score", "signal_score", "residual_score", "log_p", "percentile", "signal_percentile",
     "residual_percentile", "chi2_dof", "noise_level", "labelled", "labels_used",
-    "masked_fraction", "flags", *_FLAG_COLUMNS, "flag_unscorable",
+    "masked_fraction", "flags", *FLAG_COLUMNS,
 )  # fmt: skip
 
 
 def _flag_columns(n: int) -> dict[str, np.ndarray]:
-    from mendis_ray.science.ood import FLAG_UNSCORABLE
-
-    out: dict[str, np.ndarray] = {"flags": np.full(n, FLAG_UNSCORABLE, dtype=np.int64)}
-    out |= {k: np.zeros(n, bool) for k in _FLAG_COLUMNS}
-    out["flag_unscorable"] = np.ones(n, bool)
-    return out
+    flags = np.full(n, int(Flag.UNSCORABLE), dtype=np.int64)
+    return {"flags": flags, **flag_columns(flags)}
 
 
 def flow_unscorable(n: int, labels: np.ndarray) -> dict[str, np.ndarray]:
     """Full-space flow scores of ``n`` spectra the model could not score (labels (n, 3)):
     flagged ``unscorable``, -inf scores and percentile 0 (the most outlying rank) where a
-    labelled score was due, NaN where none was (see ``FLAG_UNSCORABLE`` in
-    :mod:`mendis_ray.science.ood`)."""
+    labelled score was due, NaN where none was (see ``Flag.UNSCORABLE`` in
+    :mod:`mendis_ray.science.flags`)."""
     labelled = np.isfinite(labels).all(axis=1)
     out = {k: np.full(n, np.nan) for k in ("log_p_marginal", "log_ratio_gaussian",
                                            "masked_fraction")}  # fmt: skip

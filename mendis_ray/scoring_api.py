@@ -69,14 +69,9 @@ from pydantic import (
 )
 
 from mendis_ray.parquet_guard import Flatbuffer, ipc_message_bounds, parquet_bounds
-from mendis_ray.science.ood import (
-    FLAG_FLUX_RANGE,
-    FLAG_LABEL_RANGE,
-    FLAG_MASKED,
-    FLAG_NONFINITE,
-    FLAG_UNSCORABLE,
-)
-from mendis_ray.spectra.shards import META_KEY, ShardError, _metadata_from_schema
+from mendis_ray.science.flags import flag_list
+from mendis_ray.spectra.grid import grid_text, same_grid
+from mendis_ray.spectra.shards import META_KEY, ShardError, schema_metadata
 
 __all__ = [
     "ARROW_FILE",
@@ -84,7 +79,6 @@ __all__ = [
     "BODY_KINDS",
     "DEFAULT_MAX_MARGINAL",
     "DEFAULT_MAX_SPECTRA",
-    "FLAG_NAMES",
     "JSON",
     "PARQUET",
     "ErrorResponse",
@@ -128,13 +122,6 @@ F32_MAX = float(np.finfo(np.float32).max)
 LABELS = ("teff", "logg", "feh")
 #: Arrow columns the parser reads (everything else in a body is ignored)
 ARROW_COLUMNS = ("id", "flux", "ivar", *LABELS)
-FLAG_NAMES: dict[int, str] = {
-    FLAG_NONFINITE: "nonfinite",
-    FLAG_MASKED: "masked",
-    FLAG_FLUX_RANGE: "flux_range",
-    FLAG_LABEL_RANGE: "label_range",
-    FLAG_UNSCORABLE: "unscorable",
-}
 #: float score columns copied into each result row: those of ``Scorer.score`` (full-space
 #: flow) and of ``SignalScorer.score`` (signal-space model); a column the served model
 #: does not compute is null
@@ -548,13 +535,12 @@ def check_grid(
     is the model's grid; ``None`` passes."""
     if given is None:
         return
-    name, n_pix, ghash = (model_grid.get(k) for k in ("name", "n_pix", "hash"))
-    want = f"the model's grid {name!r} ({n_pix} px, hash {ghash})"
+    want = f"the model's grid {grid_text(model_grid)}"
     if isinstance(given, str):
-        if given not in (ghash, name):
+        if given not in (model_grid.get("hash"), model_grid.get("name")):
             raise RequestError(422, field, f"not {want} (see GET /model)")
         return
-    if given.get("hash") != ghash or given.get("n_pix") != n_pix:
+    if not same_grid(given, model_grid):
         raise RequestError(422, field, f"the spectra are on another grid, not {want}")
 
 
@@ -601,7 +587,7 @@ def parse_arrow(
             ) from None
         if step == "schema" and META_KEY in (schema.metadata or {}):
             try:
-                meta = _metadata_from_schema(schema, "body")
+                meta = schema_metadata(schema, "body")
             except ShardError:
                 raise RequestError(422, "metadata", "invalid mendis_ray shard metadata") from None
             if model_grid is not None and isinstance(meta.get("grid"), dict):
@@ -888,7 +874,7 @@ def results_to_json(
         for k in SCORE_FIELDS:
             row[k] = cols[k][i]
         row["labels_used"] = {name: used[j][i] for j, name in enumerate(LABELS)}
-        row["flags"] = [nm for bit, nm in FLAG_NAMES.items() if flags[i] & bit]
+        row["flags"] = flag_list(flags[i])
         row["flag_bits"] = flags[i]
         out.append(row)
     return out

@@ -51,3 +51,23 @@ def test_replace_dir_swaps_and_restores_old_on_failure(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (final / "f.txt").read_text() == "new"  # the old folder is back
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp, no .old
+
+
+def test_figure_and_npz_writes_leave_exactly_the_target(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mendis_ray.experiment import save_npz
+
+    fig = plt.figure()
+    try:
+        png = atomic.save_figure_atomic(fig, tmp_path / "sub" / "f.png", dpi=20)
+        pdf = atomic.save_figure_atomic(fig, tmp_path / "sub" / "f.pdf")
+    finally:
+        plt.close(fig)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:4] == b"%PDF"
+    save_npz(tmp_path / "sub" / "a.npz", x=np.arange(3))
+    assert np.load(tmp_path / "sub" / "a.npz")["x"].tolist() == [0, 1, 2]
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["a.npz", "f.pdf", "f.png"]

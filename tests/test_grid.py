@@ -2,14 +2,19 @@ import numpy as np
 import pytest
 
 from mendis_ray.spectra.grid import (
+    ASPCAP_CHIPS,
     apstar_grid,
+    apstar_subset,
     aspcap_grid,
+    chip_of_index,
     get_grid,
     grid_from_wavelength,
+    grid_text,
     log_lambda_grid,
     paper_grid,
     resample,
     resampling_matrix,
+    same_grid,
 )
 
 
@@ -96,3 +101,26 @@ def test_resample_errors():
 def test_grid_from_wavelength_roundtrip():
     g = grid_from_wavelength(aspcap_grid().wavelength[:2920])
     np.testing.assert_allclose(g.wavelength, aspcap_grid().wavelength[:2920], rtol=1e-12)
+
+
+def test_same_grid_compares_hash_and_size_of_grids_or_dicts():
+    paper = paper_grid()
+    d = paper.describe()
+    assert same_grid(paper, d) and same_grid(d, {"hash": d["hash"], "n_pix": d["n_pix"]})
+    assert not same_grid(paper, aspcap_grid())
+    assert not same_grid(d, {**d, "n_pix": d["n_pix"] + 1})
+    assert not same_grid(d, {})  # a grid without a hash matches nothing recorded
+    assert grid_text(paper) == f"'paper' (2405 px, hash {paper.hash})"
+    assert grid_text({"name": "x"}) == "'x' (None px, hash None)"
+
+
+def test_apstar_subset_numbers_chips_by_the_given_ranges():
+    """Chips follow the ranges given: the DR13-16 layout's own, not the DR12 ranges."""
+    dr13 = ((246, 3274), (3585, 6080), (6344, 8335))
+    index = np.concatenate([np.arange(a, b) for a, b in dr13])
+    g = apstar_subset("aspcap-dr13", index, dr13)
+    assert g.n_pix == 7514 and set(np.unique(g.chip)) == {0, 1, 2}
+    assert (np.diff(g.chip) >= 0).all()
+    assert (chip_of_index(index) == -1).any()  # by the DR12 ranges some are off-chip
+    assert (aspcap_grid().chip == chip_of_index(aspcap_grid().apstar_index, ASPCAP_CHIPS)).all()
+    np.testing.assert_allclose(g.wavelength, apstar_grid().wavelength[index], rtol=1e-12)

@@ -29,12 +29,8 @@ from mendis_ray.parquet_guard import (
     write_footer,
 )
 from mendis_ray.science.baselines import GaussianBaseline
-from mendis_ray.science.ood import (
-    BATCH_TOLERANCE,
-    FLAG_MASKED,
-    FLAG_UNSCORABLE,
-    Scorer,
-)
+from mendis_ray.science.flags import Flag
+from mendis_ray.science.ood import BATCH_TOLERANCE, Scorer
 
 N_PIX = 12
 CFG = FlowConfig(name="test", n_pix=N_PIX, n_units=2, hidden=8, n_blocks=1, n_bins=4, grid="none")
@@ -88,9 +84,9 @@ def test_poison_rows_are_flagged_and_do_not_touch_their_companions(scorer):
     ivar[4] = 0.0  # every pixel masked
     out = sc.score(f, ivar, lab, marginal="none")  # raised ValueError before the fix
     bad = [1, 2, 3, 4]
-    assert (out["flags"][bad] & FLAG_UNSCORABLE).all()
+    assert (out["flags"][bad] & Flag.UNSCORABLE).all()
     assert out["flag_unscorable"].tolist() == [i in bad for i in range(8)]
-    assert out["flags"][4] & FLAG_MASKED
+    assert out["flags"][4] & Flag.MASKED
     # the most outlying rank, never typical
     np.testing.assert_array_equal(out["percentile"][bad], 0.0)
     np.testing.assert_array_equal(out["signal_percentile"][bad], 0.0)
@@ -98,7 +94,7 @@ def test_poison_rows_are_flagged_and_do_not_touch_their_companions(scorer):
     assert np.isnan(out["log_ratio_gaussian"][bad]).all()
     good = [0, 5, 6, 7]
     alone = sc.score(f[good], ivar[good], lab[good], marginal="none")
-    assert not (alone["flags"] & FLAG_UNSCORABLE).any()
+    assert not (alone["flags"] & Flag.UNSCORABLE).any()
     np.testing.assert_allclose(out["log_p"][good], alone["log_p"], atol=BATCH_TOLERANCE)
     np.testing.assert_array_equal(out["percentile"][good], alone["percentile"])
 
@@ -109,7 +105,7 @@ def test_all_masked_spectrum_is_not_typical_label_free_too(scorer):
     ivar = np.ones_like(f)
     ivar[0] = 0.0
     out = sc.score(f, ivar, None, marginal="unlabelled")  # label-free for all three
-    assert out["flags"][0] & FLAG_UNSCORABLE and out["flags"][0] & FLAG_MASKED
+    assert out["flags"][0] & Flag.UNSCORABLE and out["flags"][0] & Flag.MASKED
     assert out["percentile"][0] == 0.0 and np.isneginf(out["log_p_marginal"][0])
     assert np.isnan(out["labels_used"][0]).all()
     assert np.isfinite(out["log_p_marginal"][1:]).all()

@@ -17,8 +17,9 @@ from mendis_ray.flow.model import MendisFlow
 from mendis_ray.science.baselines import GaussianBaseline
 from mendis_ray.science.conditional import gaussian_conditional, mala_conditional
 from mendis_ray.science.correlation import correlation_clusters
+from mendis_ray.science.flags import Flag
 from mendis_ray.science.metrics import adjusted_rand_index
-from mendis_ray.science.ood import FLAG_LABEL_RANGE, FLAG_MASKED, FLAG_NONFINITE, Scorer
+from mendis_ray.science.ood import Scorer
 from mendis_ray.science.reconstruct import reconstruct
 from mendis_ray.train.loop import array_batches, fit
 
@@ -145,9 +146,9 @@ def test_flags_masks_and_bad_input(gauss_density):
     f[1, :6] = np.nan  # masked NaN is fine
     lab[2, 0] = 9000.0  # Teff far outside the training range
     out = scorer.score(f, ivar, lab)
-    assert out["flags"][0] & FLAG_NONFINITE
-    assert out["flags"][1] & FLAG_MASKED and not out["flags"][1] & FLAG_NONFINITE
-    assert out["flags"][2] & FLAG_LABEL_RANGE
+    assert out["flags"][0] & Flag.NONFINITE
+    assert out["flags"][1] & Flag.MASKED and not out["flags"][1] & Flag.NONFINITE
+    assert out["flags"][2] & Flag.LABEL_RANGE
     assert out["flags"][3] == 0
     assert np.all(np.isfinite(out["log_p"])) and np.all(np.isfinite(out["signal_score"]))
     with pytest.raises(ValueError, match="pixels"):

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mendis_ray import scoring_api as sa
-from mendis_ray.science.ood import FLAG_FLUX_RANGE, FLAG_MASKED
+from mendis_ray.science.flags import Flag
 from mendis_ray.spectra.grid import paper_grid
 from mendis_ray.spectra.shards import _with_metadata, make_table
 
@@ -278,7 +278,7 @@ def test_results_to_json_nulls_and_flag_names():
         "signal_percentile": np.array([40.0, nan, nan]),
         "log_ratio_gaussian": np.array([0.5, 0.1, nan]),
         "masked_fraction": np.array([0.0, 0.5, 0.0]),
-        "flags": np.array([0, FLAG_MASKED | FLAG_FLUX_RANGE, 0]),
+        "flags": np.array([0, Flag.MASKED | Flag.FLUX_RANGE, 0]),
     }
     rows = sa.results_to_json(scores, ["a", "2", None], np.array([True, False, True]))
     assert len(rows) == n

@@ -151,7 +151,7 @@ def test_bad_values_name_file_and_row(tmp_path, column, value, match):
     a = shards.table_arrays(shards._with_metadata(t, g, {}))
     arr = getattr(a, column).copy()
     arr[3, 17] = value
-    t = t.set_column(t.column_names.index(column), column, shards._fixed_list(arr))
+    t = t.set_column(t.column_names.index(column), column, shards.matrix_column(arr))
     p = _write_raw(tmp_path / "bad.parquet", t, g)
     with pytest.raises(ShardError, match=rf"bad\.parquet: row 3 \(id 's3'\) has {match}.*pixel 17"):
         shards.read_shard(p)
@@ -176,3 +176,21 @@ def test_missing_column_and_metadata(tmp_path):
         shards.read_shard(tmp_path / "junk.parquet")
     with pytest.raises(ShardError, match="no such file"):
         shards.dataset_files(tmp_path / "nowhere")
+
+
+def test_matrix_column_and_list_matrix_round_trip_and_name_bad_rows():
+    m = np.arange(12, dtype=np.float64).reshape(3, 4)
+    col = shards.matrix_column(m)
+    assert col.type == pa.list_(pa.float32(), 4)
+    back = shards.list_matrix(col, 4)
+    assert back.dtype == np.float32 and np.array_equal(back, m)
+    assert shards.list_matrix(shards.matrix_column(np.zeros((0, 4))), 4).shape == (0, 4)
+    with pytest.raises(ShardError, match="rows have 4 pixels, the grid has 5"):
+        shards.list_matrix(col, 5)
+    ragged = pa.array([[1.0, 2.0], [3.0]], pa.list_(pa.float32()))
+    with pytest.raises(ShardError, match=r"flux: row 1 \(id 'b'\) has 1 pixels"):
+        shards.list_matrix(ragged, 2, "flux", pa.array(["a", "b"]))
+    with pytest.raises(ShardError, match="list column: row 1 has 1 pixels"):
+        shards.list_matrix(ragged, 2)
+    with pytest.raises(ShardError, match="expected float values"):
+        shards.list_matrix(pa.array([[1, 2]], pa.list_(pa.int32(), 2)), 2)

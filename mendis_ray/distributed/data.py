@@ -37,12 +37,12 @@ from mendis_ray.spectra.batches import (
     standardize_batch,
     validate_batch,
 )
-from mendis_ray.spectra.grid import Grid
+from mendis_ray.spectra.grid import Grid, grid_text, same_grid
 from mendis_ray.spectra.shards import (
     REQUIRED_COLUMNS,
     ShardError,
-    _metadata_from_schema,
     dataset_files,
+    schema_metadata,
 )
 
 __all__ = [
@@ -110,19 +110,16 @@ def check_shards(files: Sequence[str | os.PathLike], grid: Grid | dict | None = 
             pf = pq.ParquetFile(f)
         except Exception as err:  # pyarrow raises several types for broken files
             raise ShardError(f"{f}: not a readable Parquet file ({err})") from err
-        meta = _metadata_from_schema(pf.schema_arrow, str(f))
+        meta = schema_metadata(pf.schema_arrow, str(f))
         missing = [c for c in REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
         if missing:
             raise ShardError(f"{f}: missing required column(s) {missing}")
         g = meta.get("grid", {})
         ref = want or first
-        if ref is not None and (
-            g.get("hash") != ref.get("hash") or g.get("n_pix") != ref.get("n_pix")
-        ):
+        if ref is not None and not same_grid(g, ref):
             raise ShardError(
-                f"{f}: shard grid {g.get('name')!r} ({g.get('n_pix')} px, hash {g.get('hash')}) "
-                f"does not match {'the model' if want else 'the first shard'}'s grid "
-                f"{ref.get('name')!r} ({ref.get('n_pix')} px, hash {ref.get('hash')})"
+                f"{f}: shard grid {grid_text(g)} does not match "
+                f"{'the model' if want else 'the first shard'}'s grid {grid_text(ref)}"
             )
         first = first or g
         rows.append(pf.metadata.num_rows)

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from mendis_ray.atomic import replace_dir
 from mendis_ray.config import FlowConfig, TrainConfig
 from mendis_ray.flow.density import SpectrumDensity, Standardizer
+from mendis_ray.spectra.grid import grid_text, same_grid
 
 __all__ = [
     "FORMAT_VERSION",
@@ -294,11 +295,8 @@ def checkpoint_kind(path: str | os.PathLike, info: dict | None = None) -> str:
 
 def check_grid(path: str | os.PathLike, grid: dict, expect_grid: dict | None) -> None:
     """Refuse a checkpoint trained on another grid than ``expect_grid`` (hash and size)."""
-    if expect_grid is not None and (
-        grid.get("hash") != expect_grid.get("hash") or grid.get("n_pix") != expect_grid.get("n_pix")
-    ):
+    if expect_grid is not None and not same_grid(grid, expect_grid):
         raise CheckpointError(
-            f"{path}: checkpoint was trained on grid {grid.get('name')!r} ({grid.get('n_pix')} px, "
-            f"hash {grid.get('hash')}), but the data are on grid {expect_grid.get('name')!r} "
-            f"({expect_grid.get('n_pix')} px, hash {expect_grid.get('hash')})"
+            f"{path}: checkpoint was trained on grid {grid_text(grid)}, but the data are on "
+            f"grid {grid_text(expect_grid)}"
         )

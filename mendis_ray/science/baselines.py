@@ -72,6 +72,39 @@ class NotFittedError(ValueError):
     """A baseline was used (scored, saved) before :meth:`fit` or :meth:`from_state`."""
 
 
+class _Fitted:
+    """What every baseline shares: ``n_features``, the not-fitted error and ``__repr__``.
+
+    A subclass defines ``is_fitted``, ``mean_`` (None until fitted) and
+    :meth:`_repr_items` (its arguments, then, when fitted, what fitting found)."""
+
+    mean_: np.ndarray | None
+
+    @property
+    def is_fitted(self) -> bool:  # pragma: no cover - every subclass overrides it
+        raise NotImplementedError
+
+    def _repr_items(self) -> list[tuple[str, str]]:
+        return []
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{k}={v}" for k, v in self._repr_items())
+        return f"{type(self).__name__}({items})"
+
+    @property
+    def n_features(self) -> int:
+        self._require_fitted("n_features")
+        assert self.mean_ is not None
+        return int(self.mean_.size)
+
+    def _require_fitted(self, what: str) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(
+                f"{type(self).__name__}.{what}: the model is not fitted; "
+                "call fit(x) or from_state()"
+            )
+
+
 @runtime_checkable
 class Baseline(Protocol):
     """The scoring API shared by the baselines and the flow.
@@ -252,7 +285,7 @@ def _state_check_kind(state: Mapping[str, Any], expected: str, where: str) -> No
 # ----------------------------------------------------------------------------- Gaussian
 
 
-class GaussianBaseline:
+class GaussianBaseline(_Fitted):
     """Full-covariance Gaussian with covariance shrinkage toward a scaled identity.
 
     ``Sigma = (1 - a) S + a (tr S / d) I`` with ``S`` the maximum-likelihood (1/n) sample
@@ -290,30 +323,15 @@ class GaussianBaseline:
         self._chol: np.ndarray | None = None
         self._log_norm: float = 0.0
 
-    def __repr__(self) -> str:
-        fitted = (
-            f", d={self.mean_.size}, shrinkage_={self.shrinkage_:.4g}"
-            if self.mean_ is not None
-            else ""
-        )
-        return f"GaussianBaseline(shrinkage={self.shrinkage!r}{fitted})"
+    def _repr_items(self) -> list[tuple[str, str]]:
+        items = [("shrinkage", repr(self.shrinkage))]
+        if self.mean_ is not None:
+            items += [("d", str(self.mean_.size)), ("shrinkage_", f"{self.shrinkage_:.4g}")]
+        return items
 
     @property
     def is_fitted(self) -> bool:
         return self._chol is not None
-
-    @property
-    def n_features(self) -> int:
-        self._require_fitted("n_features")
-        assert self.mean_ is not None
-        return int(self.mean_.size)
-
-    def _require_fitted(self, what: str) -> None:
-        if self._chol is None:
-            raise NotFittedError(
-                f"{type(self).__name__}.{what}: the model is not fitted; "
-                "call fit(x) or from_state()"
-            )
 
     def fit(self, x: np.ndarray) -> Self:
         """Fit the mean and shrunk covariance on ``x`` (n, d), n >= 2."""
@@ -448,8 +466,8 @@ class FactorAnalysisBaseline(GaussianBaseline):
         self.psi_: np.ndarray | None = None
         self.train_log_prob_: list[float] = []
 
-    def __repr__(self) -> str:
-        return f"FactorAnalysisBaseline(n_factors={self.n_factors}, n_iter={self.n_iter})"
+    def _repr_items(self) -> list[tuple[str, str]]:
+        return [("n_factors", str(self.n_factors)), ("n_iter", str(self.n_iter))]
 
     def fit(self, x: np.ndarray) -> Self:
         """EM on ``x`` (n, d), started from the top-k principal axes."""
@@ -546,7 +564,7 @@ def _fa_mean_log_prob(s: np.ndarray, w: np.ndarray, psi: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- PCA family
 
 
-class _PrincipalSubspace:
+class _PrincipalSubspace(_Fitted):
     """Shared fit of the top-k principal subspace (PCA by eigh of S or SVD of the data).
 
     Attributes (after fit): mean_ (d,), components_ (k, d) orthonormal rows ordered by
@@ -575,26 +593,13 @@ class _PrincipalSubspace:
         self.discarded_variance_sq_: float = 0.0
         self.n_samples_: int = 0
 
-    def __repr__(self) -> str:
-        fitted = f", d={self.mean_.size}" if self.mean_ is not None else ""
-        return f"{type(self).__name__}(n_components={self.n_components}{fitted})"
+    def _repr_items(self) -> list[tuple[str, str]]:
+        fitted = [("d", str(self.mean_.size))] if self.mean_ is not None else []
+        return [("n_components", str(self.n_components)), *fitted]
 
     @property
     def is_fitted(self) -> bool:
         return self.components_ is not None
-
-    @property
-    def n_features(self) -> int:
-        self._require_fitted("n_features")
-        assert self.mean_ is not None
-        return int(self.mean_.size)
-
-    def _require_fitted(self, what: str) -> None:
-        if self.components_ is None:
-            raise NotFittedError(
-                f"{type(self).__name__}.{what}: the model is not fitted; call fit(x) or "
-                "from_state()"
-            )
 
     def fit(self, x: np.ndarray) -> Self:
         """Fit the principal subspace on ``x`` (n, d); needs ``n_components < d`` and

@@ -13,19 +13,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from mendis_ray.atomic import save_figure_atomic
 from mendis_ray.spectra.linelist import ELEMENTS
 
 __all__ = ["correlation_panels", "reconstruction", "score_histograms", "training_curve"]
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return save_figure_atomic(fig, path, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def training_curve(history: object, path: Path) -> Path:

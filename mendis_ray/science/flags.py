@@ -11,7 +11,7 @@ import enum
 
 import numpy as np
 
-__all__ = ["Flag", "flag_columns", "flag_list", "flag_names"]
+__all__ = ["FLAG_COLUMNS", "Flag", "flag_columns", "flag_list", "flag_names"]
 
 
 class Flag(enum.IntFlag):
@@ -47,4 +47,8 @@ def flag_names(flags: int) -> str:
 def flag_columns(flags: np.ndarray) -> dict[str, np.ndarray]:
     """One boolean column ``flag_<label>`` (n,) per flag of the bit fields ``flags`` (n,)."""
     flags = np.asarray(flags)
-    return {f"flag_{f.label}": (flags & int(f)) > 0 for f in Flag}
+    return {col: (flags & int(f)) > 0 for col, f in zip(FLAG_COLUMNS, Flag, strict=True)}
+
+
+#: The boolean columns of a score table, one per flag, in bit order.
+FLAG_COLUMNS = tuple(f"flag_{f.label}" for f in Flag)

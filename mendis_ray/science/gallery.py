@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mendis_ray.atomic import write_atomic
+from mendis_ray.atomic import save_figure_atomic
 from mendis_ray.science.ranking import USED_COLUMNS
-from mendis_ray.spectra.batches import list_matrix
+from mendis_ray.spectra.shards import list_matrix
 
 __all__ = [
     "fmt",
@@ -202,7 +202,7 @@ def plot_gallery(
         fig.text(0.5, 0.5, "no outliers to show", ha="center")
     fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.45 / (3.4 * m), bottom=0.0)
     try:
-        return write_atomic(path, lambda t: fig.savefig(t, dpi=80, format="png"))
+        return save_figure_atomic(fig, path, dpi=80)
     finally:
         plt.close(fig)
 

@@ -96,10 +96,14 @@ def roc_curve(
 
 
 def percentile_rank(reference_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Percentage of ``reference_scores`` that are <= each of ``scores``.
+    """Percentage of ``reference_scores`` that are <= each of ``scores``: the one
+    percentile of every scorer (:mod:`~mendis_ray.science.ood`,
+    :mod:`~mendis_ray.science.signal_scores`).
 
     With higher = more typical, 0 means less typical than every reference (for example
     every held-out training spectrum) and 100 means at least as typical as all of them.
+    A score of -inf (what a scorer gives an impossible or unscorable spectrum) ranks 0,
+    the most outlying rank; +inf ranks 100; NaN ("no score was computed") stays NaN.
 
     Args:
         reference_scores: (m,) finite-or-inf reference scores (no NaN), m >= 1.

@@ -43,15 +43,16 @@ checkpoint) into the scores a survey astronomer triages with, all "higher = more
     the noise term is nearly the same for both models and cancels, so the ratio isolates
     what the flow knows beyond a shrunk full-covariance Gaussian.
 
-Flags (bit field ``flags`` plus boolean columns):
+Flags (bit field ``flags`` plus boolean ``flag_*`` columns; the bits are
+:class:`~mendis_ray.science.flags.Flag`):
 
-* ``FLAG_NONFINITE`` -- NaN/inf flux at pixels with ivar > 0, non-finite ivar, or inf
+* ``NONFINITE`` -- NaN/inf flux at pixels with ivar > 0, non-finite ivar, or inf
   labels (such pixels are treated as masked; the spectrum's score is not trustworthy);
-* ``FLAG_MASKED`` -- more than ``max_masked_fraction`` of pixels masked;
-* ``FLAG_FLUX_RANGE`` -- more than 1% of good pixels outside the training flux range
+* ``MASKED`` -- more than ``max_masked_fraction`` of pixels masked;
+* ``FLUX_RANGE`` -- more than 1% of good pixels outside the training flux range
   widened by ``range_sigma`` training standard deviations;
-* ``FLAG_LABEL_RANGE`` -- given labels outside the training range widened the same way;
-* ``FLAG_UNSCORABLE`` -- the model cannot score the spectrum: every pixel masked, or
+* ``LABEL_RANGE`` -- given labels outside the training range widened the same way;
+* ``UNSCORABLE`` -- the model cannot score the spectrum: every pixel masked, or
   values whose standardized form (or whose flow / Gaussian density) is not finite, e.g.
   flux of +-3e38.  Such a row never raises and never looks typical: its log p,
   label-free log p, per-dimension and signal scores are -inf, its percentiles 0 (the most
@@ -79,13 +80,10 @@ import torch
 
 from mendis_ray.flow.density import SpectrumDensity
 from mendis_ray.science.baselines import GaussianBaseline
+from mendis_ray.science.flags import Flag, flag_columns
+from mendis_ray.science.metrics import percentile_rank
 
 __all__ = [
-    "FLAG_FLUX_RANGE",
-    "FLAG_LABEL_RANGE",
-    "FLAG_MASKED",
-    "FLAG_NONFINITE",
-    "FLAG_UNSCORABLE",
     "ScoreReference",
     "Scorer",
     "fill_masked",
@@ -93,11 +91,6 @@ __all__ = [
     "signal_subspace",
 ]
 
-FLAG_NONFINITE = 1
-FLAG_MASKED = 2
-FLAG_FLUX_RANGE = 4
-FLAG_LABEL_RANGE = 8
-FLAG_UNSCORABLE = 16
 #: bound on how much a spectrum's log p (nats) may change with its batch companions
 BATCH_TOLERANCE = 2e-3
 
@@ -392,20 +385,20 @@ class Scorer:
         flags = np.zeros(n, dtype=np.int64)
         bad_value = (~np.isfinite(flux) & (ivar > 0)) | ~np.isfinite(ivar)
         bad_label = np.isinf(labels).any(axis=1)
-        flags[bad_value.any(axis=1) | bad_label] |= FLAG_NONFINITE
+        flags[bad_value.any(axis=1) | bad_label] |= Flag.NONFINITE
         filled, masked = fill_masked(flux, ivar, std.mean[:n_pix])
         masked_fraction = masked.mean(axis=1)
-        flags[masked_fraction > self.max_masked_fraction] |= FLAG_MASKED
+        flags[masked_fraction > self.max_masked_fraction] |= Flag.MASKED
         labels = np.where(np.isinf(labels), np.nan, labels)
         has_labels = np.isfinite(labels).all(axis=1)
         if ref is not None:
             width = self.range_sigma * std.std[:n_pix]
             out = (filled < ref.flux_range[0] - width) | (filled > ref.flux_range[1] + width)
             n_good = np.maximum((~masked).sum(axis=1), 1)
-            flags[(out & ~masked).sum(axis=1) / n_good > 0.01] |= FLAG_FLUX_RANGE
+            flags[(out & ~masked).sum(axis=1) / n_good > 0.01] |= Flag.FLUX_RANGE
             width = self.range_sigma * std.std[n_pix:]
             lab_out = (labels < ref.label_range[0] - width) | (labels > ref.label_range[1] + width)
-            flags[has_labels & lab_out.any(axis=1)] |= FLAG_LABEL_RANGE
+            flags[has_labels & lab_out.any(axis=1)] |= Flag.LABEL_RANGE
 
         want_marg = {"all": np.ones(n, bool), "none": np.zeros(n, bool)}.get(marginal, ~has_labels)
         log_p = np.full(n, np.nan)
@@ -417,7 +410,7 @@ class Scorer:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow: marked below
             x_all = std.transform(filled, np.where(has_labels[:, None], labels, std.mean[n_pix:]))
         # Rows the model cannot score (no good pixel, or values that overflow once
-        # standardized) are evaluated at the training mean and marked; see FLAG_UNSCORABLE.
+        # standardized) are evaluated at the training mean and marked; see Flag.UNSCORABLE.
         unscorable = (masked_fraction >= 1.0) | ~np.isfinite(x_all).all(axis=1)
         x_all[unscorable] = 0.0
         for a in range(0, n, batch_size):
@@ -451,7 +444,7 @@ class Scorer:
             unscorable |= ~np.isfinite(signal)
             if ref.gaussian is not None:
                 unscorable |= ~np.isfinite(gauss)
-        flags[unscorable] |= FLAG_UNSCORABLE
+        flags[unscorable] |= Flag.UNSCORABLE
         log_p_marg = np.where(unscorable & want_marg, -np.inf, log_p_marg)
         used[unscorable & ~has_labels] = np.nan
         log_p = np.where(has_labels, flow_lp + std.log_abs_det, np.nan)
@@ -484,11 +477,7 @@ class Scorer:
             "log_ratio_gaussian": np.where(known & ~unscorable, flow_lp - gauss, np.nan),
             "masked_fraction": masked_fraction,
             "flags": flags,
-            "flag_nonfinite": (flags & FLAG_NONFINITE) > 0,
-            "flag_masked": (flags & FLAG_MASKED) > 0,
-            "flag_flux_range": (flags & FLAG_FLUX_RANGE) > 0,
-            "flag_label_range": (flags & FLAG_LABEL_RANGE) > 0,
-            "flag_unscorable": unscorable,
+            **flag_columns(flags),
         }
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
@@ -515,9 +504,8 @@ def fill_masked(
 
 
 def _percentile(reference: np.ndarray | None, scores: np.ndarray) -> np.ndarray:
-    """Percentage of ``reference`` values <= each score (NaN without a reference)."""
+    """:func:`~mendis_ray.science.metrics.percentile_rank` of ``scores`` (NaN where there
+    is no reference; -inf, the score of an unscorable spectrum, ranks 0)."""
     if reference is None or len(reference) == 0:
         return np.full(np.shape(scores), np.nan)
-    ref = np.sort(np.asarray(reference, dtype=np.float64))
-    out = 100.0 * np.searchsorted(ref, scores, side="right") / ref.size
-    return np.where(np.isfinite(scores), out, np.nan)
+    return percentile_rank(reference, scores)

@@ -54,11 +54,12 @@ from scipy.special import logsumexp
 from mendis_ray.config import SignalConfig
 from mendis_ray.flow.signal import SignalCoordinates, SignalSpaceModel
 from mendis_ray.flow.signal_basis import SignalBasis
+from mendis_ray.science.flags import Flag, flag_columns
+from mendis_ray.science.metrics import percentile_rank
 
 __all__ = ["NoiseCalibration", "SignalScorer", "residual_statistics"]
 
 SCALES = (1, 4, 16, 64)
-FLAGS = {"nonfinite": 1, "masked": 2, "flux_range": 4, "label_range": 8, "unscorable": 16}
 MODEL_KIND = "signal"
 
 
@@ -345,25 +346,22 @@ class SignalScorer:
             ref = r.get(f"sorted.{key}")
             name = "percentile" if key == "score" else key.replace("_score", "_percentile")
             out[name] = (
-                np.full(len(flux), np.nan) if ref is None
-                else 100.0 * np.searchsorted(ref, out[key], side="right") / len(ref)
-            )  # fmt: skip
+                np.full(len(flux), np.nan) if ref is None else percentile_rank(ref, out[key])
+            )
         good = ivar > 0
         out_range = good & ((flux < r["flux_lo"]) | (flux > r["flux_hi"]))
         flux_range = out_range.sum(1) > 0.01 * np.maximum(good.sum(1), 1)
         label_range = labelled & ((labels < r["label_lo"]) | (labels > r["label_hi"])).any(1)
         masked = (masked_fraction > self.max_masked_fraction) | no_good
-        flags = nonfinite * FLAGS["nonfinite"] + masked * FLAGS["masked"]
-        flags += flux_range * FLAGS["flux_range"] + label_range * FLAGS["label_range"]
-        flags += unscorable * FLAGS["unscorable"]
+        flags = nonfinite * Flag.NONFINITE + masked * Flag.MASKED
+        flags += flux_range * Flag.FLUX_RANGE + label_range * Flag.LABEL_RANGE
+        flags += unscorable * Flag.UNSCORABLE
         out |= {
             "chi2_dof": np.nan_to_num(c.proj.chi2 / c.proj.dof, nan=np.inf),
             "noise_level": c.t,
             "labelled": labelled, "labels_used": labels_used,
             "masked_fraction": masked_fraction, "flags": flags.astype(np.int64),
-            "flag_nonfinite": nonfinite, "flag_masked": masked,
-            "flag_flux_range": flux_range, "flag_label_range": label_range,
-            "flag_unscorable": unscorable,
+            **flag_columns(flags),
         }  # fmt: skip
         return out
 

@@ -16,34 +16,15 @@ import numpy as np
 import pyarrow as pa
 
 from mendis_ray.spectra.degrade import LABEL_SCATTER, degrade_to_snr
-from mendis_ray.spectra.shards import LABEL_COLUMNS, ShardError
+from mendis_ray.spectra.shards import LABEL_COLUMNS, ShardError, list_matrix, matrix_column
 
 __all__ = [
     "DegradeConfig",
     "degrade_batch",
-    "list_matrix",
-    "matrix_column",
     "spectra_of",
     "standardize_batch",
     "validate_batch",
 ]
-
-
-def list_matrix(col: pa.ChunkedArray | pa.Array, n_pix: int) -> np.ndarray:
-    """(n, n_pix) float32 of a fixed-size-list column (zero-copy where Arrow allows)."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if len(arr) == 0:
-        return np.zeros((0, n_pix), np.float32)
-    flat = arr.flatten().to_numpy(zero_copy_only=False)
-    if flat.size != len(arr) * n_pix:
-        raise ShardError(f"list column has {flat.size / len(arr):.1f} values per row, not {n_pix}")
-    return flat.reshape(len(arr), n_pix).astype(np.float32, copy=False)
-
-
-def matrix_column(m: np.ndarray) -> pa.FixedSizeListArray:
-    """(n, k) array -> fixed_size_list<float32>[k] column."""
-    m = np.ascontiguousarray(m, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), m.shape[1])
 
 
 def _where(batch: pa.Table, row: int) -> str:

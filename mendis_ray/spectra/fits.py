@@ -44,7 +44,9 @@ from mendis_ray.spectra.grid import (
     ASPCAP_CHIPS,
     Grid,
     apstar_grid,
+    apstar_subset,
     aspcap_grid,
+    chip_of_index,
     log_lambda_grid,
     paper_grid,
     resample,
@@ -308,20 +310,6 @@ def _ivar(flux: np.ndarray, err: np.ndarray, bad: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
-def _apstar_pixel_grid(name: str, chips: Sequence[tuple[int, int]]) -> Grid:
-    """A grid of whole apStar pixels: the concatenation of ``chips`` (half-open ranges)."""
-    index = np.concatenate([np.arange(a, b) for a, b in chips])
-    centre = APSTAR_CRVAL1 + APSTAR_CDELT1 * index
-    chip = np.repeat(np.arange(len(chips), dtype=np.int8), [b - a for a, b in chips])
-    return Grid(
-        name=name,
-        log_lo=centre - APSTAR_CDELT1 / 2,
-        log_hi=centre + APSTAR_CDELT1 / 2,
-        apstar_index=index,
-        chip=chip,
-    )
-
-
 def aspcapstar_grid(crval1: float, cdelt1: float, n_pix: int) -> Grid:
     """The pixel grid of a file with header ``CRVAL1``/``CDELT1``/``NAXIS1``.
 
@@ -342,7 +330,8 @@ def aspcapstar_grid(crval1: float, cdelt1: float, n_pix: int) -> Grid:
         if first == ASPCAP_CHIPS[0][0] and n_pix == aspcap_grid().n_pix:
             return aspcap_grid()
         if first == DR13_CHIPS[0][0] and n_pix == sum(b - a for a, b in DR13_CHIPS):
-            return _apstar_pixel_grid("aspcap-dr13", DR13_CHIPS)
+            index = np.concatenate([np.arange(a, b) for a, b in DR13_CHIPS])
+            return apstar_subset("aspcap-dr13", index, DR13_CHIPS)
     return log_lambda_grid(crval1, cdelt1, n_pix, name=f"log-lambda-{n_pix}")
 
 
@@ -350,11 +339,7 @@ def chip_of_pixels(grid: Grid) -> np.ndarray:
     """(n_pix,) int8 detector chip (0, 1, 2) of each pixel by the ASPCAP chip ranges
     (apStar pixels [322:3242], [3648:6048], [6412:8306]); -1 outside them."""
     position = (np.log10(grid.wavelength) - APSTAR_CRVAL1) / APSTAR_CDELT1
-    index = np.round(position)
-    chip = np.full(grid.n_pix, -1, dtype=np.int8)
-    for c, (a, b) in enumerate(ASPCAP_CHIPS):
-        chip[(index >= a) & (index < b)] = c
-    return chip
+    return chip_of_index(np.round(position), ASPCAP_CHIPS)
 
 
 # --------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ than ``min_coverage`` good coverage gets ``ivar = 0`` and the placeholder flux `
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -37,14 +38,17 @@ __all__ = [
     "GRID_NAMES",
     "Grid",
     "apstar_grid",
+    "apstar_subset",
     "aspcap_grid",
+    "chip_of_index",
     "get_grid",
     "grid_from_wavelength",
+    "grid_text",
     "log_lambda_grid",
     "paper_grid",
     "resample",
     "resampling_matrix",
-    "velocity_per_pixel",
+    "same_grid",
 ]
 
 APSTAR_CRVAL1 = 4.179
@@ -123,37 +127,64 @@ class Grid:
         }
 
 
-def _apstar_subset(name: str, index: np.ndarray) -> Grid:
+def _describe(grid: Grid | Mapping) -> Mapping:
+    return grid.describe() if isinstance(grid, Grid) else grid
+
+
+def same_grid(a: Grid | Mapping, b: Grid | Mapping) -> bool:
+    """Whether two grids (:class:`Grid` or ``describe()`` dicts) are the same: equal pixel
+    hash and size.  The one test of grid compatibility (shards, checkpoints, requests)."""
+    a, b = _describe(a), _describe(b)
+    return a.get("hash") == b.get("hash") and a.get("n_pix") == b.get("n_pix")
+
+
+def grid_text(grid: Grid | Mapping) -> str:
+    """``"'paper' (2405 px, hash 1a2b...)"``: a grid as error messages name it."""
+    g = _describe(grid)
+    return f"{g.get('name')!r} ({g.get('n_pix')} px, hash {g.get('hash')})"
+
+
+def chip_of_index(index: np.ndarray, chips: Sequence[tuple[int, int]] = ASPCAP_CHIPS) -> np.ndarray:
+    """(n,) int8 detector chip of apStar pixel indices (n,): the position in ``chips``
+    (half-open apStar pixel ranges, blue to red) of the range holding each; -1 outside."""
+    index = np.asarray(index)
+    chip = np.full(index.shape, -1, dtype=np.int8)
+    for c, (a, b) in enumerate(chips):
+        chip[(index >= a) & (index < b)] = c
+    return chip
+
+
+def apstar_subset(
+    name: str, index: np.ndarray, chips: Sequence[tuple[int, int]] = ASPCAP_CHIPS
+) -> Grid:
+    """A grid of whole apStar pixels ``index`` (n,), their chips numbered by ``chips``."""
     index = np.asarray(index, dtype=np.int64)
     centre = APSTAR_CRVAL1 + APSTAR_CDELT1 * index
-    chip = np.full(index.shape, -1, dtype=np.int8)
-    for c, (a, b) in enumerate(ASPCAP_CHIPS):
-        chip[(index >= a) & (index < b)] = c
     return Grid(
         name=name,
         log_lo=centre - APSTAR_CDELT1 / 2,
         log_hi=centre + APSTAR_CDELT1 / 2,
         apstar_index=index,
-        chip=chip,
+        chip=chip_of_index(index, chips),
     )
 
 
 @cache
 def apstar_grid() -> Grid:
     """The 8575-pixel apStar log-lambda grid."""
-    return _apstar_subset("apstar", np.arange(APSTAR_NPIX))
+    return apstar_subset("apstar", np.arange(APSTAR_NPIX))
 
 
 @cache
 def aspcap_grid() -> Grid:
     """The 7214-pixel DR12 ASPCAP grid (chip gaps removed)."""
-    return _apstar_subset("aspcap", np.concatenate([np.arange(a, b) for a, b in ASPCAP_CHIPS]))
+    return apstar_subset("aspcap", np.concatenate([np.arange(a, b) for a, b in ASPCAP_CHIPS]))
 
 
 @cache
 def paper_grid() -> Grid:
     """The Mendis paper's 2405-pixel grid: every third ASPCAP pixel."""
-    return _apstar_subset("paper", aspcap_grid().apstar_index[::3])
+    return apstar_subset("paper", aspcap_grid().apstar_index[::3])
 
 
 GRID_NAMES = {"apstar": apstar_grid, "aspcap": aspcap_grid, "paper": paper_grid}
@@ -260,8 +291,3 @@ def resample(
     if one:
         return out_flux[0], out_ivar[0]
     return out_flux, out_ivar
-
-
-def velocity_per_pixel() -> float:
-    """Width of one apStar pixel in km/s (about 4.14)."""
-    return C_KMS * (10**APSTAR_CDELT1 - 1)

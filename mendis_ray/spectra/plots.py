@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mendis_ray.atomic import save_figure_atomic
 from mendis_ray.spectra.simulate import (
     ELEMENTS,
     OUTLIER_CLASSES,
@@ -28,12 +29,7 @@ def _plt():
 
 
 def _atomic_savefig(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-    return path
+    return save_figure_atomic(fig, path, dpi=110)
 
 
 def _gaps_to_nan(wl: np.ndarray, f: np.ndarray) -> np.ndarray:

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mendis_ray.atomic import json_default, write_atomic, write_json_atomic
-from mendis_ray.spectra.grid import Grid
+from mendis_ray.spectra.grid import Grid, grid_text, same_grid
 
 __all__ = [
     "LABEL_COLUMNS",
@@ -53,9 +53,12 @@ __all__ = [
     "ShardError",
     "SpectraArrays",
     "dataset_files",
+    "list_matrix",
     "make_table",
+    "matrix_column",
     "read_dataset",
     "read_shard",
+    "schema_metadata",
     "shard_metadata",
     "table_arrays",
     "write_dataset",
@@ -78,9 +81,11 @@ class ShardError(ValueError):
     """A shard that is not what the reader expects; the message names the file (and row)."""
 
 
-def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+def matrix_column(m: np.ndarray) -> pa.FixedSizeListArray:
+    """(n, k) array -> ``fixed_size_list<float32>[k]`` column (the inverse of
+    :func:`list_matrix`)."""
+    m = np.ascontiguousarray(m, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), m.shape[1])
 
 
 def make_table(
@@ -124,8 +129,8 @@ def make_table(
     src = [source] * n if isinstance(source, str) else [str(s) for s in source]
     cols: dict[str, pa.Array] = {
         "id": pa.array(ids, type=pa.string()),
-        "flux": _fixed_list(flux),
-        "ivar": _fixed_list(ivar),
+        "flux": matrix_column(flux),
+        "ivar": matrix_column(ivar),
         "teff": label(teff, "teff"),
         "logg": label(logg, "logg"),
         "feh": label(feh, "feh"),
@@ -282,10 +287,10 @@ def shard_metadata(path: str | os.PathLike) -> dict:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
-    return _metadata_from_schema(schema, str(path))
+    return schema_metadata(schema, str(path))
 
 
-def _metadata_from_schema(schema: pa.Schema, where: str) -> dict:
+def schema_metadata(schema: pa.Schema, where: str) -> dict:
     kv = schema.metadata or {}
     if META_KEY not in kv:
         raise ShardError(
@@ -308,12 +313,11 @@ def validate_table(table: pa.Table, where: str, grid: Grid | None = None) -> dic
     Raises:
         ShardError naming ``where`` and, for per-row problems, the first bad row and id.
     """
-    meta = _metadata_from_schema(table.schema, where)
+    meta = schema_metadata(table.schema, where)
     g = meta.get("grid", {})
-    if grid is not None and (g.get("hash") != grid.hash or g.get("n_pix") != grid.n_pix):
+    if grid is not None and not same_grid(g, grid):
         raise ShardError(
-            f"{where}: shard grid {g.get('name')!r} ({g.get('n_pix')} px, hash {g.get('hash')}) "
-            f"does not match the expected grid {grid.name!r} ({grid.n_pix} px, hash {grid.hash})"
+            f"{where}: shard grid {grid_text(g)} does not match the expected grid {grid_text(grid)}"
         )
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
@@ -321,7 +325,7 @@ def validate_table(table: pa.Table, where: str, grid: Grid | None = None) -> dic
     n_pix = int(g.get("n_pix", -1))
     ids = table.column("id")
     for name in ("flux", "ivar"):
-        arr = _as_matrix(table.column(name), n_pix, f"{where}: column {name!r}", ids)
+        arr = list_matrix(table.column(name), n_pix, f"{where}: column {name!r}", ids)
         if name == "flux":
             bad = ~np.isfinite(arr)
             what = "non-finite (NaN or inf) flux; mark bad pixels with ivar = 0 and a finite flux"
@@ -346,8 +350,19 @@ def validate_table(table: pa.Table, where: str, grid: Grid | None = None) -> dic
     return meta
 
 
-def _as_matrix(col: pa.ChunkedArray, n_pix: int, where: str, ids: pa.ChunkedArray) -> np.ndarray:
-    """(n, n_pix) float32 view of a list column, checking every row's length."""
+def _row(r: int, ids: pa.ChunkedArray | pa.Array | None) -> str:
+    return f"row {r}" if ids is None else f"row {r} (id {ids[r].as_py()!r})"
+
+
+def list_matrix(
+    col: pa.ChunkedArray | pa.Array,
+    n_pix: int,
+    where: str = "list column",
+    ids: pa.ChunkedArray | pa.Array | None = None,
+) -> np.ndarray:
+    """(n, n_pix) float32 of a list column (zero-copy where Arrow allows), checking that
+    every row holds ``n_pix`` float values; a ShardError names ``where`` and the first bad
+    row (and its id from ``ids``).  The inverse of :func:`matrix_column`."""
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     t = col.type
     if pa.types.is_fixed_size_list(t):
@@ -355,7 +370,7 @@ def _as_matrix(col: pa.ChunkedArray, n_pix: int, where: str, ids: pa.ChunkedArra
             raise ShardError(f"{where}: rows have {t.list_size} pixels, the grid has {n_pix}")
         if col.null_count:
             r = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise ShardError(f"{where}: row {r} (id {ids[r].as_py()!r}) is null")
+            raise ShardError(f"{where}: {_row(r, ids)} is null")
         values = col.flatten()
     elif pa.types.is_list(t) or pa.types.is_large_list(t):
         lengths = col.value_lengths().to_numpy(zero_copy_only=False)
@@ -363,8 +378,7 @@ def _as_matrix(col: pa.ChunkedArray, n_pix: int, where: str, ids: pa.ChunkedArra
         if bad.size:
             r = int(bad[0])
             raise ShardError(
-                f"{where}: row {r} (id {ids[r].as_py()!r}) has {lengths[r]} pixels, "
-                f"the grid has {n_pix}"
+                f"{where}: {_row(r, ids)} has {lengths[r]} pixels, the grid has {n_pix}"
             )
         values = col.flatten()
     else:
@@ -428,12 +442,12 @@ class SpectraArrays:
 
 def table_arrays(table: pa.Table) -> SpectraArrays:
     """Convert a validated table to numpy arrays."""
-    meta = _metadata_from_schema(table.schema, "table")
+    meta = schema_metadata(table.schema, "table")
     n_pix = int(meta["grid"]["n_pix"])
     ids = table.column("id")
 
     def mat(name: str) -> np.ndarray:
-        return _as_matrix(table.column(name), n_pix, f"column {name!r}", ids)
+        return list_matrix(table.column(name), n_pix, f"column {name!r}", ids)
 
     def vec(name: str) -> np.ndarray:
         return table.column(name).to_numpy().astype(np.float32)  # nulls -> NaN

@@ -783,7 +783,7 @@ def test_model_queue_merges_waiting_groups_up_to_the_batch_size():
     from concurrent.futures import ThreadPoolExecutor
 
     from mendis_ray.distributed.serving import _Item, _ModelQueue, _unscorable
-    from mendis_ray.science.ood import FLAG_UNSCORABLE
+    from mendis_ray.science.flags import Flag
 
     calls: list[list[int]] = []
 
@@ -828,7 +828,7 @@ def test_model_queue_merges_waiting_groups_up_to_the_batch_size():
     np.testing.assert_array_equal(clean[0]["log_p"], [40, 41, 42, 43])
     np.testing.assert_array_equal(clean[0]["flags"], 0)
     p = poisoned[0]
-    assert p["flags"].tolist() == [0, FLAG_UNSCORABLE, 0]
+    assert p["flags"].tolist() == [0, Flag.UNSCORABLE, 0]
     assert p["log_p"][0] == 30 and p["log_p"][2] == 32 and np.isneginf(p["log_p"][1])
     assert p["percentile"][1] == 0.0  # labelled: the most outlying rank
 
@@ -975,7 +975,8 @@ def test_signal_rows_failing_in_the_model_are_isolated(signal_scorer, survey_tes
 
     from mendis_ray.distributed.serving import _Item, _ModelQueue
     from mendis_ray.predictor import SIGNAL_KEYS, Predictor
-    from mendis_ray.science.ood import BATCH_TOLERANCE, FLAG_UNSCORABLE
+    from mendis_ray.science.flags import Flag
+    from mendis_ray.science.ood import BATCH_TOLERANCE
 
     _, a = survey_test
     pred = Predictor("signal", signal_scorer, 2405, {}, {}, "cpu")
@@ -1003,7 +1004,7 @@ def test_signal_rows_failing_in_the_model_are_isolated(signal_scorer, survey_tes
     first, second = asyncio.run(run())
     assert set(first) == set(second) == set(SIGNAL_KEYS)
     got = {k: np.concatenate([first[k], second[k]]) for k in SIGNAL_KEYS}
-    assert got["flags"][5] == FLAG_UNSCORABLE and got["percentile"][5] == 0.0
+    assert got["flags"][5] == Flag.UNSCORABLE and got["percentile"][5] == 0.0
     assert np.isneginf(got["score"][5]) and np.isneginf(got["log_p"][5])
     ok = np.arange(8) != 5
     want = pred.score(a.flux[:8][ok], ivar[ok], labels[ok], np.zeros(7, bool))

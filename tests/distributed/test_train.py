@@ -84,7 +84,7 @@ def _write_like(src, dst, flux_fix=None, metadata=None):
     if flux_fix is not None:
         flux = table_arrays(table).flux.copy()
         flux_fix(flux)
-        from mendis_ray.spectra.batches import matrix_column
+        from mendis_ray.spectra.shards import matrix_column
 
         table = table.set_column(table.column_names.index("flux"), "flux", matrix_column(flux))
     if metadata is not None:
