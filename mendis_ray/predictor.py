@@ -23,11 +23,9 @@ retried parts can always be concatenated.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -102,10 +100,11 @@ class Predictor:
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> Predictor:
         """The checkpoint folder ``path`` (either kind) on ``device``; a signal-space model
         always runs on the CPU.  Raises ``CheckpointError`` (a ValueError)."""
+        from mendis_ray.flow.checkpoint import checkpoint_info
         from mendis_ray.science.signal_scores import SignalScorer, load_scorer
 
         scorer = load_scorer(str(path), device=device)
-        config = json.loads((Path(path) / "config.json").read_text())
+        config = checkpoint_info(path).config
         info = {"metrics": config.get("metrics", {}), "created": config.get("created")}
         if isinstance(scorer, SignalScorer):
             if device != "cpu":

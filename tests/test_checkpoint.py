@@ -56,3 +56,30 @@ def test_not_a_checkpoint_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"empty: not a mendis_ray checkpoint"):
         (tmp_path / "empty").mkdir()
         checkpoint_info(tmp_path / "empty")
+
+
+def test_load_builds_on_meta_and_keeps_the_saved_weights(tmp_path, monkeypatch):
+    """No random initialisation on load (every weight would be overwritten): the LU
+    layers' QR init runs only on meta tensors; the loaded weights are the saved ones."""
+    import torch
+
+    from mendis_ray.flow.checkpoint import load_checkpoint
+    from mendis_ray.flow.lu import LUInvertibleLinear
+
+    path = _save(tmp_path / "ck", get_grid("paper"))
+    saved = {k: v.clone() for k, v in load_checkpoint(path)[0].flow.state_dict().items()}
+    real, seen = LUInvertibleLinear.reset_parameters, []
+
+    def spy(self, generator):
+        seen.append(self.lu.is_meta)
+        return real(self, generator)
+
+    monkeypatch.setattr(LUInvertibleLinear, "reset_parameters", spy)
+    density, _ = load_checkpoint(path)
+    assert seen and all(seen)
+    state = density.flow.state_dict()
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    assert not any(t.is_meta for t in (*density.flow.parameters(), *density.flow.buffers()))
+    x = torch.zeros(2, density.config.n_features)
+    assert torch.isfinite(density.flow.log_prob(x)).all()

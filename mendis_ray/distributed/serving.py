@@ -154,12 +154,15 @@ def validate_args(args: Mapping[str, Any]) -> ServeArgs:
         )
         known = ", ".join(ServeArgs.model_fields)
         raise ValueError(f"build_app: bad args ({problems}); known args: {known}") from None
+    from mendis_ray.flow.checkpoint import CheckpointError, checkpoint_info
+
     ckpt = Path(s.checkpoint)
-    missing = [f for f in ("config.json", "model.safetensors") if not (ckpt / f).is_file()]
-    if missing:
+    try:
+        checkpoint_info(ckpt)
+    except CheckpointError as err:
         raise ValueError(
-            f"build_app: checkpoint {str(ckpt)!r} is not a checkpoint folder ({missing} missing)"
-        )
+            f"build_app: checkpoint {str(ckpt)!r} is not a checkpoint folder ({err})"
+        ) from None
     # Load it once here: a truncated or invalid checkpoint fails now with its own error,
     # instead of replicas failing and being restarted by Serve for a minute.
     Predictor.load(ckpt)  # either model kind; raises CheckpointError (a ValueError)

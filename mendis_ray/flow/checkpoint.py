@@ -141,8 +141,6 @@ def load_checkpoint(
     Returns:
         (density in eval mode, the parsed config.json).
     """
-    from mendis_ray.flow.model import MendisFlow
-
     path = Path(path)
     info, ten_path = read_config(path)
     cfg_path = path / CONFIG
@@ -165,19 +163,8 @@ def load_checkpoint(
         tensors = load_file(str(ten_path), device="cpu")
     except Exception as err:  # safetensors raises its own error types
         raise CheckpointError(f"{ten_path}: unreadable tensors ({err})") from err
-    flow = MendisFlow(flow_cfg)
-    saved = next(
-        (v for k, v in tensors.items() if k.startswith("flow.") and v.is_floating_point()), None
-    )
-    if saved is not None:
-        flow = flow.to(saved.dtype)  # keep the precision the weights were saved in
     state = {k.removeprefix("flow."): v for k, v in tensors.items() if k.startswith("flow.")}
-    try:
-        flow.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"{path}: weights do not fit the {flow_cfg.name!r} flow ({err})"
-        ) from err
+    flow = _flow_from_state(flow_cfg, state, path)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{ten_path}: non-finite weights in {bad[:3]}")
@@ -197,6 +184,28 @@ def load_checkpoint(
     density = SpectrumDensity(flow, std, flow_cfg, grid).to(device)
     density.eval()
     return density, info
+
+
+def _flow_from_state(flow_cfg: FlowConfig, state: dict[str, torch.Tensor], path: Path):
+    """The flow of ``flow_cfg`` holding the weights ``state``, in the precision they were
+    saved in.  Built on the meta device and given uninitialised (aligned) storage before
+    the weights are copied in: no random initialisation (seconds for a large preset) that
+    every weight would overwrite."""
+    from mendis_ray.flow.model import MendisFlow
+
+    with torch.device("meta"):
+        flow = MendisFlow(flow_cfg)
+    saved = next((v for v in state.values() if v.is_floating_point()), None)
+    if saved is not None:
+        flow = flow.to(saved.dtype)  # keep the precision the weights were saved in
+    flow = flow.to_empty(device="cpu")
+    try:
+        flow.load_state_dict(state, strict=True)  # strict: every tensor is overwritten
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path}: weights do not fit the {flow_cfg.name!r} flow ({err})"
+        ) from err
+    return flow
 
 
 def read_config(path: str | os.PathLike) -> tuple[dict, Path]:
