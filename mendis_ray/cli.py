@@ -127,8 +127,8 @@ def _simulate_survey(args: argparse.Namespace, sim, out: Path) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from mendis_ray.spectra.fits import ingest_apogee
     from mendis_ray.spectra.grid import get_grid
+    from mendis_ray.spectra.ingest import ingest_apogee
 
     files = ingest_apogee(
         [Path(p) for p in args.files],

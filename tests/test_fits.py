@@ -9,19 +9,15 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from mendis_ray.spectra.continuum import chip_of_pixels, normalize, pseudo_continuum
 from mendis_ray.spectra.fits import (
     DR13_CHIPS,
     FitsInputError,
-    chip_of_pixels,
     detect_apogee_type,
-    ingest_apogee,
-    normalize,
     prepare_spectrum,
-    pseudo_continuum,
     read_apogee,
     read_apstar,
     read_aspcapstar,
-    read_label_table,
 )
 from mendis_ray.spectra.grid import (
     APSTAR_CDELT1,
@@ -33,6 +29,7 @@ from mendis_ray.spectra.grid import (
     paper_grid,
     resample,
 )
+from mendis_ray.spectra.ingest import ingest_apogee, read_label_table
 from mendis_ray.spectra.shards import read_dataset, table_arrays
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -435,7 +432,7 @@ def test_ingest_attaches_labels(
     table_map = read_label_table(labels)
     assert table_map[ids[1]] == pytest.approx((5100.0, 4.4, 0.1))  # first finite row wins
     out = tmp_path / "ds"
-    with caplog.at_level(logging.INFO, logger="mendis_ray.spectra.fits"):
+    with caplog.at_level(logging.INFO, logger="mendis_ray.spectra.ingest"):
         written = ingest_apogee(paths, out, labels_path=labels, n_shards=2)
     assert len(written) == 2
     per_file = [r for r in caplog.records if r.getMessage().startswith("read apStar-")]

@@ -60,9 +60,9 @@ def ingest_fits(
     n_shards: int | None = None,
 ) -> list[Path]:
     """APOGEE FITS -> shards on ``grid`` in ``out_dir`` (replacing an earlier ingest
-    there; see :func:`~mendis_ray.spectra.fits.ingest_apogee`); default about 1,000
+    there; see :func:`~mendis_ray.spectra.ingest.ingest_apogee`); default about 1,000
     spectra per shard."""
-    from mendis_ray.spectra.fits import ingest_apogee
+    from mendis_ray.spectra.ingest import ingest_apogee
 
     n = len(fits_files)
     n_shards = min(n, max(1, n_shards or math.ceil(n / 1000)))

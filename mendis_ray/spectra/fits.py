@@ -6,7 +6,8 @@ File layouts handled (SDSS DR12-DR17 data models):
   ``OBJID``, ``VHELIO``, ``RV_TEFF``/``RV_LOGG``/``RV_FEH``); HDU1 flux (1e-17 erg/s/cm2/A),
   HDU2 error, HDU3 pixel bitmask (``APOGEE_PIXMASK``), each ``(N, NWAVE)`` with rows 0-1
   the two combined spectra and rows 2.. the visits; a file may also hold 1-d ``(NWAVE,)``
-  arrays.  Flux is *not* normalized; :func:`normalize` divides by a pseudo-continuum.
+  arrays.  Flux is *not* normalized; :func:`~mendis_ray.spectra.continuum.normalize` divides
+  by a pseudo-continuum.
 * ``aspcapStar`` -- HDU1 pseudo-continuum normalized flux, HDU2 its error, both 1-d, with
   ``CRVAL1``/``CDELT1``/``NAXIS1`` in the HDU1 header.  DR17 files use the full 8575-pixel
   apStar grid; DR13-DR16 files use 7514 pixels, the three chips with the gaps removed
@@ -17,8 +18,8 @@ File layouts handled (SDSS DR12-DR17 data models):
   (or ``M_H``); ``-9999`` marks a missing value.
 
 Every problem with an input file raises :class:`FitsInputError` (a ``ValueError``) whose
-message starts with the file's path.  :func:`ingest_apogee` reads and checks every file
-before it writes anything, and reports all broken files in one error.
+message starts with the file's path.  Ingest into shards (and the allStar label table) is
+:mod:`mendis_ray.spectra.ingest`; the pseudo-continuum :mod:`mendis_ray.spectra.continuum`.
 """
 
 from __future__ import annotations
@@ -27,16 +28,15 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
 from astropy.io import fits
-from numpy.polynomial import chebyshev
 
+from mendis_ray.spectra.continuum import normalize
 from mendis_ray.spectra.grid import (
     APSTAR_CDELT1,
     APSTAR_CRVAL1,
@@ -46,31 +46,24 @@ from mendis_ray.spectra.grid import (
     apstar_grid,
     apstar_subset,
     aspcap_grid,
-    chip_of_index,
     log_lambda_grid,
-    paper_grid,
     resample,
 )
-from mendis_ray.spectra.shards import make_table, write_dataset
 
 __all__ = [
     "APOGEE_BAD_BITS",
     "BADERR",
     "DR13_CHIPS",
+    "MISSING_VALUE",
     "ApStarSpectrum",
     "FitsInputError",
     "aspcapstar_grid",
     "bad_pixel_mask",
-    "chip_of_pixels",
     "detect_apogee_type",
-    "ingest_apogee",
-    "normalize",
     "prepare_spectrum",
-    "pseudo_continuum",
     "read_apogee",
     "read_apstar",
     "read_aspcapstar",
-    "read_label_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,7 +76,7 @@ BADERR = 1e10
 #: apStar pixel ranges (half-open) of the DR13-DR16 7514-pixel aspcapStar grid.
 DR13_CHIPS: tuple[tuple[int, int], ...] = ((246, 3274), (3585, 6080), (6344, 8335))
 #: A value at or below this in an APOGEE catalogue means "missing" (-9999, -9999.99).
-_MISSING_VALUE = -9990.0
+MISSING_VALUE = -9990.0
 _2MASS_ID = re.compile(r"2M\d{8}[+-]\d{7}")
 _FILE_ID = re.compile(r"^(?:apStar|asStar|aspcapStar)-[^-]+-(?P<id>.+?)\.fits(?:\.gz)?$")
 
@@ -223,7 +216,7 @@ def _header_float(ff: _FitsFile, key: str, hdus: Sequence[int] = (0,)) -> float:
         x = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return float("nan")
-    return x if np.isfinite(x) and x > _MISSING_VALUE else float("nan")
+    return x if np.isfinite(x) and x > MISSING_VALUE else float("nan")
 
 
 def _check_length(ff: _FitsFile, key: str, hdus: Sequence[int], n_pix: int) -> None:
@@ -333,13 +326,6 @@ def aspcapstar_grid(crval1: float, cdelt1: float, n_pix: int) -> Grid:
             index = np.concatenate([np.arange(a, b) for a, b in DR13_CHIPS])
             return apstar_subset("aspcap-dr13", index, DR13_CHIPS)
     return log_lambda_grid(crval1, cdelt1, n_pix, name=f"log-lambda-{n_pix}")
-
-
-def chip_of_pixels(grid: Grid) -> np.ndarray:
-    """(n_pix,) int8 detector chip (0, 1, 2) of each pixel by the ASPCAP chip ranges
-    (apStar pixels [322:3242], [3648:6048], [6412:8306]); -1 outside them."""
-    position = (np.log10(grid.wavelength) - APSTAR_CRVAL1) / APSTAR_CDELT1
-    return chip_of_index(np.round(position), ASPCAP_CHIPS)
 
 
 # --------------------------------------------------------------------------------------
@@ -502,130 +488,6 @@ def read_apogee(path: str | os.PathLike, row: int = 0) -> ApStarSpectrum:
     return _aspcapstar_from(ff)
 
 
-# --------------------------------------------------------------------------------------
-# Pseudo-continuum normalization
-# --------------------------------------------------------------------------------------
-
-
-def _fit_chip(
-    x: np.ndarray,
-    y: np.ndarray,
-    ivar: np.ndarray,
-    degree: int,
-    n_iter: int,
-    lower: float,
-    upper: float,
-) -> np.ndarray | None:
-    """Coefficients of an asymmetric sigma-clipped weighted Chebyshev fit (or None).
-
-    x, y, ivar: (n,) good pixels of one chip, x in [-1, 1].
-    """
-    if x.size < 2 * (degree + 1):
-        return None
-    w = np.sqrt(ivar)
-    keep = np.ones(x.size, dtype=bool)
-    coef = chebyshev.chebfit(x, y, degree, w=w)
-    for _ in range(n_iter):
-        z = (y - chebyshev.chebval(x, coef)) * w  # residuals in units of the noise
-        scale = float(np.sqrt(np.mean(z[keep] ** 2)))  # rms about the fit of kept pixels
-        scale = scale if scale > 0 else 1.0
-        new_keep = (z > -lower * scale) & (z < upper * scale)
-        if new_keep.sum() < degree + 1:
-            break
-        if np.array_equal(new_keep, keep):
-            break
-        keep = new_keep
-        coef = chebyshev.chebfit(x[keep], y[keep], degree, w=w[keep])
-    return coef
-
-
-def pseudo_continuum(
-    flux: np.ndarray,
-    ivar: np.ndarray,
-    grid: Grid,
-    *,
-    degree: int = 4,
-    n_iter: int = 5,
-    lower: float = 2.0,
-    upper: float = 3.0,
-) -> np.ndarray:
-    """Pseudo-continuum of one spectrum, fitted chip by chip.
-
-    Method: for each detector chip (the ASPCAP apStar ranges [322:3242], [3648:6048],
-    [6412:8306], see :func:`chip_of_pixels`), a Chebyshev polynomial of ``degree`` in
-    log-lambda (scaled to [-1, 1] over the chip) is fitted to the good pixels (ivar > 0,
-    finite flux) by weighted least squares with weights ``ivar`` (``w = sqrt(ivar)`` in
-    numpy's convention).  Then, up to ``n_iter`` times (stopping early when the kept set no
-    longer changes), pixels more than ``lower`` sigma below or ``upper`` sigma above the fit
-    are rejected and the fit redone on the rest, where sigma is the rms of the
-    noise-normalized residuals ``(flux - fit) * sqrt(ivar)`` of the pixels kept so far.
-    The asymmetry discards absorption lines, so the fit climbs from the line-depressed
-    first guess to the upper envelope (the rms, unlike a MAD, is inflated by the lines at
-    first, which keeps the early iterations from rejecting the true continuum above a low
-    first fit); masked pixels never enter the fit.
-
-    Args:
-        flux: (n_pix,) flux on ``grid`` (any units; NaN allowed where ivar == 0).
-        ivar: (n_pix,) inverse variance, 0 = bad pixel.
-        grid: the spectrum's grid.
-        degree, n_iter, lower, upper: fit settings (above).
-
-    Returns:
-        (n_pix,) continuum; NaN outside the chips and in a chip with fewer than
-        ``2 * (degree + 1)`` good pixels.
-    """
-    flux = np.asarray(flux, dtype=np.float64)
-    ivar = np.asarray(ivar, dtype=np.float64)
-    if flux.shape != (grid.n_pix,) or ivar.shape != flux.shape:
-        raise ValueError(
-            f"pseudo_continuum: flux {flux.shape} and ivar {ivar.shape} must be "
-            f"({grid.n_pix},) for grid {grid.name!r}"
-        )
-    chip = chip_of_pixels(grid)
-    loglam = np.log10(grid.wavelength)
-    good = (ivar > 0) & np.isfinite(flux) & np.isfinite(ivar)
-    continuum = np.full(grid.n_pix, np.nan)
-    for c in range(len(ASPCAP_CHIPS)):
-        in_chip = chip == c
-        if not in_chip.any():
-            continue
-        lo, hi = loglam[in_chip].min(), loglam[in_chip].max()
-        x = 2.0 * (loglam - lo) / max(hi - lo, 1e-12) - 1.0
-        sel = in_chip & good
-        scale = np.median(flux[sel]) if sel.any() else 1.0
-        scale = scale if np.isfinite(scale) and scale != 0 else 1.0
-        coef = _fit_chip(
-            x[sel], flux[sel] / scale, ivar[sel] * scale**2, degree, n_iter, lower, upper
-        )
-        if coef is None:
-            log.debug("pseudo_continuum: chip %d has %d good pixels, no fit", c, sel.sum())
-            continue
-        continuum[in_chip] = scale * chebyshev.chebval(x[in_chip], coef)
-    return continuum
-
-
-def normalize(
-    flux: np.ndarray, ivar: np.ndarray, grid: Grid, **fit: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Divide a spectrum by its :func:`pseudo_continuum`.
-
-    Args:
-        flux, ivar: (n_pix,) on ``grid``.
-        **fit: settings passed to :func:`pseudo_continuum`.
-
-    Returns:
-        (flux_norm, ivar_norm, continuum), each (n_pix,): ``flux / continuum`` and
-        ``ivar * continuum**2``; pixels outside the chips, without a continuum or with a
-        non-positive one get ivar 0 and the placeholder flux 1.0.
-    """
-    continuum = pseudo_continuum(flux, ivar, grid, **fit)  # type: ignore[arg-type]
-    ok = (ivar > 0) & np.isfinite(flux) & np.isfinite(continuum) & (continuum > 0)
-    safe = np.where(ok, continuum, 1.0)
-    flux_norm = np.where(ok, flux / safe, 1.0)
-    ivar_norm = np.where(ok, ivar * safe**2, 0.0)
-    return flux_norm, ivar_norm, continuum
-
-
 def prepare_spectrum(
     spec: ApStarSpectrum, grid: Grid, **fit: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -640,226 +502,3 @@ def prepare_spectrum(
     else:
         flux, ivar, _ = normalize(spec.flux, spec.ivar, spec.grid, **fit)
     return resample(flux, ivar, spec.grid, grid, fill=1.0)
-
-
-# --------------------------------------------------------------------------------------
-# Labels
-# --------------------------------------------------------------------------------------
-
-
-def _column(names: dict[str, str], path: Path, *wanted: str) -> str:
-    for w in wanted:
-        if w in names:
-            return names[w]
-    raise FitsInputError(
-        f"{path}: label table has no column {' or '.join(wanted)} "
-        f"(columns: {', '.join(sorted(names.values())[:30])})"
-    )
-
-
-def _clean_label(values: np.ndarray) -> np.ndarray:
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
-    return np.where(np.isfinite(x) & (x > _MISSING_VALUE), x, np.nan)
-
-
-def read_label_table(path: str | os.PathLike) -> dict[str, tuple[float, float, float]]:
-    """ASPCAP labels by APOGEE id from an allStar-like FITS binary table.
-
-    Reads the first binary-table HDU's ``APOGEE_ID``, ``TEFF``, ``LOGG`` and ``FE_H``
-    (``M_H`` when there is no ``FE_H``); column names are matched case-insensitively.
-    -9999 (any value <= -9990) and NaN become NaN.  A star listed more than once keeps its
-    first row with any finite label.
-
-    Returns:
-        {apogee_id: (teff, logg, feh)}.
-
-    Raises:
-        FitsInputError naming the file: unreadable, no table, or a missing column.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FitsInputError(f"{path}: no such file")
-    try:
-        with fits.open(path, memmap=True) as hdul:
-            tables = [h for h in hdul if isinstance(h, fits.BinTableHDU)]
-            if not tables:
-                raise FitsInputError(f"{path}: no binary table HDU (not an allStar-like file)")
-            data = tables[0].data
-            names = {n.upper(): n for n in data.columns.names}
-            cols = [
-                _column(names, path, "APOGEE_ID"),
-                _column(names, path, "TEFF"),
-                _column(names, path, "LOGG"),
-                _column(names, path, "FE_H", "M_H"),
-            ]
-            ids = np.char.strip(np.asarray(data[cols[0]]).astype(str))
-            labels = np.stack([_clean_label(data[c]) for c in cols[1:]], axis=1)
-    except FitsInputError:
-        raise
-    except Exception as err:
-        raise FitsInputError(
-            f"{path}: not a readable FITS table: {type(err).__name__}: {err}"
-        ) from err
-    out: dict[str, tuple[float, float, float]] = {}
-    for star, row in zip(ids.tolist(), labels.tolist(), strict=True):
-        if star not in out or (np.all(np.isnan(out[star])) and not np.all(np.isnan(row))):
-            out[star] = (row[0], row[1], row[2])
-    log.info("read %d labelled stars (%d rows) from %s", len(out), ids.size, path)
-    return out
-
-
-# --------------------------------------------------------------------------------------
-# Ingest
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class _Row:
-    id: str
-    flux: np.ndarray
-    ivar: np.ndarray
-    snr: float
-    source: str
-    vhelio: float
-    rv: tuple[float, float, float]
-    file: str
-
-
-def _ingest_one(path: Path, grid: Grid, row: int) -> _Row:
-    spec = read_apogee(path, row=row)
-    flux, ivar = prepare_spectrum(spec, grid)
-    n_good = int(np.count_nonzero(ivar > 0))
-    if n_good == 0:
-        raise FitsInputError(f"{path}: no good pixel left on grid {grid.name!r}")
-    log.info(
-        "read %s: %s %s, snr %.1f, %d/%d good pixels on grid %s",
-        path.name,
-        spec.source,
-        spec.id,
-        spec.snr,
-        n_good,
-        grid.n_pix,
-        grid.name,
-    )
-    return _Row(
-        id=spec.id,
-        flux=flux,
-        ivar=ivar,
-        snr=spec.snr,
-        source=spec.source,
-        vhelio=spec.vhelio,
-        rv=(spec.rv_teff, spec.rv_logg, spec.rv_feh),
-        file=path.name,
-    )
-
-
-def _read_all(paths: list[Path], grid: Grid, row: int) -> list[_Row]:
-    """Read every file; raise one FitsInputError listing every bad file."""
-    rows: list[_Row] = []
-    errors: list[str] = []
-    for p in paths:
-        try:
-            rows.append(_ingest_one(p, grid, row))
-        except FitsInputError as err:
-            log.error("%s", err)
-            errors.append(str(err))
-    seen: dict[str, str] = {}
-    for r in rows:
-        if r.id in seen:
-            errors.append(f"{r.file}: APOGEE id {r.id!r} already read from {seen[r.id]}")
-        seen.setdefault(r.id, r.file)
-    if errors:
-        raise FitsInputError(
-            f"{len(errors)} of {len(paths)} input file(s) unusable, nothing written:\n  "
-            + "\n  ".join(errors)
-        )
-    return rows
-
-
-def _tables(
-    rows: list[_Row],
-    labels: dict[str, tuple[float, float, float]] | None,
-    n_shards: int,
-) -> Iterator[pa.Table]:
-    nan3 = (np.nan, np.nan, np.nan)
-    for chunk in np.array_split(np.arange(len(rows)), n_shards):
-        part = [rows[i] for i in chunk]
-        lab = np.array([(labels or {}).get(r.id, nan3) for r in part], dtype=np.float64)
-        rv = np.array([r.rv for r in part], dtype=np.float64)
-        yield make_table(
-            [r.id for r in part],
-            np.stack([r.flux for r in part]),
-            np.stack([r.ivar for r in part]),
-            teff=lab[:, 0],
-            logg=lab[:, 1],
-            feh=lab[:, 2],
-            snr=np.array([r.snr for r in part], dtype=np.float64),
-            source=[r.source for r in part],
-            extra={
-                "rv_teff": rv[:, 0],
-                "rv_logg": rv[:, 1],
-                "rv_feh": rv[:, 2],
-                "vhelio": np.array([r.vhelio for r in part], dtype=np.float64),
-                "file": [r.file for r in part],
-            },
-        )
-
-
-def ingest_apogee(
-    paths: Iterable[str | os.PathLike],
-    out_dir: str | os.PathLike,
-    grid: Grid | None = None,
-    labels_path: str | os.PathLike | None = None,
-    n_shards: int = 1,
-    prefix: str = "apogee",
-    *,
-    row: int = 0,
-) -> list[Path]:
-    """Read apStar/aspcapStar files, normalize, resample and write them as a dataset.
-
-    Each file is read (:func:`read_apogee`, ``row`` for apStar files), apStar flux is
-    divided by its :func:`pseudo_continuum`, and the spectrum is resampled onto ``grid``
-    (default :func:`paper_grid`) with :func:`resample` (bad pixels: ivar 0, flux 1.0).
-    Labels (teff, logg, feh) come from ``labels_path`` (:func:`read_label_table`) by
-    APOGEE id, else they are null.  Header ``RV_TEFF``/``RV_LOGG``/``RV_FEH`` (Doppler
-    template values, not ASPCAP labels) go to the extra columns ``rv_teff``, ``rv_logg``,
-    ``rv_feh``; ``vhelio`` and ``file`` are stored too; ``snr`` is the header S/N and
-    ``source`` is ``'apStar'`` or ``'aspcapStar'``.
-
-    All files are read and checked before anything is written.
-
-    Returns:
-        the shard paths written by :func:`write_dataset`.
-
-    Raises:
-        FitsInputError listing every unusable file (or the broken label table);
-        ValueError for no input or ``n_shards`` outside 1..number of files.
-    """
-    grid = paper_grid() if grid is None else grid
-    files = [Path(p) for p in paths]
-    if not files:
-        raise ValueError("ingest_apogee: no input files")
-    if not 1 <= n_shards <= len(files):
-        raise ValueError(f"ingest_apogee: n_shards = {n_shards}, must be 1..{len(files)}")
-    labels = read_label_table(labels_path) if labels_path is not None else None
-    rows = _read_all(files, grid, row)
-    if labels is not None:
-        missing = [r.id for r in rows if r.id not in labels]
-        if missing:
-            log.warning(
-                "%d star(s) not in %s, labels null: %s",
-                len(missing),
-                labels_path,
-                ", ".join(missing[:10]),
-            )
-    generator = {
-        "name": "mendis_ray.spectra.fits.ingest_apogee",
-        "n_files": len(files),
-        "files": [f.name for f in files],
-        "labels": None if labels_path is None else str(labels_path),
-        "row": row,
-        "continuum": {"method": "chebyshev-asymmetric-clip", **pseudo_continuum.__kwdefaults__},
-    }
-    return write_dataset(
-        out_dir, _tables(rows, labels, n_shards), n_shards, grid, generator, prefix=prefix
-    )
