@@ -57,13 +57,14 @@ prints them without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -315,51 +316,7 @@ def score_catalog(
     """Score every spectrum of a catalog with a checkpoint on a Ray actor pool.
 
     ``out`` must be a folder or not exist; a run that fails (or is interrupted) removes
-    the folder if it made it, and the embedded Ray it started.  See
-    :func:`_score_catalog` for the arguments."""
-    kwargs = {k: v for k, v in locals().items() if k not in ("checkpoint", "inputs", "out")}
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
-    created = not out.exists()
-    try:
-        return _score_catalog(checkpoint, inputs, out, **kwargs)
-    except BaseException as err:
-        # nothing left behind where this run made the folder (a rerun into an existing
-        # folder keeps the earlier results: every write there is atomic)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        if isinstance(err, KeyboardInterrupt):  # Ctrl-C: stop the embedded Ray now
-            from mendis_ray.distributed.session import shutdown_embedded_ray
-
-            shutdown_embedded_ray()
-        raise
-
-
-def _score_catalog(
-    checkpoint: str | os.PathLike,
-    inputs: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    batch_size: int = 256,
-    min_actors: int = 1,
-    max_actors: int | None = None,
-    num_cpus_per_actor: float = 1.0,
-    num_gpus_per_actor: float | None = None,
-    threads_per_actor: int | None = None,
-    top_n: int = 100,
-    gallery_n: int = 12,
-    n_typical: int = 200,
-    marginal: str = "unlabelled",
-    rank_by: str = "percentile",
-    flags_first: bool = False,
-    carry_columns: Sequence[str] | None = None,
-    labels_path: str | os.PathLike | None = None,
-    ingest_shards: int | None = None,
-    address: str | None = None,
-    num_cpus: int | None = None,
-) -> CatalogResult:
-    """Score every spectrum of a catalog with a checkpoint on a Ray actor pool.
+    the folder if it made it, and the embedded Ray it started.
 
     Args:
         checkpoint: checkpoint folder (flow + scoring reference), see
@@ -392,65 +349,83 @@ def _score_catalog(
         arguments.
     """
     from mendis_ray.distributed.session import ensure_ray
-    from mendis_ray.flow.checkpoint import checkpoint_info
 
-    t_start = time.perf_counter()
     _check_args(rank_by, top_n, gallery_n, n_typical)
     checkpoint, out = Path(checkpoint), Path(out)
-    ckpt = checkpoint_info(checkpoint)
-    ckpt.require_grid()
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_dirs(out, _TMP_RE)
-    timings: dict[str, float] = {}
-    shards, fits_files = _gather_shards(ckpt, inputs, out, labels_path, ingest_shards, timings)
-    if carry_columns is None:
-        carry_columns = common_scalar_columns(shards.files)
-
-    resources = ensure_ray(address, num_cpus=num_cpus)
-    if num_gpus_per_actor is None:
-        num_gpus_per_actor = 1.0 if resources.get("GPU", 0) > 0 else 0.0
-    if max_actors is None:
-        max_actors = max(
-            min_actors, default_max_actors(resources, num_cpus_per_actor, num_gpus_per_actor)
-        )
-    threads = threads_per_actor or default_actor_threads(num_cpus_per_actor)
-    pool = {"min": min_actors, "max": max_actors, "num_cpus": num_cpus_per_actor,
-            "num_gpus": num_gpus_per_actor, "torch_threads": threads}  # fmt: skip
-    log.info(
-        "scoring %d spectra from %d shard(s) with %s: actor pool %d-%d x (%.2g CPU, %.2g GPU, "
-        "%d torch thread(s)), batches of %d, label-free scores for %s rows",
-        shards.n_rows, len(shards.files), checkpoint, min_actors, max_actors,
-        num_cpus_per_actor, num_gpus_per_actor, threads, batch_size, marginal,
-    )  # fmt: skip
-    ds = build_pipeline(
-        checkpoint,
-        shards,
-        batch_size=batch_size,
-        min_actors=min_actors,
-        max_actors=max_actors,
-        num_cpus_per_actor=num_cpus_per_actor,
-        num_gpus_per_actor=num_gpus_per_actor,
-        threads_per_actor=threads,
-        marginal=marginal,
-        carry_columns=carry_columns,
-    )
-    scores_dir = _write_scores(ds, shards.n_rows, out, batch_size, timings)
-    ranking, top, gallery = _write_outliers(
-        scores_dir, out, shards, rank_by=rank_by, flags_first=flags_first, top_n=top_n,
-        gallery_n=gallery_n, n_typical=n_typical, timings=timings,
-    )  # fmt: skip
-    summary = _summary(
-        checkpoint, shards, fits_files, out, scores_dir, ranking, top, gallery, resources,
-        time.perf_counter() - t_start, timings, actors=pool, batch_size=batch_size,
-        marginal=marginal, rank_by=rank_by, flags_first=flags_first,
-    )  # fmt: skip
-    summary_path = write_json_atomic(summary, out / "summary.json")
+    with _removed_on_failure(out):
+        t_start, timings = time.perf_counter(), {}
+        shards, fits_files = _gather_shards(checkpoint, inputs, out, labels_path, ingest_shards,
+                                            timings)  # fmt: skip
+        if carry_columns is None:
+            carry_columns = common_scalar_columns(shards.files)
+        resources = ensure_ray(address, num_cpus=num_cpus)
+        pool = _actor_pool(resources, min_actors, max_actors, num_cpus_per_actor,
+                           num_gpus_per_actor, threads_per_actor)  # fmt: skip
+        log.info(
+            "scoring %d spectra from %d shard(s) with %s: actor pool %d-%d x (%.2g CPU, %.2g "
+            "GPU, %d torch thread(s)), batches of %d, label-free scores for %s rows",
+            shards.n_rows, len(shards.files), checkpoint, pool["min"], pool["max"],
+            pool["num_cpus"], pool["num_gpus"], pool["torch_threads"], batch_size, marginal,
+        )  # fmt: skip
+        ds = build_pipeline(
+            checkpoint, shards, batch_size=batch_size, min_actors=pool["min"],
+            max_actors=pool["max"], num_cpus_per_actor=pool["num_cpus"],
+            num_gpus_per_actor=pool["num_gpus"], threads_per_actor=pool["torch_threads"],
+            marginal=marginal, carry_columns=carry_columns,
+        )  # fmt: skip
+        scores_dir = _write_scores(ds, shards.n_rows, out, batch_size, timings)
+        ranking, top, gallery = _write_outliers(
+            scores_dir, out, shards, rank_by=rank_by, flags_first=flags_first, top_n=top_n,
+            gallery_n=gallery_n, n_typical=n_typical, timings=timings,
+        )  # fmt: skip
+        summary = _summary(
+            checkpoint, shards, fits_files, out, scores_dir, ranking, top, gallery, resources,
+            time.perf_counter() - t_start, timings, actors=pool, batch_size=batch_size,
+            marginal=marginal, rank_by=rank_by, flags_first=flags_first,
+        )  # fmt: skip
+        summary_path = write_json_atomic(summary, out / "summary.json")
     log.info("wrote %s, %s, %s in %.1f s", scores_dir, out / "top_outliers.csv", summary_path,
              summary["seconds"])  # fmt: skip
     return CatalogResult(
         out, scores_dir, out / "top_outliers.csv", out / "top_outliers.parquet", gallery,
         summary_path, summary,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _removed_on_failure(out: Path) -> Iterator[None]:
+    """Run the body with ``out`` (a folder, or not there yet); if it fails or is
+    interrupted, remove ``out`` where this run made it (a rerun into an existing folder
+    keeps the earlier results: every write there is atomic), and on Ctrl-C stop the
+    embedded Ray now."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    created = not out.exists()
+    try:
+        yield
+    except BaseException as err:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(err, KeyboardInterrupt):
+            from mendis_ray.distributed.session import shutdown_embedded_ray
+
+            shutdown_embedded_ray()
+        raise
+
+
+def _actor_pool(
+    resources: dict, min_actors: int, max_actors: int | None, num_cpus: float,
+    num_gpus: float | None, threads: int | None,
+) -> dict:  # fmt: skip
+    """The actor pool of a run (``summary.json``'s ``actors``): defaults filled from the
+    cluster's ``resources`` (one GPU per actor where it has GPUs)."""
+    if num_gpus is None:
+        num_gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    if max_actors is None:
+        max_actors = max(min_actors, default_max_actors(resources, num_cpus, num_gpus))
+    threads = threads or default_actor_threads(num_cpus)
+    return {"min": min_actors, "max": max_actors, "num_cpus": num_cpus, "num_gpus": num_gpus,
+            "torch_threads": threads}  # fmt: skip
 
 
 def _summary(
@@ -490,11 +465,18 @@ def _check_args(rank_by: str, top_n: int, gallery_n: int, n_typical: int) -> Non
                          f"{gallery_n}, {n_typical})")  # fmt: skip
 
 
-def _gather_shards(ckpt, inputs, out: Path, labels_path, ingest_shards, timings: dict):
+def _gather_shards(checkpoint: Path, inputs, out: Path, labels_path, ingest_shards,
+                   timings: dict):  # fmt: skip
     """(checked ShardSet on the checkpoint's grid, FITS files ingested into
-    ``out/_ingested``) of the inputs; a ShardError names a shard on another grid."""
+    ``out/_ingested``) of the inputs, with ``out`` made and cleared of stale temporaries;
+    a CheckpointError for a bad checkpoint, a ShardError names a shard on another grid."""
     from mendis_ray.distributed.data import check_shards, list_shards
+    from mendis_ray.flow.checkpoint import checkpoint_info
 
+    ckpt = checkpoint_info(checkpoint)
+    ckpt.require_grid()
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_dirs(out, _TMP_RE)
     parquet_inputs, fits_files = split_inputs(inputs)
     files = list_shards(parquet_inputs) if parquet_inputs else []
     if fits_files:

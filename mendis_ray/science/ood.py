@@ -364,8 +364,42 @@ class Scorer:
             raise ValueError(
                 f"Scorer.score: marginal must be unlabelled/all/none, got {marginal!r}"
             )
+        flux, ivar, labels = self._checked(flux, ivar, labels)
+        n, n_pix = flux.shape
         std = self.density.standardizer
-        n_lab = self.density.config.n_labels
+        flags, filled, masked_fraction, labels = self._input_flags(flux, ivar, labels)
+        has_labels = np.isfinite(labels).all(axis=1)
+        want_marg = {"all": np.ones(n, bool), "none": np.zeros(n, bool)}.get(marginal, ~has_labels)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow: marked below
+            x_all = std.transform(filled, np.where(has_labels[:, None], labels, std.mean[n_pix:]))
+        # Rows the model cannot score (no good pixel, or values that overflow once
+        # standardized) are evaluated at the training mean and marked; see Flag.UNSCORABLE.
+        unscorable = (masked_fraction >= 1.0) | ~np.isfinite(x_all).all(axis=1)
+        x_all[unscorable] = 0.0
+        used = np.where(has_labels[:, None], labels, np.nan)
+        raw = self._evaluate(x_all, want_marg, has_labels, used, batch_size)
+        for key in ("flow_lp", "signal", "gauss"):  # a non-finite density: unscorable
+            if key == "flow_lp" or self._has(key):
+                unscorable |= ~np.isfinite(raw[key])
+        flags[unscorable] |= Flag.UNSCORABLE
+        used[unscorable & ~has_labels] = np.nan
+        out = self._final_scores(raw, has_labels, want_marg, unscorable)
+        return {
+            "log_p": out.pop("log_p"),
+            "log_p_marginal": out.pop("log_p_marginal"),
+            "labels_used": used,
+            **out,
+            "masked_fraction": masked_fraction,
+            "flags": flags,
+            **flag_columns(flags),
+        }
+
+    def _checked(
+        self, flux: np.ndarray, ivar: np.ndarray | None, labels: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float64 (flux (n, n_pix), ivar (n, n_pix), labels (n, 3)) or a ValueError naming
+        the shape that does not fit the model (ivar None: all good; labels None: none)."""
+        std, n_lab = self.density.standardizer, self.density.config.n_labels
         flux = np.asarray(flux, dtype=np.float64)
         if flux.ndim != 2:
             raise ValueError(f"Scorer: flux must be 2-D (n, n_pix), got shape {flux.shape}")
@@ -380,9 +414,16 @@ class Scorer:
         labels = np.full((n, n_lab), np.nan) if labels is None else np.asarray(labels, np.float64)
         if labels.shape != (n, n_lab):
             raise ValueError(f"Scorer: labels must be ({n}, {n_lab}), got {labels.shape}")
-        ref = self.reference
+        return flux, ivar, labels
 
-        flags = np.zeros(n, dtype=np.int64)
+    def _input_flags(
+        self, flux: np.ndarray, ivar: np.ndarray, labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The flags the inputs alone decide (all but UNSCORABLE) (n,), the flux with masked
+        pixels filled (n, n_pix), the masked fraction (n,) and the labels with inf -> NaN."""
+        std, ref = self.density.standardizer, self.reference
+        n_pix = flux.shape[1]
+        flags = np.zeros(len(flux), dtype=np.int64)
         bad_value = (~np.isfinite(flux) & (ivar > 0)) | ~np.isfinite(ivar)
         bad_label = np.isinf(labels).any(axis=1)
         flags[bad_value.any(axis=1) | bad_label] |= Flag.NONFINITE
@@ -399,63 +440,78 @@ class Scorer:
             width = self.range_sigma * std.std[n_pix:]
             lab_out = (labels < ref.label_range[0] - width) | (labels > ref.label_range[1] + width)
             flags[has_labels & lab_out.any(axis=1)] |= Flag.LABEL_RANGE
+        return flags, filled, masked_fraction, labels
 
-        want_marg = {"all": np.ones(n, bool), "none": np.zeros(n, bool)}.get(marginal, ~has_labels)
-        log_p = np.full(n, np.nan)
-        log_p_marg = np.full(n, np.nan)
-        used = np.where(has_labels[:, None], labels, np.nan)
-        signal = np.full(n, np.nan)
-        gauss = np.full(n, np.nan)
-        flow_lp = np.full(n, np.nan)
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow: marked below
-            x_all = std.transform(filled, np.where(has_labels[:, None], labels, std.mean[n_pix:]))
-        # Rows the model cannot score (no good pixel, or values that overflow once
-        # standardized) are evaluated at the training mean and marked; see Flag.UNSCORABLE.
-        unscorable = (masked_fraction >= 1.0) | ~np.isfinite(x_all).all(axis=1)
-        x_all[unscorable] = 0.0
+    def _has(self, key: str) -> bool:
+        """Whether this scorer computes the ``signal`` / ``gauss`` score at all."""
+        ref = self.reference
+        return ref is not None and (key == "signal" or ref.gaussian is not None)
+
+    def _evaluate(
+        self, x_all: np.ndarray, want_marg: np.ndarray, has_labels: np.ndarray,
+        used: np.ndarray, batch_size: int,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """The densities of the standardized rows ``x_all`` (n, d), batch by batch: the
+        flow's ``flow_lp``, the label-free ``log_p_marg`` (where ``want_marg``),
+        ``signal`` and ``gauss`` (NaN where not computed), each (n,).  The profile's labels
+        replace those of unlabelled rows in ``x_all`` and ``used`` (n, 3) (in place)."""
+        n = len(x_all)
+        raw = {k: np.full(n, np.nan) for k in ("flow_lp", "log_p_marg", "signal", "gauss")}
+        ref = self.reference
         for a in range(0, n, batch_size):
             sl = slice(a, a + batch_size)
-            x = self._tensor(x_all[sl])  # (b, d) standardized
             idx = np.flatnonzero(want_marg[sl])
             if idx.size:
-                x0 = x[idx].clone()
-                x0[:, -n_lab:] = 0.0  # start the profile at the training mean
-                y, lpy, logdet = profile_labels(self.density, x0, n_lab, steps=self.profile_steps)
-                # Laplace in standardized labels, then back to physical units.
-                log_p_marg[a + idx] = (
-                    lpy.double().cpu().numpy() + 0.5 * n_lab * math.log(2 * math.pi)
-                    - 0.5 * logdet.double().cpu().numpy() + std.log_abs_det
-                    + float(np.log(std.std[n_pix:]).sum())
-                )  # fmt: skip
-                y_np = y.double().cpu().numpy()
-                fill = idx[~has_labels[a + idx]]  # unlabelled rows take y*
-                pos = np.flatnonzero(~has_labels[a + idx])
-                x_all[a + fill, -n_lab:] = y_np[pos]
-                used[a + fill] = y_np[pos] * std.std[n_pix:] + std.mean[n_pix:]
-                x = self._tensor(x_all[sl])
+                self._profile(x_all, a, idx, has_labels, used, raw["log_p_marg"])
             with torch.no_grad():
-                flow_lp[sl] = self.density.flow.log_prob(x).double().cpu().numpy()
-            if ref is not None:
-                signal[sl] = self._signal(x_all[sl])
-                if ref.gaussian is not None:
-                    gauss[sl] = ref.gaussian.log_prob(x_all[sl].astype(np.float64))
-        unscorable |= ~np.isfinite(flow_lp)
-        if ref is not None:
-            unscorable |= ~np.isfinite(signal)
-            if ref.gaussian is not None:
-                unscorable |= ~np.isfinite(gauss)
-        flags[unscorable] |= Flag.UNSCORABLE
-        log_p_marg = np.where(unscorable & want_marg, -np.inf, log_p_marg)
-        used[unscorable & ~has_labels] = np.nan
+                lp = self.density.flow.log_prob(self._tensor(x_all[sl]))
+            raw["flow_lp"][sl] = lp.double().cpu().numpy()
+            if self._has("signal"):
+                raw["signal"][sl] = self._signal(x_all[sl])
+            if self._has("gauss"):
+                raw["gauss"][sl] = ref.gaussian.log_prob(x_all[sl].astype(np.float64))
+        return raw
+
+    def _profile(
+        self, x_all: np.ndarray, a: int, idx: np.ndarray, has_labels: np.ndarray,
+        used: np.ndarray, log_p_marg: np.ndarray,
+    ) -> None:  # fmt: skip
+        """Label-free log p of the rows ``a + idx`` by the Laplace approximation about the
+        profile maximum (into ``log_p_marg``); unlabelled rows take the profile's labels in
+        ``x_all`` (standardized) and ``used`` (physical)."""
+        std, n_lab = self.density.standardizer, self.density.config.n_labels
+        x0 = self._tensor(x_all[a + idx]).clone()
+        x0[:, -n_lab:] = 0.0  # start the profile at the training mean
+        y, lpy, logdet = profile_labels(self.density, x0, n_lab, steps=self.profile_steps)
+        # Laplace in standardized labels, then back to physical units.
+        log_p_marg[a + idx] = (
+            lpy.double().cpu().numpy() + 0.5 * n_lab * math.log(2 * math.pi)
+            - 0.5 * logdet.double().cpu().numpy() + std.log_abs_det
+            + float(np.log(std.std[-n_lab:]).sum())
+        )  # fmt: skip
+        y_np = y.double().cpu().numpy()
+        pos = np.flatnonzero(~has_labels[a + idx])
+        fill = idx[pos]  # unlabelled rows take y*
+        x_all[a + fill, -n_lab:] = y_np[pos]
+        used[a + fill] = y_np[pos] * std.std[-n_lab:] + std.mean[-n_lab:]
+
+    def _final_scores(
+        self, raw: dict[str, np.ndarray], has_labels: np.ndarray, want_marg: np.ndarray,
+        unscorable: np.ndarray,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """The scores from the densities ``raw`` (see :meth:`_evaluate`): -inf and
+        percentile 0 for unscorable rows wherever a score was asked for, NaN where none
+        was; the percentiles against the reference."""
+        std, ref = self.density.standardizer, self.reference
+        d, n_lab = std.n_features, self.density.config.n_labels
+        flow_lp, gauss = raw["flow_lp"], raw["gauss"]
+        log_p_marg = np.where(unscorable & want_marg, -np.inf, raw["log_p_marg"])
         log_p = np.where(has_labels, flow_lp + std.log_abs_det, np.nan)
         log_p[unscorable & has_labels] = -np.inf
-        known = has_labels | np.isfinite(log_p_marg)
-        known |= unscorable & want_marg
-        signal = np.where(unscorable, -np.inf, signal)
-        signal = np.where(known, signal, np.nan)
+        known = has_labels | np.isfinite(log_p_marg) | (unscorable & want_marg)
+        signal = np.where(known, np.where(unscorable, -np.inf, raw["signal"]), np.nan)
         primary = np.where(has_labels, log_p, log_p_marg)
-        d = std.n_features
-        pct = np.full(n, np.nan)
+        pct = np.full(len(flow_lp), np.nan)
         if ref is not None:
             pct = np.where(
                 has_labels,
@@ -469,15 +525,11 @@ class Scorer:
         return {
             "log_p": log_p,
             "log_p_marginal": log_p_marg,
-            "labels_used": used,
             "log_p_per_dim": primary / np.where(has_labels, d, d - n_lab),
             "signal_score": signal,
             "percentile": pct,
             "signal_percentile": signal_pct,
             "log_ratio_gaussian": np.where(known & ~unscorable, flow_lp - gauss, np.nan),
-            "masked_fraction": masked_fraction,
-            "flags": flags,
-            **flag_columns(flags),
         }
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
