@@ -92,6 +92,13 @@ class SignalConfig(_DictConfig):
     n_blocks: int = 2
     n_bins: int = 8
     tail_bound: float = 5.0
+    # noise augmentation: each epoch a fraction of the training stars is made noisier by a
+    # variance factor log-uniform in [1, noise_augment], exactly, in the signal coordinates.
+    # It decouples the noise-level context from the stars' content (with one training S/N
+    # the noise level otherwise encodes line depths, and the flow learns it) and teaches
+    # the flow noise levels below the training S/N.  1: off.
+    noise_augment: float = 4.0
+    augment_fraction: float = 0.5
     # training (Adam, early stopping on the validation log p)
     lr: float = 1e-3
     batch_size: int = 256
