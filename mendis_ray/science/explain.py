@@ -53,6 +53,7 @@ __all__ = [
     "explanation_tables",
     "find_features",
     "identify_line",
+    "line_strengths",
     "standardized_residual",
 ]
 
@@ -160,21 +161,37 @@ def find_features(
 
 
 def identify_line(
-    wl: float, pix_width: float, lines: LineList, tol_pix: float = 2.0
+    wl: float,
+    pix_width: float,
+    lines: LineList,
+    tol_pix: float = 2.0,
+    strength: np.ndarray | None = None,
 ) -> tuple[str, float, str]:
-    """The identifiable line nearest ``wl`` (Angstrom) within ``tol_pix`` pixels of width
-    ``pix_width``: (label e.g. ``"Mg I 15770.2"``, its wavelength, element or molecule);
-    ``("", nan, "")`` when none is that close."""
-    ok = lines.strong | np.isin(lines.species, _IDENTIFIABLE_MOLECULES)
-    ok |= lines.species == HYDROGEN
-    d = np.where(ok, np.abs(lines.wavelength - wl), np.inf)
-    i = int(np.argmin(d)) if d.size else -1
-    if i < 0 or d[i] > tol_pix * pix_width:
+    """The identifiable line at ``wl`` (Angstrom): among the lines within ``tol_pix`` pixels
+    of width ``pix_width``, the strongest by ``strength`` (n_lines,) (e.g. log tau0 at the
+    star's labels) when given, else a named atomic line before a hydrogen line before a
+    CO / OH line, the nearest first.
+
+    Returns:
+        (label e.g. ``"Mg I 15770.2"``, its wavelength, element or molecule), or
+        ``("", nan, "")`` when no identifiable line is that close."""
+    sp = lines.species
+    ok = lines.strong | np.isin(sp, _IDENTIFIABLE_MOLECULES) | (sp == HYDROGEN)
+    d = np.abs(lines.wavelength - wl)
+    cand = np.flatnonzero(ok & (d <= tol_pix * pix_width))
+    if cand.size == 0:
         return "", float("nan"), ""
-    sp = int(lines.species[i])
-    element = ELEMENTS[int(lines.element[i])] if lines.element[i] >= 0 else SPECIES_NAMES[sp]
-    if sp == HYDROGEN:
+    if strength is not None:
+        i = int(cand[np.argmax(np.asarray(strength)[cand])])
+    else:
+        prio = np.where(sp[cand] == HYDROGEN, 1, np.where(lines.strong[cand], 0, 2))
+        i = int(cand[np.lexsort((d[cand], prio))[0]])
+    if sp[i] == HYDROGEN:
         element = "H"
+    else:
+        element = (
+            ELEMENTS[int(lines.element[i])] if lines.element[i] >= 0 else SPECIES_NAMES[int(sp[i])]
+        )
     return lines.label(i), float(lines.wavelength[i]), element
 
 
@@ -239,6 +256,7 @@ def explain_spectrum(
     threshold: float = 4.0,
     max_features: int = 10,
     tol_pix: float = 2.0,
+    line_strength: np.ndarray | None = None,
 ) -> Explanation:
     """Explain one spectrum (n_pix,) against its reference (see the module doc).
 
@@ -246,7 +264,8 @@ def explain_spectrum(
     Angstrom), ``wl_lo``, ``wl_hi``, ``n_pix``, ``depth`` (residual flux at the peak),
     ``z_peak``, ``chi2``, ``line`` (label or ""), ``line_wavelength`` (NaN if none),
     ``element`` (of the line, or ""), ``response_element`` (element moving the feature's
-    pixels most, "" without a response map or where none moves them)."""
+    pixels most, "" without a response map or where none moves them).  ``line_strength``
+    (n_lines,): see :func:`identify_line` (:func:`line_strengths` gives it)."""
     wl = np.asarray(wavelength, np.float64)
     r, z, w = standardized_residual(flux, ivar, ref, ref_ivar)
     chi2 = float(np.sum(z * z))
@@ -257,7 +276,7 @@ def explain_spectrum(
         # pixel width within the chip (np.gradient spans the gap at a chip edge)
         same = [j for j in (peak - 1, peak + 1) if 0 <= j < wl.size and seg[j] == seg[peak]]
         pw = min(abs(wl[j] - wl[peak]) for j in same) if same else float(width[peak])
-        line, line_wl, element = identify_line(float(wl[peak]), pw, lines, tol_pix)
+        line, line_wl, element = identify_line(float(wl[peak]), pw, lines, tol_pix, line_strength)
         ex.features.append({
             "feature": k + 1, "wavelength": float(wl[peak]), "wl_lo": float(wl[lo]),
             "wl_hi": float(wl[hi]), "n_pix": hi - lo + 1, "depth": float(r[peak]),
@@ -351,3 +370,15 @@ def response_maps(grid: dict, labels: np.ndarray) -> np.ndarray | None:
         )  # fmt: skip
         out[ok] = element_response(Simulator(grid=get_grid(name)), stars)
     return out
+
+
+def line_strengths(lines: LineList, labels: np.ndarray) -> np.ndarray | None:
+    """log10 central optical depth (n_lines,) of every line at ``labels`` (Teff, log g,
+    [Fe/H]; solar-scaled abundances), or None where a label is not finite."""
+    from mendis_ray.spectra.linelist import log_tau0
+
+    lab = np.asarray(labels, np.float64).reshape(3)
+    if not np.all(np.isfinite(lab)) or lab[0] <= 0:
+        return None
+    x_h = np.full((1, len(ELEMENTS)), lab[2])
+    return log_tau0(lines, lab[:1], lab[1:2], x_h)[0][0]
