@@ -49,6 +49,7 @@ from mendis_ray.spectra.linelist import CO, ELEMENTS, HYDROGEN, OH, SPECIES_NAME
 __all__ = [
     "Explanation",
     "element_totals",
+    "explain_outliers",
     "explain_spectrum",
     "explanation_tables",
     "find_features",
@@ -87,6 +88,8 @@ class Explanation:
             parts.append(
                 f"{f['wavelength']:.1f} A {ident} {f['depth']:+.3f} (z {f['z_peak']:+.0f})"
             )
+        if not parts and not self.n_good:
+            return "no typical spectrum to compare with"
         if not parts:
             parts.append(f"no pixel beyond the threshold (chi2/pixel {self.chi2_per_pixel:.2f})")
         lead = [e for e in self.elements if e["share"] >= 0.05][:3]
@@ -382,3 +385,35 @@ def line_strengths(lines: LineList, labels: np.ndarray) -> np.ndarray | None:
         return None
     x_h = np.full((1, len(ELEMENTS)), lab[2])
     return log_tau0(lines, lab[:1], lab[1:2], x_h)[0][0]
+
+
+def explain_outliers(
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    ref_flux: np.ndarray,
+    ref_ivar: np.ndarray,
+    labels: np.ndarray,
+    wavelength: np.ndarray,
+    grid: dict | None = None,
+    **kwargs: object,
+) -> list[Explanation]:
+    """Explanations of n spectra (n, n_pix) against their references (n, n_pix; a row of
+    NaN where a spectrum has none: an empty explanation), with the response maps and
+    line strengths at ``labels`` (n, 3) where ``grid`` (``Grid.describe()``) is one the
+    simulator makes.  ``kwargs`` go to :func:`explain_spectrum`."""
+    from mendis_ray.spectra.linelist import default_linelist
+
+    lines = default_linelist()
+    labels = np.asarray(labels, np.float64).reshape(-1, 3)
+    maps = response_maps(grid, labels) if grid else None
+    out = []
+    for k in range(len(flux)):
+        if not np.isfinite(ref_flux[k]).any():
+            out.append(Explanation(chi2=float("nan"), n_good=0))
+            continue
+        resp = None if maps is None or np.isnan(maps[k]).all() else maps[k]
+        out.append(explain_spectrum(
+            flux[k], ivar[k], ref_flux[k], ref_ivar[k], wavelength, lines, response=resp,
+            line_strength=line_strengths(lines, labels[k]), **kwargs,
+        ))  # fmt: skip
+    return out
