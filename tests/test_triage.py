@@ -42,6 +42,7 @@ def scored_folder(out: Path, sim, n_typical: int = 24, seed: int = 0) -> Path:
     x = np.zeros((n, len(ELEMENTS)))
     x[n_typical, ELEMENTS.index("Mg")] = 0.5
     x[n_typical + 1, ELEMENTS.index("C")] = 0.6
+    x[n_typical + 3, ELEMENTS.index("Ni")] = 0.6  # the star with the evil id: an outlier
     lab = StellarLabels(teff, logg, x, np.full(n, 6.0), np.zeros(n))
     flux = sim(lab, dtype=np.float64) + rng.normal(size=(n, sim.grid.n_pix)) / 200
     flux[n_typical + 2, 1000:1003] += 0.8  # a spike: an artefact
@@ -94,6 +95,8 @@ def test_outputs_explain_the_planted_outliers(folder):
     spike = pq.read_table(folder / "explain_features.parquet").to_pylist()
     spike = [f for f in spike if f["id"] == "spike"]
     assert spike[0]["depth"] > 0.5 and spike[0]["n_pix"] <= 5  # the emission spike first
+    assert spike[0]["kind"] == "emission" and "emission" in by_id["spike"]["explanation"]
+    assert EVIL_ID in by_id
     for r in top:
         assert r["ref_id"].startswith("star") and r["explanation"]
 
@@ -196,6 +199,14 @@ def test_page_is_self_contained_and_escapes_catalog_text(folder):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
     assert "https://" not in html and "http://" not in html
     assert EVIL_ID not in html and "</script><script>" not in html
+    assert html.count("</script>") == 2  # the data's and the code's
+    assert (
+        json.dumps(EVIL_ID)[1:-1]
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+        in html
+    )  # the id is there, escaped
     data = load_triage(folder)
     assert [s["id"] for s in data["stars"]][:6] == pq.read_table(
         folder / "top_outliers.parquet").column("id").to_pylist()  # fmt: skip

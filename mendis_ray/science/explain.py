@@ -85,6 +85,8 @@ class Explanation:
         parts = []
         for f in self.features[:n]:
             ident = f["line"] or f["response_element"] or "unidentified"
+            if f["kind"] == "emission":
+                ident = f"emission (near {f['line']})" if f["line"] else "emission"
             parts.append(
                 f"{f['wavelength']:.1f} A {ident} {f['depth']:+.3f} (z {f['z_peak']:+.0f})"
             )
@@ -267,7 +269,10 @@ def explain_spectrum(
     Angstrom), ``wl_lo``, ``wl_hi``, ``n_pix``, ``depth`` (residual flux at the peak),
     ``z_peak``, ``chi2``, ``line`` (label or ""), ``line_wavelength`` (NaN if none),
     ``element`` (of the line, or ""), ``response_element`` (element moving the feature's
-    pixels most, "" without a response map or where none moves them).  ``line_strength``
+    pixels most, "" without a response map or where none moves them), ``kind``
+    (``absorption``: deeper than the reference; ``weaker``: shallower; ``emission``:
+    above the continuum beyond 3 sigma, which no weakened line gives: a spike, sky or
+    emission line; its ``line`` is then only what lies nearby).  ``line_strength``
     (n_lines,): see :func:`identify_line` (:func:`line_strengths` gives it)."""
     wl = np.asarray(wavelength, np.float64)
     r, z, w = standardized_residual(flux, ivar, ref, ref_ivar)
@@ -280,16 +285,27 @@ def explain_spectrum(
         same = [j for j in (peak - 1, peak + 1) if 0 <= j < wl.size and seg[j] == seg[peak]]
         pw = min(abs(wl[j] - wl[peak]) for j in same) if same else float(width[peak])
         line, line_wl, element = identify_line(float(wl[peak]), pw, lines, tol_pix, line_strength)
+        kind = _kind(float(r[peak]), float(np.asarray(ref)[peak]), float(w[peak]))
         ex.features.append({
             "feature": k + 1, "wavelength": float(wl[peak]), "wl_lo": float(wl[lo]),
             "wl_hi": float(wl[hi]), "n_pix": hi - lo + 1, "depth": float(r[peak]),
             "z_peak": float(z[peak]), "chi2": float(np.sum(z[lo : hi + 1] ** 2)),
             "line": line, "line_wavelength": line_wl, "element": element,
-            "response_element": _dominant(response, lo, hi),
+            "response_element": _dominant(response, lo, hi), "kind": kind,
         })  # fmt: skip
     if response is not None:
         ex.elements = element_totals(r, w, response, chi2)
     return ex
+
+
+def _kind(r: float, ref: float, w: float) -> str:
+    """``absorption`` (more than the reference), ``weaker`` (a shallower line), or
+    ``emission``: above the continuum (1) by more than 3 sigma, which no weakened line
+    can give (a spike, a sky or emission line)."""
+    if r < 0:
+        return "absorption"
+    sigma = 1.0 / np.sqrt(w) if w > 0 else np.inf
+    return "emission" if ref + r > 1.0 + 3 * sigma else "weaker"
 
 
 def _dominant(response: np.ndarray | None, lo: int, hi: int, floor: float = 0.01) -> str:
@@ -305,7 +321,7 @@ _FEATURE_TYPES = {
     "feature": pa.int32(), "wavelength": pa.float64(), "wl_lo": pa.float64(),
     "wl_hi": pa.float64(), "n_pix": pa.int32(), "depth": pa.float64(), "z_peak": pa.float64(),
     "chi2": pa.float64(), "line": pa.string(), "line_wavelength": pa.float64(),
-    "element": pa.string(), "response_element": pa.string(),
+    "element": pa.string(), "response_element": pa.string(), "kind": pa.string(),
 }  # fmt: skip
 _ELEMENT_TYPES = {
     "element": pa.string(), "offset_dex": pa.float64(), "clipped": pa.bool_(),

@@ -28,6 +28,11 @@
     if (typeof v === "number") return Math.abs(v) >= 1e5 || (v !== 0 && Math.abs(v) < 1e-3) ? v.toExponential(2) : v.toFixed(d === undefined ? 3 : d);
     return String(v);
   }
+  function featureName(f) {
+    const id = f.line || f.response_element || "";
+    if (f.kind === "emission") return id ? "emission near " + id : "emission";
+    return id;
+  }
   function status(text, isError) {
     const s = $("save-status");
     s.textContent = text;
@@ -66,7 +71,7 @@
       const bits = [];
       if (m.percentile !== undefined) bits.push("pct " + fmt(m.percentile, 1));
       if (m.flag_names) bits.push(m.flag_names);
-      if (s.features.length) bits.push(s.features[0].line || s.features[0].response_element || "");
+      if (s.features.length) bits.push(featureName(s.features[0]));
       li.append(el("span", bits.filter(Boolean).join(" · "), "sub"));
       li.addEventListener("click", () => select(i));
       ol.append(li);
@@ -102,7 +107,7 @@
     for (const f of s.features) {
       const tr = el("tr");
       tr.append(el("td", f.feature), el("td", fmt(f.wavelength, 2)), el("td", fmt(f.wl_lo, 1) + "–" + fmt(f.wl_hi, 1)),
-        el("td", fmt(f.depth, 3)), el("td", fmt(f.z_peak, 1)), el("td", f.line, "l"), el("td", f.element, "l"),
+        el("td", fmt(f.depth, 3)), el("td", fmt(f.z_peak, 1)), el("td", f.kind, "l"), el("td", f.line, "l"), el("td", f.element, "l"),
         el("td", f.response_element, "l"));
       tr.addEventListener("click", () => zoomTo(f.wl_lo - 12, f.wl_hi + 12));
       fb.append(tr);
@@ -110,7 +115,7 @@
     if (!s.features.length) {
       const tr = el("tr");
       const td = el("td", "no pixel deviates beyond the threshold", "l");
-      td.colSpan = 8;
+      td.colSpan = 9;
       tr.append(td);
       fb.append(tr);
     }
