@@ -219,3 +219,18 @@ def post_verdict(
     path = Path(out_dir) / VERDICTS_FILE
     stored = record_verdict(path, v)
     return 200, {"n": len(stored), "file": str(path), "verdicts": stored}
+
+
+def verdicts_for_run(out_dir: str | os.PathLike, extra: str | os.PathLike | None) -> dict:
+    """The verdicts a ``mendis score`` run into ``out_dir`` carries: ``extra`` (a
+    downloaded ``verdicts.json`` or another ``verdicts.parquet``; validated first, so a
+    bad file stops the run before any scoring) merged into ``out_dir/verdicts.parquet``,
+    then everything stored there."""
+    path = Path(out_dir) / VERDICTS_FILE
+    if extra is not None:
+        extra = Path(extra)
+        if not extra.is_file():
+            raise VerdictError(str(extra), "no such verdicts file")
+        if extra.resolve() != path.resolve():
+            return merge_into(path, read_verdicts(extra))
+    return read_verdicts(path)
