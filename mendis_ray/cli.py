@@ -504,6 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-request-bytes", type=int, default=None, help="413 above (64 MiB)")
     v.add_argument("--max-marginal", type=int, default=None, help="label-free spectra (8)")
     v.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    v.add_argument(
+        "--triage", default=None, metavar="DIR",
+        help="also serve the triage page of a scored catalog (mendis score --out DIR) at "
+        "/triage; verdicts clicked there are saved to DIR/verdicts.parquet",
+    )  # fmt: skip
     v.set_defaults(func=lambda a: _lazy("mendis_ray.distributed.serving", "main_serve")(a))
 
     # --- score (mendis_ray.distributed.infer) -----------------------------------------
@@ -539,6 +544,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--flags-first", action="store_true", help="rank flagged spectra before unflagged ones"
     )
+    c.add_argument(
+        "--html", action="store_true",
+        help="also write OUT/triage.html: the ranked outliers with their explanations and "
+        "verdict buttons, a self-contained page that opens with no internet",
+    )  # fmt: skip
+    c.add_argument(
+        "--verdicts", default=None, metavar="FILE",
+        help="verdicts to carry into the outputs, e.g. the verdicts.json downloaded from "
+        "triage.html; merged into OUT/verdicts.parquet (always read when present)",
+    )  # fmt: skip
     c.add_argument("--labels", help="allStar-like FITS table of labels for FITS inputs")
     c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     c.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")

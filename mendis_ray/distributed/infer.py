@@ -87,6 +87,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mendis_ray.atomic import replace_dir, write_atomic, write_json_atomic
+from mendis_ray.science.explained import ExplainedTop, explain_top, write_outputs
 from mendis_ray.spectra.batches import list_matrix, spectra_of
 from mendis_ray.spectra.shards import LABEL_COLUMNS, ShardError
 
@@ -324,6 +325,8 @@ def score_catalog(
     ingest_shards: int | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
+    html: bool = False,
+    verdicts: str | os.PathLike | None = None,
 ) -> CatalogResult:
     """Score every spectrum of a catalog with a checkpoint on a Ray actor pool.
 
@@ -371,6 +374,8 @@ def _score_catalog(
     ingest_shards: int | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
+    html: bool = False,
+    verdicts: str | os.PathLike | None = None,
 ) -> CatalogResult:
     """Score every spectrum of a catalog with a checkpoint on a Ray actor pool.
 
@@ -396,6 +401,10 @@ def _score_catalog(
         labels_path: allStar-like table of labels for FITS inputs.
         ingest_shards: shards of the ingested FITS (default: about 1,000 spectra each).
         address, num_cpus: the Ray cluster to join, or the local one's logical CPUs.
+        html: also write the triage page ``triage.html`` (:mod:`mendis_ray.triage`).
+        verdicts: a verdicts file (e.g. the page's ``verdicts.json`` download) merged into
+            ``out/verdicts.parquet``; the stored verdicts go into the outputs' ``verdict``
+            and ``verdict_note`` columns.
 
     Returns:
         a :class:`CatalogResult`.
@@ -419,6 +428,9 @@ def _score_catalog(
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp(out)
     timings: dict[str, float] = {}
+    from mendis_ray.triage.verdicts import verdicts_for_run
+
+    stored_verdicts = verdicts_for_run(out, verdicts)  # a bad file fails before scoring
 
     parquet_inputs, fits_files = split_inputs(inputs)
     files = list_shards(parquet_inputs) if parquet_inputs else []
@@ -501,18 +513,31 @@ def _score_catalog(
     top = _top_table(scores_dir, ranking, top_idx)
     top_csv = out / "top_outliers.csv"
     top_parquet = out / "top_outliers.parquet"
-    write_table_atomic(top, top_parquet)
-    write_csv_atomic(top, top_csv)
     timings["rank_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    typical_idx = _typical_rows(ranking, n_typical, exclude=top_idx[:gallery_n])
+    typical = ranking.take(pa.array(typical_idx, pa.int64()))
+    explained = _explain_top(top, typical, shards)
+    run = {"checkpoint": str(checkpoint), "grid": shards.grid, "rank_by": rank_by,
+           "rows": shards.n_rows}  # fmt: skip
+    wl, xlabel = _wavelength(shards.files, shards.n_pix)
+    explained_files = write_outputs(out, explained, pq.read_table(scores_dir), wl, xlabel, run,
+                                    stored_verdicts)  # fmt: skip
+    top = pq.read_table(top_parquet)  # with explanations and verdicts
+    timings["explain_s"] = time.perf_counter() - t0
+    page = None
+    if html:
+        from mendis_ray.triage.page import write_page
+
+        page = write_page(out)
+    else:
+        (out / "triage.html").unlink(missing_ok=True)  # an earlier run's would not match
 
     gallery = None
     if gallery_n > 0 and top.num_rows:
         t0 = time.perf_counter()
-        typical_idx = _typical_rows(ranking, n_typical, exclude=top_idx[:gallery_n])
-        gallery = make_gallery(
-            top.slice(0, gallery_n), ranking.take(pa.array(typical_idx, pa.int64())), shards,
-            out / "gallery.png",
-        )  # fmt: skip
+        gallery = make_gallery(top.slice(0, gallery_n), typical, shards, out / "gallery.png")
         timings["gallery_s"] = time.perf_counter() - t0
     else:
         (out / "gallery.png").unlink(missing_ok=True)  # an earlier run's would not match
@@ -548,7 +573,11 @@ def _score_catalog(
             "top_csv": str(top_csv),
             "top_parquet": str(top_parquet),
             "gallery": None if gallery is None else str(gallery),
+            **explained_files,
+            "triage_html": None if page is None else str(page),
         },
+        "explained": explained.top.num_rows,
+        "verdicts": len(stored_verdicts),
     }
     summary_path = write_json_atomic(summary, out / "summary.json")
     log.info("wrote %s, %s, %s in %.1f s", scores_dir, top_csv, summary_path, seconds)
@@ -822,9 +851,10 @@ def _title(row: dict, neighbour: str) -> str:
         scores = (f"log p/dim {_num(row.get('log_p_per_dim'), '.3f')}, signal pct "
                   f"{_num(row.get('signal_percentile'), '.1f')}, log ratio gauss "
                   f"{_num(row.get('log_ratio_gaussian'), '.1f')}")  # fmt: skip
+    why = f"\nwhy: {row['explanation']}" if row.get("explanation") else ""
     return (
         f"#{row['rank']} {row['id']}: percentile {_num(row.get('percentile'), '.1f')}, "
-        f"{scores}, flags {flags}\n{lab.strip()}{'; ' if lab else ''}{neighbour}"
+        f"{scores}, flags {flags}\n{lab.strip()}{'; ' if lab else ''}{neighbour}{why}"
     )
 
 
@@ -861,9 +891,9 @@ def plot_gallery(
         if typical.num_rows else np.zeros(0)
     )  # fmt: skip
     m = max(n, 1)
-    fig = plt.figure(figsize=(13, 3.4 * m))
-    # per spectrum: flux (2), residual (1), spacer for the next (two-line) title (0.8)
-    gs = fig.add_gridspec(3 * m, 1, height_ratios=[2.0, 1.0, 0.8] * m, hspace=0.0)
+    fig = plt.figure(figsize=(13, 3.6 * m))
+    # per spectrum: flux (2), residual (1), spacer for the next (three-line) title (1.0)
+    gs = fig.add_gridspec(3 * m, 1, height_ratios=[2.0, 1.0, 1.0] * m, hspace=0.0)
     for k in range(n):
         ax = fig.add_subplot(gs[3 * k, 0])
         res = fig.add_subplot(gs[3 * k + 1, 0], sharex=ax)
@@ -897,7 +927,7 @@ def plot_gallery(
             res.set_xlabel(xlabel, fontsize=8)
     if n == 0:
         fig.text(0.5, 0.5, "no outliers to show", ha="center")
-    fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.45 / (3.4 * m), bottom=0.0)
+    fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.6 / (3.6 * m), bottom=0.0)
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     try:
@@ -907,6 +937,22 @@ def plot_gallery(
         plt.close(fig)
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _explain_top(top: pa.Table, typical: pa.Table, shards) -> ExplainedTop:
+    """Explain every ``top`` row against its nearest ``typical`` spectrum (never itself)."""
+    n_pix = shards.n_pix
+    flux, ivar = _read_spectra(top, shards.files, n_pix)
+    typ_flux, typ_ivar = _read_spectra(typical, shards.files, n_pix)
+    typ_ids = [str(i) for i in typical.column("id").to_pylist()]
+    ids = [str(i) for i in top.column("id").to_pylist()]
+    nn = np.full(len(ids), -1, np.int64)
+    for k, sid in enumerate(ids):  # a star in the typical set is not its own reference
+        keep = np.flatnonzero(np.asarray(typ_ids) != sid) if typ_ids else np.zeros(0, int)
+        j, _ = nearest_typical(flux[k : k + 1], ivar[k : k + 1], typ_flux[keep], typ_ivar[keep])
+        nn[k] = keep[j[0]] if j[0] >= 0 else -1
+    wl, _ = _wavelength(shards.files, n_pix)
+    return explain_top(top, flux, ivar, typ_ids, typ_flux, typ_ivar, nn, wl, dict(shards.grid))
 
 
 def make_gallery(top: pa.Table, typical: pa.Table, shards, path: Path) -> Path:
@@ -993,6 +1039,8 @@ def main_score(args: argparse.Namespace) -> int:
         "labels_path": getattr(args, "labels", None),
         "address": getattr(args, "address", None),
         "num_cpus": getattr(args, "num_cpus", None),
+        "html": getattr(args, "html", False),
+        "verdicts": getattr(args, "verdicts", None),
     }
     res = score_catalog(args.checkpoint, args.inputs, args.out, **kw)
     s = res.summary
@@ -1005,8 +1053,16 @@ def main_score(args: argparse.Namespace) -> int:
         print(f"warning: {s['rows'] - s['distinct_ids']} duplicate spectrum id(s) in the inputs")
     print(f"scores:       {res.scores} ({len(s['files']['scores'])} file(s))")
     print(f"top outliers: {res.top_csv}  ({s['top_n']} rows; also {res.top_parquet.name})")
+    files = s["files"]
+    print(f"FITS:         {files['scores.fits']} (every spectrum), {files['top_outliers.fits']}")
+    print(f"explanations: {files['explain_features.csv']} ({s['explained']} outliers), "
+          f"{Path(files['explain_elements.csv']).name}")  # fmt: skip
     if res.gallery is not None:
         print(f"gallery:      {res.gallery}")
+    if files.get("triage_html"):
+        print(f"triage page:  {files['triage_html']} (open it in a browser)")
+    if s["verdicts"]:
+        print(f"verdicts:     {s['verdicts']} carried from {Path(args.out) / 'verdicts.parquet'}")
     print(f"summary:      {res.summary_path}")
     top = pq.read_table(res.top_parquet).slice(0, 10).to_pylist()
     if top:
@@ -1022,4 +1078,6 @@ def main_score(args: argparse.Namespace) -> int:
                 f"  {r['rank']:>3}  {r['id']}  percentile {_num(r.get('percentile'), '.1f')}  "
                 f"{detail}  flags {r['flag_names'] or '-'}"
             )
+            if r.get("explanation"):
+                print(f"       why: {r['explanation']}")
     return 0

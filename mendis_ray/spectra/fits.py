@@ -112,6 +112,11 @@ class ApStarSpectrum:
         vhelio, rv_teff, rv_logg, rv_feh: header facts from the Doppler RV fit (NaN when
             absent); the RV_* values are *not* ASPCAP labels.
         n_visits: header ``NVISITS`` (None when absent).
+        field: header ``FIELD`` (APOGEE field name; "" when absent).
+        telescope: header ``TELESCOP``/``TELESCOPE``, else the ``apo25m``/``lco25m``/
+            ``apo1m`` folder the file sits in (the SAS layout ``stars/TELESCOPE/FIELD/``),
+            else ``lco25m`` for an ``asStar`` file; "" when none says (DR17 apStar headers
+            carry no telescope key).
     """
 
     id: str
@@ -130,6 +135,8 @@ class ApStarSpectrum:
     rv_logg: float = float("nan")
     rv_feh: float = float("nan")
     n_visits: int | None = None
+    field: str = ""
+    telescope: str = ""
 
     @property
     def n_pix(self) -> int:
@@ -269,6 +276,29 @@ def _file_id(ff: _FitsFile) -> str:
     return name.split(".fits")[0]
 
 
+_TELESCOPES = ("apo25m", "lco25m", "apo1m")
+
+
+def _header_text(ff: _FitsFile, *keys: str) -> str:
+    """The first non-empty string value of ``keys`` in HDU0/HDU1 ("" when none)."""
+    for key in keys:
+        value = _header_value(ff, key, (0, 1))
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return ""
+
+
+def _telescope(ff: _FitsFile) -> str:
+    """Telescope of an APOGEE file: header, else the SAS folder, else the file prefix."""
+    found = _header_text(ff, "TELESCOP", "TELESCOPE")
+    if found:
+        return found
+    for part in reversed(ff.path.absolute().parent.parts):  # as given: links not followed
+        if part.lower() in _TELESCOPES:
+            return part.lower()
+    return "lco25m" if ff.path.name.startswith("asStar") else ""
+
+
 def _wcs(ff: _FitsFile, hdus: Sequence[int]) -> tuple[float, float]:
     """(crval1, cdelt1) of pixel 0 in log10(Angstrom) from the first header holding them."""
     values = {}
@@ -400,6 +430,8 @@ def _apstar_from(ff: _FitsFile, row: int) -> ApStarSpectrum:
         rv_logg=_header_float(ff, "RV_LOGG"),
         rv_feh=_header_float(ff, "RV_FEH"),
         n_visits=int(n_visits) if isinstance(n_visits, int | float) else None,
+        field=_header_text(ff, "FIELD"),
+        telescope=_telescope(ff),
     )
 
 
@@ -444,6 +476,8 @@ def _aspcapstar_from(ff: _FitsFile) -> ApStarSpectrum:
         path=ff.path,
         snr=_aspcap_snr(ff),
         vhelio=_header_float(ff, "VHELIO", (0, 1)),
+        field=_header_text(ff, "FIELD"),
+        telescope=_telescope(ff),
     )
 
 
@@ -738,6 +772,9 @@ class _Row:
     vhelio: float
     rv: tuple[float, float, float]
     file: str
+    apogee_id: str = ""
+    telescope: str = ""
+    field: str = ""
 
 
 def _ingest_one(path: Path, grid: Grid, row: int) -> _Row:
@@ -765,6 +802,9 @@ def _ingest_one(path: Path, grid: Grid, row: int) -> _Row:
         vhelio=spec.vhelio,
         rv=(spec.rv_teff, spec.rv_logg, spec.rv_feh),
         file=path.name,
+        apogee_id=spec.id,
+        telescope=spec.telescope,
+        field=spec.field,
     )
 
 
@@ -816,6 +856,9 @@ def _tables(
                 "rv_feh": rv[:, 2],
                 "vhelio": np.array([r.vhelio for r in part], dtype=np.float64),
                 "file": [r.file for r in part],
+                "apogee_id": [r.apogee_id for r in part],
+                "telescope": [r.telescope for r in part],
+                "field": [r.field for r in part],
             },
         )
 
@@ -838,7 +881,8 @@ def ingest_apogee(
     Labels (teff, logg, feh) come from ``labels_path`` (:func:`read_label_table`) by
     APOGEE id, else they are null.  Header ``RV_TEFF``/``RV_LOGG``/``RV_FEH`` (Doppler
     template values, not ASPCAP labels) go to the extra columns ``rv_teff``, ``rv_logg``,
-    ``rv_feh``; ``vhelio`` and ``file`` are stored too; ``snr`` is the header S/N and
+    ``rv_feh``; ``vhelio``, ``file`` and the identifiers ``apogee_id``, ``telescope``
+    and ``field`` (see :class:`ApStarSpectrum`) are stored too; ``snr`` is the header S/N and
     ``source`` is ``'apStar'`` or ``'aspcapStar'``.
 
     All files are read and checked before anything is written.
