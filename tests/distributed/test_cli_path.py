@@ -97,7 +97,7 @@ def test_train_writes_its_ray_run_under_out_keeping_one_checkpoint(path_run):
     work, _ = path_run
     runs = list((work / "flow" / "ray_runs").iterdir())
     assert len(runs) == 1
-    ckpts = sorted(runs[0].glob("checkpoint_*"))
+    ckpts = sorted(p for p in runs[0].glob("checkpoint_*") if p.is_dir())
     assert len(ckpts) == 1, ckpts
     state = json.loads((ckpts[0] / "state.json").read_text())
     assert state["epoch"] == 1  # the last epoch: what --resume continues from
