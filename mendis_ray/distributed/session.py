@@ -66,8 +66,12 @@ def quiet_driver_logging() -> None:
 
 #: raylet notices that say nothing actionable about a small embedded cluster: on a 2-core
 #: machine with 4 logical CPUs Ray Data and Ray Train start more workers at once than
-#: the raylet's startup throttle (the physical core count) "expects"
-_HARMLESS_RAYLET = re.compile(r"worker processes have been started on node")
+#: the raylet's startup throttle (the physical core count) "expects"; and, when
+#: ``mendis serve`` stops, ``serve.shutdown`` kills the Serve controller while its own
+#: graceful-shutdown task is pending
+_HARMLESS_RAYLET = re.compile(
+    r"worker processes have been started on node|ServeController\.graceful_shutdown failed"
+)
 
 
 def filter_raylet_notices() -> None:

@@ -359,7 +359,7 @@ def fit_reference(
     density: SpectrumDensity,
     val_x: np.ndarray,
     gaussian: GaussianBaseline | None = None,
-    n_marginal: int = 64,
+    n_marginal: int = 32,
 ):
     """The scorer's reference for a flow trained with Ray Train: its validation rows
     ``val_x`` (n_val, d) (standardized, held out from training, degraded like the training

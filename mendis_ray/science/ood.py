@@ -138,14 +138,15 @@ def profile_labels(
     n_labels: int = 3,
     steps: int = 200,
     lr: float = 0.05,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
     min_curvature: float = MIN_LABEL_CURVATURE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Maximise log p_flow over the (standardized) label entries of ``x``, row by row.
 
     Each row stops on its own criterion (its log p changed by less than ``tol`` relative
     in one Adam step, or ``steps`` steps): Adam is elementwise, so a row's path, and its
-    score, do not depend on the other rows of the batch.  The flow's parameters are frozen
+    score, do not depend on the other rows of the batch; Newton steps then land each row
+    on its maximum (so Adam need only come close).  The flow's parameters are frozen
     meanwhile (:func:`frozen_parameters`).
 
     Args:

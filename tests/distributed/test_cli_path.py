@@ -43,7 +43,7 @@ def _env() -> dict:
     return env
 
 
-def mendis(*args: str, cwd: Path, timeout: float = 300) -> str:
+def mendis(*args: str, cwd: Path, timeout: float = 900) -> str:
     """Run ``mendis ARGS`` as a user would; return its console (stdout + stderr)."""
     p = subprocess.run([sys.executable, "-m", "mendis_ray.cli", *args], cwd=cwd, env=_env(),
                        capture_output=True, text=True, timeout=timeout)  # fmt: skip
