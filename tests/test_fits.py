@@ -186,6 +186,12 @@ def test_real_apstar_read_grid_and_mask() -> None:
         assert np.all(spec.ivar[bad_bits] == 0)
         assert np.all(spec.ivar[~np.isfinite(spec.flux)] == 0)
         n_masked += int(bad_bits.sum())
+        # sky-line residuals (SIG_SKYLINE, bit 12; 131 and 172 pixels in these files,
+        # all but 5 of them good before) are masked as the APOGEE abundances mask them
+        sky = (spec.bitmask & (1 << 12)) != 0
+        assert sky.sum() > 100 and np.all(spec.ivar[sky] == 0)
+        warn_only = ((spec.bitmask & ((1 << 11) | (1 << 13))) != 0) & ~bad_bits & ~sky
+        assert (spec.ivar[warn_only] > 0).mean() > 0.9  # warning bits keep the pixel
     assert n_masked > 0  # the real files do have bits 0-7 set somewhere
 
 
@@ -200,7 +206,7 @@ def test_real_apstar_normalized_on_paper_grid() -> None:
         assert 0.95 < np.median(flux[good]) < 1.02, f"{f.name}: {np.median(flux[good]):.3f}"
         assert np.all(np.isfinite(flux))
         # masked apStar pixels stay masked on the paper grid (it picks apStar pixels)
-        bad = (spec.bitmask[paper_grid().apstar_index] & 0xFF) != 0
+        bad = (spec.bitmask[paper_grid().apstar_index] & (0xFF | 1 << 12)) != 0
         assert np.all(ivar[bad] == 0)
 
 
@@ -358,15 +364,19 @@ def test_masked_pixels_get_zero_ivar(tmp_path: Path, synth: dict[str, np.ndarray
     for bit, pix in enumerate(range(1000, 1080, 10)):  # bits 0-7 on pixels 1000..1070
         mask[0, pix] |= 1 << bit
     mask[0, 2000] |= 1 << 9  # bit 9 (PERSIST_HIGH) is not "bad"
+    mask[0, 2001] |= 1 << 13  # bit 13 (SIG_TELLURIC) is not "bad" either
+    mask[0, 2500] |= 1 << 12  # bit 12 (SIG_SKYLINE) is: a sky residual, not the star
+    flux[0, 2500] *= 3.0  # ... such as this emission-like spike
     flux[0, 3000] = np.nan
     err[0, 3001] = 0.0
     err[0, 3002] = 1e10  # the pipeline's BADERR
     path = write_apstar(tmp_path / "apStar-dr17-2M00000000+0000003.fits", flux, err, mask)
     spec = read_apstar(path)
     assert np.all(spec.ivar[1000:1080:10] == 0)
-    assert spec.ivar[2000] > 0
+    assert spec.ivar[2000] > 0 and spec.ivar[2001] > 0
+    assert spec.ivar[2500] == 0
     assert np.all(spec.ivar[3000:3003] == 0)
-    assert np.count_nonzero(spec.ivar == 0) == 8 + 3
+    assert np.count_nonzero(spec.ivar == 0) == 8 + 1 + 3
     out_flux, out_ivar = prepare_spectrum(spec, apstar_grid())
     assert np.all(out_ivar[1000:1080:10] == 0) and np.all(out_flux[1000:1080:10] == 1.0)
     assert np.all(out_ivar[3000:3003] == 0)

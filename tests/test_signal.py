@@ -260,3 +260,22 @@ def test_noise_augmentation_matches_noising_the_spectrum() -> None:
     half = np.cov(aug.noisier(np.full(m, star), np.full(m, np.log(2.0)), rng)[0][:, :3].T)
     np.testing.assert_allclose(half, cr / 2, atol=0.05 * np.diag(cr).max())  # (f - 1) scaling
     assert np.all(y[:, 3:] == c.y[star, 3:])  # labels untouched
+
+
+def test_label_free_score_is_per_row_not_per_batch(trained) -> None:
+    """The label-free signal scores (labels integrated out by importance sampling with
+    common draws, clean spectra noised with their own seed) of a spectrum are the same
+    alone and in any batch, e.g. beside outliers or many other stars (Serve merges the
+    requests of several users into one batch)."""
+    data, ckpt = trained
+    scorer = load_scorer(ckpt)
+    te, bi = _arrays(data, "test"), _arrays(data, "binary")
+    alone = [scorer.score(te.flux[i : i + 1], te.ivar[i : i + 1], None) for i in range(4)]
+    for f, iv in ((bi.flux[:20], bi.ivar[:20]), (te.flux[50:150], te.ivar[50:150])):
+        batch = scorer.score(np.concatenate([te.flux[:4], f]), np.concatenate([te.ivar[:4], iv]),
+                             None)  # fmt: skip
+        for key in ("score", "signal_score", "residual_score", "percentile", "log_p"):
+            want = np.array([a[key][0] for a in alone])
+            np.testing.assert_allclose(batch[key][:4], want, rtol=1e-5, atol=1e-4, err_msg=key)
+        want = np.array([a["labels_used"][0] for a in alone])
+        np.testing.assert_allclose(batch["labels_used"][:4], want, rtol=1e-5)

@@ -60,8 +60,9 @@ never holds duplicated or half-written files.  Two runs *at the same time* into 
 
 **Errors.**  A bad shard or row (unreadable file, wrong schema, non-finite flux, negative
 ivar) raises :class:`~mendis_ray.spectra.shards.ShardError` naming the file (and the
-spectrum id and pixel); a catalog on another grid than the checkpoint raises it too,
-before any data are read; a bad checkpoint raises
+spectrum id and pixel); so do a spectrum id that occurs twice in the catalog and a
+catalog on another grid than the checkpoint, before any data are read; a bad checkpoint
+raises
 :class:`~mendis_ray.flow.checkpoint.CheckpointError`.  Both are ``ValueError``: the CLI
 prints them without a traceback.
 """
@@ -95,6 +96,7 @@ __all__ = [
     "CatalogResult",
     "CatalogScorer",
     "actor_pool_options",
+    "find_duplicate_ids",
     "flag_names",
     "main_score",
     "nearest_typical",
@@ -444,6 +446,7 @@ def _score_catalog(
     if not files:
         raise ShardError(f"no input shards in {[str(p) for p in inputs]}")
     shards = check_shards(files, grid=ckpt_grid)  # the model's grid: names a mismatching shard
+    find_duplicate_ids(shards.files)  # the outputs are keyed by id: refuse ambiguity now
     if carry_columns is None:
         carry_columns = common_scalar_columns(shards.files)
 
@@ -503,11 +506,6 @@ def _score_catalog(
     wanted = {"id", "path", "flags", *RANK_KEYS["percentile"], *RANK_KEYS[rank_by], "score"}
     ranking = pq.read_table(scores_dir, columns=sorted(wanted & names))
     n_unique = pc.count_distinct(ranking.column("id")).as_py()
-    if n_unique != ranking.num_rows:
-        log.warning(
-            "%d duplicate spectrum id(s) in the catalog (%d rows, %d distinct ids)",
-            ranking.num_rows - n_unique, ranking.num_rows, n_unique,
-        )  # fmt: skip
     order = rank_outliers(ranking, rank_by=rank_by, flags_first=flags_first)
     top_idx = order[:top_n]
     top = _top_table(scores_dir, ranking, top_idx)
@@ -682,6 +680,23 @@ def ingest_fits(
     )  # fmt: skip
 
 
+def find_duplicate_ids(files: Sequence[Path]) -> None:
+    """Raise :class:`ShardError` naming the file (and the earlier file) and the id of the
+    first spectrum id that occurs twice in ``files`` (the ``id`` columns only are read):
+    every output row, the outlier table and the gallery are keyed by id."""
+    seen: dict[str, Path] = {}
+    for f in map(Path, files):
+        for i in pq.read_table(f, columns=["id"]).column("id").to_pylist():
+            key = str(i)
+            if key in seen:
+                where = "earlier in the same file" if seen[key] == f else f"also in {seen[key]}"
+                raise ShardError(
+                    f"{f}: spectrum id {key!r} occurs twice ({where}); ids must be unique "
+                    "within a catalog (the scores, outlier table and gallery are keyed by id)"
+                )
+            seen[key] = f
+
+
 def common_scalar_columns(files: Sequence[Path]) -> list[str]:
     """Non-list columns present in every shard, other than the required ones (footers)."""
     from mendis_ray.spectra.shards import REQUIRED_COLUMNS
@@ -712,8 +727,15 @@ def rank_outliers(
     """Row indices of ``table`` from most to least outlying (see the module doc).
 
     ``table`` needs the ``RANK_KEYS[rank_by]`` columns (and ``flags`` with
-    ``flags_first``).  NaN scores sort last."""
-    keys = [(k, "ascending") for k in rank_keys(table, rank_by)]
+    ``flags_first``).  +-inf scores sort first (impossible spectra), NaN scores last."""
+    keys = []
+    for k in rank_keys(table, rank_by):
+        # +-inf is an impossible score: the most outlying (NaN, no score, stays last)
+        col = table.column(k)
+        if pa.types.is_floating(col.type):
+            col = pc.if_else(pc.equal(col, np.inf), -np.inf, col)
+        table = table.append_column(f"_key_{k}", col)
+        keys.append((f"_key_{k}", "ascending"))
     if flags_first:
         flagged = pc.not_equal(table.column("flags"), 0)
         table = table.append_column("_flagged", flagged)
@@ -1049,8 +1071,6 @@ def main_score(args: argparse.Namespace) -> int:
         f"spectra/s overall, {s['scoring_spectra_per_s']:.1f} in the scoring step) on "
         f"{s['actors']['min']}-{s['actors']['max']} actor(s)"
     )
-    if s["distinct_ids"] != s["rows"]:
-        print(f"warning: {s['rows'] - s['distinct_ids']} duplicate spectrum id(s) in the inputs")
     print(f"scores:       {res.scores} ({len(s['files']['scores'])} file(s))")
     print(f"top outliers: {res.top_csv}  ({s['top_n']} rows; also {res.top_parquet.name})")
     files = s["files"]

@@ -338,10 +338,11 @@ class SignalScorer:
         no_good = c.proj.n_good <= k
         out = {"score": comb, "signal_score": sig, "residual_score": res, "log_p": log_p}
         unscorable = no_good.copy()
-        for key in out:  # impossible or unscorable: the most outlying, never NaN
+        for key in out:  # impossible or unscorable (NaN, +-inf): the most outlying
             v = out[key]
-            unscorable |= np.isnan(v)
-            out[key] = np.where(np.isnan(v) | no_good, -np.inf, v)
+            broken = np.isnan(v) | np.isposinf(v)
+            unscorable |= broken
+            out[key] = np.where(broken | no_good, -np.inf, v)
         for key in ("score", "signal_score", "residual_score"):
             ref = r.get(f"sorted.{key}")
             name = "percentile" if key == "score" else key.replace("_score", "_percentile")

@@ -55,6 +55,7 @@ __all__ = [
     "APOGEE_BAD_BITS",
     "BADERR",
     "DR13_CHIPS",
+    "SIG_SKYLINE",
     "ApStarSpectrum",
     "FitsInputError",
     "aspcapstar_grid",
@@ -73,9 +74,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: APOGEE_PIXMASK bits 0-7 (BADPIX, CRPIX, SATPIX, UNFIXABLE, BADDARK, BADFLAT, BADERR,
-#: NOSKY) mark a pixel as bad.
-APOGEE_BAD_BITS = 0xFF
+#: APOGEE_PIXMASK bit 12: the pixel lies near a sky line that is significant compared
+#: with the object's flux (its sky-subtraction residual looks like an emission feature).
+SIG_SKYLINE = 1 << 12
+#: The APOGEE_PIXMASK bits that make a pixel bad here, as for the APOGEE pipelines'
+#: abundances (ASPCAP gives these pixels no weight): bits 0-7 (BADPIX, CRPIX, SATPIX,
+#: UNFIXABLE, BADDARK, BADFLAT, BADERR, NOSKY) and bit 12 (SIG_SKYLINE).  The warning bits
+#: (8 LITTROW_GHOST, 9-11 PERSIST_*, 13 SIG_TELLURIC, 14 NOT_ENOUGH_PSF) keep the pixel.
+APOGEE_BAD_BITS = 0xFF | SIG_SKYLINE
 #: The pipeline sets the error of a masked pixel to 1e10 or more; such pixels are bad too.
 BADERR = 1e10
 #: apStar pixel ranges (half-open) of the DR13-DR16 7514-pixel aspcapStar grid.
@@ -101,8 +107,8 @@ class ApStarSpectrum:
         flux: (n_pix,) float64; apStar: 1e-17 erg/s/cm2/A, aspcapStar: normalized.
         err: (n_pix,) float64 flux uncertainty as stored in the file.
         bitmask: (n_pix,) int64 APOGEE_PIXMASK (all zero for aspcapStar files).
-        ivar: (n_pix,) float64 inverse variance, 0 for bad pixels (bits 0-7 set, err <= 0,
-            err >= ``BADERR``, non-finite flux or err).
+        ivar: (n_pix,) float64 inverse variance, 0 for bad pixels (``APOGEE_BAD_BITS``: bits
+            0-7 or 12 set; err <= 0, err >= ``BADERR``, non-finite flux or err).
         grid: the file's wavelength grid (``grid.n_pix == flux.size``).
         source: ``'apStar'`` or ``'aspcapStar'``.
         normalized: whether ``flux`` is already continuum normalized.
