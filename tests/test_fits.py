@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from astropy.io import fits
 
@@ -461,6 +462,33 @@ def test_ingest_attaches_labels(
     assert np.all(arr.snr == 200.0)
     good = arr.ivar > 0
     assert good.mean() > 0.99 and abs(np.median(arr.flux[good]) - 1) < 0.05
+
+
+def test_ingest_carries_label_table_ids(tmp_path: Path, synth: dict[str, np.ndarray]) -> None:
+    """The label table's identifier columns reach the shards untouched: a 64-bit Gaia id
+    stays an exact int64, text ids stay text, a star absent from the table gets nulls."""
+    ids = ["2M00000000+0000021", "2M00000000+0000022"]
+    paths = [write_apstar(tmp_path / f"apStar-dr17-{i}.fits", synth["flux"], synth["err"],
+                          synth["mask"], objid=i) for i in ids]  # fmt: skip
+    gaia = np.array([4295806720123456789, 1], dtype=np.int64)  # beyond float precision
+    cols = [fits.Column(name="APOGEE_ID", format="30A", array=np.array([ids[0], "2Mother"])),
+            fits.Column(name="TEFF", format="E", array=np.array([4500.0, 4600.0])),
+            fits.Column(name="LOGG", format="E", array=np.array([2.0, 2.1])),
+            fits.Column(name="FE_H", format="E", array=np.array([0.0, 0.1])),
+            fits.Column(name="GAIAEDR3_SOURCE_ID", format="K", array=gaia),
+            fits.Column(name="SDSS_ID", format="K", array=np.array([77, 78])),
+            fits.Column(name="TARGET_ID", format="20A",
+                        array=np.array(["apo25m.x", "y"]))]  # fmt: skip
+    labels = tmp_path / "allStar.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(cols)]).writeto(labels)
+    ingest_apogee(paths, tmp_path / "ds", labels_path=labels)
+    table = read_dataset(tmp_path / "ds", paper_grid())
+    assert table.schema.field("gaiaedr3_source_id").type == pa.int64()
+    rows = {r["id"]: r for r in table.select(
+        ["id", "gaiaedr3_source_id", "sdss_id", "target_id"]).to_pylist()}  # fmt: skip
+    assert rows[ids[0]] == {"id": ids[0], "gaiaedr3_source_id": 4295806720123456789,
+                            "sdss_id": 77, "target_id": "apo25m.x"}  # fmt: skip
+    assert rows[ids[1]]["gaiaedr3_source_id"] is None and rows[ids[1]]["target_id"] is None
 
 
 def test_label_table_m_h_fallback_and_missing_column(tmp_path: Path) -> None:
