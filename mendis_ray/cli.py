@@ -184,7 +184,8 @@ def _ray_train_args(p: argparse.ArgumentParser) -> None:
         help="keep the shards' labels (they are already observed labels)",
     )
     p.add_argument("--fixed-noise", action="store_true", help="the same noise every epoch")
-    p.add_argument("--storage", default="mendis_out/ray_runs", help="Ray Train storage path")
+    p.add_argument("--storage", default=None, help="Ray Train / Tune storage path (default: "
+                   "OUT/ray_runs; s3:// or gs:// or NFS on a multi-node cluster)")  # fmt: skip
     p.add_argument("--resume", default=None, help="run or checkpoint folder to resume from")
     p.add_argument("--checkpoint-every", type=int, default=1)
     p.add_argument("--max-failures", type=int, default=2)
@@ -214,7 +215,7 @@ def _ray_train_configs(args: argparse.Namespace):
         num_workers=args.workers,
         use_gpu=args.gpu,
         cpus_per_worker=args.cpus_per_worker,
-        storage_path=args.storage,
+        storage_path=args.storage or str(Path(args.out) / "ray_runs"),
         resume_from=args.resume,
         checkpoint_every=args.checkpoint_every,
         max_failures=args.max_failures,
@@ -232,22 +233,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.model == "signal":
         return cmd_train_signal(args)
     from mendis_ray.distributed.session import ensure_ray
-    from mendis_ray.distributed.train import train_distributed
+    from mendis_ray.distributed.train import fit_reference, train_distributed, training_verdict
     from mendis_ray.flow.checkpoint import save_checkpoint
 
     flow_cfg, train_cfg, ray_cfg = _ray_train_configs(args)
     ensure_ray(args.address)
     res = train_distributed(args.data, args.out, flow_cfg, train_cfg, ray_cfg)
+    scorer = fit_reference(res.density, res.val_x, res.start_models.get("gaussian"))
+    start_val = res.start_val_log_prob.get(res.start, float("nan"))
+    verdict = training_verdict(res.history, start_val)
     best = save_checkpoint(
         Path(args.out) / "checkpoint", res.density, train_cfg,
-        metrics={"history": res.history, "start": res.start}, extra=res.info,
+        metrics={"history": res.history, "start": res.start, **verdict}, extra=res.info,
+        extra_arrays=scorer.checkpoint_arrays(),
     )  # fmt: skip
     for h in res.history:
         print(f"epoch {h['epoch']}: train log p {h['train_log_prob']:.1f}, "
               f"val log p {h['val_log_prob']:.1f}, {h['samples_per_s']:.0f} spectra/s")  # fmt: skip
     print(f"best checkpoint: {best}")
     print(f"Ray Train run (resume with --resume): {res.run_dir}")
-    return 0
+    return _report_verdict(verdict, res.start, train_cfg)
+
+
+def _report_verdict(verdict: dict, start: str, train_cfg) -> int:
+    """Say plainly when the flow kept its Gaussian start, loudly when training diverged;
+    the exit status: 3 when it diverged and nothing improved on the start, else 0."""
+    if verdict["improved"]:
+        return 0
+    start_val = verdict["start_val_log_prob"]
+    kept = (f"the flow did not improve on its Gaussian start ({start}, validation log p "
+            f"{start_val:.1f}): the checkpoint holds that start")  # fmt: skip
+    if not verdict["diverged"]:
+        log.warning("%s", kept)
+        print(f"note: {kept}; it scores as that Gaussian (train longer, or use the default "
+              "signal-space model)")  # fmt: skip
+        return 0
+    log.warning("TRAINING DIVERGED: %s", kept)
+    print(
+        f"error: training diverged (the log p of the epochs above fell far below the start, "
+        f"lr {train_cfg.lr:g}, linear-lr-scale {train_cfg.linear_lr_scale:g}); {kept}. "
+        "Lower --lr or --linear-lr-scale and train again.", file=sys.stderr,
+    )  # fmt: skip
+    return 3
 
 
 def cmd_train_signal(args: argparse.Namespace) -> int:
@@ -331,7 +358,7 @@ def cmd_tune_signal(args: argparse.Namespace) -> int:
         ks=_csv(args.ks, int), n_units=_csv(args.units, int, "4,6"), lr=_csv(args.lrs, float),
         cpus_per_trial=args.cpus_per_trial, max_concurrent_trials=args.concurrent,
         time_limit_s=None if args.minutes is None else 60 * args.minutes,
-        storage_path=args.storage,
+        storage_path=args.storage or str(Path(args.out) / "ray_runs"),
     )  # fmt: skip
     ensure_ray(args.address)
     res = tune_signal(args.data, args.out, cfg, tune_cfg)
@@ -504,6 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-request-bytes", type=int, default=None, help="413 above (64 MiB)")
     v.add_argument("--max-marginal", type=int, default=None, help="label-free spectra (8)")
     v.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    v.add_argument(
+        "--triage", default=None, metavar="DIR",
+        help="also serve the triage page of a scored catalog (mendis score --out DIR) at "
+        "/triage; verdicts clicked there are saved to DIR/verdicts.parquet",
+    )  # fmt: skip
     v.set_defaults(func=lambda a: _lazy("mendis_ray.distributed.serving", "main_serve")(a))
 
     # --- score (mendis_ray.distributed.infer) -----------------------------------------
@@ -539,6 +571,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--flags-first", action="store_true", help="rank flagged spectra before unflagged ones"
     )
+    c.add_argument(
+        "--html", action="store_true",
+        help="also write OUT/triage.html: the ranked outliers with their explanations and "
+        "verdict buttons, a self-contained page that opens with no internet",
+    )  # fmt: skip
+    c.add_argument(
+        "--verdicts", default=None, metavar="FILE",
+        help="verdicts to carry into the outputs, e.g. the verdicts.json downloaded from "
+        "triage.html; merged into OUT/verdicts.parquet (always read when present)",
+    )  # fmt: skip
     c.add_argument("--labels", help="allStar-like FITS table of labels for FITS inputs")
     c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     c.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")

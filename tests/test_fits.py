@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from astropy.io import fits
 
@@ -183,6 +184,12 @@ def test_real_apstar_read_grid_and_mask() -> None:
         assert np.all(spec.ivar[bad_bits] == 0)
         assert np.all(spec.ivar[~np.isfinite(spec.flux)] == 0)
         n_masked += int(bad_bits.sum())
+        # sky-line residuals (SIG_SKYLINE, bit 12; 131 and 172 pixels in these files,
+        # all but 5 of them good before) are masked as the APOGEE abundances mask them
+        sky = (spec.bitmask & (1 << 12)) != 0
+        assert sky.sum() > 100 and np.all(spec.ivar[sky] == 0)
+        warn_only = ((spec.bitmask & ((1 << 11) | (1 << 13))) != 0) & ~bad_bits & ~sky
+        assert (spec.ivar[warn_only] > 0).mean() > 0.9  # warning bits keep the pixel
     assert n_masked > 0  # the real files do have bits 0-7 set somewhere
 
 
@@ -197,7 +204,7 @@ def test_real_apstar_normalized_on_paper_grid() -> None:
         assert 0.95 < np.median(flux[good]) < 1.02, f"{f.name}: {np.median(flux[good]):.3f}"
         assert np.all(np.isfinite(flux))
         # masked apStar pixels stay masked on the paper grid (it picks apStar pixels)
-        bad = (spec.bitmask[paper_grid().apstar_index] & 0xFF) != 0
+        bad = (spec.bitmask[paper_grid().apstar_index] & (0xFF | 1 << 12)) != 0
         assert np.all(ivar[bad] == 0)
 
 
@@ -355,15 +362,19 @@ def test_masked_pixels_get_zero_ivar(tmp_path: Path, synth: dict[str, np.ndarray
     for bit, pix in enumerate(range(1000, 1080, 10)):  # bits 0-7 on pixels 1000..1070
         mask[0, pix] |= 1 << bit
     mask[0, 2000] |= 1 << 9  # bit 9 (PERSIST_HIGH) is not "bad"
+    mask[0, 2001] |= 1 << 13  # bit 13 (SIG_TELLURIC) is not "bad" either
+    mask[0, 2500] |= 1 << 12  # bit 12 (SIG_SKYLINE) is: a sky residual, not the star
+    flux[0, 2500] *= 3.0  # ... such as this emission-like spike
     flux[0, 3000] = np.nan
     err[0, 3001] = 0.0
     err[0, 3002] = 1e10  # the pipeline's BADERR
     path = write_apstar(tmp_path / "apStar-dr17-2M00000000+0000003.fits", flux, err, mask)
     spec = read_apstar(path)
     assert np.all(spec.ivar[1000:1080:10] == 0)
-    assert spec.ivar[2000] > 0
+    assert spec.ivar[2000] > 0 and spec.ivar[2001] > 0
+    assert spec.ivar[2500] == 0
     assert np.all(spec.ivar[3000:3003] == 0)
-    assert np.count_nonzero(spec.ivar == 0) == 8 + 3
+    assert np.count_nonzero(spec.ivar == 0) == 8 + 1 + 3
     out_flux, out_ivar = prepare_spectrum(spec, apstar_grid())
     assert np.all(out_ivar[1000:1080:10] == 0) and np.all(out_flux[1000:1080:10] == 1.0)
     assert np.all(out_ivar[3000:3003] == 0)
@@ -448,6 +459,33 @@ def test_ingest_attaches_labels(
     assert np.all(arr.snr == 200.0)
     good = arr.ivar > 0
     assert good.mean() > 0.99 and abs(np.median(arr.flux[good]) - 1) < 0.05
+
+
+def test_ingest_carries_label_table_ids(tmp_path: Path, synth: dict[str, np.ndarray]) -> None:
+    """The label table's identifier columns reach the shards untouched: a 64-bit Gaia id
+    stays an exact int64, text ids stay text, a star absent from the table gets nulls."""
+    ids = ["2M00000000+0000021", "2M00000000+0000022"]
+    paths = [write_apstar(tmp_path / f"apStar-dr17-{i}.fits", synth["flux"], synth["err"],
+                          synth["mask"], objid=i) for i in ids]  # fmt: skip
+    gaia = np.array([4295806720123456789, 1], dtype=np.int64)  # beyond float precision
+    cols = [fits.Column(name="APOGEE_ID", format="30A", array=np.array([ids[0], "2Mother"])),
+            fits.Column(name="TEFF", format="E", array=np.array([4500.0, 4600.0])),
+            fits.Column(name="LOGG", format="E", array=np.array([2.0, 2.1])),
+            fits.Column(name="FE_H", format="E", array=np.array([0.0, 0.1])),
+            fits.Column(name="GAIAEDR3_SOURCE_ID", format="K", array=gaia),
+            fits.Column(name="SDSS_ID", format="K", array=np.array([77, 78])),
+            fits.Column(name="TARGET_ID", format="20A",
+                        array=np.array(["apo25m.x", "y"]))]  # fmt: skip
+    labels = tmp_path / "allStar.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(cols)]).writeto(labels)
+    ingest_apogee(paths, tmp_path / "ds", labels_path=labels)
+    table = read_dataset(tmp_path / "ds", paper_grid())
+    assert table.schema.field("gaiaedr3_source_id").type == pa.int64()
+    rows = {r["id"]: r for r in table.select(
+        ["id", "gaiaedr3_source_id", "sdss_id", "target_id"]).to_pylist()}  # fmt: skip
+    assert rows[ids[0]] == {"id": ids[0], "gaiaedr3_source_id": 4295806720123456789,
+                            "sdss_id": 77, "target_id": "apo25m.x"}  # fmt: skip
+    assert rows[ids[1]]["gaiaedr3_source_id"] is None and rows[ids[1]]["target_id"] is None
 
 
 def test_label_table_m_h_fallback_and_missing_column(tmp_path: Path) -> None:

@@ -230,3 +230,52 @@ def test_cleaner_than_training_is_noised_down_deterministically() -> None:
     assert np.std(f[1] - flux[1]) == pytest.approx(np.sqrt(1 / 300.0**2 - 1 / 1000.0**2), rel=0.1)
     f2, _ = match_noise(flux[1:2], ivar[1:2], 300.0)  # alone: the same noise
     np.testing.assert_array_equal(f2[0], f[1])
+
+
+def test_noise_augmentation_matches_noising_the_spectrum() -> None:
+    """Augmenting in the signal coordinates equals adding pixel noise and dividing ivar by
+    f, then projecting (exact when the intrinsic residual variance is negligible): same
+    noise level t, same spread of the coordinates, same mean."""
+    from mendis_ray.flow.signal import SignalSpaceModel
+    from mendis_ray.train.signal import NoiseAugmenter
+
+    basis, flux, ivar, _ = _dense_case(2)
+    basis.intrinsic[:] = 0.0
+    basis.eigenvalues = np.array([4.0, 2.0, 1.0])
+    model = SignalSpaceModel(basis, np.zeros(3), np.ones(3), np.zeros(2), SignalConfig())
+    star, f, m = 1, 3.0, 4000  # a star with a masked run
+    rng = np.random.default_rng(0)
+    fl = flux[star] + np.sqrt((f - 1) / np.where(ivar[star] > 0, ivar[star], 1)) * (
+        rng.standard_normal((m, flux.shape[1]))
+    )
+    real = model.coordinates(fl, np.repeat(ivar[star : star + 1] / f, m, 0), np.zeros((m, 3)))
+    c = model.coordinates(flux, ivar, np.zeros((len(flux), 3)))
+    aug = NoiseAugmenter(c, basis.eigenvalues, max_factor=f, fraction=1.0)
+    y, t = aug.noisier(np.full(m, star), np.full(m, np.log(f)), rng)
+    np.testing.assert_allclose(t, real.t, atol=1e-6)
+    ca, cr = np.cov(y[:, :3].T), np.cov(real.y[:, :3].T)
+    np.testing.assert_allclose(ca, cr, atol=0.1 * np.diag(cr).max())  # 4000 draws: ~3% noise
+    np.testing.assert_allclose(y[:, :3].mean(0), real.y[:, :3].mean(0),
+                               atol=0.1 * np.sqrt(np.diag(cr).max()))  # fmt: skip
+    half = np.cov(aug.noisier(np.full(m, star), np.full(m, np.log(2.0)), rng)[0][:, :3].T)
+    np.testing.assert_allclose(half, cr / 2, atol=0.05 * np.diag(cr).max())  # (f - 1) scaling
+    assert np.all(y[:, 3:] == c.y[star, 3:])  # labels untouched
+
+
+def test_label_free_score_is_per_row_not_per_batch(trained) -> None:
+    """The label-free signal scores (labels integrated out by importance sampling with
+    common draws, clean spectra noised with their own seed) of a spectrum are the same
+    alone and in any batch, e.g. beside outliers or many other stars (Serve merges the
+    requests of several users into one batch)."""
+    data, ckpt = trained
+    scorer = load_scorer(ckpt)
+    te, bi = _arrays(data, "test"), _arrays(data, "binary")
+    alone = [scorer.score(te.flux[i : i + 1], te.ivar[i : i + 1], None) for i in range(4)]
+    for f, iv in ((bi.flux[:20], bi.ivar[:20]), (te.flux[50:150], te.ivar[50:150])):
+        batch = scorer.score(np.concatenate([te.flux[:4], f]), np.concatenate([te.ivar[:4], iv]),
+                             None)  # fmt: skip
+        for key in ("score", "signal_score", "residual_score", "percentile", "log_p"):
+            want = np.array([a[key][0] for a in alone])
+            np.testing.assert_allclose(batch[key][:4], want, rtol=1e-5, atol=1e-4, err_msg=key)
+        want = np.array([a["labels_used"][0] for a in alone])
+        np.testing.assert_allclose(batch["labels_used"][:4], want, rtol=1e-5)

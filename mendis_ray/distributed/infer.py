@@ -48,9 +48,9 @@ never holds duplicated or half-written files.  Two runs *at the same time* into 
 
 **Errors.**  A bad shard or row (unreadable file, wrong schema, non-finite flux, negative
 ivar) raises :class:`~mendis_ray.spectra.shards.ShardError` naming the file (and the
-spectrum id and pixel); a catalog on another grid than the checkpoint raises it too,
-before any data are read; a bad checkpoint raises
-:class:`~mendis_ray.flow.checkpoint.CheckpointError`.  Both are ``ValueError``: the CLI
+spectrum id and pixel); so do a spectrum id that occurs twice in the catalog and a
+catalog on another grid than the checkpoint, before any data are read; a bad checkpoint
+raises :class:`~mendis_ray.flow.checkpoint.CheckpointError`.  Both are ``ValueError``: the CLI
 prints them without a traceback.
 """
 
@@ -76,11 +76,15 @@ import pyarrow.parquet as pq
 from mendis_ray.atomic import (
     remove_stale_dirs,
     replace_dir,
-    write_csv_atomic,
     write_json_atomic,
-    write_table_atomic,
 )
-from mendis_ray.science.gallery import fmt, make_gallery
+from mendis_ray.science.explained import write_outputs
+from mendis_ray.science.gallery import (
+    explain_against_typical,
+    fmt,
+    make_gallery,
+    shard_wavelength,
+)
 from mendis_ray.science.ranking import (
     RANK_KEYS,
     USED_COLUMNS,
@@ -90,7 +94,12 @@ from mendis_ray.science.ranking import (
     typical_rows,
 )
 from mendis_ray.spectra.batches import spectra_of
-from mendis_ray.spectra.catalog import common_scalar_columns, ingest_fits, split_inputs
+from mendis_ray.spectra.catalog import (
+    common_scalar_columns,
+    find_duplicate_ids,
+    ingest_fits,
+    split_inputs,
+)
 from mendis_ray.spectra.shards import ShardError
 
 __all__ = [
@@ -312,6 +321,8 @@ def score_catalog(
     ingest_shards: int | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
+    html: bool = False,
+    verdicts: str | os.PathLike | None = None,
 ) -> CatalogResult:
     """Score every spectrum of a catalog with a checkpoint on a Ray actor pool.
 
@@ -340,6 +351,10 @@ def score_catalog(
         labels_path: allStar-like table of labels for FITS inputs.
         ingest_shards: shards of the ingested FITS (default: about 1,000 spectra each).
         address, num_cpus: the Ray cluster to join, or the local one's logical CPUs.
+        html: also write the triage page ``triage.html`` (:mod:`mendis_ray.triage`).
+        verdicts: a verdicts file (e.g. the page's ``verdicts.json`` download) merged into
+            ``out/verdicts.parquet``; the stored verdicts go into the outputs' ``verdict``
+            and ``verdict_note`` columns.
 
     Returns:
         a :class:`CatalogResult`.
@@ -354,7 +369,11 @@ def score_catalog(
     checkpoint, out = Path(checkpoint), Path(out)
     with _removed_on_failure(out):
         t_start, timings = time.perf_counter(), {}
-        shards, fits_files = _gather_shards(checkpoint, inputs, out, labels_path, ingest_shards,
+        ckpt = _prepare_out(checkpoint, out)
+        from mendis_ray.triage.verdicts import verdicts_for_run
+
+        stored_verdicts = verdicts_for_run(out, verdicts)  # a bad file fails before scoring
+        shards, fits_files = _gather_shards(ckpt, inputs, out, labels_path, ingest_shards,
                                             timings)  # fmt: skip
         if carry_columns is None:
             carry_columns = common_scalar_columns(shards.files)
@@ -374,15 +393,20 @@ def score_catalog(
             marginal=marginal, carry_columns=carry_columns,
         )  # fmt: skip
         scores_dir = _write_scores(ds, shards.n_rows, out, batch_size, timings)
-        ranking, top, gallery = _write_outliers(
+        run = {"checkpoint": str(checkpoint), "grid": shards.grid, "rank_by": rank_by,
+               "rows": shards.n_rows}  # fmt: skip
+        ranking, top, typical, files = _write_outliers(
             scores_dir, out, shards, rank_by=rank_by, flags_first=flags_first, top_n=top_n,
-            gallery_n=gallery_n, n_typical=n_typical, timings=timings,
+            gallery_n=gallery_n, n_typical=n_typical, timings=timings, run=run,
+            verdicts=stored_verdicts, html=html,
         )  # fmt: skip
+        gallery = _write_gallery(top, typical, shards, out, gallery_n, timings)
         summary = _summary(
             checkpoint, shards, fits_files, out, scores_dir, ranking, top, gallery, resources,
-            time.perf_counter() - t_start, timings, actors=pool, batch_size=batch_size,
+            time.perf_counter() - t_start, timings, files, actors=pool, batch_size=batch_size,
             marginal=marginal, rank_by=rank_by, flags_first=flags_first,
         )  # fmt: skip
+        summary["verdicts"] = len(stored_verdicts)
         summary_path = write_json_atomic(summary, out / "summary.json")
     log.info("wrote %s, %s, %s in %.1f s", scores_dir, out / "top_outliers.csv", summary_path,
              summary["seconds"])  # fmt: skip
@@ -430,9 +454,12 @@ def _actor_pool(
 
 def _summary(
     checkpoint, shards, fits_files, out, scores_dir, ranking, top, gallery, resources,
-    seconds: float, timings: dict, **settings,
+    seconds: float, timings: dict, explained_files: dict, **settings,
 ) -> dict:  # fmt: skip
-    """The ``summary.json`` content of a run (``settings``: the pool and ranking options)."""
+    """The ``summary.json`` content of a run (``settings``: the pool and ranking options;
+    ``explained_files``: the explained outputs' paths, ``explained``: their row count)."""
+    explained_files = dict(explained_files)
+    n_explained = explained_files.pop("explained")
     return {
         "checkpoint": str(checkpoint),
         "grid": {k: v for k, v in shards.grid.items() if k != "wavelength"},
@@ -453,7 +480,9 @@ def _summary(
             "top_csv": str(out / "top_outliers.csv"),
             "top_parquet": str(out / "top_outliers.parquet"),
             "gallery": None if gallery is None else str(gallery),
+            **explained_files,
         },
+        "explained": n_explained,
     }
 
 
@@ -465,18 +494,24 @@ def _check_args(rank_by: str, top_n: int, gallery_n: int, n_typical: int) -> Non
                          f"{gallery_n}, {n_typical})")  # fmt: skip
 
 
-def _gather_shards(checkpoint: Path, inputs, out: Path, labels_path, ingest_shards,
-                   timings: dict):  # fmt: skip
-    """(checked ShardSet on the checkpoint's grid, FITS files ingested into
-    ``out/_ingested``) of the inputs, with ``out`` made and cleared of stale temporaries;
-    a CheckpointError for a bad checkpoint, a ShardError names a shard on another grid."""
-    from mendis_ray.distributed.data import check_shards, list_shards
+def _prepare_out(checkpoint: Path, out: Path):
+    """The checkpoint's :class:`~mendis_ray.flow.checkpoint.CheckpointInfo` (a
+    CheckpointError for a bad one), with ``out`` made and cleared of stale temporaries."""
     from mendis_ray.flow.checkpoint import checkpoint_info
 
     ckpt = checkpoint_info(checkpoint)
     ckpt.require_grid()
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_dirs(out, _TMP_RE)
+    return ckpt
+
+
+def _gather_shards(ckpt, inputs, out: Path, labels_path, ingest_shards, timings: dict):
+    """(checked ShardSet on the checkpoint's grid, FITS files ingested into
+    ``out/_ingested``) of the inputs; a ShardError names a shard on another grid or a
+    spectrum id that occurs twice, before any data are read."""
+    from mendis_ray.distributed.data import check_shards, list_shards
+
     parquet_inputs, fits_files = split_inputs(inputs)
     files = list_shards(parquet_inputs) if parquet_inputs else []
     if fits_files:
@@ -488,8 +523,9 @@ def _gather_shards(checkpoint: Path, inputs, out: Path, labels_path, ingest_shar
         timings["ingest_s"] = time.perf_counter() - t0
     if not files:
         raise ShardError(f"no input shards in {[str(p) for p in inputs]}")
-    # the model's grid: names a mismatching shard before any data are read
-    return check_shards(files, grid=ckpt.require_grid()), fits_files
+    shards = check_shards(files, grid=ckpt.require_grid())  # the model's grid
+    find_duplicate_ids(shards.files)  # the outputs are keyed by id: refuse ambiguity now
+    return shards, fits_files
 
 
 def _write_scores(ds, n_rows: int, out: Path, batch_size: int, timings: dict) -> Path:
@@ -521,33 +557,51 @@ def _write_scores(ds, n_rows: int, out: Path, batch_size: int, timings: dict) ->
 
 def _write_outliers(
     scores_dir: Path, out: Path, shards, *, rank_by: str, flags_first: bool, top_n: int,
-    gallery_n: int, n_typical: int, timings: dict,
-) -> tuple[pa.Table, pa.Table, Path | None]:  # fmt: skip
-    """Rank the scores, write ``top_outliers.{parquet,csv}`` and the gallery (or remove an
-    earlier run's); returns (ranking columns, top table, gallery path or None)."""
+    gallery_n: int, n_typical: int, timings: dict, run: dict, verdicts: dict, html: bool,
+) -> tuple[pa.Table, pa.Table, pa.Table, dict]:  # fmt: skip
+    """Rank the scores, explain the top rows against their nearest typical spectra and
+    write the explained outputs (:func:`~mendis_ray.science.explained.write_outputs`:
+    ``top_outliers.*`` with explanations and ``verdicts``, ``scores.fits``, ...) and, with
+    ``html``, the triage page (else remove an earlier run's).  Returns (ranking columns,
+    top table, typical rows, the written files plus ``explained``: their row count)."""
     t0 = time.perf_counter()
     ranking = read_ranking(scores_dir, rank_by)
-    n_unique = pc.count_distinct(ranking.column("id")).as_py()
-    if n_unique != ranking.num_rows:
-        log.warning(
-            "%d duplicate spectrum id(s) in the catalog (%d rows, %d distinct ids)",
-            ranking.num_rows - n_unique, ranking.num_rows, n_unique,
-        )  # fmt: skip
     top_idx = rank_outliers(ranking, rank_by=rank_by, flags_first=flags_first)[:top_n]
     top = top_table(scores_dir, ranking, top_idx)
-    write_table_atomic(top, out / "top_outliers.parquet")
-    write_csv_atomic(top, out / "top_outliers.csv")
     timings["rank_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    typical_idx = typical_rows(ranking, n_typical, exclude=top_idx[:gallery_n])
+    typical = ranking.take(pa.array(typical_idx, pa.int64()))
+    explained = explain_against_typical(top, typical, shards.files, shards.n_pix, shards.grid)
+    wl, xlabel = shard_wavelength(shards.files, shards.n_pix)
+    files = write_outputs(out, explained, pq.read_table(scores_dir), wl, xlabel, run, verdicts)
+    top = pq.read_table(out / "top_outliers.parquet")  # with explanations and verdicts
+    timings["explain_s"] = time.perf_counter() - t0
+    page = None
+    if html:
+        from mendis_ray.triage.page import write_page
+
+        page = write_page(out)
+    else:
+        (out / "triage.html").unlink(missing_ok=True)  # an earlier run's would not match
+    files |= {"triage_html": None if page is None else str(page)}
+    return ranking, top, typical, {**files, "explained": explained.top.num_rows}
+
+
+def _write_gallery(
+    top: pa.Table, typical: pa.Table, shards, out: Path, gallery_n: int, timings: dict
+) -> Path | None:
+    """``out/gallery.png`` of the first ``gallery_n`` top rows (or remove an earlier
+    run's where none is asked for)."""
     if gallery_n == 0 or not top.num_rows:
         (out / "gallery.png").unlink(missing_ok=True)  # an earlier run's would not match
-        return ranking, top, None
+        return None
     t0 = time.perf_counter()
-    typical = ranking.take(pa.array(typical_rows(ranking, n_typical, top_idx[:gallery_n])))
     gallery = make_gallery(
         top.slice(0, gallery_n), typical, shards.files, shards.n_pix, out / "gallery.png"
     )
     timings["gallery_s"] = time.perf_counter() - t0
-    return ranking, top, gallery
+    return gallery
 
 
 _KNOWN_ERRORS = ("ShardError", "CheckpointError", "FitsInputError")
@@ -592,6 +646,8 @@ def main_score(args: argparse.Namespace) -> int:
         "labels_path": getattr(args, "labels", None),
         "address": getattr(args, "address", None),
         "num_cpus": getattr(args, "num_cpus", None),
+        "html": getattr(args, "html", False),
+        "verdicts": getattr(args, "verdicts", None),
     }
     res = score_catalog(args.checkpoint, args.inputs, args.out, **kw)
     s = res.summary
@@ -600,12 +656,18 @@ def main_score(args: argparse.Namespace) -> int:
         f"spectra/s overall, {s['scoring_spectra_per_s']:.1f} in the scoring step) on "
         f"{s['actors']['min']}-{s['actors']['max']} actor(s)"
     )
-    if s["distinct_ids"] != s["rows"]:
-        print(f"warning: {s['rows'] - s['distinct_ids']} duplicate spectrum id(s) in the inputs")
     print(f"scores:       {res.scores} ({len(s['files']['scores'])} file(s))")
     print(f"top outliers: {res.top_csv}  ({s['top_n']} rows; also {res.top_parquet.name})")
+    files = s["files"]
+    print(f"FITS:         {files['scores.fits']} (every spectrum), {files['top_outliers.fits']}")
+    print(f"explanations: {files['explain_features.csv']} ({s['explained']} outliers), "
+          f"{Path(files['explain_elements.csv']).name}")  # fmt: skip
     if res.gallery is not None:
         print(f"gallery:      {res.gallery}")
+    if files.get("triage_html"):
+        print(f"triage page:  {files['triage_html']} (open it in a browser)")
+    if s["verdicts"]:
+        print(f"verdicts:     {s['verdicts']} carried from {Path(args.out) / 'verdicts.parquet'}")
     print(f"summary:      {res.summary_path}")
     _print_top(res.top_parquet)
     return 0
@@ -628,3 +690,5 @@ def _print_top(top_parquet: Path, n: int = 10) -> None:
             f"  {r['rank']:>3}  {r['id']}  percentile {fmt(r.get('percentile'), '.1f')}  "
             f"{detail}  flags {r['flag_names'] or '-'}"
         )
+        if r.get("explanation"):
+            print(f"       why: {r['explanation']}")

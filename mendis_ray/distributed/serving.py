@@ -24,6 +24,12 @@ Endpoints:
   level (unlabelled spectra always scored label-free); flags by name for both.
 - ``GET /healthz``; ``GET /model`` (model kind, grid, preset or signal config, parameter
   count, training metrics, limits); OpenAPI docs at ``/docs``.
+- ``GET /triage`` and ``POST /triage/verdicts`` when started with ``triage`` (a scored
+  catalog folder, ``mendis serve CHECKPOINT --triage DIR``): the triage page
+  (:mod:`mendis_ray.triage.page`, with the verdicts saved so far), and one verdict
+  (JSON ``{"id", "verdict", "note"}``, at most 16 KiB, ``application/json`` only, the id
+  one of the page's) written atomically to ``DIR/verdicts.parquet`` under a lock
+  (:func:`mendis_ray.triage.verdicts.post_verdict`); 404 without ``triage``.
 
 Bad input is a 4xx with ``{"error": "FIELD: short message", "field": FIELD}`` and never
 echoes the input: 400 unreadable body, 413 over ``max_request_bytes`` (Content-Length and
@@ -64,7 +70,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from ray.serve.deployment import Application
@@ -118,6 +124,9 @@ class ServeArgs(BaseModel):
     max_marginal: int = Field(
         DEFAULT_MAX_MARGINAL, ge=0, description="label-free (slow) spectra per request"
     )
+    triage: str | None = Field(
+        None, description="scored catalog folder (mendis score --out) served at /triage"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeArgs":
@@ -166,8 +175,17 @@ def validate_args(args: Mapping[str, Any]) -> ServeArgs:
     # Load it once here: a truncated or invalid checkpoint fails now with its own error,
     # instead of replicas failing and being restarted by Serve for a minute.
     Predictor.load(ckpt)  # either model kind; raises CheckpointError (a ValueError)
-    # replicas may start in another working directory: pass an absolute path
-    return s.model_copy(update={"checkpoint": str(ckpt.resolve())})
+    update = {"checkpoint": str(ckpt.resolve())}
+    if s.triage is not None:
+        from mendis_ray.triage.page import load_triage
+
+        try:
+            load_triage(s.triage)  # names what is missing
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(f"build_app: triage: {err}") from None
+        update["triage"] = str(Path(s.triage).resolve())
+    # replicas may start in another working directory: pass absolute paths
+    return s.model_copy(update=update)
 
 
 # ---------------------------------------------------------------------- FastAPI app
@@ -361,6 +379,26 @@ def bind_replica_grpc_to_loopback() -> bool:
     return True
 
 
+#: Headers of the triage page: nothing from elsewhere, not framed, not sniffed.
+_PAGE_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+
+
+def _triage_ids(folder: str | None) -> frozenset[str]:
+    """The spectrum ids a verdict may name: those on the triage page of ``folder``."""
+    if not folder:
+        return frozenset()
+    import pyarrow.parquet as pq
+
+    from mendis_ray.triage.page import SPECTRA_FILE
+
+    ids = pq.read_table(Path(folder) / SPECTRA_FILE, columns=["id"]).column("id")
+    return frozenset(str(i) for i in ids.to_pylist())
+
+
 @serve.deployment(name="MendisScorer")
 @serve.ingress(app)
 class MendisScorer:
@@ -410,6 +448,7 @@ class MendisScorer:
         # Parsing (JSON validation, Arrow/Parquet decoding) runs off the event loop, so a
         # large body never stalls other requests or /healthz.
         self.parse_pool = ThreadPoolExecutor(2, "mendis-parse")
+        self.triage_ids = _triage_ids(s.triage)
         logging.getLogger("ray.serve").addFilter(_BatchWarningFilter())
         self._score_batch.set_max_batch_size(s.batch_size)
         self._score_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -441,6 +480,31 @@ class MendisScorer:
     @app.get("/", include_in_schema=False)
     async def root(self) -> dict:
         return {"score": "POST /score", "model": "/model", "health": "/healthz", "docs": "/docs"}
+
+    @app.get("/triage", include_in_schema=False)
+    async def triage_page(self) -> HTMLResponse:
+        """The triage page of the scored catalog (``triage`` arg), verdicts as saved now."""
+        from mendis_ray.triage.page import load_triage, render_page
+
+        folder = self._triage_folder()
+        html = await asyncio.get_running_loop().run_in_executor(
+            self.parse_pool, lambda: render_page(load_triage(folder), api="triage/verdicts")
+        )
+        return HTMLResponse(html, headers=_PAGE_HEADERS)
+
+    @app.post("/triage/verdicts", include_in_schema=False)
+    async def triage_verdict(self, request: Request) -> JSONResponse:
+        """Save one verdict (see :func:`mendis_ray.triage.verdicts.post_verdict`):
+        written atomically to ``verdicts.parquet`` in the scored folder."""
+        from mendis_ray.triage.verdicts import MAX_POST_BYTES, post_verdict
+
+        folder = self._triage_folder()
+        body = await self._read_body(request, limit=MAX_POST_BYTES)
+        status, payload = await asyncio.get_running_loop().run_in_executor(
+            self.parse_pool, post_verdict, folder, body,
+            request.headers.get("content-type"), self.triage_ids,
+        )  # fmt: skip
+        return JSONResponse(payload, status_code=status)
 
     @app.post(
         "/score",
@@ -501,10 +565,15 @@ class MendisScorer:
 
     # ------------------------------------------------------------------ internals
 
-    async def _read_body(self, request: Request) -> bytes:
+    def _triage_folder(self) -> str:
+        if not self.args.triage:
+            raise RequestError(404, "triage", "no scored catalog here (serve it with --triage DIR)")
+        return self.args.triage
+
+    async def _read_body(self, request: Request, limit: int | None = None) -> bytes:
         """The body, refusing (413) one whose Content-Length or actual size is over
-        ``max_request_bytes`` without reading more than that."""
-        limit = self.args.max_request_bytes
+        ``limit`` (default ``max_request_bytes``) without reading more than that."""
+        limit = limit or self.args.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
             try:
@@ -607,6 +676,7 @@ _CLI_ARGS = (
     "max_request_bytes",
     "max_spectra",
     "max_marginal",
+    "triage",
 )
 
 
@@ -637,6 +707,8 @@ def main_serve(args: argparse.Namespace) -> int:
         url = f"http://{host}:{port}"
         print(f"mendis serve: scoring {a['checkpoint']} at {url}/score (docs {url}/docs); "
               "Ctrl-C stops")  # fmt: skip
+        if app_args.get("triage"):
+            print(f"mendis serve: triage page of {app_args['triage']} at {url}/triage")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

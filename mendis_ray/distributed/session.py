@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 from collections.abc import Iterator
 
@@ -19,13 +20,16 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ensure_ray",
+    "filter_raylet_notices",
     "is_loopback",
     "listening_sockets",
     "loopback_node",
     "process_tree",
+    "quiet_driver_logging",
     "quiet_ray_env",
     "quiet_worker_logging",
     "shutdown_embedded_ray",
+    "worker_logs_to_driver",
 ]
 
 #: whether this process started the embedded cluster (ensure_ray without an address)
@@ -41,6 +45,68 @@ def quiet_worker_logging() -> None:
     logging.getLogger(
         "ray.train.v2._internal.execution.controller.placement_group_cleaner"
     ).setLevel(logging.ERROR)
+
+
+def quiet_driver_logging() -> None:
+    """The driver's console gets this package's progress lines and Ray's warnings, not
+    Ray's chatter: Ray Data's INFO lines (execution plans, parquet estimates) go to its log
+    file only (``/tmp/ray/session_*/logs/ray-data``), its progress bars (terminal escape
+    sequences) are off, and so is the one-time warning that says they are off."""
+    import ray.data
+    from ray.util.debug import log_once
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")  # consumed: that warning never prints
+    for handler in logging.getLogger("ray.data").handlers:
+        if getattr(handler, "name", None) == "console":
+            handler.setLevel(logging.WARNING)
+    for name in ("ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+#: raylet notices that say nothing actionable about a small embedded cluster: on a 2-core
+#: machine with 4 logical CPUs Ray Data and Ray Train start more workers at once than
+#: the raylet's startup throttle (the physical core count) "expects"; and, when
+#: ``mendis serve`` stops, ``serve.shutdown`` kills the Serve controller while its own
+#: graceful-shutdown task is pending
+_HARMLESS_RAYLET = re.compile(
+    r"worker processes have been started on node|ServeController\.graceful_shutdown failed"
+)
+
+
+def filter_raylet_notices() -> None:
+    """Raylet notices the driver prints (``(raylet) WARNING: ...``, through Ray's error
+    pub-sub whatever ``log_to_driver`` says) go to this package's DEBUG log when they are
+    harmless (:data:`_HARMLESS_RAYLET`); every other notice still reaches the console."""
+    from ray._private import worker
+
+    original = worker.print_to_stdstream
+    if getattr(original, "_mendis_filtered", False):
+        return
+
+    def filtered(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            lines = [ln for ln in data.get("lines", []) if not _HARMLESS_RAYLET.search(ln)]
+            for ln in data.get("lines", []):
+                if _HARMLESS_RAYLET.search(ln):
+                    log.debug("raylet: %s", ln)
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        original(data, ignore_prefix)
+
+    filtered._mendis_filtered = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = filtered
+
+
+def worker_logs_to_driver() -> bool:
+    """Whether Ray forwards its workers' and actors' output (``(pid=...)`` lines, Ray
+    Data's progress bars in its coordinator actors, Ray Train's checkpoint messages) to
+    this console: only with ``mendis -v`` or ``MENDIS_RAY_WORKER_LOGS=1``; they are always
+    in ``/tmp/ray/session_latest/logs``."""
+    if os.environ.get("MENDIS_RAY_WORKER_LOGS", "") not in ("", "0"):
+        return True
+    return logging.getLogger("mendis_ray").isEnabledFor(logging.DEBUG)
 
 
 def quiet_ray_env(local: bool) -> None:
@@ -106,11 +172,14 @@ def ensure_ray(
 
     if ray.is_initialized():
         return ray.cluster_resources()
+    with contextlib.suppress(ImportError, AttributeError):  # a Ray without that hook
+        filter_raylet_notices()
     address = address or os.environ.get("RAY_ADDRESS")
     quiet_ray_env(local=address is None)
     if address:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level="WARNING",
+                 log_to_driver=worker_logs_to_driver())  # fmt: skip
     else:
         cpus = num_cpus or max(4, os.cpu_count() or 1)
         log.info(
@@ -127,12 +196,14 @@ def ensure_ray(
                 logging_level="WARNING",
                 runtime_env={"worker_process_setup_hook": quiet_worker_logging},
                 _node_ip_address="127.0.0.1",
+                log_to_driver=worker_logs_to_driver(),
             )
         _EMBEDDED["started"] = True
         node_ip = ray.util.get_node_ip_address()
         if node_ip != "127.0.0.1":  # a Ray whose internals changed: say so, loudly
             log.warning("the embedded Ray's node IP is %s, not 127.0.0.1: its ports may be "
                         "reachable from the network", node_ip)  # fmt: skip
+    quiet_driver_logging()
     return ray.cluster_resources()
 
 

@@ -62,12 +62,14 @@ __all__ = [
     "DataPrep",
     "DistributedResult",
     "RayTrainConfig",
+    "fit_reference",
     "latest_checkpoint",
     "prepare_data",
     "prepare_training",
     "storage_uri",
     "train_distributed",
     "train_loop_per_worker",
+    "training_verdict",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,11 +85,13 @@ class RayTrainConfig:
         num_workers: TorchTrainer workers (DDP ranks); 0 runs in the driver process.
         use_gpu: one GPU per worker.
         cpus_per_worker: logical CPUs per worker (also its torch thread count, >= 1).
-        storage_path: where Ray Train writes run folders (shared storage on clusters).
+        storage_path: where Ray Train writes run folders (shared storage on clusters);
+            None: ``<out_dir>/ray_runs`` of the run (the ``--out`` of ``mendis train``).
         name: run name prefix; a timestamp and random suffix make every run unique.
         resume_from: a run folder or checkpoint folder to resume from (explicit).
         checkpoint_every: epochs between checkpoints (the last epoch is always saved).
-        num_to_keep: checkpoints kept per run.
+        num_to_keep: checkpoints kept per run (each holds the weights, the optimizer state
+            and the best weights so far: the latest alone is what a resume needs).
         max_failures: worker-group restarts allowed (from the latest checkpoint).
         val_fraction: share of the training shards used for validation.
         degrade: noise and label scatter applied to the training shards.
@@ -103,11 +107,11 @@ class RayTrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    storage_path: str = "mendis_out/ray_runs"
+    storage_path: str | None = None
     name: str = "mendis"
     resume_from: str | None = None
     checkpoint_every: int = 1
-    num_to_keep: int = 2
+    num_to_keep: int = 1
     max_failures: int = 2
     val_fraction: float = 0.1
     degrade: DegradeConfig = field(default_factory=lambda: DegradeConfig(fresh_noise=True))
@@ -132,6 +136,7 @@ class DistributedResult:
     seconds: float
     info: dict = field(default_factory=dict)
     start_models: dict = field(default_factory=dict)  # name -> the fitted Gaussian candidates
+    val_x: np.ndarray | None = None  # (n_val, d) standardized validation rows (fixed noise)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -276,13 +281,14 @@ def train_distributed(
     """Train on the shards under ``data`` with TorchTrainer; return the best flow.
 
     Ray must be initialised (:func:`mendis_ray.distributed.session.ensure_ray`).
-    ``out_dir`` receives ``init_checkpoint/``; runs go to ``cfg.storage_path``."""
+    ``out_dir`` receives ``init_checkpoint/``; runs go to ``cfg.storage_path`` (default
+    ``out_dir/ray_runs``)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
     prep = prepared or prepare_training(data, out_dir, flow_cfg, train_cfg, cfg)
-    storage = storage_uri(cfg.storage_path)
+    storage = storage_uri(cfg.storage_path or str(Path(out_dir) / "ray_runs"))
     resume = None
     if cfg.resume_from:
         resume = latest_checkpoint(cfg.resume_from)
@@ -321,7 +327,7 @@ def train_distributed(
         "TorchTrainer: %d worker(s), GPU %s, run %s under %s",
         cfg.num_workers, cfg.use_gpu, run_name, storage,
     )  # fmt: skip
-    result = trainer.fit()
+    result = _fit_and_release(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
@@ -338,6 +344,7 @@ def train_distributed(
         start_val_log_prob=prep.start_val_log_prob,
         moments=prep.data.moments,
         start_models=prep.start_models,
+        val_x=prep.data.val_x,
         seconds=time.perf_counter() - t0,
         info={
             "run_name": run_name,
@@ -346,6 +353,61 @@ def train_distributed(
             **state.get("extra", {}),
         },
     )
+
+
+def fit_reference(
+    density: SpectrumDensity,
+    val_x: np.ndarray,
+    gaussian: GaussianBaseline | None = None,
+    n_marginal: int = 32,
+):
+    """The scorer's reference for a flow trained with Ray Train: its validation rows
+    ``val_x`` (n_val, d) (standardized, held out from training, degraded like the training
+    rows with fixed noise) back in physical units; ``gaussian``: the Gaussian fitted on the
+    training statistics (the likelihood-ratio baseline).  Returns a
+    :class:`~mendis_ray.science.ood.Scorer`; save its ``checkpoint_arrays()`` with the
+    weights so that ``mendis score`` / ``mendis serve`` give percentiles and flags."""
+    from mendis_ray.science.ood import Scorer
+
+    flux, labels = density.standardizer.inverse(np.asarray(val_x, np.float64))
+    t0 = time.perf_counter()
+    scorer = Scorer.fit(density, flux, labels, n_marginal=min(n_marginal, len(flux)),
+                        gaussian=gaussian if gaussian is not None else True)  # fmt: skip
+    log.info("scoring reference: %d validation spectra (%d label-free) in %.1f s", len(flux),
+             min(n_marginal, len(flux)), time.perf_counter() - t0)  # fmt: skip
+    return scorer
+
+
+def training_verdict(history: list[dict], start_val: float) -> dict:
+    """Did training improve on its Gaussian start, did it diverge?  ``history``: the
+    epochs' metrics (``train_log_prob``, ``val_log_prob``); ``start_val``: the start's
+    validation log p.  Diverged: an epoch's train or validation log p is not finite or
+    more than ``max(|start|, 1000)`` nats below the start (e.g. -3.4e12 against -2268)."""
+    vals = [h.get("val_log_prob", math.nan) for h in history]
+    trains = [h.get("train_log_prob", math.nan) for h in history]
+    floor = start_val - max(abs(start_val), 1000.0)
+    improved = any(math.isfinite(v) and v > start_val for v in vals)
+    diverged = any(not math.isfinite(v) or v < floor for v in vals + trains)
+    return {"improved": improved, "diverged": diverged, "start_val_log_prob": start_val}
+
+
+def _fit_and_release(trainer):
+    """``trainer.fit()``, then let its actors go.  Ray Train V2 registers a SIGINT handler
+    that holds the TrainController's handle (so Ctrl-C aborts the run); left in place, it
+    keeps the controller, its DatasetManager and SplitCoordinators alive (and polling) for
+    the rest of the process: through the scoring stages of ``mendis demo``, say.  The
+    previous handler comes back after the run, the handle goes, and Ray stops them."""
+    import gc
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()  # Tune trials are not
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+            gc.collect()
 
 
 def storage_uri(path: str) -> str:

@@ -47,6 +47,7 @@ from mendis_ray.distributed.train import (
     MODEL_DIR,
     DataPrep,
     RayTrainConfig,
+    fit_reference,
     prepare_data,
     storage_uri,
     train_distributed,
@@ -121,7 +122,8 @@ def tune_flow(
     t0 = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    ray_cfg = replace(ray_cfg, storage_path=storage_uri(ray_cfg.storage_path))
+    ray_cfg = replace(ray_cfg, storage_path=storage_uri(ray_cfg.storage_path
+                                                        or str(out / "ray_runs")))  # fmt: skip
     prep = prepare_data(data, ray_cfg, batch_size=train_cfg.batch_size)
     base = {
         "flow": asdict(flow_cfg),
@@ -195,17 +197,27 @@ def tune_flow(
         "trial": best,
     }
     write_json_atomic(best_cfg, out / "best_config.json")
-    dst = out / "best_checkpoint"
-    tmp = temp_beside(dst)
-    try:
-        shutil.copytree(Path(best["checkpoint"]) / MODEL_DIR, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, dst)
+    dst = _save_with_reference(Path(best["checkpoint"]) / MODEL_DIR, out / "best_checkpoint",
+                               prep, best)  # fmt: skip
     log.info("best trial %s: lr %g, %d units, val log p %.2f", best["trial"], best["lr"],
              best["n_units"], best["best_val_log_prob"])  # fmt: skip
     return TuneResult(trials, best, dst, out, time.perf_counter() - t0)
+
+
+def _save_with_reference(src: Path, dst: Path, prep: DataPrep, best: dict) -> Path:
+    """The best trial's weights (``src``) saved to ``dst`` with the scorer's reference
+    fitted on the validation rows every trial shared (``mendis score`` / ``mendis serve``
+    then give percentiles and flags)."""
+    from mendis_ray.flow.checkpoint import load_checkpoint, save_checkpoint
+    from mendis_ray.science.baselines import GaussianBaseline
+
+    density, info = load_checkpoint(src)
+    m = prep.moments
+    gauss = GaussianBaseline().fit_moments(m.mean, m.cov, m.n, m.norm4)
+    scorer = fit_reference(density, prep.val_x, gauss)
+    train_cfg = TrainConfig(**info["train_config"]) if info.get("train_config") else None
+    return save_checkpoint(dst, density, train_cfg, metrics={**info.get("metrics", {}),
+                           "trial": best}, extra_arrays=scorer.checkpoint_arrays())  # fmt: skip
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -235,7 +247,8 @@ class SignalTuneConfig:
         max_concurrent_trials: trials at once (None: as many as the CPUs allow).
         time_limit_s: training time limit of one trial.
         storage_path: Tune's storage (a local folder or ``s3://``, ``gs://``; shared
-            storage on a multi-node cluster); every run gets its own folder in it.
+            storage on a multi-node cluster; None: ``out/ray_runs``); every run gets its
+            own folder in it.
     """
 
     ks: tuple[int, ...] = (5, 10, 20)
@@ -245,7 +258,7 @@ class SignalTuneConfig:
     cpus_per_trial: float = 0.5
     max_concurrent_trials: int | None = 1
     time_limit_s: float | None = None
-    storage_path: str = "mendis_out/ray_runs"
+    storage_path: str | None = None
 
     def param_space(self) -> dict:
         from ray import tune
@@ -350,7 +363,7 @@ def tune_signal(
         ),
         run_config=tune.RunConfig(
             name=f"tune-signal-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-            storage_path=storage_uri(tune_cfg.storage_path),
+            storage_path=storage_uri(tune_cfg.storage_path or str(out / "ray_runs")),
         ),
     )
     trials = [_signal_trial_row(r, cfg.lr) for r in tuner.fit()]

@@ -33,6 +33,20 @@ class Flag(enum.IntFlag):
         """The flag's lower-case name (``"flux_range"``), as in ``flag_<label>`` columns."""
         return str(self.name).lower()
 
+    @property
+    def meaning(self) -> str:
+        """One line saying what the flag means (FITS header comments, docs)."""
+        return _MEANINGS[self]
+
+
+_MEANINGS = {
+    Flag.NONFINITE: "NaN/inf flux at a good pixel, bad ivar or inf label",
+    Flag.MASKED: "more than the allowed fraction of pixels masked",
+    Flag.FLUX_RANGE: "1%+ of good pixels outside the training flux range",
+    Flag.LABEL_RANGE: "given labels outside the training label range",
+    Flag.UNSCORABLE: "the model cannot score it: ranked most outlying",
+}
+
 
 def flag_list(flags: int) -> list[str]:
     """``["masked", "flux_range"]`` for a flag bit field (empty for 0), in bit order."""

@@ -19,10 +19,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mendis_ray.atomic import save_figure_atomic
+from mendis_ray.science.explained import ExplainedTop, explain_top
 from mendis_ray.science.ranking import USED_COLUMNS
 from mendis_ray.spectra.shards import list_matrix
 
 __all__ = [
+    "explain_against_typical",
     "fmt",
     "make_gallery",
     "nearest_typical",
@@ -115,9 +117,10 @@ def _title(row: dict, neighbour: str) -> str:
         scores = (f"log p/dim {fmt(row.get('log_p_per_dim'), '.3f')}, signal pct "
                   f"{fmt(row.get('signal_percentile'), '.1f')}, log ratio gauss "
                   f"{fmt(row.get('log_ratio_gaussian'), '.1f')}")  # fmt: skip
+    why = f"\nwhy: {row['explanation']}" if row.get("explanation") else ""
     return (
         f"#{row['rank']} {row['id']}: percentile {fmt(row.get('percentile'), '.1f')}, "
-        f"{scores}, flags {flags}\n{lab.strip()}{'; ' if lab else ''}{neighbour}"
+        f"{scores}, flags {flags}\n{lab.strip()}{'; ' if lab else ''}{neighbour}{why}"
     )
 
 
@@ -185,9 +188,9 @@ def plot_gallery(
     nn, dist = nearest_typical(flux, ivar, typ_flux, typ_ivar)
     rows = top.to_pylist()
     m = max(n, 1)
-    fig = plt.figure(figsize=(13, 3.4 * m))
-    # per spectrum: flux (2), residual (1), spacer for the next (two-line) title (0.8)
-    gs = fig.add_gridspec(3 * m, 1, height_ratios=[2.0, 1.0, 0.8] * m, hspace=0.0)
+    fig = plt.figure(figsize=(13, 3.6 * m))
+    # per spectrum: flux (2), residual (1), spacer for the next (three-line) title (1.0)
+    gs = fig.add_gridspec(3 * m, 1, height_ratios=[2.0, 1.0, 1.0] * m, hspace=0.0)
     for k in range(n):
         ax = fig.add_subplot(gs[3 * k, 0])
         res = fig.add_subplot(gs[3 * k + 1, 0], sharex=ax)
@@ -200,11 +203,30 @@ def plot_gallery(
             res.set_xlabel(xlabel, fontsize=8)
     if n == 0:
         fig.text(0.5, 0.5, "no outliers to show", ha="center")
-    fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.45 / (3.4 * m), bottom=0.0)
+    fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.6 / (3.6 * m), bottom=0.0)
     try:
         return save_figure_atomic(fig, path, dpi=80)
     finally:
         plt.close(fig)
+
+
+def explain_against_typical(
+    top: pa.Table, typical: pa.Table, files: Sequence[Path], n_pix: int, grid: dict
+) -> ExplainedTop:
+    """Explain every ``top`` row against its nearest ``typical`` spectrum (never itself),
+    reading both from the shards ``files`` (n_pix pixels on ``grid``); see
+    :func:`~mendis_ray.science.explained.explain_top`."""
+    flux, ivar = read_spectra(top, files, n_pix)
+    typ_flux, typ_ivar = read_spectra(typical, files, n_pix)
+    typ_ids = [str(i) for i in typical.column("id").to_pylist()]
+    ids = [str(i) for i in top.column("id").to_pylist()]
+    nn = np.full(len(ids), -1, np.int64)
+    for k, sid in enumerate(ids):  # a star in the typical set is not its own reference
+        keep = np.flatnonzero(np.asarray(typ_ids) != sid) if typ_ids else np.zeros(0, int)
+        j, _ = nearest_typical(flux[k : k + 1], ivar[k : k + 1], typ_flux[keep], typ_ivar[keep])
+        nn[k] = keep[j[0]] if j[0] >= 0 else -1
+    wl, _ = shard_wavelength(files, n_pix)
+    return explain_top(top, flux, ivar, typ_ids, typ_flux, typ_ivar, nn, wl, dict(grid))
 
 
 def make_gallery(

@@ -71,8 +71,9 @@ typical value at the masked ones, i.e. a masked pixel can never make a spectrum 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,12 +88,41 @@ __all__ = [
     "ScoreReference",
     "Scorer",
     "fill_masked",
+    "frozen_parameters",
     "profile_labels",
     "signal_subspace",
 ]
 
+#: Floor of the label curvature (eigenvalues of -d^2 log p / dy^2 in standardized label
+#: units) in the Laplace approximation: the label posterior of a spectrum is never wider
+#: than the training label distribution (unit variance), so a flat or upward-curved
+#: direction -- the profile stopped short of a maximum, or a flow that is not concave in
+#: the labels there -- counts as that wide instead of making the score NaN.  For a Gaussian
+#: density the curvature is the conditional precision, >= 1, so the floor never binds.
+MIN_LABEL_CURVATURE = 1.0
+#: Newton steps at most that land the label profile on its maximum (after Adam, whose
+#: steps are about its learning rate long whatever the gradient, so it ends oscillating
+#: around the maximum at a point that depends on float rounding, hence on the batch).
+NEWTON_STEPS = 10
+#: a Newton step shorter than this (standardized label units) ends a row's polish
+NEWTON_TOL = 1e-5
 #: bound on how much a spectrum's log p (nats) may change with its batch companions
 BATCH_TOLERANCE = 2e-3
+
+
+@contextlib.contextmanager
+def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
+    """Within this block no parameter of ``module`` requires a gradient (restored after):
+    gradients of the scores with respect to the *inputs* (the label profile) then skip
+    every parameter's gradient, and the LU layers serve their cached dense weights."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def profile_labels(
@@ -101,38 +131,132 @@ def profile_labels(
     n_labels: int = 3,
     steps: int = 200,
     lr: float = 0.05,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
+    min_curvature: float = MIN_LABEL_CURVATURE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Maximise log p_flow over the (standardized) label entries of ``x``.
+    """Maximise log p_flow over the (standardized) label entries of ``x``, row by row.
+
+    Each row stops on its own criterion (its log p changed by less than ``tol`` relative
+    in one Adam step, or ``steps`` steps): Adam is elementwise, so a row's path, and its
+    score, do not depend on the other rows of the batch; Newton steps then land each row
+    on its maximum (so Adam need only come close).  The flow's parameters are frozen
+    meanwhile (:func:`frozen_parameters`).
 
     Args:
         x: (n, n_features) standardized rows; their last ``n_labels`` entries are the
             starting point (0 = the training mean).
+        min_curvature: floor of the eigenvalues of the negative Hessian (standardized label
+            units; see :data:`MIN_LABEL_CURVATURE`).
 
     Returns:
         (y*, log p_flow at y*, log det of the negative Hessian in y), shapes (n, k), (n,), (n,).
     """
     flow = density.flow
-    spec = x[:, :-n_labels].detach()
-    y = x[:, -n_labels:].detach().clone().requires_grad_(True)
+    with frozen_parameters(flow):
+        spec = x[:, :-n_labels].detach()
+        y = _profile_steps(flow, spec, x[:, -n_labels:], steps, lr, tol)
+        y = _newton_polish(flow, spec, y, NEWTON_STEPS, min_curvature)
+        hess = _label_hessian(flow, spec, y)  # (n, k, k) of -log p
+        with torch.no_grad():
+            lp = flow.log_prob(torch.cat([spec, y], dim=1))
+    return y, lp, _clipped_logdet(hess, min_curvature)
+
+
+def _profile_steps(
+    flow: torch.nn.Module, spec: torch.Tensor, y0: torch.Tensor, steps: int, lr: float,
+    tol: float,
+) -> torch.Tensor:  # fmt: skip
+    """Adam ascent of log p in the labels; each row stops on its own criterion (its log p
+    changed by less than ``tol`` relative in one step, or ``steps`` steps) and stays where
+    it stopped, so its path depends on its own values alone (Adam is elementwise)."""
+    y = y0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([y], lr=lr)
-    prev = None
+    prev = torch.full((len(y),), float("nan"), dtype=y.dtype, device=y.device)
+    active = torch.ones(len(y), dtype=torch.bool, device=y.device)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         lp = flow.log_prob(torch.cat([spec, y], dim=1))
         (-lp.sum()).backward()
-        opt.step()
-        cur = float(lp.detach().mean())
-        if prev is not None and abs(cur - prev) < tol * max(1.0, abs(cur)):
+        cur = lp.detach()
+        active &= ~((cur - prev).abs() < tol * cur.abs().clamp_min(1.0))
+        if not bool(active.any()):
             break
+        done = ~active
+        keep = y.detach()[done].clone()
+        opt.step()
+        with torch.no_grad():
+            y[done] = keep  # converged rows stay where they converged
         prev = cur
-    y = y.detach()
-    hess = _label_hessian(flow, spec, y)  # (n, k, k) of -log p
-    sign, logdet = torch.linalg.slogdet(hess)
-    logdet = torch.where(sign > 0, logdet, torch.full_like(logdet, float("nan")))
-    with torch.no_grad():
-        lp = flow.log_prob(torch.cat([spec, y], dim=1))
-    return y, lp, logdet
+    return y.detach()
+
+
+def _newton_polish(
+    flow: torch.nn.Module, spec: torch.Tensor, y: torch.Tensor, iters: int,
+    min_curvature: float,
+) -> torch.Tensor:  # fmt: skip
+    """Newton steps on log p in the labels from ``y`` (n, k), with the negative Hessian's
+    eigenvalues floored at ``min_curvature`` (always an ascent direction) and, per row, the
+    first of the full, 1/2, 1/4 and 1/8 steps that raises log p (else the row stays):
+    lands each row on its maximum to float precision, whatever its batch."""
+
+    def log_p(yy: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return flow.log_prob(torch.cat([spec, yy], dim=1))
+
+    lp = log_p(y)
+    active = torch.ones(len(y), dtype=torch.bool, device=y.device)
+    for _ in range(iters):
+        grad = _label_grad(flow, spec, y)  # (n, k) of log p
+        hess = _clip_eigenvalues(_label_hessian(flow, spec, y), min_curvature)
+        ok = torch.isfinite(grad).all(dim=1) & torch.isfinite(hess).all(dim=2).all(dim=1)
+        if not bool(ok.any()):
+            break
+        eye = torch.eye(y.shape[1], dtype=hess.dtype, device=hess.device)
+        hess = torch.where(ok[:, None, None], hess, eye)
+        step = torch.linalg.solve(hess.double(), torch.where(ok[:, None], grad, 0.0).double())
+        step = step.to(y.dtype)
+        ok &= active
+        moved = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+        for frac in (1.0, 0.5, 0.25, 0.125):
+            y_try = y + frac * step
+            lp_try = log_p(y_try)
+            take = ~moved & ok & torch.isfinite(lp_try) & (lp_try > lp)
+            y = torch.where(take[:, None], y_try, y)
+            lp = torch.where(take, lp_try, lp)
+            moved |= take
+        # a row is done when no step raises its log p or its step is negligible
+        active &= moved & (step.abs().amax(dim=1) > NEWTON_TOL)
+        if not bool(active.any()):
+            break
+    return y
+
+
+def _label_grad(flow: torch.nn.Module, spec: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """d log p / dy at (spec, y), (n, k)."""
+    yy = y.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(flow.log_prob(torch.cat([spec, yy], dim=1)).sum(), yy)
+    return g
+
+
+def _clip_eigenvalues(hess: torch.Tensor, floor: float) -> torch.Tensor:
+    """The symmetric (n, k, k) ``hess`` with eigenvalues below ``floor`` raised to it
+    (rows with non-finite entries are returned unchanged)."""
+    ok = torch.isfinite(hess).all(dim=2).all(dim=1)
+    eye = torch.eye(hess.shape[1], dtype=hess.dtype, device=hess.device)
+    safe = torch.where(ok[:, None, None], hess, eye).double()
+    eig, vec = torch.linalg.eigh(safe)
+    fixed = (vec * eig.clamp_min(floor)[:, None, :]) @ vec.transpose(1, 2)
+    return torch.where(ok[:, None, None], fixed.to(hess.dtype), hess)
+
+
+def _clipped_logdet(hess: torch.Tensor, min_curvature: float) -> torch.Tensor:
+    """log det of the symmetric (n, k, k) ``hess`` with its eigenvalues floored at
+    ``min_curvature``, (n,); NaN only where ``hess`` itself is not finite."""
+    ok = torch.isfinite(hess).all(dim=2).all(dim=1)
+    safe = torch.where(ok[:, None, None], hess, torch.eye(hess.shape[1], dtype=hess.dtype))
+    eig = torch.linalg.eigvalsh(safe.double())
+    logdet = torch.log(eig.clamp_min(min_curvature)).sum(dim=1).to(hess.dtype)
+    return torch.where(ok, logdet, torch.full_like(logdet, float("nan")))
 
 
 def _label_hessian(
@@ -274,45 +398,51 @@ class Scorer:
         gaussian: GaussianBaseline | bool = True,
         basis_flux: np.ndarray | None = None,
         basis_labels: np.ndarray | None = None,
+        ivar: np.ndarray | None = None,
+        basis_ivar: np.ndarray | None = None,
         **kwargs: float,
     ) -> Scorer:
         """A scorer whose reference is the held-out training spectra ``flux`` (m, n_pix)
-        with ``labels`` (m, 3): ranges, signal subspace, reference scores
-        (label-free ones on the first ``n_marginal``), and a Gaussian baseline.
+        with ``labels`` (m, 3) and ``ivar`` (m, n_pix; None: every pixel good): ranges,
+        signal subspace, reference scores (label-free ones on the first ``n_marginal``),
+        and a Gaussian baseline.  Masked pixels (ivar 0 or not finite) are treated as
+        :meth:`score` treats them (filled with the training mean) and stay out of the flux
+        ranges; their flux may be any placeholder.
 
         ``gaussian`` may be a Gaussian already fitted on the standardized *training*
         features (better than one fitted on the reference); ``basis_flux`` (n, n_pix) and
-        ``basis_labels`` (n, 3) are the (training) spectra the signal subspace is computed
-        from (default: the reference)."""
+        ``basis_labels`` (n, 3) (and ``basis_ivar``) are the (training) spectra the signal
+        subspace is computed from (default: the reference)."""
         std = density.standardizer
-        flux = np.asarray(flux, np.float64)
-        labels = np.asarray(labels, np.float64)
-        if not (np.isfinite(flux).all() and np.isfinite(labels).all()):
-            raise ValueError("Scorer.fit: reference flux and labels must be finite")
-        x = std.transform(flux, labels).astype(np.float64)  # (m, d)
+        n_pix = std.n_features - density.config.n_labels
+        flux, labels, good = _reference_rows(flux, labels, ivar, "flux")
+        filled = np.where(good, flux, std.mean[:n_pix])
+        x = std.transform(filled, labels).astype(np.float64)  # (m, d)
         if basis_flux is None:
             xs = x
         else:
             if basis_labels is None or len(basis_labels) != len(basis_flux):
                 raise ValueError("Scorer.fit: basis_flux needs basis_labels of the same length")
-            xs = std.transform(np.asarray(basis_flux), np.asarray(basis_labels)).astype(np.float64)
+            bf, bl, bgood = _reference_rows(basis_flux, basis_labels, basis_ivar, "basis_flux")
+            xs = std.transform(np.where(bgood, bf, std.mean[:n_pix]), bl).astype(np.float64)
         center = xs.mean(axis=0)
         basis = signal_subspace(xs, n_signal)
         if gaussian is True:
             gaussian = GaussianBaseline().fit(x)
         ref = ScoreReference(
-            flux_range=np.stack([flux.min(axis=0), flux.max(axis=0)]),
+            flux_range=_good_range(flux, good, std.mean[:n_pix]),
             label_range=np.stack([labels.min(axis=0), labels.max(axis=0)]),
             center=center,
             basis=basis,
             gaussian=gaussian or None,
         )
         scorer = cls(density, ref, **kwargs)
-        out = scorer.score(flux, labels=labels, marginal="none")
+        iv = good.astype(np.float64)
+        out = scorer.score(filled, iv, labels=labels, marginal="none")
         ref.ref_log_p = np.sort(out["log_p"])
         ref.ref_signal = np.sort(out["signal_score"])
         if n_marginal > 0:
-            sub = scorer.score(flux[:n_marginal], marginal="all")
+            sub = scorer.score(filled[:n_marginal], iv[:n_marginal], marginal="all")
             ref.ref_log_p_marginal = np.sort(sub["log_p_marginal"])
         return scorer
 
@@ -381,6 +511,8 @@ class Scorer:
         for key in ("flow_lp", "signal", "gauss"):  # a non-finite density: unscorable
             if key == "flow_lp" or self._has(key):
                 unscorable |= ~np.isfinite(raw[key])
+        # a label-free score that came out NaN or +-inf: impossible, not typical
+        unscorable |= want_marg & ~np.isfinite(raw["log_p_marg"])
         flags[unscorable] |= Flag.UNSCORABLE
         used[unscorable & ~has_labels] = np.nan
         out = self._final_scores(raw, has_labels, want_marg, unscorable)
@@ -549,10 +681,37 @@ class Scorer:
 def fill_masked(
     flux: np.ndarray, ivar: np.ndarray, fill: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Masked pixels (ivar <= 0, NaN ivar, or non-finite flux) of ``flux`` (n, n_pix)
-    replaced by ``fill`` (n_pix,) (the training mean): (filled flux, mask) (n, n_pix)."""
-    masked = ~(ivar > 0) | ~np.isfinite(flux)
+    """Masked pixels (ivar <= 0, NaN or +inf ivar, or non-finite flux) of ``flux``
+    (n, n_pix) replaced by ``fill`` (n_pix,) (the training mean): (filled flux, mask)
+    (n, n_pix)."""
+    masked = ~((ivar > 0) & np.isfinite(ivar)) | ~np.isfinite(flux)
     return np.where(masked, fill, flux), masked
+
+
+def _reference_rows(
+    flux: np.ndarray, labels: np.ndarray, ivar: np.ndarray | None, name: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked reference rows: (flux (m, n_pix), labels (m, 3), good-pixel mask)."""
+    flux = np.asarray(flux, np.float64)
+    labels = np.asarray(labels, np.float64)
+    ivar = np.ones_like(flux) if ivar is None else np.asarray(ivar, np.float64)
+    if ivar.shape != flux.shape:
+        raise ValueError(f"Scorer.fit: {name} {flux.shape} and its ivar {ivar.shape} differ")
+    good = (ivar > 0) & np.isfinite(ivar) & np.isfinite(flux)
+    if not np.isfinite(labels).all():
+        raise ValueError(f"Scorer.fit: the reference labels of {name} must be finite")
+    if not good.any(axis=1).all():
+        row = int(np.flatnonzero(~good.any(axis=1))[0])
+        raise ValueError(f"Scorer.fit: {name} row {row} has no good pixel (ivar > 0, finite)")
+    return flux, labels, good
+
+
+def _good_range(flux: np.ndarray, good: np.ndarray, fill: np.ndarray) -> np.ndarray:
+    """(2, n_pix) min and max of ``flux`` over good pixels (``fill`` where none is)."""
+    lo = np.where(good, flux, np.inf).min(axis=0)
+    hi = np.where(good, flux, -np.inf).max(axis=0)
+    none = ~good.any(axis=0)
+    return np.stack([np.where(none, fill, lo), np.where(none, fill, hi)])
 
 
 def _percentile(reference: np.ndarray | None, scores: np.ndarray) -> np.ndarray:

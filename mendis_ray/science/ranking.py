@@ -9,7 +9,8 @@ against the checkpoint's held-out reference spectra, ascending; ties -- every sp
 below the whole reference has percentile 0 -- are broken by ``log_p_per_dim`` ascending
 (``score`` for a signal-space checkpoint, which has no per-dimension log p).
 ``rank_by="signal"`` uses ``signal_percentile`` then ``signal_score``; ``"residual"``
-``residual_percentile`` then ``residual_score``.  Rows without a score (NaN) come last.
+``residual_percentile`` then ``residual_score``.  A score of +-inf (an impossible
+spectrum) ranks first, rows without a score (NaN) come last.
 Flags do not change the order unless ``flags_first=True``, which lists every flagged row
 before the unflagged ones (each group ranked as above).
 """
@@ -74,8 +75,16 @@ def rank_outliers(
     """Row indices (n,) of ``table`` from most to least outlying (see the module doc).
 
     ``table`` needs the ``rank_keys(table, rank_by)`` columns (and ``flags`` with
-    ``flags_first``).  NaN scores sort last; exact ties keep the table's order."""
-    keys = [(k, "ascending") for k in rank_keys(table, rank_by)]
+    ``flags_first``).  +-inf scores sort first (impossible spectra), NaN scores ("no
+    score") last; exact ties keep the table's order."""
+    keys = []
+    for k in rank_keys(table, rank_by):
+        # +-inf is an impossible score: the most outlying (NaN, no score, stays last)
+        col = table.column(k)
+        if pa.types.is_floating(col.type):
+            col = pc.if_else(pc.equal(col, np.inf), -np.inf, col)
+        table = table.append_column(f"_key_{k}", col)
+        keys.append((f"_key_{k}", "ascending"))
     if flags_first:
         flagged = pc.not_equal(table.column("flags"), 0)
         table = table.append_column("_flagged", flagged)

@@ -145,14 +145,15 @@ def residual_statistics(c: SignalCoordinates) -> np.ndarray:
 def star_snr(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     """Each continuum-normalized spectrum's S/N at the continuum, the median of sqrt(ivar)
     over its good pixels, (n,) (from the noise alone: an absurd flux must not make a
-    spectrum look noisy)."""
+    spectrum look noisy; 0 for a row with no good pixel)."""
     good = (ivar > 0) & np.isfinite(ivar) & (ivar < 1e11)  # 1e12: noise-free simulation
-    v = np.where(good, np.sqrt(np.where(good, ivar, 0)), np.nan)
-    out = np.zeros(len(v))
-    some = good.any(axis=1)  # rows with no good pixel: S/N 0
-    if some.any():
-        out[some] = np.nanmedian(v[some], axis=1)
-    return out
+    v = np.sqrt(np.where(good, ivar, np.inf).astype(np.float32))  # (n, p); masked last
+    v.sort(axis=1)  # one vectorized sort: ~10x faster than a row-by-row nanmedian
+    cnt, rows = good.sum(axis=1), np.arange(len(v))
+    lo, hi = np.maximum((cnt - 1) // 2, 0), np.minimum(cnt // 2, v.shape[1] - 1)
+    with np.errstate(invalid="ignore"):
+        med = 0.5 * (v[rows, lo].astype(np.float64) + v[rows, hi])
+    return np.where(cnt > 0, med, 0.0)
 
 
 def match_noise(
@@ -288,14 +289,14 @@ class SignalScorer:
 
     def _clean(self, flux, ivar, labels):
         """Masks for non-finite input: bad pixels become masked, inf labels missing."""
-        flux = np.asarray(flux, np.float64)
+        flux = np.asarray(flux, np.float32)  # the projection works in float32
         n = len(flux)
-        ivar = np.ones_like(flux) if ivar is None else np.asarray(ivar, np.float64)
+        ivar = np.ones_like(flux) if ivar is None else np.asarray(ivar, np.float32)
         labels = np.full((n, 3), np.nan) if labels is None else np.asarray(labels, np.float64)
         bad_pix = (~np.isfinite(flux) | ~np.isfinite(ivar)) & (np.nan_to_num(ivar, nan=1.0) != 0)
         nonfinite = bad_pix.any(axis=1) | np.isinf(labels).any(axis=1)
         ivar = np.where(bad_pix | ~np.isfinite(ivar) | (ivar < 0), 0.0, ivar)
-        flux = np.where(ivar > 0, flux, self.model.basis.mean)
+        flux = np.where(ivar > 0, flux, self.model.basis.mean.astype(np.float32))
         labels = np.where(np.isinf(labels), np.nan, labels)
         return flux, ivar, labels, nonfinite
 
@@ -338,10 +339,11 @@ class SignalScorer:
         no_good = c.proj.n_good <= k
         out = {"score": comb, "signal_score": sig, "residual_score": res, "log_p": log_p}
         unscorable = no_good.copy()
-        for key in out:  # impossible or unscorable: the most outlying, never NaN
+        for key in out:  # impossible or unscorable (NaN, +-inf): the most outlying
             v = out[key]
-            unscorable |= np.isnan(v)
-            out[key] = np.where(np.isnan(v) | no_good, -np.inf, v)
+            broken = np.isnan(v) | np.isposinf(v)
+            unscorable |= broken
+            out[key] = np.where(broken | no_good, -np.inf, v)
         for key in ("score", "signal_score", "residual_score"):
             ref = r.get(f"sorted.{key}")
             name = "percentile" if key == "score" else key.replace("_score", "_percentile")

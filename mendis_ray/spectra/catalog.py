@@ -20,7 +20,14 @@ import pyarrow.parquet as pq
 from mendis_ray.spectra.grid import Grid
 from mendis_ray.spectra.shards import REQUIRED_COLUMNS, ShardError
 
-__all__ = ["FITS_SUFFIXES", "common_scalar_columns", "ingest_fits", "is_fits", "split_inputs"]
+__all__ = [
+    "FITS_SUFFIXES",
+    "common_scalar_columns",
+    "find_duplicate_ids",
+    "ingest_fits",
+    "is_fits",
+    "split_inputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,23 @@ def ingest_fits(
     return ingest_apogee(
         list(fits_files), out_dir, grid=grid, labels_path=labels_path, n_shards=n_shards
     )
+
+
+def find_duplicate_ids(files: Sequence[Path]) -> None:
+    """Raise :class:`ShardError` naming the file (and the earlier file) and the id of the
+    first spectrum id that occurs twice in ``files`` (the ``id`` columns only are read):
+    every output row, the outlier table and the gallery are keyed by id."""
+    seen: dict[str, Path] = {}
+    for f in map(Path, files):
+        for i in pq.read_table(f, columns=["id"]).column("id").to_pylist():
+            key = str(i)
+            if key in seen:
+                where = "earlier in the same file" if seen[key] == f else f"also in {seen[key]}"
+                raise ShardError(
+                    f"{f}: spectrum id {key!r} occurs twice ({where}); ids must be unique "
+                    "within a catalog (the scores, outlier table and gallery are keyed by id)"
+                )
+            seen[key] = f
 
 
 def _is_list(t: pa.DataType) -> bool:

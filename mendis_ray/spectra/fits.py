@@ -55,6 +55,7 @@ __all__ = [
     "BADERR",
     "DR13_CHIPS",
     "MISSING_VALUE",
+    "SIG_SKYLINE",
     "ApStarSpectrum",
     "FitsInputError",
     "aspcapstar_grid",
@@ -68,9 +69,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: APOGEE_PIXMASK bits 0-7 (BADPIX, CRPIX, SATPIX, UNFIXABLE, BADDARK, BADFLAT, BADERR,
-#: NOSKY) mark a pixel as bad.
-APOGEE_BAD_BITS = 0xFF
+#: APOGEE_PIXMASK bit 12: the pixel lies near a sky line that is significant compared
+#: with the object's flux (its sky-subtraction residual looks like an emission feature).
+SIG_SKYLINE = 1 << 12
+#: The APOGEE_PIXMASK bits that make a pixel bad here, as for the APOGEE pipelines'
+#: abundances (ASPCAP gives these pixels no weight): bits 0-7 (BADPIX, CRPIX, SATPIX,
+#: UNFIXABLE, BADDARK, BADFLAT, BADERR, NOSKY) and bit 12 (SIG_SKYLINE).  The warning bits
+#: (8 LITTROW_GHOST, 9-11 PERSIST_*, 13 SIG_TELLURIC, 14 NOT_ENOUGH_PSF) keep the pixel.
+APOGEE_BAD_BITS = 0xFF | SIG_SKYLINE
 #: The pipeline sets the error of a masked pixel to 1e10 or more; such pixels are bad too.
 BADERR = 1e10
 #: apStar pixel ranges (half-open) of the DR13-DR16 7514-pixel aspcapStar grid.
@@ -96,8 +102,8 @@ class ApStarSpectrum:
         flux: (n_pix,) float64; apStar: 1e-17 erg/s/cm2/A, aspcapStar: normalized.
         err: (n_pix,) float64 flux uncertainty as stored in the file.
         bitmask: (n_pix,) int64 APOGEE_PIXMASK (all zero for aspcapStar files).
-        ivar: (n_pix,) float64 inverse variance, 0 for bad pixels (bits 0-7 set, err <= 0,
-            err >= ``BADERR``, non-finite flux or err).
+        ivar: (n_pix,) float64 inverse variance, 0 for bad pixels (``APOGEE_BAD_BITS``: bits
+            0-7 or 12 set; err <= 0, err >= ``BADERR``, non-finite flux or err).
         grid: the file's wavelength grid (``grid.n_pix == flux.size``).
         source: ``'apStar'`` or ``'aspcapStar'``.
         normalized: whether ``flux`` is already continuum normalized.
@@ -107,6 +113,11 @@ class ApStarSpectrum:
         vhelio, rv_teff, rv_logg, rv_feh: header facts from the Doppler RV fit (NaN when
             absent); the RV_* values are *not* ASPCAP labels.
         n_visits: header ``NVISITS`` (None when absent).
+        field: header ``FIELD`` (APOGEE field name; "" when absent).
+        telescope: header ``TELESCOP``/``TELESCOPE``, else the ``apo25m``/``lco25m``/
+            ``apo1m`` folder the file sits in (the SAS layout ``stars/TELESCOPE/FIELD/``),
+            else ``lco25m`` for an ``asStar`` file; "" when none says (DR17 apStar headers
+            carry no telescope key).
     """
 
     id: str
@@ -125,6 +136,8 @@ class ApStarSpectrum:
     rv_logg: float = float("nan")
     rv_feh: float = float("nan")
     n_visits: int | None = None
+    field: str = ""
+    telescope: str = ""
 
     @property
     def n_pix(self) -> int:
@@ -264,6 +277,29 @@ def _file_id(ff: _FitsFile) -> str:
     return name.split(".fits")[0]
 
 
+_TELESCOPES = ("apo25m", "lco25m", "apo1m")
+
+
+def _header_text(ff: _FitsFile, *keys: str) -> str:
+    """The first non-empty string value of ``keys`` in HDU0/HDU1 ("" when none)."""
+    for key in keys:
+        value = _header_value(ff, key, (0, 1))
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return ""
+
+
+def _telescope(ff: _FitsFile) -> str:
+    """Telescope of an APOGEE file: header, else the SAS folder, else the file prefix."""
+    found = _header_text(ff, "TELESCOP", "TELESCOPE")
+    if found:
+        return found
+    for part in reversed(ff.path.absolute().parent.parts):  # as given: links not followed
+        if part.lower() in _TELESCOPES:
+            return part.lower()
+    return "lco25m" if ff.path.name.startswith("asStar") else ""
+
+
 def _wcs(ff: _FitsFile, hdus: Sequence[int]) -> tuple[float, float]:
     """(crval1, cdelt1) of pixel 0 in log10(Angstrom) from the first header holding them."""
     values = {}
@@ -371,6 +407,8 @@ def _apstar_from(ff: _FitsFile, row: int) -> ApStarSpectrum:
         rv_logg=_header_float(ff, "RV_LOGG"),
         rv_feh=_header_float(ff, "RV_FEH"),
         n_visits=int(n_visits) if isinstance(n_visits, int | float) else None,
+        field=_header_text(ff, "FIELD"),
+        telescope=_telescope(ff),
     )
 
 
@@ -415,6 +453,8 @@ def _aspcapstar_from(ff: _FitsFile) -> ApStarSpectrum:
         path=ff.path,
         snr=_aspcap_snr(ff),
         vhelio=_header_float(ff, "VHELIO", (0, 1)),
+        field=_header_text(ff, "FIELD"),
+        telescope=_telescope(ff),
     )
 
 

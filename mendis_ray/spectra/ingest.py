@@ -29,7 +29,7 @@ from mendis_ray.spectra.fits import (
 from mendis_ray.spectra.grid import Grid, paper_grid
 from mendis_ray.spectra.shards import make_table, write_dataset
 
-__all__ = ["ingest_apogee", "read_label_table"]
+__all__ = ["ingest_apogee", "read_label_ids", "read_label_table"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,53 @@ def read_label_table(path: str | os.PathLike) -> dict[str, tuple[float, float, f
     return out
 
 
+def _is_id_column(name: str) -> bool:
+    """An identifier column of an allStar-like table (SDSS_ID, CATALOGID,
+    GAIAEDR3_SOURCE_ID, TARGET_ID, ...), APOGEE_ID itself excluded."""
+    low = name.lower()
+    return low != "apogee_id" and (low.endswith("_id") or low == "catalogid")
+
+
+def read_label_ids(path: str | os.PathLike) -> dict[str, dict[str, object]]:
+    """The identifier columns of an allStar-like table by APOGEE id (the star's first
+    row): ``{apogee_id: {column (lower case): value}}``, integers as Python ints (64-bit
+    ids survive), text stripped.  Scalar columns only; see :func:`_is_id_column`."""
+    path = Path(path)
+    try:
+        with fits.open(path, memmap=True) as hdul:
+            data = next(h for h in hdul if isinstance(h, fits.BinTableHDU)).data
+            names = {n.upper(): n for n in data.columns.names}
+            apogee = np.char.strip(np.asarray(data[_column(names, path, "APOGEE_ID")]).astype(str))
+            cols = {n.lower(): np.asarray(data[n]) for n in data.columns.names
+                    if _is_id_column(n) and np.asarray(data[n]).ndim == 1}  # fmt: skip
+    except FitsInputError:
+        raise
+    except Exception as err:
+        raise FitsInputError(
+            f"{path}: not a readable FITS table: {type(err).__name__}: {err}"
+        ) from err
+    out: dict[str, dict[str, object]] = {}
+    for i, star in enumerate(apogee.tolist()):
+        if star not in out:
+            out[star] = {c: (v[i].strip() if isinstance(v[i], str) else v[i].item())
+                         for c, v in ((c, v.astype(str) if v.dtype.kind in "SU" else v)
+                                      for c, v in cols.items())}  # fmt: skip
+    return out
+
+
+def _id_arrays(part: list[_Row], ids: dict[str, dict[str, object]] | None) -> dict[str, pa.Array]:
+    """The label table's identifier columns for these rows (null where a star is absent):
+    integer columns stay int64, others are text."""
+    names = sorted({c for v in (ids or {}).values() for c in v})
+    out = {}
+    for c in names:
+        vals = [(ids or {}).get(r.apogee_id or r.id, {}).get(c) for r in part]
+        ints = all(v is None or isinstance(v, int) for v in vals)
+        out[c] = pa.array(vals if ints else [None if v is None else str(v) for v in vals],
+                          type=pa.int64() if ints else pa.string())  # fmt: skip
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # Ingest
 # --------------------------------------------------------------------------------------
@@ -115,6 +162,9 @@ class _Row:
     vhelio: float
     rv: tuple[float, float, float]
     file: str
+    apogee_id: str = ""
+    telescope: str = ""
+    field: str = ""
 
 
 def _ingest_one(path: Path, grid: Grid, row: int) -> _Row:
@@ -142,6 +192,9 @@ def _ingest_one(path: Path, grid: Grid, row: int) -> _Row:
         vhelio=spec.vhelio,
         rv=(spec.rv_teff, spec.rv_logg, spec.rv_feh),
         file=path.name,
+        apogee_id=spec.id,
+        telescope=spec.telescope,
+        field=spec.field,
     )
 
 
@@ -172,6 +225,7 @@ def _tables(
     rows: list[_Row],
     labels: dict[str, tuple[float, float, float]] | None,
     n_shards: int,
+    ids: dict[str, dict[str, object]] | None = None,
 ) -> Iterator[pa.Table]:
     nan3 = (np.nan, np.nan, np.nan)
     for chunk in np.array_split(np.arange(len(rows)), n_shards):
@@ -193,6 +247,10 @@ def _tables(
                 "rv_feh": rv[:, 2],
                 "vhelio": np.array([r.vhelio for r in part], dtype=np.float64),
                 "file": [r.file for r in part],
+                "apogee_id": [r.apogee_id for r in part],
+                "telescope": [r.telescope for r in part],
+                "field": [r.field for r in part],
+                **_id_arrays(part, ids),
             },
         )
 
@@ -213,10 +271,13 @@ def ingest_apogee(
     divided by its :func:`pseudo_continuum`, and the spectrum is resampled onto ``grid``
     (default :func:`paper_grid`) with :func:`resample` (bad pixels: ivar 0, flux 1.0).
     Labels (teff, logg, feh) come from ``labels_path`` (:func:`read_label_table`) by
-    APOGEE id, else they are null.  Header ``RV_TEFF``/``RV_LOGG``/``RV_FEH`` (Doppler
-    template values, not ASPCAP labels) go to the extra columns ``rv_teff``, ``rv_logg``,
-    ``rv_feh``; ``vhelio`` and ``file`` are stored too; ``snr`` is the header S/N and
-    ``source`` is ``'apStar'`` or ``'aspcapStar'``.
+    APOGEE id, else they are null; the table's identifier columns (``sdss_id``,
+    ``catalogid``, ``gaiaedr3_source_id``, ... :func:`read_label_ids`) are carried as
+    extra columns, untouched (int64 ids stay int64).  Header ``RV_TEFF``/``RV_LOGG``/
+    ``RV_FEH`` (Doppler template values, not ASPCAP labels) go to the extra columns
+    ``rv_teff``, ``rv_logg``, ``rv_feh``; ``vhelio``, ``file`` and the identifiers
+    ``apogee_id``, ``telescope`` and ``field`` (see :class:`ApStarSpectrum`) are stored
+    too; ``snr`` is the header S/N and ``source`` is ``'apStar'`` or ``'aspcapStar'``.
 
     All files are read and checked before anything is written.
 
@@ -234,6 +295,7 @@ def ingest_apogee(
     if not 1 <= n_shards <= len(files):
         raise ValueError(f"ingest_apogee: n_shards = {n_shards}, must be 1..{len(files)}")
     labels = read_label_table(labels_path) if labels_path is not None else None
+    ids = read_label_ids(labels_path) if labels_path is not None else None
     rows = _read_all(files, grid, row)
     if labels is not None:
         missing = [r.id for r in rows if r.id not in labels]
@@ -253,5 +315,5 @@ def ingest_apogee(
         "continuum": {"method": "chebyshev-asymmetric-clip", **pseudo_continuum.__kwdefaults__},
     }
     return write_dataset(
-        out_dir, _tables(rows, labels, n_shards), n_shards, grid, generator, prefix=prefix
+        out_dir, _tables(rows, labels, n_shards, ids), n_shards, grid, generator, prefix=prefix
     )

@@ -107,7 +107,8 @@ def make_table(
         flux, ivar: (n, n_pix) arrays (cast to float32).
         teff, logg, feh, snr: (n,) arrays; NaN becomes null. ``None`` means all null.
         source: one string for all rows or one per row.
-        extra: further columns (e.g. ``truth_teff``); float arrays are stored as float32.
+        extra: further columns (e.g. ``truth_teff``); float arrays are stored as float32,
+            pyarrow arrays as they are, anything else as text.
     """
     ids = [str(i) for i in ids]
     n = len(ids)
@@ -138,6 +139,9 @@ def make_table(
         "source": pa.array(src, type=pa.string()),
     }
     for name, values in (extra or {}).items():
+        if isinstance(values, pa.Array):  # typed already (e.g. int64 ids with nulls)
+            cols[name] = values
+            continue
         arr = np.asarray(values)
         if arr.dtype.kind == "f":
             cols[name] = label(arr, name)

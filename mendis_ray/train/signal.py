@@ -20,6 +20,7 @@ from mendis_ray.flow.signal_basis import SignalBasis
 from mendis_ray.train.loop import History, array_batches, fit
 
 __all__ = [
+    "NoiseAugmenter",
     "SignalTrainResult",
     "load_training_shards",
     "train_signal_checkpoint",
@@ -53,6 +54,50 @@ def _check_inputs(flux: np.ndarray, ivar: np.ndarray, labels: np.ndarray) -> Non
         )
 
 
+class NoiseAugmenter:
+    """Noisier copies of training stars, drawn in the signal coordinates.
+
+    Adding pixel noise of covariance (f - 1) / ivar to a spectrum and dividing its ivar by
+    f moves its GLS signal coordinates by a draw of (f - 1) times their noise covariance
+    and its noise level t by log f.  This is exact when the intrinsic residual variance is
+    small against the noise (the projection weights then scale by 1 / f) and close
+    otherwise; the validation and the score calibration use real stars only.  Each call
+    (one per epoch) augments a random ``fraction`` of the stars, f log-uniform in
+    [1, ``max_factor``].
+
+    Args:
+        c: the training coordinates (y (n, k+3), t (n,), projection with cov (n, k, k)).
+        eigenvalues: (k,) the basis variances (y = s / sqrt(eigenvalue)).
+    """
+
+    def __init__(self, c: SignalCoordinates, eigenvalues: np.ndarray, max_factor: float,
+                 fraction: float, seed: int = 0) -> None:  # fmt: skip
+        self.c, self.max_factor, self.fraction, self.seed = c, max_factor, fraction, seed
+        w, v = np.linalg.eigh(c.proj.cov)  # (n, k), (n, k, k): a square root of each cov
+        root = v * np.sqrt(np.clip(w, 0, None))[:, None, :]
+        self.root = (root / np.sqrt(eigenvalues)[None, :, None]).astype(np.float32)
+
+    def noisier(self, rows: np.ndarray, log_f: np.ndarray, rng: np.random.Generator):
+        """Coordinates of stars ``rows`` (m,) with their noise variance times exp(log_f)
+        (m,): y (m, k+3), t (m,)."""
+        k = self.root.shape[1]
+        z = rng.standard_normal((rows.size, k, 1)).astype(np.float32)
+        noise = (self.root[rows] @ z)[..., 0] * np.sqrt(np.expm1(log_f))[:, None]  # (m, k)
+        y = self.c.y[rows].copy()
+        y[:, :k] += noise
+        return y, self.c.t[rows] + log_f
+
+    def __call__(self, epoch: int) -> SignalCoordinates:
+        if self.max_factor <= 1 or self.fraction <= 0:
+            return self.c
+        rng = np.random.default_rng([self.seed, epoch])
+        rows = np.flatnonzero(rng.random(len(self.c.t)) < self.fraction)
+        log_f = rng.uniform(0, np.log(self.max_factor), rows.size)
+        y, t = self.c.y.copy(), self.c.t.copy()
+        y[rows], t[rows] = self.noisier(rows, log_f, rng)
+        return SignalCoordinates(y, t, self.c.proj)
+
+
 def train_signal_model(
     flux: np.ndarray,
     ivar: np.ndarray,
@@ -78,7 +123,10 @@ def train_signal_model(
     lab = labels[tr]
     model = SignalSpaceModel(basis, lab.mean(0), lab.std(0) + 1e-12, np.zeros(2), cfg, cfg.seed)
     c_tr = model.coordinates(flux[tr], ivar[tr], labels[tr])
-    model.t_range = np.array([c_tr.t.min(), c_tr.t.max()])  # the noise levels trained on
+    aug = NoiseAugmenter(c_tr, basis.eigenvalues, cfg.noise_augment, cfg.augment_fraction,
+                         cfg.seed)  # fmt: skip
+    # the noise levels trained on, the augmented ones included
+    model.t_range = np.array([c_tr.t.min(), c_tr.t.max() + np.log(max(cfg.noise_augment, 1))])
     c_va = model.coordinates(flux[va], ivar[va], labels[va])
     x_tr, x_va = model.packed(c_tr), model.packed(c_va)  # (n, k + 3 + 1)
     torch.manual_seed(cfg.seed)
@@ -86,7 +134,7 @@ def train_signal_model(
     gen = torch.Generator().manual_seed(cfg.seed)
     hist = fit(
         model.flow,
-        lambda epoch: array_batches(x_tr, cfg.batch_size, generator=gen),
+        lambda epoch: array_batches(model.packed(aug(epoch)), cfg.batch_size, generator=gen),
         lambda: array_batches(x_va, 4096, shuffle=False),
         cfg.train_config(),
         show_progress=show_progress,

@@ -120,20 +120,50 @@ def test_summary_json(scored):
     assert s["files"]["gallery"] == str(scored.gallery)
 
 
+def test_explained_outputs(scored):
+    """FITS tables, explanations and the triage data of a run (see also test_triage.py)."""
+    from astropy.io import fits
+
+    with fits.open(scored.out / "scores.fits") as h:
+        assert len(h["SCORES"].data) == 240 and h["SCORES"].header["FLAGBIT4"] == "UNSCORABLE"
+        assert {"ID", "PERCENTILE", "FLAGS", "VERDICT"} <= set(h["SCORES"].columns.names)
+    top = pq.read_table(scored.top_parquet).to_pylist()
+    assert all(r["explanation"] and r["ref_id"] and r["ref_id"] != r["id"] for r in top)
+    feats = pq.read_table(scored.out / "explain_features.parquet")
+    assert set(feats.column("id").to_pylist()) <= {r["id"] for r in top}
+    with fits.open(scored.out / "top_outliers.fits") as h:
+        assert len(h["TOP_OUTLIERS"].data) == len(top) and len(h["FEATURES"].data) == len(feats)
+    spectra = pq.read_table(scored.out / "triage_spectra.parquet")
+    assert spectra.column("id").to_pylist() == [r["id"] for r in top]
+
+
 def test_rerun_into_same_out_replaces_cleanly(scored, checkpoint, sim_sets, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(scored.out, out)
+    first = pq.read_table(scored.top_parquet).column("id").to_pylist()
+    downloaded = tmp_path / "verdicts.json"  # as the static triage page downloads it
+    downloaded.write_text(json.dumps({"format": "mendis-verdicts-1", "verdicts": [
+        {"id": first[0], "verdict": "interesting", "note": "look again",
+         "updated": "2030-01-01T00:00:00Z"}]}))  # fmt: skip
     res = infer.score_catalog(
         checkpoint, [sim_sets / "test", sim_sets / "cemp"], out, top_n=10, gallery_n=0,
-        **{**RUN, "max_actors": 1},
+        html=True, verdicts=downloaded, **{**RUN, "max_actors": 1},
     )  # fmt: skip
+    top = pq.read_table(res.top_parquet)
+    got = dict(zip(top.column("id").to_pylist(), top.column("verdict").to_pylist(), strict=True))
+    assert got[first[0]] == "interesting"  # carried into the outputs
+    assert sum(v is not None for v in got.values()) == 1
+    assert "look again" in (out / "triage.html").read_text()
     ids = pq.read_table(res.scores, columns=["id"]).column("id")
     assert len(ids) == 240 and pc.count_distinct(ids).as_py() == 240
     assert pq.read_table(res.top_parquet).num_rows == 10
     assert not _hidden(out), f"temporary files left: {_hidden(out)}"
     assert not (out / "gallery.png").exists()  # no gallery asked: the old one is gone
     assert sorted(p.name for p in out.iterdir()) == [
-        "scores", "summary.json", "top_outliers.csv", "top_outliers.parquet",
+        "explain_elements.csv", "explain_elements.parquet", "explain_features.csv",
+        "explain_features.parquet", "scores", "scores.fits", "summary.json",
+        "top_outliers.csv", "top_outliers.fits", "top_outliers.parquet", "triage.html",
+        "triage_spectra.parquet", "verdicts.parquet", "verdicts.parquet.lock",
     ]  # fmt: skip
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -169,6 +170,33 @@ def test_ddp_replicas_stay_identical(ddp_run):
     np.testing.assert_array_equal(res.density.standardizer.mean, init.standardizer.mean)
 
 
+def test_train_actors_stop_after_fit(ddp_run):
+    """Before: Ray Train's SIGINT handler kept the TrainController's handle, so the
+    controller, its DatasetManager and SplitCoordinators stayed alive (and used CPU)
+    after fit, through every later stage of the process (issue 12)."""
+    import os
+
+    from mendis_ray.distributed.session import process_tree
+
+    names = (b"ray::TrainController", b"ray::SplitCoordinator", b"ray::DatasetManager")
+
+    def left() -> list[bytes]:
+        out = []
+        for pid in process_tree(os.getpid())[1:]:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            out += [n for n in names if cmd.startswith(n)]
+        return out
+
+    deadline = time.monotonic() + 20
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left() == []
+
+
 def test_explicit_resume_continues(ddp_run, sim_sets):
     from mendis_ray.distributed.train import RayTrainConfig, latest_checkpoint, train_distributed
 
@@ -218,6 +246,14 @@ def test_tune_runs_trials_and_writes_best(ray_session, sim_sets, tmp_path):
     assert (tmp_path / "tune" / "trials.csv").read_text().count("\n") == 3
     density, _ = load_checkpoint(res.best_checkpoint)
     assert density.config.n_units == res.best["n_units"]
+    # the best checkpoint carries the scorer's reference (issue 12): finite percentiles
+    from mendis_ray.science.ood import Scorer
+
+    scorer = Scorer.from_checkpoint(str(res.best_checkpoint))
+    assert scorer.reference is not None and len(scorer.reference.ref_log_p) > 0
+    test = table_arrays(read_dataset(sim_sets / "test"))
+    out = scorer.score(test.flux[:20], test.ivar[:20], test.labels[:20], marginal="none")
+    assert np.isfinite(out["percentile"]).all() and np.isfinite(out["signal_percentile"]).all()
 
 
 @pytest.mark.slow
