@@ -9,6 +9,7 @@ message starts with the file's path).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -54,6 +55,25 @@ def _clean_label(values: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(x) & (x > MISSING_VALUE), x, np.nan)
 
 
+@contextlib.contextmanager
+def _label_table(path: Path) -> Iterator[tuple[object, dict[str, str]]]:
+    """(data, {UPPER-CASE name: column name}) of the first binary table of an allStar-like
+    FITS file; anything that goes wrong reading it is a FitsInputError naming the file."""
+    try:
+        with fits.open(path, memmap=True) as hdul:
+            tables = [h for h in hdul if isinstance(h, fits.BinTableHDU)]
+            if not tables:
+                raise FitsInputError(f"{path}: no binary table HDU (not an allStar-like file)")
+            data = tables[0].data
+            yield data, {n.upper(): n for n in data.columns.names}
+    except FitsInputError:
+        raise
+    except Exception as err:
+        raise FitsInputError(
+            f"{path}: not a readable FITS table: {type(err).__name__}: {err}"
+        ) from err
+
+
 def read_label_table(path: str | os.PathLike) -> dict[str, tuple[float, float, float]]:
     """ASPCAP labels by APOGEE id from an allStar-like FITS binary table.
 
@@ -71,27 +91,15 @@ def read_label_table(path: str | os.PathLike) -> dict[str, tuple[float, float, f
     path = Path(path)
     if not path.is_file():
         raise FitsInputError(f"{path}: no such file")
-    try:
-        with fits.open(path, memmap=True) as hdul:
-            tables = [h for h in hdul if isinstance(h, fits.BinTableHDU)]
-            if not tables:
-                raise FitsInputError(f"{path}: no binary table HDU (not an allStar-like file)")
-            data = tables[0].data
-            names = {n.upper(): n for n in data.columns.names}
-            cols = [
-                _column(names, path, "APOGEE_ID"),
-                _column(names, path, "TEFF"),
-                _column(names, path, "LOGG"),
-                _column(names, path, "FE_H", "M_H"),
-            ]
-            ids = np.char.strip(np.asarray(data[cols[0]]).astype(str))
-            labels = np.stack([_clean_label(data[c]) for c in cols[1:]], axis=1)
-    except FitsInputError:
-        raise
-    except Exception as err:
-        raise FitsInputError(
-            f"{path}: not a readable FITS table: {type(err).__name__}: {err}"
-        ) from err
+    with _label_table(path) as (data, names):
+        cols = [
+            _column(names, path, "APOGEE_ID"),
+            _column(names, path, "TEFF"),
+            _column(names, path, "LOGG"),
+            _column(names, path, "FE_H", "M_H"),
+        ]
+        ids = np.char.strip(np.asarray(data[cols[0]]).astype(str))
+        labels = np.stack([_clean_label(data[c]) for c in cols[1:]], axis=1)
     out: dict[str, tuple[float, float, float]] = {}
     for star, row in zip(ids.tolist(), labels.tolist(), strict=True):
         if star not in out or (np.all(np.isnan(out[star])) and not np.all(np.isnan(row))):
@@ -112,19 +120,10 @@ def read_label_ids(path: str | os.PathLike) -> dict[str, dict[str, object]]:
     row): ``{apogee_id: {column (lower case): value}}``, integers as Python ints (64-bit
     ids survive), text stripped.  Scalar columns only; see :func:`_is_id_column`."""
     path = Path(path)
-    try:
-        with fits.open(path, memmap=True) as hdul:
-            data = next(h for h in hdul if isinstance(h, fits.BinTableHDU)).data
-            names = {n.upper(): n for n in data.columns.names}
-            apogee = np.char.strip(np.asarray(data[_column(names, path, "APOGEE_ID")]).astype(str))
-            cols = {n.lower(): np.asarray(data[n]) for n in data.columns.names
-                    if _is_id_column(n) and np.asarray(data[n]).ndim == 1}  # fmt: skip
-    except FitsInputError:
-        raise
-    except Exception as err:
-        raise FitsInputError(
-            f"{path}: not a readable FITS table: {type(err).__name__}: {err}"
-        ) from err
+    with _label_table(path) as (data, names):
+        apogee = np.char.strip(np.asarray(data[_column(names, path, "APOGEE_ID")]).astype(str))
+        cols = {n.lower(): np.asarray(data[n]) for n in data.columns.names
+                if _is_id_column(n) and np.asarray(data[n]).ndim == 1}  # fmt: skip
     out: dict[str, dict[str, object]] = {}
     for i, star in enumerate(apogee.tolist()):
         if star not in out:
