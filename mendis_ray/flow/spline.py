@@ -58,8 +58,11 @@ def _log_slope(theta: Tensor, s: Tensor, d0: Tensor, d1: Tensor, curv: Tensor) -
     """log dy/dx of a rational-quadratic bin at relative position ``theta`` (eq. 5), from
     the bin slope ``s``, the knot derivatives ``d0``, ``d1`` and ``curv = d0 + d1 - 2 s``."""
     t1t = theta * (1 - theta)
+    # denominator first: the autograd graph (hence the float rounding of the gradients)
+    # is then the one nflows' formula order gives
+    denom = s + curv * t1t
     num = s * s * (d1 * theta * theta + 2 * s * t1t + d0 * (1 - theta) * (1 - theta))
-    return torch.log(num) - 2 * torch.log(s + curv * t1t)
+    return torch.log(num) - 2 * torch.log(denom)
 
 
 def rq_spline(
