@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import multivariate_normal
+from tiny_case import CFG, GRID, N_PIX, _data
 
-from mendis_ray.config import FlowConfig, TrainConfig
+from mendis_ray.config import TrainConfig
 from mendis_ray.flow.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mendis_ray.flow.density import SpectrumDensity, Standardizer
 from mendis_ray.flow.gaussian_init import initialize_whitened
@@ -22,22 +23,6 @@ from mendis_ray.science.metrics import adjusted_rand_index
 from mendis_ray.science.ood import Scorer
 from mendis_ray.science.reconstruct import reconstruct
 from mendis_ray.train.loop import array_batches, fit
-
-N_PIX = 12
-CFG = FlowConfig(name="test", n_pix=N_PIX, n_units=2, hidden=8, n_blocks=1, n_bins=4, grid="none")
-GRID = {"name": "none", "n_pix": N_PIX, "hash": "test"}
-
-
-def _data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Correlated 'spectra' (n, N_PIX) near 1 and labels (n, 3) in physical-ish units."""
-    rng = np.random.default_rng(seed)
-    lat = rng.standard_normal((n, 4))
-    mix = np.random.default_rng(99).standard_normal((4, N_PIX)) * 0.02
-    flux = 0.9 + lat @ mix + 0.003 * rng.standard_normal((n, N_PIX))
-    labels = np.stack(
-        [4400 + 50 * lat[:, 0], 2.05 + 0.1 * lat[:, 1], 0.05 * lat[:, 2]], axis=1
-    ) + 0.01 * rng.standard_normal((n, 3))
-    return flux, labels
 
 
 @pytest.fixture(scope="module")
