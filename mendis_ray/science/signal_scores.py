@@ -160,16 +160,16 @@ def star_snr(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     over its good pixels, (n,) (from the noise alone: an absurd flux must not make a
     spectrum look noisy; 0 for a row with no good pixel)."""
     good = (ivar > 0) & np.isfinite(ivar) & (ivar < 1e11)  # 1e12: noise-free simulation
-    v = np.sqrt(np.where(good, ivar, np.inf).astype(np.float32))  # (n, p); masked last
+    v = np.where(good, ivar, np.inf).astype(np.float32)  # (n, p); masked last
     cnt, rows = good.sum(axis=1), np.arange(len(v))
     lo, hi = np.maximum((cnt - 1) // 2, 0), np.minimum(cnt // 2, v.shape[1] - 1)
     full = cnt == v.shape[1]
-    if full.all():  # no masked pixel: the two middle order statistics, O(p) per row
-        v.partition([lo[0], hi[0]], axis=1)
-    else:  # one vectorized sort: ~10x faster than a row-by-row nanmedian
-        v.sort(axis=1)
-    with np.errstate(invalid="ignore"):
-        med = 0.5 * (v[rows, lo].astype(np.float64) + v[rows, hi])
+    if full.any():  # no masked pixel: the two middle order statistics, O(p) per row
+        v[full] = np.partition(v[full], [lo[full][0], hi[full][0]], axis=1)
+    if not full.all():  # the others: one vectorized sort (10x faster than a nanmedian loop)
+        v[~full] = np.sort(v[~full], axis=1)
+    with np.errstate(invalid="ignore"):  # sqrt is monotone: select first, then take roots
+        med = 0.5 * (np.sqrt(v[rows, lo]).astype(np.float64) + np.sqrt(v[rows, hi]))
     return np.where(cnt > 0, med, 0.0)
 
 
@@ -330,15 +330,23 @@ class SignalScorer:
     # -- scoring ------------------------------------------------------------------------------
 
     def _clean(self, flux, ivar, labels):
-        """Masks for non-finite input: bad pixels become masked, inf labels missing."""
+        """Masks for non-finite input: bad pixels become masked, inf labels missing.  The
+        usual all-finite chunk skips the repairs (each is a pass over (n, p))."""
         flux = np.asarray(flux, np.float32)  # the projection works in float32
         n = len(flux)
         ivar = np.ones_like(flux) if ivar is None else np.asarray(ivar, np.float32)
         labels = np.full((n, 3), np.nan) if labels is None else np.asarray(labels, np.float64)
-        bad_pix = (~np.isfinite(flux) | ~np.isfinite(ivar)) & (np.nan_to_num(ivar, nan=1.0) != 0)
-        nonfinite = bad_pix.any(axis=1) | np.isinf(labels).any(axis=1)
-        ivar = np.where(bad_pix | ~np.isfinite(ivar) | (ivar < 0), 0.0, ivar)
-        flux = np.where(ivar > 0, flux, self.model.basis.mean.astype(np.float32))
+        nonfinite = np.isinf(labels).any(axis=1)
+        if not (np.isfinite(flux).all() and np.isfinite(ivar).all()):
+            bad_pix = (~np.isfinite(flux) | ~np.isfinite(ivar)) & (
+                np.nan_to_num(ivar, nan=1.0) != 0
+            )
+            nonfinite |= bad_pix.any(axis=1)
+            ivar = np.where(bad_pix | ~np.isfinite(ivar) | (ivar < 0), 0.0, ivar)
+        elif (ivar < 0).any():
+            ivar = np.where(ivar < 0, 0.0, ivar)
+        if not (ivar > 0).all():
+            flux = np.where(ivar > 0, flux, self.model.basis._float32("mean"))
         labels = np.where(np.isinf(labels), np.nan, labels)
         return flux, ivar, labels, nonfinite
 
