@@ -216,12 +216,7 @@ def analyze(
     if cfg.conditional:
         t0 = time.perf_counter()
         log.info("stage 5/7: conditional p(spectrum | 4300 K, 2.1, 0.0) by MALA")
-        cond = ex.conditional_analysis(
-            density, gauss, sim, n_true=1000 if cfg.quick else 3000, n_chains=cfg.n_chains,
-            n_warmup=cfg.n_warmup, n_keep=cfg.n_keep, seed=cfg.seed,
-        )  # fmt: skip
-        result["conditional"] = cond.metrics
-        figures.correlation_panels(cond, sim.grid.wavelength, fig_dir / "correlation.png")
+        result["conditional"] = _conditional_stage(density, gauss, sim, cfg, fig_dir)
         stage["conditional"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -305,6 +300,19 @@ def _score_stage(
         extra_arrays=scorer.checkpoint_arrays(),
     )  # fmt: skip
     result["checkpoint"] = str(ckpt)
+
+
+def _conditional_stage(
+    density: SpectrumDensity, gauss, sim: Simulator, cfg: DemoConfig, fig_dir: Path
+) -> dict:
+    """Stage 5: the conditional's pixel correlations by MALA against the simulator's true
+    conditional (their metrics) and the correlation figure."""
+    cond = ex.conditional_analysis(
+        density, gauss, sim, n_true=1000 if cfg.quick else 3000, n_chains=cfg.n_chains,
+        n_warmup=cfg.n_warmup, n_keep=cfg.n_keep, seed=cfg.seed,
+    )  # fmt: skip
+    figures.correlation_panels(cond, sim.grid.wavelength, fig_dir / "correlation.png")
+    return cond.metrics
 
 
 def _signal_model(train: ex.Arrays, sets: dict, pairs: dict, out: Path, rows: list,
