@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from pathlib import Path
 
-from mendis_ray.cli_options import SERVE_SCORE_FIELDS, add_config_options
+from mendis_ray.cli_options import SERVE_SCORE_FIELDS, add_config_options, config_from_args
 from mendis_ray.config import ScoreConfig
 
-__all__ = ["add_analyze_parser", "add_demo_parser", "add_score_parser", "add_serve_parser"]
+__all__ = [
+    "add_analyze_parser",
+    "add_demo_parser",
+    "add_score_parser",
+    "add_serve_parser",
+    "cmd_score",
+]
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -45,6 +52,64 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"report: {res['report']}")
     print(f"checkpoint: {res['checkpoint']}")
     return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """``mendis score CHECKPOINT INPUTS... --out DIR [options]``: score (the settings are
+    the ScoreConfig the options were generated from), print what was written where."""
+    from mendis_ray.distributed.infer import score_catalog
+
+    res = score_catalog(
+        args.checkpoint, args.inputs, args.out, config_from_args(ScoreConfig, args),
+        labels_path=args.labels, address=args.address, num_cpus=args.num_cpus,
+        verdicts=args.verdicts,
+    )  # fmt: skip
+    s = res.summary
+    print(
+        f"\nScored {s['rows']} spectra in {s['seconds']:.1f} s ({s['spectra_per_s']:.1f} "
+        f"spectra/s overall, {s['scoring_spectra_per_s']:.1f} in the scoring step) on "
+        f"{s['actors']['min']}-{s['actors']['max']} actor(s)"
+    )
+    print(f"scores:       {res.scores} ({len(s['files']['scores'])} file(s))")
+    print(f"top outliers: {res.top_csv}  ({s['top_n']} rows; also {res.top_parquet.name})")
+    files = s["files"]
+    print(f"FITS:         {files['scores.fits']} (every spectrum), {files['top_outliers.fits']}")
+    print(f"explanations: {files['explain_features.csv']} ({s['explained']} outliers), "
+          f"{Path(files['explain_elements.csv']).name}")  # fmt: skip
+    if res.gallery is not None:
+        print(f"gallery:      {res.gallery}")
+    if files.get("triage_html"):
+        print(f"triage page:  {files['triage_html']} (open it in a browser)")
+    if s["verdicts"]:
+        print(f"verdicts:     {s['verdicts']} carried from {Path(args.out) / 'verdicts.parquet'}")
+    print(f"summary:      {res.summary_path}")
+    _print_top(res.top_parquet)
+    return 0
+
+
+def _print_top(top_parquet: Path, n: int = 10) -> None:
+    """Print the ``n`` most outlying rows of an outlier table."""
+    import pyarrow.parquet as pq
+
+    from mendis_ray.science.gallery import fmt
+
+    top = pq.read_table(top_parquet).slice(0, n).to_pylist()
+    if not top:
+        return
+    print("\nmost outlying:")
+    for r in top:
+        if "score" in r:  # a signal-space checkpoint
+            detail = (f"score {fmt(r.get('score'), '.2f')}  signal "
+                      f"{fmt(r.get('signal_score'), '.2f')}  residual "
+                      f"{fmt(r.get('residual_score'), '.2f')}")  # fmt: skip
+        else:
+            detail = f"log p/dim {fmt(r.get('log_p_per_dim'), '.3f')}"
+        print(
+            f"  {r['rank']:>3}  {r['id']}  percentile {fmt(r.get('percentile'), '.1f')}  "
+            f"{detail}  flags {r['flag_names'] or '-'}"
+        )
+        if r.get("explanation"):
+            print(f"       why: {r['explanation']}")
 
 
 def _lazy(module: str, name: str):
@@ -104,7 +169,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     # the score settings Serve shares (default: ServeArgs', i.e. ScoreConfig's)
     add_config_options(v, ScoreConfig, only=SERVE_SCORE_FIELDS, keep_defaults=False)
-    v.set_defaults(func=lambda a: _lazy("mendis_ray.distributed.serving", "main_serve")(a))
+    v.set_defaults(func=lambda a: _lazy("mendis_ray.distributed.serve_local", "main_serve")(a))
 
 
 def add_score_parser(sub: argparse._SubParsersAction) -> None:
@@ -122,4 +187,4 @@ def add_score_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--labels", help="allStar-like FITS table of labels for FITS inputs")
     c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     c.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
-    c.set_defaults(func=lambda a: _lazy("mendis_ray.distributed.infer", "main_score")(a))
+    c.set_defaults(func=cmd_score)
