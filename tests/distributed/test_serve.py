@@ -141,6 +141,9 @@ def _deploy(checkpoint, name: str, prefix: str, batch_size: int) -> None:
             "max_request_bytes": MAX_BYTES,
             "max_spectra": MAX_SPECTRA,
             "max_marginal": 2,
+            # these tests check unlabelled spectra without the label-free score unless a
+            # request asks (the default, ScoreConfig's "unlabelled": test_triage_serve)
+            "marginal": "none",
         }
     )
     serve.run(app, name=name, route_prefix=prefix)
