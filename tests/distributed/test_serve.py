@@ -941,6 +941,18 @@ def test_signal_json_batch_matches_in_process(signal_server, signal_reference, s
     np.testing.assert_allclose(used, want["labels_used"], rtol=1e-9)
 
 
+def test_signal_label_free_spectra_are_not_bounded(signal_server, survey_test):
+    """The signal-space model scores unlabelled spectra label-free at a labelled score's
+    cost: max_marginal (2 here) bounds only a full-space flow's optimisations."""
+    _, a = survey_test
+    three = {"spectra": [spectrum_json(a, i, labels=False) for i in range(3)]}
+    status, out = signal_server.post(three, query="?marginal=unlabelled")
+    assert status == 200, out
+    assert out["marginal"] == "unlabelled" and all(r["score"] is not None for r in out["results"])
+    info = json.loads(signal_server.request("GET", "/model")[1])
+    assert info["limits"]["max_marginal"] == MAX_SPECTRA
+
+
 def test_signal_arrow_bulk_matches_in_process(signal_server, signal_reference, survey_test):
     table, a = survey_test
     body = arrow_body(table.slice(10, 40), "stream")  # a shard slice, with its grid metadata
