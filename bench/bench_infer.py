@@ -30,7 +30,17 @@ scoring cost does not depend on the weights), standardized on simulated S/N 300 
 with a scoring reference from held-out ones.  Data and checkpoint are cached in ``--work``.
 Writes ``bench/results/bench_infer.json``.
 
+``--model signal`` benchmarks the signal-space model (:class:`SignalScorer`) instead: a
+small model trained once (``train_signal_checkpoint``, time-limited: scoring cost does not
+depend on how far it trained) on simulated survey inliers, a catalog of 20,000 survey
+inliers in shards of 1,000, the batch size of ``ScoreConfig``; and it also times the whole
+``mendis score CHECKPOINT CATALOG --out DIR`` command as a user runs it (a subprocess,
+after this process's Ray is shut down; best of ``--repeats``): wall time, spectra/s, and
+the parts (process start and imports, Ray start and scoring, ranking and outputs) from
+its ``summary.json``.  Writes ``bench/results/bench_infer_signal.json``.
+
     python bench/bench_infer.py                   # 4096 spectra, batch 256, 2 threads
+    python bench/bench_infer.py --model signal    # 20,000 spectra, + the mendis score CLI
     python bench/bench_infer.py --quick           # 2048 spectra, 1 round
     python bench/bench_infer.py --n 8192 --repeats 3
     python bench/bench_infer.py --threads 1 --name bench_infer_1thread   # Ray's overhead
@@ -128,6 +138,49 @@ def build(work: Path, n: int, batch: int, n_train: int, rebuild: bool) -> tuple[
     return catalog, ckpt
 
 
+def build_signal(work: Path, n: int, n_train: int, rebuild: bool) -> tuple[Path, Path]:
+    """(catalog folder, checkpoint folder) for ``--model signal``: ``n`` simulated survey
+    inliers in shards of 1,000 rows, and a signal-space checkpoint trained (for at most a
+    minute: its scoring cost does not depend on the weights) on ``n_train`` others."""
+    import json
+
+    from mendis_ray.config import SignalConfig
+    from mendis_ray.spectra.datasets import SurveySpec, write_survey_set
+    from mendis_ray.spectra.population import inliers
+    from mendis_ray.spectra.simulate import Simulator
+    from mendis_ray.train.signal import train_signal_checkpoint
+
+    sim = Simulator()
+    catalog, ckpt = work / "catalog", work / "checkpoint"
+    manifest = catalog / "_manifest.json"
+    shards = max(1, round(n / 1000))
+    if rebuild or not manifest.exists() or json.loads(manifest.read_text())["total_rows"] != n:
+        write_survey_set(work, SurveySpec("catalog", n, inliers, shards), sim, seed=22)
+        log.info("catalog: %d survey spectra in %d shards", n, shards)
+    if rebuild or not (ckpt / "config.json").exists():
+        write_survey_set(work, SurveySpec("train", n_train, inliers, 4), sim, seed=21)
+        summary = train_signal_checkpoint([work / "train"], work, SignalConfig(seed=0),
+                                          time_limit_s=60, show_progress=False)  # fmt: skip
+        log.info("checkpoint: signal model, k = %d (%.1f s)", summary["k"], summary["seconds"])
+    return catalog, ckpt
+
+
+def _defaults(args) -> None:
+    """Fill the per-model defaults of the options left unset."""
+    from mendis_ray.config import ScoreConfig
+
+    signal = args.model == "signal"
+    args.n = args.n or (20_000 if signal else 4096)
+    args.batch = args.batch or (ScoreConfig().batch_size if signal else 256)
+    args.n_train = args.n_train or (4000 if signal else 2000)
+    args.work = args.work or (
+        "mendis_out/bench_infer_signal" if signal else "mendis_out/bench_infer"
+    )
+    args.name = args.name or ("bench_infer_signal" if signal else "bench_infer")
+    if args.quick:
+        args.n, args.repeats = (4000 if signal else 2048), 1
+
+
 # ----------------------------------------------------------------------------- runs
 
 
@@ -136,7 +189,8 @@ def run_inprocess(scorer, arrays, batch: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    scorer.score(arrays.flux, arrays.ivar, arrays.labels, batch_size=batch)
+    # batch_size: the full-space Scorer's model batches; chunk: the SignalScorer's
+    scorer.score(arrays.flux, arrays.ivar, arrays.labels, batch_size=batch, chunk=batch)
     dt = time.perf_counter() - t0
     return {"seconds": dt, "rate": len(arrays.flux) / dt}
 
@@ -191,73 +245,79 @@ def run_ray(ckpt: Path, shards, batch: int, actors: int, threads: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=4096, help="catalog spectra")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2, help="total torch threads")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--n-train", type=int, default=2000)
-    ap.add_argument("--work", default="mendis_out/bench_infer", help="cached data/checkpoint")
-    ap.add_argument("--rebuild", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="2048 spectra, 1 round")
-    ap.add_argument("--name", default="bench_infer", help="results/NAME.json")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.n, args.repeats = 2048, 1
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    T, B = args.threads, args.batch
+def run_cli(ckpt: Path, catalog: Path, out: Path) -> dict:
+    """``mendis score CKPT CATALOG --out OUT`` as a user runs it (a subprocess with its own
+    local Ray): wall time and the parts of it from its ``summary.json``."""
+    import json
+    import subprocess
 
-    import ray
-    import torch
+    cmd = [sys.executable, "-m", "mendis_ray.cli", "score", str(ckpt), str(catalog), "--out",
+           str(out)]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    env.pop("RAY_worker_niceness", None)  # the user's default
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    tm = summary["timings"]
+    outputs = sum(v for k, v in tm.items() if k != "score_s" and k != "ingest_s")
+    return {
+        "command": " ".join(["python", *cmd[1:]]),
+        "wall_s": wall,
+        "rate": summary["rows"] / wall,
+        "in_process_s": summary["seconds"],  # from checks to summary.json
+        "before_run_s": wall - summary["seconds"],  # interpreter, imports, argument parsing
+        "ray_start_and_score_s": summary["seconds"] - outputs,
+        "score_s": tm["score_s"],
+        "outputs_s": outputs,
+        "timings": tm,
+        "actors": summary["actors"],
+        "batch_size": summary["batch_size"],
+    }
 
+
+def _setup(args):
+    """(catalog, checkpoint, shards, arrays, scorer, startup seconds, parameters)."""
     from mendis_ray.distributed.data import check_shards, list_shards
-    from mendis_ray.distributed.session import ensure_ray
-    from mendis_ray.science.ood import Scorer
+    from mendis_ray.science.signal_scores import load_scorer
     from mendis_ray.spectra.shards import read_dataset, table_arrays
 
-    catalog, ckpt = build(Path(args.work), args.n, B, args.n_train, args.rebuild)
+    if args.model == "signal":
+        catalog, ckpt = build_signal(Path(args.work), args.n, args.n_train, args.rebuild)
+    else:
+        catalog, ckpt = build(Path(args.work), args.n, args.batch, args.n_train, args.rebuild)
     shards = check_shards(list_shards(catalog))
     t0 = time.perf_counter()
     arrays = table_arrays(read_dataset(catalog))
-    read_s = time.perf_counter() - t0
+    startup = {"read_arrays_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    scorer = Scorer.from_checkpoint(str(ckpt), expect_grid=shards.grid)
-    load_s = time.perf_counter() - t0
-    n_params = sum(p.numel() for p in scorer.density.flow.parameters())
-    os.environ.setdefault("RAY_worker_niceness", "0")  # see the module doc
-    t0 = time.perf_counter()
-    resources = ensure_ray(num_cpus=max(4, os.cpu_count() or 1))
-    init_s = time.perf_counter() - t0
-    driver_nice = os.nice(0)
-    print(
-        f"compact flow ({n_params / 1e6:.1f}M parameters), {shards.n_rows} spectra in "
-        f"{len(shards.files)} shards, batch {B}, {T} threads in all; {os.cpu_count()} cores, "
-        f"Ray {ray.__version__} with {resources.get('CPU')} logical CPUs"
-    )
-    print(f"startup: read arrays {read_s:.2f} s, load checkpoint {load_s:.2f} s, "
-          f"ray.init {init_s:.2f} s")  # fmt: skip
+    scorer = load_scorer(str(ckpt), expect_grid=shards.grid)
+    startup["load_s"] = time.perf_counter() - t0
+    flow = scorer.model.flow if args.model == "signal" else scorer.density.flow
+    n_params = sum(p.numel() for p in flow.parameters())
+    return catalog, ckpt, shards, arrays, scorer, startup, n_params
 
-    for _ in range(2):  # warm-up (first calls are slow: allocations, cached LU weights)
-        run_inprocess(scorer, table_arrays(read_dataset(catalog).slice(0, 2 * B)), B, T)
-    configs = {
-        "in-process": lambda: run_inprocess(scorer, arrays, B, T),
-        f"ray {T} actors x 1 thread": lambda: run_ray(ckpt, shards, B, T, 1),
-        f"ray 1 actor x {T} threads": lambda: run_ray(ckpt, shards, B, 1, T),
-    }
-    if T == 1:  # the two Ray configurations are the same one
-        configs.pop("ray 1 actor x 1 threads")
+
+def _rounds(configs: dict, repeats: int, threads: int) -> dict[str, list[dict]]:
+    """Every configuration ``repeats`` times, in alternating order."""
+    import torch
+
     results: dict[str, list[dict]] = {k: [] for k in configs}
-    load_before = os.getloadavg()
     names = list(configs)
-    for r in range(args.repeats):
+    for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
             res = configs[name]()
             results[name].append(res)
             log.info("round %d %s: %.1f spectra/s", r, name, res["rate"])
-        torch.set_num_threads(T)
+        torch.set_num_threads(threads)
+    return results
 
+
+def _table(results: dict[str, list[dict]], load_s: float) -> list[dict]:
+    """One row per configuration: best and median spectra/s and their ratios to the
+    in-process ones, startup, end-to-end rate, actor busy fraction."""
     base = statistics.median(x["rate"] for x in results["in-process"])
     best_base = max(x["rate"] for x in results["in-process"])
     rows = []
@@ -277,12 +337,99 @@ def main(argv: list[str] | None = None) -> int:
             "actor_busy": (statistics.median(x["actor_busy_fraction"] for x in runs)
                            if ray_run else 1.0),
         })  # fmt: skip
+    return rows
+
+
+def _cli_rows(ckpt: Path, catalog: Path, work: Path, repeats: int, base: float) -> tuple:
+    """(table rows, every run) of ``mendis score`` over ``repeats`` runs (best by wall)."""
+    runs = [run_cli(ckpt, catalog, work / "cli_out") for _ in range(repeats)]
+    for r in runs:
+        log.info("mendis score: %.1f s wall, %.1f spectra/s", r["wall_s"], r["rate"])
+    best = min(runs, key=lambda r: r["wall_s"])
+    row = {"config": "mendis score (CLI, end to end)", "spectra_per_s": best["rate"],
+           "ratio": best["rate"] / base, "median_per_s": statistics.median(r["rate"] for r in runs),
+           "median_ratio": statistics.median(r["rate"] for r in runs) / base,
+           "startup_s": best["wall_s"] - best["score_s"] - best["outputs_s"],
+           "model_load_s": float("nan"), "end_to_end_per_s": best["rate"],
+           "actor_busy": float("nan")}  # fmt: skip
+    return [row], runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=("flow", "signal"), default="flow")
+    ap.add_argument("--n", type=int, default=None, help="catalog spectra (flow 4096, signal 20000)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="batch size (flow 256, signal ScoreConfig's)")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=2, help="total torch threads")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n-train", type=int, default=None, help="flow 2000, signal 4000")
+    ap.add_argument(
+        "--work",
+        default=None,
+        help="cached data/checkpoint "
+        "(default mendis_out/bench_infer or mendis_out/bench_infer_signal)",
+    )
+    ap.add_argument("--no-cli", action="store_true", help="signal: skip the mendis score runs")
+    ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="2048 spectra, 1 round")
+    ap.add_argument("--name", default=None, help="results/NAME.json (default bench_infer or "
+                    "bench_infer_signal)")  # fmt: skip
+    args = ap.parse_args(argv)
+    _defaults(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    T, B = args.threads, args.batch
+
+    import ray
+
+    from mendis_ray.distributed.session import ensure_ray
+
+    catalog, ckpt, shards, arrays, scorer, startup, n_params = _setup(args)
+    os.environ.setdefault("RAY_worker_niceness", "0")  # see the module doc
+    t0 = time.perf_counter()
+    resources = ensure_ray(num_cpus=max(4, os.cpu_count() or 1))
+    init_s = time.perf_counter() - t0
+    driver_nice = os.nice(0)
+    what = "compact flow" if args.model == "flow" else "signal-space model"
+    print(
+        f"{what} ({n_params / 1e6:.2f}M parameters), {shards.n_rows} spectra in "
+        f"{len(shards.files)} shards, batch {B}, {T} threads in all; {os.cpu_count()} cores, "
+        f"Ray {ray.__version__} with {resources.get('CPU')} logical CPUs"
+    )
+    print(f"startup: read arrays {startup['read_arrays_s']:.2f} s, load checkpoint "
+          f"{startup['load_s']:.2f} s, ray.init {init_s:.2f} s")  # fmt: skip
+
+    from mendis_ray.spectra.shards import read_dataset, table_arrays
+
+    warm = table_arrays(read_dataset(catalog).slice(0, 2 * B))
+    for _ in range(2):  # warm-up (first calls are slow: allocations, cached LU weights)
+        run_inprocess(scorer, warm, B, T)
+    configs = {
+        "in-process": lambda: run_inprocess(scorer, arrays, B, T),
+        f"ray {T} actors x 1 thread": lambda: run_ray(ckpt, shards, B, T, 1),
+        f"ray 1 actor x {T} threads": lambda: run_ray(ckpt, shards, B, 1, T),
+    }
+    if T == 1:  # the two Ray configurations are the same one
+        configs.pop("ray 1 actor x 1 threads")
+    load_before = os.getloadavg()
+    results = _rounds(configs, args.repeats, T)
+    rows = _table(results, startup["load_s"])
+    load_after = os.getloadavg()
+    cli_runs = []
+    if args.model == "signal" and not args.no_cli:
+        ray.shutdown()  # the CLI starts its own local Ray; leave it the machine
+        cli, cli_runs = _cli_rows(ckpt, catalog, Path(args.work), args.repeats,
+                                  rows[0]["spectra_per_s"])  # fmt: skip
+        rows += cli
     print()
     report(
         args.name,
         rows,
         extra={
+            "model": args.model,
             "n_spectra": shards.n_rows,
+            "n_shards": len(shards.files),
             "batch_size": B,
             "threads": T,
             "n_params": n_params,
@@ -290,18 +437,27 @@ def main(argv: list[str] | None = None) -> int:
             "ray_version": ray.__version__,
             "ray_init_s": init_s,
             "driver_niceness": driver_nice,
-            "load_average_before_after": [load_before, os.getloadavg()],
-            "read_arrays_s": read_s,
+            "load_average_before_after": [load_before, load_after, os.getloadavg()],
+            "read_arrays_s": startup["read_arrays_s"],
             "target_ratio": TARGET_RATIO,
             "rounds": results,
+            "cli_runs": cli_runs,
+            "command": " ".join(["python", "bench/bench_infer.py", *(argv or sys.argv[1:])]),
         },
     )
-    worst = min(r["ratio"] for r in rows[1:])
-    ratios = ", ".join(f"{r['config']} {r['ratio']:.2f}" for r in rows[1:])
+    ray_rows = [r for r in rows[1:] if r["config"].startswith("ray")]
+    worst = min(r["ratio"] for r in ray_rows)
+    ratios = ", ".join(f"{r['config']} {r['ratio']:.2f}" for r in ray_rows)
     verdict = "met" if worst >= TARGET_RATIO else "MISSED"
     print(f"\nRay / in-process throughput: {ratios} (target >= {TARGET_RATIO}: {verdict})")
+    if cli_runs:
+        best = min(cli_runs, key=lambda x: x["wall_s"])
+        print(f"mendis score end to end (best of {len(cli_runs)}): {best['wall_s']:.1f} s, "
+              f"{best['rate']:.0f} spectra/s; before the run {best['before_run_s']:.1f} s, "
+              f"Ray start + scoring {best['ray_start_and_score_s']:.1f} s (scores written "
+              f"{best['score_s']:.1f} s), outputs {best['outputs_s']:.1f} s")  # fmt: skip
     print(f"1-min load average before/after the timed rounds: {load_before[0]:.1f} / "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")  # fmt: skip
+          f"{load_after[0]:.1f} on {os.cpu_count()} cores")  # fmt: skip
     return 0
 
 
