@@ -171,7 +171,7 @@ def _defaults(args) -> None:
 
     signal = args.model == "signal"
     args.n = args.n or (20_000 if signal else 4096)
-    args.batch = args.batch or (ScoreConfig().batch_size if signal else 256)
+    args.batch = args.batch or ScoreConfig().batch_size_for(args.model)
     args.n_train = args.n_train or (4000 if signal else 2000)
     args.work = args.work or (
         "mendis_out/bench_infer_signal" if signal else "mendis_out/bench_infer"

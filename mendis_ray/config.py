@@ -131,6 +131,12 @@ MARGINAL_MODES = ("unlabelled", "all", "none")
 #: model) the residual score (mendis_ray.science.ranking.RANK_KEYS: the columns)
 RANK_BY = ("percentile", "signal", "residual")
 
+#: spectra per actor call of ``mendis score`` by checkpoint kind, where ``batch_size`` is
+#: not set: the signal-space model scores a spectrum ~100x faster than the full-space
+#: flow, so its per-batch costs weigh more (bench/bench_infer.py --model signal, 2 actors
+#: x 1 thread on 2 cores: 5,100 spectra/s at 256, 12,300 at 1,024)
+SCORE_BATCH_SIZE = {"flow": 256, "signal": 1024}
+
 
 def _setting(default: object, help: str, **cli: object):
     """A config field with its command-line help (and ``choices``, ``flag``, ``metavar``):
@@ -176,8 +182,12 @@ class ScoreConfig(_DictConfig):
     profile_steps: int = _setting(200, "flow: Adam steps of the label-free score's label fit")
     # --- the batch pipeline (mendis score): model batches and the actor pool
     # spectra per map_batches call and per model evaluation (Serve has its own batch_size:
-    # a latency knob of the @serve.batch queue, 64 by default)
-    batch_size: int = _setting(256, "spectra per actor call")
+    # a latency knob of the @serve.batch queue, 64 by default); None: by checkpoint kind,
+    # SCORE_BATCH_SIZE (see batch_size_for)
+    batch_size: int | None = _setting(
+        None, "spectra per actor call (default: 256 for a full-space flow, 1024 for the "
+        "signal-space model)",
+    )  # fmt: skip
     min_actors: int = _setting(1, "smallest actor pool")
     # None: as many actors as the cluster's GPUs allow, or its CPUs less one (for reads)
     max_actors: int | None = _setting(
@@ -221,6 +231,15 @@ class ScoreConfig(_DictConfig):
         if self.top_n < 1 or self.gallery_n < 0 or self.n_typical < 1:
             raise ValueError(f"need top_n >= 1, gallery_n >= 0, n_typical >= 1 (got "
                              f"{self.top_n}, {self.gallery_n}, {self.n_typical})")  # fmt: skip
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def batch_size_for(self, kind: str) -> int:
+        """Spectra per actor call for a checkpoint of ``kind`` (``"flow"`` or
+        ``"signal"``): ``batch_size``, or the kind's default (:data:`SCORE_BATCH_SIZE`)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return SCORE_BATCH_SIZE.get(kind, SCORE_BATCH_SIZE["flow"])
 
     def scorer_kwargs(self) -> dict:
         """The knobs of :class:`mendis_ray.science.ood.Scorer` (full-space flow)."""

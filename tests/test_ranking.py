@@ -18,7 +18,13 @@ import pytest
 
 from mendis_ray.atomic import remove_stale_dirs
 from mendis_ray.science.flags import Flag, flag_columns, flag_list, flag_names
-from mendis_ray.science.gallery import make_gallery, nearest_typical, plot_gallery, read_spectra
+from mendis_ray.science.gallery import (
+    ShardSpectra,
+    make_gallery,
+    nearest_typical,
+    plot_gallery,
+    read_spectra,
+)
 from mendis_ray.science.ranking import (
     rank_keys,
     rank_outliers,
@@ -154,6 +160,41 @@ def test_make_gallery_reads_spectra_from_shards(tmp_path):
     typical = pa.table({"id": ["a", "b"], "path": [str(shard)] * 2, "percentile": [50.0, 60.0]})
     png = make_gallery(top, typical, [shard], grid.n_pix, tmp_path / "g.png")
     assert _png_size(png)[0] > 600
+
+
+def test_shard_spectra_reads_each_shard_once_and_looks_rows_up(tmp_path, monkeypatch):
+    """The catalog outputs' explanations and gallery need the same top and typical rows:
+    ShardSpectra reads every shard holding any of them once (a read decompresses the whole
+    shard), and gives each table's rows as read_spectra would, NaN/0 where not found."""
+    import mendis_ray.science.gallery as gallery
+    from mendis_ray.spectra.grid import get_grid
+    from mendis_ray.spectra.shards import make_table, write_shard
+
+    grid = get_grid("paper")
+    shards = []
+    for s, values in enumerate(((0.9, 1.0), (1.1, 1.2))):
+        flux = np.stack([np.full(grid.n_pix, v, np.float32) for v in values])
+        ids = [f"s{s}-{j}" for j in range(2)]
+        shards.append(write_shard(tmp_path / f"{s}.parquet", make_table(ids, flux,
+                                  np.ones_like(flux)), grid))  # fmt: skip
+    path = [str(f) for f in shards]
+    top = pa.table({"id": ["s1-1", "s0-0", "zz"], "path": [path[1], path[0], path[0]]})
+    typical = pa.table({"id": ["s0-1", "s1-1"], "path": [path[0], path[1]]})
+    reads = []
+    real = gallery.pq.read_table
+    monkeypatch.setattr(gallery.pq, "read_table", lambda f, **kw: reads.append(f) or real(f, **kw))
+    spectra = ShardSpectra.read([top, typical], shards, grid.n_pix)
+    assert sorted(map(str, reads)) == sorted(path)  # one read per shard, not one per table
+    for rows in (top, typical, top.slice(0, 1)):
+        want, want_ivar = read_spectra(rows, shards, grid.n_pix)
+        got, got_ivar = spectra.of(rows)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got_ivar, want_ivar)
+    got, got_ivar = spectra.of(top)
+    np.testing.assert_allclose(got[:2, 0], [1.2, 0.9], rtol=1e-6)
+    assert np.isnan(got[2]).all() and (got_ivar[2] == 0).all()
+    other = pa.table({"id": ["s0-1"], "path": [path[1]]})  # an id read, but not from there
+    assert np.isnan(spectra.of(other)[0]).all()
 
 
 def test_split_inputs_and_common_columns(tmp_path):

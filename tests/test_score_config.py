@@ -193,3 +193,16 @@ def test_config_options_generator_handles_optional_and_bool_fields():
     assert a.max_actors == 3 and a.html is None  # not given: the config's default
     assert not hasattr(a, "top_n")
     assert config_from_args(ScoreConfig, a) == DEFAULT.replace(max_actors=3)
+
+
+def test_batch_size_defaults_by_checkpoint_kind():
+    """``batch_size`` unset: the checkpoint kind's default (the signal-space model's
+    batches are larger: its per-batch costs weigh more); set: the setting."""
+    from mendis_ray.config import SCORE_BATCH_SIZE
+
+    assert DEFAULT.batch_size is None
+    assert DEFAULT.batch_size_for("flow") == SCORE_BATCH_SIZE["flow"] == 256
+    assert DEFAULT.batch_size_for("signal") == SCORE_BATCH_SIZE["signal"] == 1024
+    assert DEFAULT.replace(batch_size=32).batch_size_for("signal") == 32
+    with pytest.raises(ValueError, match="batch_size"):
+        DEFAULT.replace(batch_size=0)

@@ -30,7 +30,12 @@ import pyarrow.parquet as pq
 from mendis_ray.atomic import write_json_atomic
 from mendis_ray.config import ScoreConfig
 from mendis_ray.science.explained import write_outputs
-from mendis_ray.science.gallery import explain_against_typical, make_gallery, shard_wavelength
+from mendis_ray.science.gallery import (
+    ShardSpectra,
+    explain_against_typical,
+    make_gallery,
+    shard_wavelength,
+)
 from mendis_ray.science.ranking import rank_outliers, read_ranking, top_table, typical_rows
 
 __all__ = ["write_catalog_outputs"]
@@ -48,10 +53,10 @@ def write_catalog_outputs(
     verdicts carried into the tables)."""
     run = {"checkpoint": str(checkpoint), "grid": shards.grid, "rank_by": cfg.rank_by,
            "rows": shards.n_rows}  # fmt: skip
-    ranking, top, typical, files = _write_outliers(
+    ranking, top, typical, files, spectra = _write_outliers(
         scores_dir, out, shards, cfg, timings, run, verdicts
     )
-    gallery = _write_gallery(top, typical, shards, out, cfg.gallery_n, timings)
+    gallery = _write_gallery(top, typical, shards, out, cfg.gallery_n, timings, spectra)
     summary = _summary(
         checkpoint, shards, fits_files, out, scores_dir, ranking, top, gallery, resources,
         time.perf_counter() - t_start, timings, files, actors=pool, batch_size=cfg.batch_size,
@@ -65,12 +70,14 @@ def write_catalog_outputs(
 def _write_outliers(
     scores_dir: Path, out: Path, shards, cfg: ScoreConfig, timings: dict, run: dict,
     verdicts: dict,
-) -> tuple[pa.Table, pa.Table, pa.Table, dict]:  # fmt: skip
+) -> tuple[pa.Table, pa.Table, pa.Table, dict, ShardSpectra]:  # fmt: skip
     """Rank the scores, explain the top rows against their nearest typical spectra and
     write the explained outputs (:func:`~mendis_ray.science.explained.write_outputs`:
     ``top_outliers.*`` with explanations and ``verdicts``, ``scores.fits``, ...) and, with
     ``cfg.html``, the triage page (else remove an earlier run's).  Returns (ranking columns,
-    top table, typical rows, the written files plus ``explained``: their row count)."""
+    top table, typical rows, the written files plus ``explained``: their row count, the
+    spectra of the top and typical rows, read once from the shards for this and the
+    gallery)."""
     t0 = time.perf_counter()
     ranking = read_ranking(scores_dir, cfg.rank_by)
     top_idx = rank_outliers(ranking, rank_by=cfg.rank_by, flags_first=cfg.flags_first)
@@ -80,7 +87,9 @@ def _write_outliers(
     t0 = time.perf_counter()
     typical_idx = typical_rows(ranking, cfg.n_typical, exclude=top_idx[: cfg.gallery_n])
     typical = ranking.take(pa.array(typical_idx, pa.int64()))
-    explained = explain_against_typical(top, typical, shards.files, shards.n_pix, shards.grid)
+    spectra = ShardSpectra.read([top, typical], shards.files, shards.n_pix)
+    explained = explain_against_typical(top, typical, shards.files, shards.n_pix, shards.grid,
+                                        spectra)  # fmt: skip
     wl, xlabel = shard_wavelength(shards.files, shards.n_pix)
     files = write_outputs(out, explained, pq.read_table(scores_dir), wl, xlabel, run, verdicts)
     top = pq.read_table(out / "top_outliers.parquet")  # with explanations and verdicts
@@ -93,12 +102,13 @@ def _write_outliers(
     else:
         (out / "triage.html").unlink(missing_ok=True)  # an earlier run's would not match
     files |= {"triage_html": None if page is None else str(page)}
-    return ranking, top, typical, {**files, "explained": explained.top.num_rows}
+    return ranking, top, typical, {**files, "explained": explained.top.num_rows}, spectra
 
 
 def _write_gallery(
-    top: pa.Table, typical: pa.Table, shards, out: Path, gallery_n: int, timings: dict
-) -> Path | None:
+    top: pa.Table, typical: pa.Table, shards, out: Path, gallery_n: int, timings: dict,
+    spectra: ShardSpectra | None = None,
+) -> Path | None:  # fmt: skip
     """``out/gallery.png`` of the first ``gallery_n`` top rows (or remove an earlier
     run's where none is asked for)."""
     if gallery_n == 0 or not top.num_rows:
@@ -106,8 +116,9 @@ def _write_gallery(
         return None
     t0 = time.perf_counter()
     gallery = make_gallery(
-        top.slice(0, gallery_n), typical, shards.files, shards.n_pix, out / "gallery.png"
-    )
+        top.slice(0, gallery_n), typical, shards.files, shards.n_pix, out / "gallery.png",
+        spectra,
+    )  # fmt: skip
     timings["gallery_s"] = time.perf_counter() - t0
     return gallery
 

@@ -61,7 +61,6 @@ import pyarrow.parquet as pq
 
 from mendis_ray.atomic import remove_stale_dirs, replace_dir
 from mendis_ray.config import MARGINAL_MODES, ScoreConfig
-from mendis_ray.distributed.catalog_outputs import write_catalog_outputs
 from mendis_ray.science.ranking import USED_COLUMNS
 from mendis_ray.spectra.batches import spectra_of
 from mendis_ray.spectra.catalog import (
@@ -303,8 +302,8 @@ def score_catalog(
             folders of them), ingested onto the checkpoint's grid into ``out/_ingested``.
         out: output folder (see the module doc for what goes in it).
         config: the score settings (:class:`~mendis_ray.config.ScoreConfig`: label-free
-            rows, batch size, actor pool, ranking, outputs, Scorer knobs); default
-            ``ScoreConfig()``.
+            rows, batch size (default: the checkpoint kind's), actor pool, ranking,
+            outputs, Scorer knobs); default ``ScoreConfig()``.
         carry_columns: scalar input columns copied to the scores (default: every non-list
             column common to all shards).
         labels_path: allStar-like table of labels for FITS inputs.
@@ -322,6 +321,9 @@ def score_catalog(
         ShardError naming the bad shard (and row); CheckpointError; ValueError for bad
         settings.
     """
+    # imported here, not at the top: the actors import this module, and the outputs'
+    # modules (astropy, the explanations) would add to every actor's start
+    from mendis_ray.distributed.catalog_outputs import write_catalog_outputs
     from mendis_ray.distributed.session import ensure_ray
     from mendis_ray.triage.verdicts import verdicts_for_run
 
@@ -330,6 +332,7 @@ def score_catalog(
     with _removed_on_failure(out):
         t_start, timings = time.perf_counter(), {}
         ckpt = _prepare_out(checkpoint, out)
+        cfg = cfg.replace(batch_size=cfg.batch_size_for(ckpt.kind))  # the model's default
         stored_verdicts = verdicts_for_run(out, verdicts)  # a bad file fails before scoring
         shards, fits_files = _gather_shards(ckpt, inputs, out, labels_path, ingest_shards,
                                             timings)  # fmt: skip

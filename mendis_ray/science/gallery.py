@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from mendis_ray.science.ranking import USED_COLUMNS
 from mendis_ray.spectra.shards import list_matrix
 
 __all__ = [
+    "ShardSpectra",
     "explain_against_typical",
     "fmt",
     "make_gallery",
@@ -55,6 +57,40 @@ def read_spectra(rows: pa.Table, files: Sequence[Path], n_pix: int) -> tuple[np.
             if j is not None:
                 flux[k], ivar[k] = fl[j], iv[j]
     return flux, ivar
+
+
+@dataclass(frozen=True)
+class ShardSpectra:
+    """The spectra of some score rows, read from their shards once (one read per shard
+    that holds any of them) and looked up by (``path``, ``id``) as often as needed: the
+    explanations and the gallery of a catalog run need the same top and typical rows, and
+    each read of a shard decompresses its whole flux and ivar columns."""
+
+    index: dict[tuple[str, str], int]
+    flux: np.ndarray  # (m, n_pix)
+    ivar: np.ndarray  # (m, n_pix)
+
+    @classmethod
+    def read(cls, tables: Sequence[pa.Table], files: Sequence[Path], n_pix: int) -> ShardSpectra:
+        """The spectra of every row (``id``, ``path``) of ``tables``."""
+        ids = [i for t in tables for i in t.column("id").to_pylist()]
+        paths = [p for t in tables for p in t.column("path").to_pylist()]
+        flux, ivar = read_spectra(pa.table({"id": ids, "path": paths}), files, n_pix)
+        index = {(str(p), str(i)): k for k, (p, i) in enumerate(zip(paths, ids, strict=True))}
+        return cls(index, flux, ivar)
+
+    def of(self, rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """(flux, ivar) (n, n_pix) of ``rows`` (``id``, ``path``); as :func:`read_spectra`,
+        NaN flux and ivar 0 where a row was not read or not found."""
+        ids, paths = rows.column("id").to_pylist(), rows.column("path").to_pylist()
+        keys = zip(map(str, paths), map(str, ids), strict=True)
+        at = np.array([self.index.get(key, -1) for key in keys], np.int64)
+        n_pix = self.flux.shape[1]
+        flux = np.full((len(at), n_pix), np.nan, np.float32)
+        ivar = np.zeros((len(at), n_pix), np.float32)
+        found = at >= 0
+        flux[found], ivar[found] = self.flux[at[found]], self.ivar[at[found]]
+        return flux, ivar
 
 
 def nearest_typical(
@@ -210,14 +246,22 @@ def plot_gallery(
         plt.close(fig)
 
 
+def _spectra(top, typical, files, n_pix, spectra: ShardSpectra | None) -> tuple[np.ndarray, ...]:
+    """(flux, ivar, typical flux, typical ivar) of the ``top`` and ``typical`` rows: from
+    ``spectra`` where given, else read from the shards in one pass."""
+    spectra = spectra or ShardSpectra.read([top, typical], files, n_pix)
+    return (*spectra.of(top), *spectra.of(typical))
+
+
 def explain_against_typical(
-    top: pa.Table, typical: pa.Table, files: Sequence[Path], n_pix: int, grid: dict
-) -> ExplainedTop:
+    top: pa.Table, typical: pa.Table, files: Sequence[Path], n_pix: int, grid: dict,
+    spectra: ShardSpectra | None = None,
+) -> ExplainedTop:  # fmt: skip
     """Explain every ``top`` row against its nearest ``typical`` spectrum (never itself),
-    reading both from the shards ``files`` (n_pix pixels on ``grid``); see
+    reading both from the shards ``files`` (n_pix pixels on ``grid``), or taking them from
+    ``spectra`` (read once for the explanations and the gallery); see
     :func:`~mendis_ray.science.explained.explain_top`."""
-    flux, ivar = read_spectra(top, files, n_pix)
-    typ_flux, typ_ivar = read_spectra(typical, files, n_pix)
+    flux, ivar, typ_flux, typ_ivar = _spectra(top, typical, files, n_pix, spectra)
     typ_ids = [str(i) for i in typical.column("id").to_pylist()]
     ids = [str(i) for i in top.column("id").to_pylist()]
     nn = np.full(len(ids), -1, np.int64)
@@ -230,11 +274,12 @@ def explain_against_typical(
 
 
 def make_gallery(
-    top: pa.Table, typical: pa.Table, files: Sequence[Path], n_pix: int, path: str | os.PathLike
-) -> Path:
+    top: pa.Table, typical: pa.Table, files: Sequence[Path], n_pix: int,
+    path: str | os.PathLike, spectra: ShardSpectra | None = None,
+) -> Path:  # fmt: skip
     """Read the spectra of the ``top`` and ``typical`` score rows (``id``, ``path``) from
-    the shards ``files`` (n_pix pixels) and plot the gallery to ``path``."""
-    flux, ivar = read_spectra(top, files, n_pix)
-    typ_flux, typ_ivar = read_spectra(typical, files, n_pix)
+    the shards ``files`` (n_pix pixels), or take them from ``spectra``, and plot the
+    gallery to ``path``."""
+    flux, ivar, typ_flux, typ_ivar = _spectra(top, typical, files, n_pix, spectra)
     wl, xlabel = shard_wavelength(files, n_pix)
     return plot_gallery(top, flux, ivar, typical, typ_flux, typ_ivar, wl, path, xlabel=xlabel)

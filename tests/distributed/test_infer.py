@@ -255,3 +255,33 @@ def test_cli_scores_apogee_fits(ray_session, checkpoint, tmp_path, capsys):
     assert np.isfinite(scores.column("log_p_marginal").to_numpy()).all()
     assert np.isfinite(scores.column("teff_used").to_numpy()).all()
     assert (out / "gallery.png").exists()
+
+
+def test_signal_checkpoint_scores_in_batches_of_its_kind(
+    ray_session, signal_checkpoint, survey_sets, tmp_path
+):
+    """A signal-space checkpoint through ``score_catalog``: batches of the kind's default
+    size (ScoreConfig.batch_size unset: 1,024, not the flow's 256; recorded in
+    summary.json) and every score equal to SignalScorer.score on the same rows."""
+    from mendis_ray.config import SCORE_BATCH_SIZE, ScoreConfig
+    from mendis_ray.science.signal_scores import load_scorer
+    from mendis_ray.spectra.shards import read_dataset, table_arrays
+
+    cfg = ScoreConfig(max_actors=1, num_cpus_per_actor=0.5, top_n=5, gallery_n=1)
+    res = infer.score_catalog(signal_checkpoint, [survey_sets / "test"], tmp_path / "out", cfg)
+    assert res.summary["batch_size"] == SCORE_BATCH_SIZE["signal"] == 1024
+    assert ScoreConfig(batch_size=64).batch_size_for("signal") == 64  # a setting wins
+    inputs = read_dataset(survey_sets / "test")
+    a = table_arrays(inputs)
+    want = load_scorer(signal_checkpoint).score(a.flux, a.ivar, a.labels)
+    got = pq.read_table(res.scores)
+    pos = {rid: k for k, rid in enumerate(got.column("id").to_pylist())}
+    order = np.array([pos[rid] for rid in inputs.column("id").to_pylist()])
+    for name, values in want.items():
+        cols = USED_COLUMNS if name == "labels_used" else [name]
+        col = np.stack([got.column(c).to_numpy(zero_copy_only=False)[order] for c in cols], 1)
+        col = col.reshape(np.shape(values))
+        if np.asarray(values).dtype.kind == "f":
+            np.testing.assert_allclose(col, values, rtol=1e-6, atol=1e-9, err_msg=name)
+        else:
+            np.testing.assert_array_equal(col, values, err_msg=name)
