@@ -37,10 +37,14 @@ inliers in shards of 1,000, the batch size of ``ScoreConfig``; and it also times
 ``mendis score CHECKPOINT CATALOG --out DIR`` command as a user runs it (a subprocess,
 after this process's Ray is shut down; best of ``--repeats``): wall time, spectra/s, and
 the parts (process start and imports, Ray start and scoring, ranking and outputs) from
-its ``summary.json``.  Writes ``bench/results/bench_infer_signal.json``.
+its ``summary.json``.  Writes ``bench/results/bench_infer_signal.json``.  Run it with
+``OMP_NUM_THREADS=1`` (numpy's BLAS then uses one thread, as in Ray's workers): the
+signal model's scoring is mostly numpy, and on this shared 2-core host two BLAS threads
+made ``SignalScorer.score`` 2-7x slower, not faster.
 
     python bench/bench_infer.py                   # 4096 spectra, batch 256, 2 threads
-    python bench/bench_infer.py --model signal    # 20,000 spectra, + the mendis score CLI
+    python bench/bench_infer.py --model signal --compare-batch 256   # 20,000 spectra, batch
+        # 1024 beside 256 (Ray, 2 actors, and mendis score), + the mendis score CLI
     python bench/bench_infer.py --quick           # 2048 spectra, 1 round
     python bench/bench_infer.py --n 8192 --repeats 3
     python bench/bench_infer.py --threads 1 --name bench_infer_1thread   # Ray's overhead
@@ -245,14 +249,14 @@ def run_ray(ckpt: Path, shards, batch: int, actors: int, threads: int) -> dict:
     }
 
 
-def run_cli(ckpt: Path, catalog: Path, out: Path) -> dict:
-    """``mendis score CKPT CATALOG --out OUT`` as a user runs it (a subprocess with its own
-    local Ray): wall time and the parts of it from its ``summary.json``."""
+def run_cli(ckpt: Path, catalog: Path, out: Path, options: tuple[str, ...] = ()) -> dict:
+    """``mendis score CKPT CATALOG --out OUT [options]`` as a user runs it (a subprocess
+    with its own local Ray): wall time and the parts of it from its ``summary.json``."""
     import json
     import subprocess
 
     cmd = [sys.executable, "-m", "mendis_ray.cli", "score", str(ckpt), str(catalog), "--out",
-           str(out)]  # fmt: skip
+           str(out), *options]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
     env.pop("RAY_worker_niceness", None)  # the user's default
     t0 = time.perf_counter()
@@ -340,19 +344,34 @@ def _table(results: dict[str, list[dict]], load_s: float) -> list[dict]:
     return rows
 
 
-def _cli_rows(ckpt: Path, catalog: Path, work: Path, repeats: int, base: float) -> tuple:
-    """(table rows, every run) of ``mendis score`` over ``repeats`` runs (best by wall)."""
-    runs = [run_cli(ckpt, catalog, work / "cli_out") for _ in range(repeats)]
-    for r in runs:
-        log.info("mendis score: %.1f s wall, %.1f spectra/s", r["wall_s"], r["rate"])
-    best = min(runs, key=lambda r: r["wall_s"])
-    row = {"config": "mendis score (CLI, end to end)", "spectra_per_s": best["rate"],
-           "ratio": best["rate"] / base, "median_per_s": statistics.median(r["rate"] for r in runs),
-           "median_ratio": statistics.median(r["rate"] for r in runs) / base,
-           "startup_s": best["wall_s"] - best["score_s"] - best["outputs_s"],
-           "model_load_s": float("nan"), "end_to_end_per_s": best["rate"],
-           "actor_busy": float("nan")}  # fmt: skip
-    return [row], runs
+def _cli_rows(ckpt: Path, catalog: Path, work: Path, repeats: int, base: float,
+              compare_batch: int | None) -> tuple:  # fmt: skip
+    """(table rows, every run) of ``mendis score`` over ``repeats`` runs (best by wall),
+    with its defaults and, with ``compare_batch``, with ``--batch-size compare_batch``
+    (alternating)."""
+    variants = {"mendis score (CLI, end to end)": ()}
+    if compare_batch:
+        variants[f"mendis score --batch-size {compare_batch}"] = (
+            "--batch-size",
+            str(compare_batch),
+        )
+    runs: dict[str, list[dict]] = {k: [] for k in variants}
+    names = list(variants)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            runs[name].append(run_cli(ckpt, catalog, work / "cli_out", variants[name]))
+            log.info("%s: %.1f s wall, %.1f spectra/s", name, runs[name][-1]["wall_s"],
+                     runs[name][-1]["rate"])  # fmt: skip
+    rows = []
+    for name, rr in runs.items():
+        best = min(rr, key=lambda x: x["wall_s"])
+        median = statistics.median(x["rate"] for x in rr)
+        rows.append({"config": name, "spectra_per_s": best["rate"], "ratio": best["rate"] / base,
+                     "median_per_s": median, "median_ratio": median / base,
+                     "startup_s": best["wall_s"] - best["score_s"] - best["outputs_s"],
+                     "model_load_s": float("nan"), "end_to_end_per_s": best["rate"],
+                     "actor_busy": float("nan")})  # fmt: skip
+    return rows, [x | {"config": name} for name, rr in runs.items() for x in rr]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
         "(default mendis_out/bench_infer or mendis_out/bench_infer_signal)",
     )
     ap.add_argument("--no-cli", action="store_true", help="signal: skip the mendis score runs")
+    ap.add_argument(
+        "--compare-batch",
+        type=int,
+        default=None,
+        help="also run Ray (2 actors) and mendis score with this batch size",
+    )
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2048 spectra, 1 round")
     ap.add_argument("--name", default=None, help="results/NAME.json (default bench_infer or "
@@ -410,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         f"ray {T} actors x 1 thread": lambda: run_ray(ckpt, shards, B, T, 1),
         f"ray 1 actor x {T} threads": lambda: run_ray(ckpt, shards, B, 1, T),
     }
+    if args.compare_batch:
+        C = args.compare_batch
+        configs[f"ray {T} actors x 1 thread, batch {C}"] = lambda: run_ray(ckpt, shards, C, T, 1)
     if T == 1:  # the two Ray configurations are the same one
         configs.pop("ray 1 actor x 1 threads")
     load_before = os.getloadavg()
@@ -420,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == "signal" and not args.no_cli:
         ray.shutdown()  # the CLI starts its own local Ray; leave it the machine
         cli, cli_runs = _cli_rows(ckpt, catalog, Path(args.work), args.repeats,
-                                  rows[0]["spectra_per_s"])  # fmt: skip
+                                  rows[0]["spectra_per_s"], args.compare_batch)  # fmt: skip
         rows += cli
     print()
     report(
@@ -451,8 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "met" if worst >= TARGET_RATIO else "MISSED"
     print(f"\nRay / in-process throughput: {ratios} (target >= {TARGET_RATIO}: {verdict})")
     if cli_runs:
-        best = min(cli_runs, key=lambda x: x["wall_s"])
-        print(f"mendis score end to end (best of {len(cli_runs)}): {best['wall_s']:.1f} s, "
+        best = min((x for x in cli_runs if x["config"] == cli[0]["config"]),
+                   key=lambda x: x["wall_s"])  # fmt: skip
+        print(f"mendis score end to end (best of {args.repeats}): {best['wall_s']:.1f} s, "
               f"{best['rate']:.0f} spectra/s; before the run {best['before_run_s']:.1f} s, "
               f"Ray start + scoring {best['ray_start_and_score_s']:.1f} s (scores written "
               f"{best['score_s']:.1f} s), outputs {best['outputs_s']:.1f} s")  # fmt: skip

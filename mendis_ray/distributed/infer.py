@@ -260,8 +260,13 @@ def build_pipeline(
         batch_size=batch_size,
     )
     ds = read_spectra(shards, extra_columns=tuple(carry_columns))
-    # One block per shard file otherwise: a 1,000-row shard would go to a single actor.
-    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    if max(shards.rows, default=0) > batch_size:
+        # One block per shard file otherwise: a 1,000-row shard would go to a single actor.
+        # Shards that fit in a batch need no split, and the repartition costs: its tasks
+        # copy every block and take CPU slots from the reads (at 100,000 spectra in
+        # 1,000-row shards it halved the feed, and 2 signal-model actors idled half the
+        # time; bench/bench_infer.py --model signal).
+        ds = ds.repartition(target_num_rows_per_block=batch_size)
     return ds.map_batches(
         scorer_cls,
         fn_constructor_kwargs={

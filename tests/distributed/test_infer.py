@@ -285,3 +285,19 @@ def test_signal_checkpoint_scores_in_batches_of_its_kind(
             np.testing.assert_allclose(col, values, rtol=1e-6, atol=1e-9, err_msg=name)
         else:
             np.testing.assert_array_equal(col, values, err_msg=name)
+
+
+def test_only_shards_larger_than_a_batch_are_repartitioned(ray_session, checkpoint, sim_sets,
+                                                           capsys):  # fmt: skip
+    """The repartition splits a shard among actors; shards that fit in one batch skip it
+    (its tasks copy every block and took the reads' CPU: the feed halved at 100,000
+    spectra).  The lazy plans say which."""
+    from mendis_ray.distributed.data import check_shards, list_shards
+
+    shards = check_shards(list_shards(sim_sets / "test"))
+    largest = max(shards.rows)
+    assert largest > 1
+    infer.build_pipeline(checkpoint, shards, batch_size=largest).explain()
+    assert "Repartition" not in capsys.readouterr().out
+    infer.build_pipeline(checkpoint, shards, batch_size=largest - 1).explain()
+    assert "Repartition" in capsys.readouterr().out
