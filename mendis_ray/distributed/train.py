@@ -50,6 +50,7 @@ from mendis_ray.distributed.data import (
     split_files,
     standardize,
 )
+from mendis_ray.distributed.torch_group import torch_config
 from mendis_ray.flow.checkpoint import load_checkpoint, save_checkpoint
 from mendis_ray.flow.density import SpectrumDensity
 from mendis_ray.flow.gaussian_init import initialize_whitened
@@ -322,6 +323,7 @@ def train_distributed(
         ),
         datasets={"train": prep.data.train_ds, "val": prep.data.val_ds},
         dataset_config=DataConfig(datasets_to_split=["train", "val"]),
+        torch_config=torch_config(),  # loopback-only process group in the embedded Ray
     )
     log.info(
         "TorchTrainer: %d worker(s), GPU %s, run %s under %s",
