@@ -3,11 +3,11 @@
 Ray Train's ``TorchConfig`` sets up the group through ``env://``: rank 0 starts torch's
 ``TCPStore`` server (the rendezvous every worker connects to), and that server binds
 every interface (``*:MASTER_PORT`` in ``ss -ltnp``) whatever ``MASTER_ADDR`` says;
-gloo and NCCL then listen on the interface the host name resolves to.  In the embedded
-single-machine cluster (``ensure_ray`` without an address: ``mendis demo``, ``mendis
-train``, the tests) :class:`LoopbackTorchConfig` binds the store to 127.0.0.1 itself
-(``master_listen_fd``) and pins gloo and NCCL to the loopback interface (issue 14).  On a
-cluster that was joined, workers on other machines must reach rank 0: Ray's own
+gloo and NCCL then listen on the interface the host name resolves to.  When the node's
+IP is loopback (the embedded cluster of ``ensure_ray`` without an address: ``mendis
+demo``, ``train``, ``tune``, the tests) :class:`LoopbackTorchConfig` binds the store to
+127.0.0.1 itself (``master_listen_fd``) and pins gloo and NCCL to the loopback interface
+(issue 14).  On a real cluster workers on other machines must reach rank 0: Ray's own
 ``TorchConfig`` is used there.
 """
 
@@ -87,8 +87,10 @@ class LoopbackTorchConfig(TorchConfig):
 
 
 def torch_config() -> TorchConfig:
-    """The process-group setup for the cluster this process uses: loopback only in the
-    embedded cluster, Ray's default on a joined one."""
-    from mendis_ray.distributed.session import embedded_cluster
+    """The process-group setup for the cluster this process uses: loopback only when the
+    node's IP is loopback (the embedded cluster; also inside its workers, e.g. a Tune
+    trial that starts a TorchTrainer), Ray's default otherwise."""
+    from mendis_ray.distributed.session import is_loopback
 
-    return LoopbackTorchConfig() if embedded_cluster() else TorchConfig()
+    local = is_loopback(ray.util.get_node_ip_address())
+    return LoopbackTorchConfig() if local else TorchConfig()

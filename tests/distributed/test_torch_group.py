@@ -16,6 +16,14 @@ def test_train_workers_listen_on_loopback_only(ray_session, tmp_path):
 
     assert embedded_cluster() and isinstance(torch_config(), LoopbackTorchConfig)
 
+    @ray_session.remote(num_cpus=0)
+    def config_in_a_worker() -> str:  # where a Tune trial starts its TorchTrainer
+        from mendis_ray.distributed.torch_group import torch_config
+
+        return type(torch_config()).__name__
+
+    assert ray_session.get(config_in_a_worker.remote()) == "LoopbackTorchConfig"
+
     def _loop(config: dict) -> None:  # nested: pickled by value (the module is not importable)
         import json
         import os
