@@ -22,7 +22,7 @@ from mendis_ray.config import get_preset
 from mendis_ray.flow.density import SpectrumDensity, Standardizer
 from mendis_ray.flow.gaussian_init import initialize_whitened
 from mendis_ray.flow.model import MendisFlow
-from mendis_ray.science import ood
+from mendis_ray.science import label_profile, ood
 from mendis_ray.science.baselines import GaussianBaseline
 from mendis_ray.spectra.simulate import Simulator, paper_training_labels
 
@@ -46,15 +46,15 @@ def build(preset: str, n_train: int, seed: int = 0) -> tuple[ood.Scorer, np.ndar
 
 
 def time_mode(scorer: ood.Scorer, flux: np.ndarray, frozen: bool) -> tuple[float, np.ndarray]:
-    real = ood.frozen_parameters
+    real = label_profile.frozen_parameters  # what profile_labels calls
     if not frozen:  # what scoring did before: every parameter requires a gradient
-        ood.frozen_parameters = lambda module: contextlib.nullcontext()
+        label_profile.frozen_parameters = lambda module: contextlib.nullcontext()
     try:
         t0 = time.perf_counter()
         out = scorer.score(flux, marginal="all", batch_size=len(flux))
         return time.perf_counter() - t0, out["log_p_marginal"]
     finally:
-        ood.frozen_parameters = real
+        label_profile.frozen_parameters = real
 
 
 def main() -> None:

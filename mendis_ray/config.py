@@ -11,7 +11,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Self
 
-__all__ = ["N_LABELS", "PRESETS", "FlowConfig", "SignalConfig", "TrainConfig", "get_preset"]
+__all__ = [
+    "MARGINAL_MODES",
+    "N_LABELS",
+    "PRESETS",
+    "RANK_BY",
+    "FlowConfig",
+    "ScoreConfig",
+    "SignalConfig",
+    "TrainConfig",
+    "get_preset",
+]
 
 #: Labels modelled jointly with the spectrum: Teff, log g, [Fe/H].
 N_LABELS = 3
@@ -113,6 +123,109 @@ class SignalConfig(_DictConfig):
             lr=self.lr, batch_size=self.batch_size, epochs=self.epochs, grad_clip=self.grad_clip,
             weight_decay=self.weight_decay, patience=self.patience, seed=self.seed,
         )  # fmt: skip
+
+
+#: which rows get the label-free score: those without labels, every row, or none
+MARGINAL_MODES = ("unlabelled", "all", "none")
+#: the catalog ranking's key: the primary score's percentile, the signal score, or (signal-space
+#: model) the residual score (mendis_ray.science.ranking.RANK_KEYS: the columns)
+RANK_BY = ("percentile", "signal", "residual")
+
+
+def _setting(default: object, help: str, **cli: object):
+    """A config field with its command-line help (and ``choices``, ``flag``, ``metavar``):
+    the options of ``mendis score`` are generated from these (``mendis_ray.cli_options``)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass(frozen=True)
+class ScoreConfig(_DictConfig):
+    """How spectra are scored: the one source of the score settings.
+
+    It feeds the ``mendis score`` options (generated from the fields, with their help;
+    ``mendis_ray.cli_options.add_config_options``), the batch pipeline
+    (:func:`mendis_ray.distributed.infer.score_catalog` takes a ScoreConfig), the scoring
+    arguments of Serve (``ServeArgs.marginal`` and the Scorer knobs, defaults and help from
+    here) and the ``score_catalog:`` section of ``jobs/configs/*.yaml`` (its keys are
+    these fields).  What is scored and where (checkpoint, inputs, ``--out``, a labels
+    table, a verdicts file, the Ray address) are arguments, not settings.
+
+    The label-free default is ``"unlabelled"`` for both ``mendis score`` and HTTP: every
+    spectrum gets a score (a score is never silently missing: with ``"none"`` an
+    unlabelled spectrum of a full-space flow would get null scores and rank as if
+    typical); the signal-space model scores unlabelled spectra label-free anyway (cheap),
+    so it only matters for a full-space flow, where Serve bounds the label-free spectra
+    of a request (``max_marginal``; a request over it gets a 422 that says to pass
+    ``marginal=none`` or labels) and batch scoring pays its cost offline.
+    """
+
+    # --- what each spectrum gets
+    # rows that get the label-free score (full-space flow: an optimisation per spectrum,
+    # ~100-1000x a labelled score; the signal-space model always scores them label-free)
+    marginal: str = _setting(
+        "unlabelled", "rows that get the (slow) label-free score", choices=MARGINAL_MODES
+    )
+    # Scorer knobs (full-space flow; the signal-space model has its own calibration)
+    # widening of the training flux/label ranges before flux_range/label_range flags, in
+    # training standard deviations
+    range_sigma: float = _setting(5.0, "flow: flag values beyond the training range widened "
+                                  "by this many training standard deviations")  # fmt: skip
+    # a spectrum with more masked pixels (ivar 0) than this fraction is flagged `masked`
+    max_masked_fraction: float = _setting(0.2, "flag spectra with more masked pixels than this")
+    # Adam steps of the label profile behind the label-free score
+    profile_steps: int = _setting(200, "flow: Adam steps of the label-free score's label fit")
+    # --- the batch pipeline (mendis score): model batches and the actor pool
+    # spectra per map_batches call and per model evaluation (Serve has its own batch_size:
+    # a latency knob of the @serve.batch queue, 64 by default)
+    batch_size: int = _setting(256, "spectra per actor call")
+    min_actors: int = _setting(1, "smallest actor pool")
+    # None: as many actors as the cluster's GPUs allow, or its CPUs less one (for reads)
+    max_actors: int | None = _setting(
+        None, "largest actor pool (default: as many as the cluster's GPUs or CPUs - 1 allow)"
+    )
+    # CPUs reserved per actor; fractions allowed (a pool holding every CPU starves reads)
+    num_cpus_per_actor: float = _setting(
+        1.0, "CPUs per actor (fractions allowed)", flag="--cpus-per-actor"
+    )
+    # None: 1 if the cluster has GPUs, else 0
+    num_gpus_per_actor: float | None = _setting(
+        None, "default: 1 if the cluster has GPUs, else 0", flag="--gpus-per-actor"
+    )
+    # None: the actor's whole CPUs, at least 1 (Ray sets OMP_NUM_THREADS=1 in workers)
+    threads_per_actor: int | None = _setting(
+        None, "torch threads per actor (default: its whole CPUs, at least 1)"
+    )
+    # --- the outputs of a catalog run
+    top_n: int = _setting(100, "rows of top_outliers.csv")  # the outlier table's rows
+    gallery_n: int = _setting(12, "outliers in gallery.png (0: none)")  # of them, in the gallery
+    # the most typical rows among which the gallery finds each outlier's neighbour
+    n_typical: int = _setting(200, "typical rows the gallery's neighbours are chosen from")
+    # percentile: primary score (log p, or the signal model's score); signal: signal score;
+    # residual: the signal-space model's residual score
+    rank_by: str = _setting(
+        "percentile", "percentile: primary score (log p); signal: projected signal score; "
+        "residual: the signal-space model's residual score", choices=RANK_BY,
+    )  # fmt: skip
+    flags_first: bool = _setting(False, "rank flagged spectra before unflagged ones")
+    # also write OUT/triage.html (the ranked outliers, explanations, verdict buttons)
+    html: bool = _setting(
+        False, "also write OUT/triage.html: the ranked outliers with their explanations and "
+        "verdict buttons, a self-contained page that opens with no internet",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if self.marginal not in MARGINAL_MODES:
+            raise ValueError(f"marginal must be one of {MARGINAL_MODES}, got {self.marginal!r}")
+        if self.rank_by not in RANK_BY:
+            raise ValueError(f"rank_by must be one of {RANK_BY}, got {self.rank_by!r}")
+        if self.top_n < 1 or self.gallery_n < 0 or self.n_typical < 1:
+            raise ValueError(f"need top_n >= 1, gallery_n >= 0, n_typical >= 1 (got "
+                             f"{self.top_n}, {self.gallery_n}, {self.n_typical})")  # fmt: skip
+
+    def scorer_kwargs(self) -> dict:
+        """The knobs of :class:`mendis_ray.science.ood.Scorer` (full-space flow)."""
+        return {"range_sigma": self.range_sigma, "max_masked_fraction": self.max_masked_fraction,
+                "profile_steps": self.profile_steps}  # fmt: skip
 
 
 PRESETS: dict[str, tuple[FlowConfig, TrainConfig]] = {

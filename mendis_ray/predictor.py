@@ -97,13 +97,17 @@ class Predictor:
     device: str
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "cpu") -> Predictor:
+    def load(
+        cls, path: str | os.PathLike, device: str = "cpu", scorer_kwargs: dict | None = None
+    ) -> Predictor:
         """The checkpoint folder ``path`` (either kind) on ``device``; a signal-space model
-        always runs on the CPU.  Raises ``CheckpointError`` (a ValueError)."""
+        always runs on the CPU.  ``scorer_kwargs``: the Scorer knobs of a full-space flow
+        (``ScoreConfig.scorer_kwargs()``; None: the Scorer's defaults).  Raises
+        ``CheckpointError`` (a ValueError)."""
         from mendis_ray.flow.checkpoint import checkpoint_info
         from mendis_ray.science.signal_scores import SignalScorer, load_scorer
 
-        scorer = load_scorer(str(path), device=device)
+        scorer = load_scorer(str(path), device=device, **(scorer_kwargs or {}))
         config = checkpoint_info(path).config
         info = {"metrics": config.get("metrics", {}), "created": config.get("created")}
         if isinstance(scorer, SignalScorer):

@@ -51,7 +51,7 @@ def test_json_many_and_single_forms():
     np.testing.assert_array_equal(req.ivar[1], np.ones(N_PIX))  # omitted = all good
     np.testing.assert_array_equal(req.labels[0], [4400.0, 2.0, -0.1])
     assert np.isnan(req.labels[1]).all()
-    assert req.labelled.tolist() == [True, False] and req.marginal == "none"
+    assert req.labelled.tolist() == [True, False] and req.marginal == "unlabelled"  # default
 
     one = parse(spectrum(3))
     assert len(one) == 1 and one.ids == ["s3"]
@@ -69,7 +69,7 @@ def test_json_marginal_from_body_or_query():
     s = spectrum(0, labels=False)
     assert parse(s, marginal="unlabelled").marginal == "unlabelled"
     assert parse({**s, "marginal": "none"}, marginal="unlabelled").marginal == "none"
-    assert parse(s).marginal == "none"
+    assert parse(s).marginal == "unlabelled"  # ScoreConfig's default, as mendis score's
 
 
 @pytest.mark.parametrize(

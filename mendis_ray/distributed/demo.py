@@ -199,8 +199,6 @@ def analyze(
     """Stages 4-6 on a trained density: scores vs baselines, conditional correlations,
     reconstruction; figures under ``out/figures``.  ``data`` holds the simulated sets
     (``train``, ``test``, ``cemp``, ``rotator``, ``stripped``)."""
-    from mendis_ray.science.baselines import FactorAnalysisBaseline, GaussianBaseline
-
     result = result if result is not None else {}
     stage = result.setdefault("stage_seconds", {})
     sim = sim or Simulator()
@@ -209,62 +207,16 @@ def analyze(
     t0 = time.perf_counter()
     log.info("stage 4/7: scoring inliers, outliers and hard cases")
     n_pix = density.config.n_pix
-    std = density.standardizer
-    train_arr = _train_sample(data, n_pix, cfg, min(cfg.n_train, 4000))
-    sets = {name: _arrays(data / name, n_pix) for name in ("test", "cemp", "rotator", "stripped")}
-    n_ref = len(sets["test"]) // 2
-    t = sets["test"]
-    ref = ex.Arrays(t.flux[:n_ref], t.ivar[:n_ref], t.labels[:n_ref])
-    test = ex.Arrays(t.flux[n_ref:], t.ivar[n_ref:], t.labels[n_ref:])
-    fitted = fitted or {}
-    if "gaussian" in fitted and "factor20" in fitted:  # fitted by train_distributed already
-        gauss, fa = fitted["gaussian"], fitted["factor20"]
-    elif moments is not None:  # the statistics of the whole training set, streamed
-        m_args = (moments.mean, moments.cov, moments.n)
-        gauss = GaussianBaseline().fit_moments(*m_args, moments.norm4)
-        fa = FactorAnalysisBaseline(20).fit_moments(*m_args)
-    else:  # from the training sample
-        x = std.transform(train_arr.flux, train_arr.labels).astype(np.float64)
-        gauss, fa = GaussianBaseline().fit(x), FactorAnalysisBaseline(20).fit(x)
-    baselines = ex.baseline_scores(std, train_arr, n_t2=(5,), n_pca=20,
-                                   fitted={"gaussian": gauss, "factor20": fa})  # fmt: skip
-    result["held_out_log_likelihood"] = ex.held_out_log_likelihood(density, baselines, test)
-    scorer = Scorer.fit(
-        density, ref.flux, ref.labels, n_signal="auto", n_marginal=0, gaussian=gauss,
-        basis_flux=train_arr.flux, basis_labels=train_arr.labels,
-    )  # fmt: skip
+    train_arr, sets, ref, test = _demo_sets(data, n_pix, cfg)
+    gauss, fa = _gaussians(fitted or {}, moments, density.standardizer, train_arr)
     eval_sets = {"test": test, **{k: sets[k] for k in ("cemp", "rotator", "stripped")}, **subtle}
-    pairs = {
-        "cemp": "test", "rotator": "test", "stripped": "test",
-        "mg_edge": "inliers", "inliers_snr1000": "inliers",
-    }  # fmt: skip
-    rows, scores = ex.ood_table(scorer, baselines, eval_sets, pairs)
-    result["signal_model"] = _signal_model(train_arr, eval_sets, pairs, out, rows, scores,
-                                           epochs=20 if cfg.quick else 200)  # fmt: skip
-    lp = result["signal_model"].pop("test_log_p")
-    result["held_out_log_likelihood"]["signal_model (given noise)"] = lp - std.log_abs_det
-    result["auroc"] = rows
-    figures.score_histograms(scores, pairs, fig_dir / "scores.png")
-    ckpt = save_checkpoint(
-        out / "checkpoint", density, None,
-        metrics={"held_out_log_likelihood": result["held_out_log_likelihood"],
-                 **({"training": {k: v for k, v in result["training"].items() if k != "history"}}
-                    if "training" in result else {})},
-        extra={"demo": True},
-        extra_arrays=scorer.checkpoint_arrays(),
-    )  # fmt: skip
-    result["checkpoint"] = str(ckpt)
+    _score_stage(density, out, cfg, result, train_arr, ref, eval_sets, gauss, fa)
     stage["score"] = time.perf_counter() - t0
 
     if cfg.conditional:
         t0 = time.perf_counter()
         log.info("stage 5/7: conditional p(spectrum | 4300 K, 2.1, 0.0) by MALA")
-        cond = ex.conditional_analysis(
-            density, gauss, sim, n_true=1000 if cfg.quick else 3000, n_chains=cfg.n_chains,
-            n_warmup=cfg.n_warmup, n_keep=cfg.n_keep, seed=cfg.seed,
-        )  # fmt: skip
-        result["conditional"] = cond.metrics
-        figures.correlation_panels(cond, sim.grid.wavelength, fig_dir / "correlation.png")
+        result["conditional"] = _conditional_stage(density, gauss, sim, cfg, fig_dir)
         stage["conditional"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -279,6 +231,88 @@ def analyze(
         "fresh_noise": cfg.fresh_noise,
     }  # fmt: skip
     return result
+
+
+def _demo_sets(
+    data: Path, n_pix: int, cfg: DemoConfig
+) -> tuple[ex.Arrays, dict[str, ex.Arrays], ex.Arrays, ex.Arrays]:
+    """The training sample, the simulated sets by name, and the held-out inliers split in
+    half: the scorer's reference and the test set."""
+    train_arr = _train_sample(data, n_pix, cfg, min(cfg.n_train, 4000))
+    sets = {name: _arrays(data / name, n_pix) for name in ("test", "cemp", "rotator", "stripped")}
+    n_ref = len(sets["test"]) // 2
+    t = sets["test"]
+    ref = ex.Arrays(t.flux[:n_ref], t.ivar[:n_ref], t.labels[:n_ref])
+    test = ex.Arrays(t.flux[n_ref:], t.ivar[n_ref:], t.labels[n_ref:])
+    return train_arr, sets, ref, test
+
+
+def _gaussians(fitted: dict, moments: D.Moments | None, std, train_arr: ex.Arrays) -> tuple:
+    """The Gaussian (Ledoit-Wolf) and factor-analysis (20) baselines: those
+    ``train_distributed`` fitted, else from the streamed training ``moments``, else from
+    the training sample."""
+    from mendis_ray.science.baselines import FactorAnalysisBaseline, GaussianBaseline
+
+    if "gaussian" in fitted and "factor20" in fitted:  # fitted by train_distributed already
+        return fitted["gaussian"], fitted["factor20"]
+    if moments is not None:  # the statistics of the whole training set, streamed
+        m_args = (moments.mean, moments.cov, moments.n)
+        gauss = GaussianBaseline().fit_moments(*m_args, moments.norm4)
+        return gauss, FactorAnalysisBaseline(20).fit_moments(*m_args)
+    # from the training sample
+    x = std.transform(train_arr.flux, train_arr.labels).astype(np.float64)
+    return GaussianBaseline().fit(x), FactorAnalysisBaseline(20).fit(x)
+
+
+def _score_stage(
+    density: SpectrumDensity, out: Path, cfg: DemoConfig, result: dict, train_arr: ex.Arrays,
+    ref: ex.Arrays, eval_sets: dict[str, ex.Arrays], gauss, fa,
+) -> None:  # fmt: skip
+    """Stage 4 (into ``result``): held-out log-likelihoods, the AUROC table of the flow,
+    the baselines and the signal-space model, the score figure and the checkpoint."""
+    std = density.standardizer
+    baselines = ex.baseline_scores(std, train_arr, n_t2=(5,), n_pca=20,
+                                   fitted={"gaussian": gauss, "factor20": fa})  # fmt: skip
+    result["held_out_log_likelihood"] = ex.held_out_log_likelihood(
+        density, baselines, eval_sets["test"]
+    )
+    scorer = Scorer.fit(
+        density, ref.flux, ref.labels, n_signal="auto", n_marginal=0, gaussian=gauss,
+        basis_flux=train_arr.flux, basis_labels=train_arr.labels,
+    )  # fmt: skip
+    pairs = {
+        "cemp": "test", "rotator": "test", "stripped": "test",
+        "mg_edge": "inliers", "inliers_snr1000": "inliers",
+    }  # fmt: skip
+    rows, scores = ex.ood_table(scorer, baselines, eval_sets, pairs)
+    result["signal_model"] = _signal_model(train_arr, eval_sets, pairs, out, rows, scores,
+                                           epochs=20 if cfg.quick else 200)  # fmt: skip
+    lp = result["signal_model"].pop("test_log_p")
+    result["held_out_log_likelihood"]["signal_model (given noise)"] = lp - std.log_abs_det
+    result["auroc"] = rows
+    figures.score_histograms(scores, pairs, out / "figures" / "scores.png")
+    ckpt = save_checkpoint(
+        out / "checkpoint", density, None,
+        metrics={"held_out_log_likelihood": result["held_out_log_likelihood"],
+                 **({"training": {k: v for k, v in result["training"].items() if k != "history"}}
+                    if "training" in result else {})},
+        extra={"demo": True},
+        extra_arrays=scorer.checkpoint_arrays(),
+    )  # fmt: skip
+    result["checkpoint"] = str(ckpt)
+
+
+def _conditional_stage(
+    density: SpectrumDensity, gauss, sim: Simulator, cfg: DemoConfig, fig_dir: Path
+) -> dict:
+    """Stage 5: the conditional's pixel correlations by MALA against the simulator's true
+    conditional (their metrics) and the correlation figure."""
+    cond = ex.conditional_analysis(
+        density, gauss, sim, n_true=1000 if cfg.quick else 3000, n_chains=cfg.n_chains,
+        n_warmup=cfg.n_warmup, n_keep=cfg.n_keep, seed=cfg.seed,
+    )  # fmt: skip
+    figures.correlation_panels(cond, sim.grid.wavelength, fig_dir / "correlation.png")
+    return cond.metrics
 
 
 def _signal_model(train: ex.Arrays, sets: dict, pairs: dict, out: Path, rows: list,

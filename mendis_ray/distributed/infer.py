@@ -10,32 +10,20 @@ run)::
       -> map_batches(CatalogScorer, compute=ActorPoolStrategy(min_size, max_size),
                      num_cpus=<fraction>, num_gpus=...)    model loaded once per actor
       -> write_parquet(out/.scores.tmp-*) -> renamed to out/scores  (replaces an old run)
-      -> out/top_outliers.{csv,parquet}, out/gallery.png, out/summary.json  (atomic writes)
+      -> catalog_outputs.write_catalog_outputs: out/top_outliers.{csv,parquet}, FITS,
+         explanations, gallery.png, triage.html, summary.json  (driver, atomic writes)
 
-Output (``out/``):
-
-``scores/``
-    One row per input spectrum: ``id``, ``path`` (the shard it came from), the input's
-    scalar columns (``teff``, ``logg``, ``feh``, ``snr`` and, by default, every other
-    non-list column common to all shards, e.g. ``truth_class``), then the
-    :meth:`~mendis_ray.science.ood.Scorer.score` outputs: ``log_p``, ``log_p_marginal``,
-    ``teff_used``/``logg_used``/``feh_used`` (the ``labels_used`` columns: the given labels,
-    or the profile maximum where a label-free score was computed), ``log_p_per_dim``,
-    ``signal_score``, ``percentile``, ``signal_percentile``, ``log_ratio_gaussian``,
-    ``masked_fraction``, ``flags`` (bit field) and ``flag_*`` booleans.
-``top_outliers.csv`` / ``top_outliers.parquet``
-    The ``top_n`` most outlying rows, ``rank`` 1 = most outlying, plus ``flag_names``.
-``gallery.png``
-    The first ``gallery_n`` of them, each beside its nearest typical spectrum, with the
-    residual.
-``summary.json``
-    Rows, seconds, spectra/s, actor pool, input and output files, stage timings.
-
-**Ranking** (``rank_by``, ``flags_first``) is :mod:`mendis_ray.science.ranking`'s, the
-gallery and its **typical neighbours** (among the ``n_typical`` most typical unflagged
-rows) :mod:`mendis_ray.science.gallery`'s; both run on the driver after the scores are
-written, and need no Ray.  Input sorting and FITS ingest are
-:mod:`mendis_ray.spectra.catalog`'s.
+The settings are a :class:`~mendis_ray.config.ScoreConfig` (``mendis score``'s options
+are generated from it).  ``out/scores/`` holds one row per input spectrum: ``id``,
+``path`` (the shard it came from), the input's scalar columns (``teff``, ``logg``,
+``feh``, ``snr`` and, by default, every other non-list column common to all shards, e.g.
+``truth_class``), then the scorer's outputs (full-space flow: ``log_p``,
+``log_p_marginal``, ``teff_used``/``logg_used``/``feh_used`` (the given labels, or the
+profile maximum where a label-free score was computed), ``log_p_per_dim``,
+``signal_score``, ``percentile``, ``signal_percentile``, ``log_ratio_gaussian``,
+``masked_fraction``, ``flags`` (bit field) and ``flag_*`` booleans).  The other outputs,
+the ranking and the gallery: :mod:`mendis_ray.distributed.catalog_outputs` (no Ray).
+Input sorting and FITS ingest are :mod:`mendis_ray.spectra.catalog`'s.
 
 **Rerunning** into the same ``out`` is safe: the scores are written to a temporary folder
 beside ``out/scores`` and renamed into place (the old folder is removed only after), and
@@ -56,7 +44,6 @@ prints them without a traceback.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -70,29 +57,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mendis_ray.atomic import (
-    remove_stale_dirs,
-    replace_dir,
-    write_json_atomic,
-)
-from mendis_ray.science.explained import write_outputs
-from mendis_ray.science.gallery import (
-    explain_against_typical,
-    fmt,
-    make_gallery,
-    shard_wavelength,
-)
-from mendis_ray.science.ranking import (
-    RANK_KEYS,
-    USED_COLUMNS,
-    rank_outliers,
-    read_ranking,
-    top_table,
-    typical_rows,
-)
+from mendis_ray.atomic import remove_stale_dirs, replace_dir
+from mendis_ray.config import MARGINAL_MODES, ScoreConfig
+from mendis_ray.distributed.catalog_outputs import write_catalog_outputs
+from mendis_ray.science.ranking import USED_COLUMNS
 from mendis_ray.spectra.batches import spectra_of
 from mendis_ray.spectra.catalog import (
     common_scalar_columns,
@@ -131,15 +101,18 @@ class CatalogScorer:
         num_threads: torch threads of this actor (Ray sets ``OMP_NUM_THREADS=1`` in workers,
             so without this torch would use one thread whatever the actor's CPU share).
         device: ``"cuda"``, ``"cpu"`` or None: cuda when Ray gave this actor a GPU.
+        scorer_kwargs: the Scorer knobs (``ScoreConfig.scorer_kwargs()``: a full-space
+            flow's; a signal-space model has none); None: the Scorer's defaults.
     """
 
     def __init__(
         self,
         checkpoint: str,
         grid: dict,
-        marginal: str = "unlabelled",
+        marginal: str = ScoreConfig.marginal,
         num_threads: int = 1,
         device: str | None = None,
+        scorer_kwargs: dict | None = None,
     ) -> None:
         import torch
 
@@ -152,7 +125,9 @@ class CatalogScorer:
         self.device = device
         self.n_pix = int(grid["n_pix"])
         self.marginal = marginal
-        self.scorer = load_scorer(checkpoint, device=device, expect_grid=grid)
+        self.scorer = load_scorer(
+            checkpoint, device=device, expect_grid=grid, **(scorer_kwargs or {})
+        )
         self.load_seconds = time.perf_counter() - t0
         log.info(
             "actor %d: loaded %s on %s (%d torch threads) in %.1f s",
@@ -264,17 +239,19 @@ def build_pipeline(
     num_cpus_per_actor: float = 1.0,
     num_gpus_per_actor: float = 0.0,
     threads_per_actor: int | None = None,
-    marginal: str = "unlabelled",
+    marginal: str = ScoreConfig.marginal,
     carry_columns: Sequence[str] = (),
     scorer_cls: type = CatalogScorer,
+    scorer_kwargs: dict | None = None,
 ):
     """The lazy Ray Dataset of scores of the checked ``shards``
     (:class:`~mendis_ray.distributed.data.ShardSet`); nothing runs until it is consumed
     (written, or iterated as the benchmark does).  ``scorer_cls``: :class:`CatalogScorer`
-    or a subclass (the benchmark's adds timing columns)."""
+    or a subclass (the benchmark's adds timing columns); ``scorer_kwargs``: the Scorer
+    knobs (:meth:`~mendis_ray.config.ScoreConfig.scorer_kwargs`)."""
     from mendis_ray.distributed.data import read_spectra
 
-    if marginal not in ("unlabelled", "all", "none"):
+    if marginal not in MARGINAL_MODES:
         raise ValueError(f"marginal must be unlabelled, all or none, got {marginal!r}")
     opts = actor_pool_options(
         min_actors=min_actors,
@@ -294,6 +271,7 @@ def build_pipeline(
             "marginal": marginal,
             "num_threads": threads_per_actor or default_actor_threads(num_cpus_per_actor),
             "device": "cuda" if num_gpus_per_actor else "cpu",
+            "scorer_kwargs": scorer_kwargs,
         },
         **opts,
     )
@@ -303,26 +281,15 @@ def score_catalog(
     checkpoint: str | os.PathLike,
     inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
+    config: ScoreConfig | None = None,
     *,
-    batch_size: int = 256,
-    min_actors: int = 1,
-    max_actors: int | None = None,
-    num_cpus_per_actor: float = 1.0,
-    num_gpus_per_actor: float | None = None,
-    threads_per_actor: int | None = None,
-    top_n: int = 100,
-    gallery_n: int = 12,
-    n_typical: int = 200,
-    marginal: str = "unlabelled",
-    rank_by: str = "percentile",
-    flags_first: bool = False,
     carry_columns: Sequence[str] | None = None,
     labels_path: str | os.PathLike | None = None,
     ingest_shards: int | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
-    html: bool = False,
     verdicts: str | os.PathLike | None = None,
+    **settings: object,
 ) -> CatalogResult:
     """Score every spectrum of a catalog with a checkpoint on a Ray actor pool.
 
@@ -335,84 +302,53 @@ def score_catalog(
         inputs: shard files or dataset folders, and/or apStar/aspcapStar FITS files (or
             folders of them), ingested onto the checkpoint's grid into ``out/_ingested``.
         out: output folder (see the module doc for what goes in it).
-        batch_size: spectra per ``map_batches`` call (and per flow evaluation).
-        min_actors, max_actors: the autoscaling actor pool's bounds (default max: as many
-            actors as the cluster's GPUs, or CPUs less one, allow).
-        num_cpus_per_actor: CPUs reserved per actor (fractions allowed: a pool holding
-            every CPU starves the read tasks, see ray-notes.md).
-        num_gpus_per_actor: GPUs per actor (default 1 if the cluster has GPUs, else 0).
-        threads_per_actor: torch threads per actor (default: its whole CPUs, at least 1).
-        top_n, gallery_n: rows of the outlier table, and of them in the gallery (0: none).
-        n_typical: the most typical rows among which the gallery finds neighbours.
-        marginal: label-free scores for ``unlabelled`` rows, ``all`` or ``none``.
-        rank_by, flags_first: the ranking (see the module doc).
+        config: the score settings (:class:`~mendis_ray.config.ScoreConfig`: label-free
+            rows, batch size, actor pool, ranking, outputs, Scorer knobs); default
+            ``ScoreConfig()``.
         carry_columns: scalar input columns copied to the scores (default: every non-list
             column common to all shards).
         labels_path: allStar-like table of labels for FITS inputs.
         ingest_shards: shards of the ingested FITS (default: about 1,000 spectra each).
         address, num_cpus: the Ray cluster to join, or the local one's logical CPUs.
-        html: also write the triage page ``triage.html`` (:mod:`mendis_ray.triage`).
         verdicts: a verdicts file (e.g. the page's ``verdicts.json`` download) merged into
             ``out/verdicts.parquet``; the stored verdicts go into the outputs' ``verdict``
             and ``verdict_note`` columns.
+        settings: ScoreConfig fields that replace ``config``'s (``top_n=10``, ...).
 
     Returns:
         a :class:`CatalogResult`.
 
     Raises:
         ShardError naming the bad shard (and row); CheckpointError; ValueError for bad
-        arguments.
+        settings.
     """
     from mendis_ray.distributed.session import ensure_ray
+    from mendis_ray.triage.verdicts import verdicts_for_run
 
-    _check_args(rank_by, top_n, gallery_n, n_typical)
+    cfg = (config or ScoreConfig()).replace(**settings)  # validates
     checkpoint, out = Path(checkpoint), Path(out)
     with _removed_on_failure(out):
         t_start, timings = time.perf_counter(), {}
         ckpt = _prepare_out(checkpoint, out)
-        from mendis_ray.triage.verdicts import verdicts_for_run
-
         stored_verdicts = verdicts_for_run(out, verdicts)  # a bad file fails before scoring
         shards, fits_files = _gather_shards(ckpt, inputs, out, labels_path, ingest_shards,
                                             timings)  # fmt: skip
         if carry_columns is None:
             carry_columns = common_scalar_columns(shards.files)
         resources = ensure_ray(address, num_cpus=num_cpus)
-        pool = _actor_pool(resources, min_actors, max_actors, num_cpus_per_actor,
-                           num_gpus_per_actor, threads_per_actor)  # fmt: skip
-        log.info(
-            "scoring %d spectra from %d shard(s) with %s: actor pool %d-%d x (%.2g CPU, %.2g "
-            "GPU, %d torch thread(s)), batches of %d, label-free scores for %s rows",
-            shards.n_rows, len(shards.files), checkpoint, pool["min"], pool["max"],
-            pool["num_cpus"], pool["num_gpus"], pool["torch_threads"], batch_size, marginal,
+        pool = _actor_pool(resources, cfg)
+        scores_dir = _score_shards(checkpoint, shards, cfg, pool, carry_columns, out, timings)
+        summary = write_catalog_outputs(
+            scores_dir, out, shards, cfg, checkpoint=checkpoint, fits_files=fits_files,
+            pool=pool, resources=resources, verdicts=stored_verdicts, t_start=t_start,
+            timings=timings,
         )  # fmt: skip
-        ds = build_pipeline(
-            checkpoint, shards, batch_size=batch_size, min_actors=pool["min"],
-            max_actors=pool["max"], num_cpus_per_actor=pool["num_cpus"],
-            num_gpus_per_actor=pool["num_gpus"], threads_per_actor=pool["torch_threads"],
-            marginal=marginal, carry_columns=carry_columns,
-        )  # fmt: skip
-        scores_dir = _write_scores(ds, shards.n_rows, out, batch_size, timings)
-        run = {"checkpoint": str(checkpoint), "grid": shards.grid, "rank_by": rank_by,
-               "rows": shards.n_rows}  # fmt: skip
-        ranking, top, typical, files = _write_outliers(
-            scores_dir, out, shards, rank_by=rank_by, flags_first=flags_first, top_n=top_n,
-            gallery_n=gallery_n, n_typical=n_typical, timings=timings, run=run,
-            verdicts=stored_verdicts, html=html,
-        )  # fmt: skip
-        gallery = _write_gallery(top, typical, shards, out, gallery_n, timings)
-        summary = _summary(
-            checkpoint, shards, fits_files, out, scores_dir, ranking, top, gallery, resources,
-            time.perf_counter() - t_start, timings, files, actors=pool, batch_size=batch_size,
-            marginal=marginal, rank_by=rank_by, flags_first=flags_first,
-        )  # fmt: skip
-        summary["verdicts"] = len(stored_verdicts)
-        summary_path = write_json_atomic(summary, out / "summary.json")
-    log.info("wrote %s, %s, %s in %.1f s", scores_dir, out / "top_outliers.csv", summary_path,
-             summary["seconds"])  # fmt: skip
+    log.info("wrote %s, %s, %s in %.1f s", scores_dir, out / "top_outliers.csv",
+             out / "summary.json", summary["seconds"])  # fmt: skip
+    gallery = summary["files"]["gallery"]
     return CatalogResult(
-        out, scores_dir, out / "top_outliers.csv", out / "top_outliers.parquet", gallery,
-        summary_path, summary,
+        out, scores_dir, out / "top_outliers.csv", out / "top_outliers.parquet",
+        None if gallery is None else Path(gallery), out / "summary.json", summary,
     )  # fmt: skip
 
 
@@ -437,61 +373,40 @@ def _removed_on_failure(out: Path) -> Iterator[None]:
         raise
 
 
-def _actor_pool(
-    resources: dict, min_actors: int, max_actors: int | None, num_cpus: float,
-    num_gpus: float | None, threads: int | None,
-) -> dict:  # fmt: skip
-    """The actor pool of a run (``summary.json``'s ``actors``): defaults filled from the
-    cluster's ``resources`` (one GPU per actor where it has GPUs)."""
+def _actor_pool(resources: dict, cfg: ScoreConfig) -> dict:
+    """The actor pool of a run (``summary.json``'s ``actors``): ``cfg``'s, with the
+    defaults filled from the cluster's ``resources`` (one GPU per actor where it has
+    GPUs)."""
+    num_cpus, num_gpus = cfg.num_cpus_per_actor, cfg.num_gpus_per_actor
     if num_gpus is None:
         num_gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    max_actors = cfg.max_actors
     if max_actors is None:
-        max_actors = max(min_actors, default_max_actors(resources, num_cpus, num_gpus))
-    threads = threads or default_actor_threads(num_cpus)
-    return {"min": min_actors, "max": max_actors, "num_cpus": num_cpus, "num_gpus": num_gpus,
-            "torch_threads": threads}  # fmt: skip
+        max_actors = max(cfg.min_actors, default_max_actors(resources, num_cpus, num_gpus))
+    threads = cfg.threads_per_actor or default_actor_threads(num_cpus)
+    return {"min": cfg.min_actors, "max": max_actors, "num_cpus": num_cpus,
+            "num_gpus": num_gpus, "torch_threads": threads}  # fmt: skip
 
 
-def _summary(
-    checkpoint, shards, fits_files, out, scores_dir, ranking, top, gallery, resources,
-    seconds: float, timings: dict, explained_files: dict, **settings,
-) -> dict:  # fmt: skip
-    """The ``summary.json`` content of a run (``settings``: the pool and ranking options;
-    ``explained_files``: the explained outputs' paths, ``explained``: their row count)."""
-    explained_files = dict(explained_files)
-    n_explained = explained_files.pop("explained")
-    return {
-        "checkpoint": str(checkpoint),
-        "grid": {k: v for k, v in shards.grid.items() if k != "wavelength"},
-        "rows": shards.n_rows,
-        "distinct_ids": int(pc.count_distinct(ranking.column("id")).as_py()),
-        "flagged": int(pc.sum(pc.not_equal(ranking.column("flags"), 0)).as_py() or 0),
-        "seconds": seconds,
-        "spectra_per_s": shards.n_rows / seconds,
-        "scoring_spectra_per_s": shards.n_rows / timings["score_s"],
-        "timings": timings,
-        **settings,
-        "top_n": top.num_rows,
-        "cluster_resources": {k: v for k, v in resources.items() if k in ("CPU", "GPU")},
-        "files": {
-            "inputs": [str(f) for f in shards.files],
-            "fits": [str(f) for f in fits_files],
-            "scores": sorted(str(p) for p in scores_dir.glob("*.parquet")),
-            "top_csv": str(out / "top_outliers.csv"),
-            "top_parquet": str(out / "top_outliers.parquet"),
-            "gallery": None if gallery is None else str(gallery),
-            **explained_files,
-        },
-        "explained": n_explained,
-    }
-
-
-def _check_args(rank_by: str, top_n: int, gallery_n: int, n_typical: int) -> None:
-    if rank_by not in RANK_KEYS:
-        raise ValueError(f"rank_by must be one of {sorted(RANK_KEYS)}, got {rank_by!r}")
-    if top_n < 1 or gallery_n < 0 or n_typical < 1:
-        raise ValueError(f"need top_n >= 1, gallery_n >= 0, n_typical >= 1 (got {top_n}, "
-                         f"{gallery_n}, {n_typical})")  # fmt: skip
+def _score_shards(
+    checkpoint: Path, shards, cfg: ScoreConfig, pool: dict, carry_columns, out: Path,
+    timings: dict,
+) -> Path:  # fmt: skip
+    """Score the checked ``shards`` on the actor ``pool`` into ``out/scores``."""
+    log.info(
+        "scoring %d spectra from %d shard(s) with %s: actor pool %d-%d x (%.2g CPU, %.2g "
+        "GPU, %d torch thread(s)), batches of %d, label-free scores for %s rows",
+        shards.n_rows, len(shards.files), checkpoint, pool["min"], pool["max"],
+        pool["num_cpus"], pool["num_gpus"], pool["torch_threads"], cfg.batch_size, cfg.marginal,
+    )  # fmt: skip
+    ds = build_pipeline(
+        checkpoint, shards, batch_size=cfg.batch_size, min_actors=pool["min"],
+        max_actors=pool["max"], num_cpus_per_actor=pool["num_cpus"],
+        num_gpus_per_actor=pool["num_gpus"], threads_per_actor=pool["torch_threads"],
+        marginal=cfg.marginal, carry_columns=carry_columns,
+        scorer_kwargs=cfg.scorer_kwargs(),
+    )  # fmt: skip
+    return _write_scores(ds, shards.n_rows, out, cfg.batch_size, timings)
 
 
 def _prepare_out(checkpoint: Path, out: Path):
@@ -555,55 +470,6 @@ def _write_scores(ds, n_rows: int, out: Path, batch_size: int, timings: dict) ->
     return scores_dir
 
 
-def _write_outliers(
-    scores_dir: Path, out: Path, shards, *, rank_by: str, flags_first: bool, top_n: int,
-    gallery_n: int, n_typical: int, timings: dict, run: dict, verdicts: dict, html: bool,
-) -> tuple[pa.Table, pa.Table, pa.Table, dict]:  # fmt: skip
-    """Rank the scores, explain the top rows against their nearest typical spectra and
-    write the explained outputs (:func:`~mendis_ray.science.explained.write_outputs`:
-    ``top_outliers.*`` with explanations and ``verdicts``, ``scores.fits``, ...) and, with
-    ``html``, the triage page (else remove an earlier run's).  Returns (ranking columns,
-    top table, typical rows, the written files plus ``explained``: their row count)."""
-    t0 = time.perf_counter()
-    ranking = read_ranking(scores_dir, rank_by)
-    top_idx = rank_outliers(ranking, rank_by=rank_by, flags_first=flags_first)[:top_n]
-    top = top_table(scores_dir, ranking, top_idx)
-    timings["rank_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    typical_idx = typical_rows(ranking, n_typical, exclude=top_idx[:gallery_n])
-    typical = ranking.take(pa.array(typical_idx, pa.int64()))
-    explained = explain_against_typical(top, typical, shards.files, shards.n_pix, shards.grid)
-    wl, xlabel = shard_wavelength(shards.files, shards.n_pix)
-    files = write_outputs(out, explained, pq.read_table(scores_dir), wl, xlabel, run, verdicts)
-    top = pq.read_table(out / "top_outliers.parquet")  # with explanations and verdicts
-    timings["explain_s"] = time.perf_counter() - t0
-    page = None
-    if html:
-        from mendis_ray.triage.page import write_page
-
-        page = write_page(out)
-    else:
-        (out / "triage.html").unlink(missing_ok=True)  # an earlier run's would not match
-    files |= {"triage_html": None if page is None else str(page)}
-    return ranking, top, typical, {**files, "explained": explained.top.num_rows}
-
-
-def _write_gallery(
-    top: pa.Table, typical: pa.Table, shards, out: Path, gallery_n: int, timings: dict
-) -> Path | None:
-    """``out/gallery.png`` of the first ``gallery_n`` top rows (or remove an earlier
-    run's where none is asked for)."""
-    if gallery_n == 0 or not top.num_rows:
-        (out / "gallery.png").unlink(missing_ok=True)  # an earlier run's would not match
-        return None
-    t0 = time.perf_counter()
-    gallery = make_gallery(
-        top.slice(0, gallery_n), typical, shards.files, shards.n_pix, out / "gallery.png"
-    )
-    timings["gallery_s"] = time.perf_counter() - t0
-    return gallery
-
-
 _KNOWN_ERRORS = ("ShardError", "CheckpointError", "FitsInputError")
 
 
@@ -628,67 +494,8 @@ def _raise_clean(err: BaseException) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
-def main_score(args: argparse.Namespace) -> int:
-    """``mendis score CHECKPOINT INPUTS... --out DIR [options]``: score, print what was
-    written where."""
-    kw = {
-        "batch_size": getattr(args, "batch_size", 256),
-        "min_actors": getattr(args, "min_actors", 1),
-        "max_actors": getattr(args, "max_actors", None),
-        "num_cpus_per_actor": getattr(args, "cpus_per_actor", 1.0),
-        "num_gpus_per_actor": getattr(args, "gpus_per_actor", None),
-        "threads_per_actor": getattr(args, "threads_per_actor", None),
-        "top_n": getattr(args, "top_n", 100),
-        "gallery_n": getattr(args, "gallery_n", 12),
-        "marginal": getattr(args, "marginal", "unlabelled"),
-        "rank_by": getattr(args, "rank_by", "percentile"),
-        "flags_first": getattr(args, "flags_first", False),
-        "labels_path": getattr(args, "labels", None),
-        "address": getattr(args, "address", None),
-        "num_cpus": getattr(args, "num_cpus", None),
-        "html": getattr(args, "html", False),
-        "verdicts": getattr(args, "verdicts", None),
-    }
-    res = score_catalog(args.checkpoint, args.inputs, args.out, **kw)
-    s = res.summary
-    print(
-        f"\nScored {s['rows']} spectra in {s['seconds']:.1f} s ({s['spectra_per_s']:.1f} "
-        f"spectra/s overall, {s['scoring_spectra_per_s']:.1f} in the scoring step) on "
-        f"{s['actors']['min']}-{s['actors']['max']} actor(s)"
-    )
-    print(f"scores:       {res.scores} ({len(s['files']['scores'])} file(s))")
-    print(f"top outliers: {res.top_csv}  ({s['top_n']} rows; also {res.top_parquet.name})")
-    files = s["files"]
-    print(f"FITS:         {files['scores.fits']} (every spectrum), {files['top_outliers.fits']}")
-    print(f"explanations: {files['explain_features.csv']} ({s['explained']} outliers), "
-          f"{Path(files['explain_elements.csv']).name}")  # fmt: skip
-    if res.gallery is not None:
-        print(f"gallery:      {res.gallery}")
-    if files.get("triage_html"):
-        print(f"triage page:  {files['triage_html']} (open it in a browser)")
-    if s["verdicts"]:
-        print(f"verdicts:     {s['verdicts']} carried from {Path(args.out) / 'verdicts.parquet'}")
-    print(f"summary:      {res.summary_path}")
-    _print_top(res.top_parquet)
-    return 0
+def main_score(args) -> int:
+    """``mendis score`` (:func:`mendis_ray.cli_ray.cmd_score`; kept at its old path)."""
+    from mendis_ray.cli_ray import cmd_score
 
-
-def _print_top(top_parquet: Path, n: int = 10) -> None:
-    """Print the ``n`` most outlying rows of an outlier table."""
-    top = pq.read_table(top_parquet).slice(0, n).to_pylist()
-    if not top:
-        return
-    print("\nmost outlying:")
-    for r in top:
-        if "score" in r:  # a signal-space checkpoint
-            detail = (f"score {fmt(r.get('score'), '.2f')}  signal "
-                      f"{fmt(r.get('signal_score'), '.2f')}  residual "
-                      f"{fmt(r.get('residual_score'), '.2f')}")  # fmt: skip
-        else:
-            detail = f"log p/dim {fmt(r.get('log_p_per_dim'), '.3f')}"
-        print(
-            f"  {r['rank']:>3}  {r['id']}  percentile {fmt(r.get('percentile'), '.1f')}  "
-            f"{detail}  flags {r['flag_names'] or '-'}"
-        )
-        if r.get("explanation"):
-            print(f"       why: {r['explanation']}")
+    return cmd_score(args)

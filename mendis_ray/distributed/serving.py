@@ -9,13 +9,17 @@ from its CPUs (Ray sets ``OMP_NUM_THREADS=1`` in workers) and scores through one
 spectrum are fanned in to one batch, and large requests are cut into batch-sized pieces,
 so the flow sees batches of up to ``batch_size`` spectra.  The model runs in a worker
 thread, so the replica keeps reading and validating the next requests meanwhile, and the
-batches formed during a model call are merged into the next call (:class:`_ModelQueue`).
+batches formed during a model call are merged into the next call
+(:class:`~mendis_ray.distributed.model_queue.ModelQueue`).  The arguments are
+:class:`~mendis_ray.distributed.serve_args.ServeArgs`.
 
 Endpoints:
 
 - ``POST /score``: JSON (one or many spectra) or a bulk table (Arrow IPC stream/file,
-  Parquet), see :mod:`mendis_ray.scoring_api`; query ``marginal`` (``none`` default, or
-  ``unlabelled``: the slow label-free score, at most ``max_marginal`` spectra per request)
+  Parquet), see :mod:`mendis_ray.scoring_api`; query ``marginal`` (``unlabelled``: the
+  label-free score, for a full-space flow slow and at most ``max_marginal`` spectra per
+  request; ``none``: flags only for unlabelled spectra; default the server's ``marginal``
+  argument, whose default is :class:`~mendis_ray.config.ScoreConfig`'s ``unlabelled``)
   and ``grid`` (hash or name the model must have).  Returns one result per spectrum with
   the scores of the served model kind (null where it has none): a flow checkpoint gives
   log p, the normalised score ``log_p_per_dim``, percentile, signal score, likelihood
@@ -37,7 +41,7 @@ the bytes actually read are both checked), 415 unknown content type, 422 invalid
 Bodies are parsed in a thread pool (never on the event loop) and bounded before decoding
 (:mod:`mendis_ray.parquet_guard`).  A valid-looking spectrum the model cannot score (e.g.
 flux of 3e38, all pixels masked) is scored, flagged ``unscorable`` and ranked most
-outlying; a model call that fails anyway is retried in parts (:class:`_ModelQueue`), so
+outlying; a model call that fails anyway is retried in parts (``ModelQueue``), so
 one bad spectrum never fails the other requests merged into its batch.
 
 Use::
@@ -59,11 +63,9 @@ import functools
 import itertools
 import logging
 import os
-import signal
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,16 +73,21 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from ray.serve.deployment import Application
 
 from mendis_ray import __version__
+from mendis_ray.distributed.model_queue import (
+    MAX_PENDING_BATCHES,
+    BatchWarningFilter,
+    Item,
+    ModelQueue,
+    n_spectra,
+)
+from mendis_ray.distributed.serve_args import ServeArgs, validate_args
 from mendis_ray.predictor import Predictor, flow_unscorable
 from mendis_ray.scoring_api import (
     BODY_KINDS,
-    DEFAULT_MAX_MARGINAL,
-    DEFAULT_MAX_SPECTRA,
     ErrorResponse,
     ParsedRequest,
     RequestError,
@@ -93,99 +100,22 @@ from mendis_ray.scoring_api import (
     results_to_json,
 )
 
-__all__ = ["MendisScorer", "ServeArgs", "bind_replica_grpc_to_loopback", "build_app", "main_serve"]
+__all__ = [
+    "MendisScorer",
+    "ServeArgs",
+    "bind_replica_grpc_to_loopback",
+    "build_app",
+    "main_serve",
+    "validate_args",
+]
 
 log = logging.getLogger(__name__)
 
-
-class ServeArgs(BaseModel):
-    """Arguments of :func:`build_app` (the ``args:`` of a Serve config file)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    checkpoint: str = Field(description="checkpoint folder (config.json + model.safetensors)")
-    batch_size: int = Field(64, ge=1, le=65536, description="spectra per scoring batch")
-    batch_wait_timeout_s: float = Field(
-        0.01, ge=0.0, le=10.0, description="how long a batch waits to fill"
-    )
-    device: str | None = Field(
-        None, pattern=r"^(cpu|cuda(:\d+)?)$", description="default: cuda if num_gpus > 0"
-    )
-    num_cpus: float = Field(1.0, gt=0.0, description="CPUs per replica (sets torch threads)")
-    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica")
-    num_threads: int | None = Field(None, ge=1, description="torch threads; default num_cpus")
-    num_replicas: int | None = Field(None, ge=1, description="fixed count (no autoscaling)")
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(32.0, gt=0.0)
-    max_ongoing_requests: int = Field(128, ge=1)
-    max_request_bytes: int = Field(64 << 20, ge=1024, description="413 above this")
-    max_spectra: int = Field(DEFAULT_MAX_SPECTRA, ge=1, description="spectra per request")
-    max_marginal: int = Field(
-        DEFAULT_MAX_MARGINAL, ge=0, description="label-free (slow) spectra per request"
-    )
-    triage: str | None = Field(
-        None, description="scored catalog folder (mendis score --out) served at /triage"
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "ServeArgs":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})"
-            )
-        if self.device and self.device.startswith("cuda") and self.num_gpus <= 0:
-            raise ValueError(f"device {self.device!r} needs num_gpus > 0")
-        return self
-
-    @property
-    def resolved_device(self) -> str:
-        return self.device or ("cuda" if self.num_gpus > 0 else "cpu")
-
-    @property
-    def threads(self) -> int:
-        return self.num_threads or max(1, int(self.num_cpus))
-
-
-def validate_args(args: Mapping[str, Any]) -> ServeArgs:
-    """:class:`ServeArgs` from a dict, or a ValueError naming every bad argument.  The
-    checkpoint folder must exist here (the driver, or the Serve controller for ``serve
-    deploy``) and at the same path on every node that runs a replica; a relative path is
-    resolved here."""
-    if not isinstance(args, Mapping):
-        raise ValueError(f"build_app: args must be a mapping, got {type(args).__name__}")
-    try:
-        s = ServeArgs.model_validate(dict(args))
-    except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'args'}: {e['msg']}"
-            for e in err.errors(include_url=False, include_input=False)
-        )
-        known = ", ".join(ServeArgs.model_fields)
-        raise ValueError(f"build_app: bad args ({problems}); known args: {known}") from None
-    from mendis_ray.flow.checkpoint import CheckpointError, checkpoint_info
-
-    ckpt = Path(s.checkpoint)
-    try:
-        checkpoint_info(ckpt)
-    except CheckpointError as err:
-        raise ValueError(
-            f"build_app: checkpoint {str(ckpt)!r} is not a checkpoint folder ({err})"
-        ) from None
-    # Load it once here: a truncated or invalid checkpoint fails now with its own error,
-    # instead of replicas failing and being restarted by Serve for a minute.
-    Predictor.load(ckpt)  # either model kind; raises CheckpointError (a ValueError)
-    update = {"checkpoint": str(ckpt.resolve())}
-    if s.triage is not None:
-        from mendis_ray.triage.page import load_triage
-
-        try:
-            load_triage(s.triage)  # names what is missing
-        except (FileNotFoundError, ValueError) as err:
-            raise ValueError(f"build_app: triage: {err}") from None
-        update["triage"] = str(Path(s.triage).resolve())
-    # replicas may start in another working directory: pass absolute paths
-    return s.model_copy(update=update)
+# the model queue's names as they were here (tests and benchmarks import them)
+_Item, _ModelQueue, _n_spectra = Item, ModelQueue, n_spectra
+#: Scores of ``n`` full-space-flow rows that could not be scored (``Predictor.unscorable``
+#: gives those of the served model kind).
+_unscorable = flow_unscorable
 
 
 # ---------------------------------------------------------------------- FastAPI app
@@ -223,129 +153,6 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(
         {"error": "internal error (see the replica log)", "field": ""}, status_code=500
     )
-
-
-@dataclass
-class _Item:
-    """One piece of a request in the batch queue: (k, n_pix) flux/ivar, (k, 3) labels."""
-
-    flux: np.ndarray
-    ivar: np.ndarray
-    labels: np.ndarray
-    marginal: bool
-
-    def __len__(self) -> int:
-        return len(self.flux)
-
-    def rows(self, sl: slice) -> "_Item":
-        return _Item(self.flux[sl], self.ivar[sl], self.labels[sl], self.marginal)
-
-
-#: Scores of ``n`` full-space-flow rows that could not be scored (``Predictor.unscorable``
-#: gives those of the served model kind).
-_unscorable = flow_unscorable
-
-
-def _n_spectra(items: list[_Item]) -> int:
-    return sum(len(i) for i in items)
-
-
-#: Batches ``@serve.batch`` may hand over while the model is busy (they wait, and are
-#: merged, in the :class:`_ModelQueue`).
-_MAX_PENDING_BATCHES = 256
-
-
-class _BatchWarningFilter(logging.Filter):
-    """Drops Serve's warning that ``max_batch_size * max_concurrent_batches`` exceeds
-    ``max_ongoing_requests``: it counts batch sizes in requests, ours are in spectra
-    (``batch_size_fn``), and the many concurrent batches only wait in the model queue."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "max_concurrent_batches" not in record.getMessage()
-
-
-class _ModelQueue:
-    """Runs ``fn(items) -> results`` in ``executor`` one call at a time, each call on every
-    group that waited meanwhile, up to ``max_rows`` spectra.
-
-    ``@serve.batch`` forms a batch as soon as its wait times out, even while the model is
-    still busy with the previous one (with ``max_concurrent_batches=1`` it then waits
-    behind it): under sustained load of single spectra that makes many small model batches
-    (measured: 9 spectra on average for 64 requests in flight).  Here the groups that
-    arrive during a model call are merged into the next one instead.  Failures are
-    isolated per request and per row (:meth:`_isolated`); ``unscorable(n, labels)`` gives
-    the results of a row that fails alone (the keys of ``fn``'s results: the served model
-    kind's, :meth:`mendis_ray.predictor.Predictor.unscorable`).  Lives on the replica's
-    event loop (no locks needed)."""
-
-    def __init__(
-        self, executor: ThreadPoolExecutor, fn: Any, max_rows: int, unscorable: Any = None
-    ) -> None:
-        self.executor = executor
-        self.fn = fn
-        self.max_rows = max_rows
-        self.unscorable = unscorable or flow_unscorable
-        self.pending: list[tuple[list[_Item], asyncio.Future]] = []
-        self.running = False
-
-    async def submit(self, items: list[_Item]) -> list[dict[str, np.ndarray]]:
-        fut = asyncio.get_running_loop().create_future()
-        self.pending.append((items, fut))
-        if not self.running:
-            self.running = True
-            asyncio.get_running_loop().create_task(self._drain())
-        return await fut
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self.pending:
-                take, rows = 0, 0
-                for items, _ in self.pending:
-                    n = _n_spectra(items)
-                    if take and rows + n > self.max_rows:
-                        break
-                    take, rows = take + 1, rows + n
-                groups, self.pending = self.pending[:take], self.pending[take:]
-                flat = [i for items, _ in groups for i in items]
-                try:
-                    results = await loop.run_in_executor(self.executor, self._isolated, flat)
-                except Exception as err:  # not expected: _isolated contains row failures
-                    for _, fut in groups:
-                        if not fut.done():
-                            fut.set_exception(err)
-                    continue
-                a = 0
-                for items, fut in groups:
-                    if not fut.done():  # a cancelled request (client gone) is skipped
-                        fut.set_result(results[a : a + len(items)])
-                    a += len(items)
-        finally:
-            self.running = False
-
-    def _isolated(self, items: list[_Item]) -> list[dict[str, np.ndarray]]:
-        """``fn(items)``; where it raises, the items are scored in halves (a piece of one
-        item in halves of its rows) down to single rows, and a single row that still
-        fails gets ``unscorable`` scores.  One bad spectrum then costs its
-        companions ~2 log2(n) extra model calls, never their results."""
-        try:
-            return self.fn(items)
-        except Exception as err:
-            n = _n_spectra(items)
-            if n <= 1:
-                log.warning("a spectrum could not be scored (%s): flagged unscorable",
-                            type(err).__name__)  # fmt: skip
-                return [self.unscorable(len(i), i.labels) for i in items]
-            log.warning("a batch of %d spectra failed (%s): scoring its parts apart",
-                        n, type(err).__name__)  # fmt: skip
-        if len(items) > 1:
-            h = len(items) // 2
-            return self._isolated(items[:h]) + self._isolated(items[h:])
-        (item,) = items
-        h = len(item) // 2
-        parts = [self._isolated([item.rows(slice(0, h))])[0],
-                 self._isolated([item.rows(slice(h, None))])[0]]  # fmt: skip
-        return [{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}]
 
 
 def bind_replica_grpc_to_loopback() -> bool:
@@ -414,10 +221,15 @@ class MendisScorer:
         self.threads = s.threads
         torch.set_num_threads(self.threads)
         t0 = time.perf_counter()
-        self.predictor = Predictor.load(s.checkpoint, device=s.resolved_device)
+        self.predictor = Predictor.load(
+            s.checkpoint, device=s.resolved_device, scorer_kwargs=s.score_config().scorer_kwargs()
+        )
         self.scorer = self.predictor.scorer
         self.n_pix = self.predictor.n_pix
         self.grid = self.predictor.grid
+        # label-free spectra per request: bounded where they cost an optimisation each
+        # (a full-space flow); a signal-space model scores them at a labelled score's cost
+        self.max_marginal = s.max_marginal if self.predictor.kind == "flow" else s.max_spectra
         self.model_info = {
             "grid": self.grid,
             **self.predictor.info,
@@ -427,7 +239,8 @@ class MendisScorer:
                 "batch_size": s.batch_size,
                 "max_request_bytes": s.max_request_bytes,
                 "max_spectra": s.max_spectra,
-                "max_marginal": s.max_marginal,
+                "max_marginal": self.max_marginal,
+                "marginal": s.marginal,
             },
             "content_types": list(BODY_KINDS),
             "version": __version__,
@@ -442,14 +255,14 @@ class MendisScorer:
         }  # fmt: skip
         # One model thread (torch releases the GIL), with the replica's thread count.
         self.pool = ThreadPoolExecutor(1, "mendis-score", torch.set_num_threads, (self.threads,))
-        self.model_queue = _ModelQueue(
+        self.model_queue = ModelQueue(
             self.pool, self._score_items, s.batch_size, self.predictor.unscorable
         )
         # Parsing (JSON validation, Arrow/Parquet decoding) runs off the event loop, so a
         # large body never stalls other requests or /healthz.
         self.parse_pool = ThreadPoolExecutor(2, "mendis-parse")
         self.triage_ids = _triage_ids(s.triage)
-        logging.getLogger("ray.serve").addFilter(_BatchWarningFilter())
+        logging.getLogger("ray.serve").addFilter(BatchWarningFilter())
         self._score_batch.set_max_batch_size(s.batch_size)
         self._score_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         # Warm up (first calls build caches) on the training mean.
@@ -518,8 +331,10 @@ class MendisScorer:
         marginal: Literal["none", "unlabelled"] | None = Query(
             None,
             description="'unlabelled': label-free score of the unlabelled spectra "
-            "(an optimisation per spectrum, ~100-1000x slower; at most max_marginal per "
-            "request). Default 'none'. A JSON body's own 'marginal' wins.",
+            "(full-space flow: an optimisation per spectrum, ~100-1000x slower; at most "
+            "max_marginal per request); 'none': flags only for them. Default: the server's "
+            "'marginal' (GET /model limits; 'unlabelled' unless configured). A JSON body's "
+            "own 'marginal' wins.",
         ),
         grid: str | None = Query(
             None, max_length=64, description="grid hash or name the model must have"
@@ -539,8 +354,8 @@ class MendisScorer:
                 n_pix=self.n_pix,
                 model_grid=self.grid,
                 max_spectra=self.args.max_spectra,
-                max_marginal=self.args.max_marginal,
-                marginal=marginal,
+                max_marginal=self.max_marginal,
+                marginal=marginal or self.args.marginal,
                 grid=grid,
             ),
         )
@@ -605,7 +420,7 @@ class MendisScorer:
         step = self.args.batch_size
         want = req.marginal == "unlabelled"
         pieces = [
-            _Item(req.flux[a : a + step], req.ivar[a : a + step], req.labels[a : a + step], want)
+            Item(req.flux[a : a + step], req.ivar[a : a + step], req.labels[a : a + step], want)
             for a in range(0, len(req), step)
         ]
         outs = await asyncio.gather(*(self._score_batch(p) for p in pieces))
@@ -616,15 +431,15 @@ class MendisScorer:
     @serve.batch(
         max_batch_size=64,
         batch_wait_timeout_s=0.01,
-        max_concurrent_batches=_MAX_PENDING_BATCHES,
-        batch_size_fn=_n_spectra,
+        max_concurrent_batches=MAX_PENDING_BATCHES,
+        batch_size_fn=n_spectra,
     )
-    async def _score_batch(self, items: list[_Item]) -> list[dict[str, np.ndarray]]:
+    async def _score_batch(self, items: list[Item]) -> list[dict[str, np.ndarray]]:
         """Fan-in: the items of concurrent requests, grouped by ``@serve.batch``, go to
         the model queue, which merges the groups that wait while the model is busy."""
         return await self.model_queue.submit(items)
 
-    def _score_items(self, items: list[_Item]) -> list[dict[str, np.ndarray]]:
+    def _score_items(self, items: list[Item]) -> list[dict[str, np.ndarray]]:
         flux = np.concatenate([i.flux for i in items])
         ivar = np.concatenate([i.ivar for i in items])
         labels = np.concatenate([i.labels for i in items])
@@ -664,64 +479,9 @@ def build_app(args: Mapping[str, Any]) -> Application:
     return MendisScorer.options(**options).bind(s.model_dump())
 
 
-#: ``mendis serve`` options passed on to :func:`build_app` when given
-_CLI_ARGS = (
-    "batch_size",
-    "batch_wait_timeout_s",
-    "device",
-    "num_cpus",
-    "num_gpus",
-    "num_threads",
-    "num_replicas",
-    "max_request_bytes",
-    "max_spectra",
-    "max_marginal",
-    "triage",
-)
-
-
 def main_serve(args: argparse.Namespace) -> int:
-    """``mendis serve CHECKPOINT``: a local Ray (or ``--address``), Serve on
-    ``host:port`` (127.0.0.1 by default) with one replica using every core, blocking until
-    Ctrl-C."""
-    a = vars(args)
-    app_args: dict[str, Any] = {"checkpoint": a["checkpoint"]}
-    app_args.update({k: a[k] for k in _CLI_ARGS if a.get(k) is not None})
-    app_args.setdefault("num_replicas", 1)  # one replica using every core of this machine
-    app_args.setdefault("num_cpus", float(os.cpu_count() or 1))
-    application = build_app(app_args)  # validates before Ray starts
-    host, port = a.get("host") or "127.0.0.1", int(a.get("port") or 8000)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("binding to %s: anyone who reaches it can use the endpoint", host)
+    """``mendis serve`` (:func:`mendis_ray.distributed.serve_local.main_serve`; kept at
+    its old path)."""
+    from mendis_ray.distributed.serve_local import main_serve as run
 
-    from mendis_ray.distributed.session import ensure_ray, shutdown_embedded_ray
-
-    def _stop(signum: int, frame: Any) -> None:  # SIGTERM (docker stop, systemd): as Ctrl-C
-        raise KeyboardInterrupt
-
-    try:
-        ensure_ray(a.get("address"), num_cpus=max(4, int(np.ceil(app_args["num_cpus"]))))
-        signal.signal(signal.SIGTERM, _stop)  # after Ray, which installs its own handler
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(application, name="mendis", route_prefix="/")
-        url = f"http://{host}:{port}"
-        print(f"mendis serve: scoring {a['checkpoint']} at {url}/score (docs {url}/docs); "
-              "Ctrl-C stops")  # fmt: skip
-        if app_args.get("triage"):
-            print(f"mendis serve: triage page of {app_args['triage']} at {url}/triage")
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("mendis serve: stopping")
-    finally:
-        # Serve's actors, then the embedded cluster (GCS, raylet, agents) by this process:
-        # nothing of it is left running or listening.
-        import ray
-
-        try:
-            if ray.is_initialized():
-                serve.shutdown()
-        except Exception as err:  # Ray already gone: nothing to stop
-            log.debug("serve.shutdown: %s", err)
-        shutdown_embedded_ray()
-    return 0
+    return run(args)

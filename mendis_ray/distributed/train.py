@@ -11,7 +11,7 @@ The driver (:func:`train_distributed`) prepares everything once:
 4. starts a TorchTrainer whose workers all load that initial checkpoint (so ActNorm and
    the whitening are identical on every rank by construction), wrap the flow in DDP, and
    run :func:`mendis_ray.train.loop.train_epoch` / :func:`~mendis_ray.train.loop.evaluate`
-   unchanged over their Ray Data shard.
+   unchanged over their Ray Data shard (:mod:`mendis_ray.distributed.worker`).
 
 The flow's ``forward(x)`` *is* ``log_prob(x)``, so calling the DDP-wrapped module
 all-reduces the gradients (calling ``module.log_prob`` would bypass DDP; see
@@ -30,7 +30,6 @@ import math
 import os
 import secrets
 import signal
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,13 +50,12 @@ from mendis_ray.distributed.data import (
     standardize,
 )
 from mendis_ray.distributed.torch_group import torch_config
+from mendis_ray.distributed.worker import MODEL_DIR, train_loop_per_worker
 from mendis_ray.flow.checkpoint import load_checkpoint, save_checkpoint
 from mendis_ray.flow.density import SpectrumDensity
 from mendis_ray.flow.gaussian_init import initialize_whitened
 from mendis_ray.flow.model import MendisFlow
 from mendis_ray.science.baselines import FactorAnalysisBaseline, GaussianBaseline
-from mendis_ray.train.loop import EarlyStopping, evaluate, make_optimizer, train_epoch
-from mendis_ray.train.state import load_training_state, save_training_state
 
 __all__ = [
     "DataPrep",
@@ -74,8 +72,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-MODEL_DIR = "model"  # inside a Ray Train checkpoint: our checkpoint format
 
 
 @dataclass(frozen=True)
@@ -284,18 +280,30 @@ def train_distributed(
     Ray must be initialised (:func:`mendis_ray.distributed.session.ensure_ray`).
     ``out_dir`` receives ``init_checkpoint/``; runs go to ``cfg.storage_path`` (default
     ``out_dir/ray_runs``)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     t0 = time.perf_counter()
     prep = prepared or prepare_training(data, out_dir, flow_cfg, train_cfg, cfg)
     storage = storage_uri(cfg.storage_path or str(Path(out_dir) / "ray_runs"))
+    loop_config = _loop_config(prep, train_cfg, cfg)
+    run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    trainer = _make_trainer(prep, loop_config, cfg, storage, run_name, callbacks)
+    log.info(
+        "TorchTrainer: %d worker(s), GPU %s, run %s under %s",
+        cfg.num_workers, cfg.use_gpu, run_name, storage,
+    )  # fmt: skip
+    result = _fit_and_release(trainer)
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} finished without a checkpoint")
+    return _collect(result, prep, storage, run_name, t0)
+
+
+def _loop_config(prep: Prepared, train_cfg: TrainConfig, cfg: RayTrainConfig) -> dict:
+    """The ``train_loop_config`` of :func:`~mendis_ray.distributed.worker.train_loop_per_worker`
+    (the checkpoint to resume from resolved here, once)."""
     resume = None
     if cfg.resume_from:
         resume = latest_checkpoint(cfg.resume_from)
         log.info("resuming from %s", resume)
-    run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    loop_config = {
+    return {
         "init_checkpoint": str(prep.init_checkpoint),
         "resume_from": str(resume) if resume else None,
         "train_config": asdict(train_cfg),
@@ -306,7 +314,18 @@ def train_distributed(
         "fail_marker": cfg.fail_marker,
         "dump_params_dir": cfg.dump_params_dir,
     }
-    trainer = TorchTrainer(
+
+
+def _make_trainer(
+    prep: Prepared, loop_config: dict, cfg: RayTrainConfig, storage: str, run_name: str,
+    callbacks: list | None,
+):  # fmt: skip
+    """The TorchTrainer of one run: scaling, storage, checkpoints kept, failures allowed,
+    and the training and validation datasets split over the workers."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
@@ -325,13 +344,11 @@ def train_distributed(
         dataset_config=DataConfig(datasets_to_split=["train", "val"]),
         torch_config=torch_config(),  # loopback-only process group in the embedded Ray
     )
-    log.info(
-        "TorchTrainer: %d worker(s), GPU %s, run %s under %s",
-        cfg.num_workers, cfg.use_gpu, run_name, storage,
-    )  # fmt: skip
-    result = _fit_and_release(trainer)
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_name} finished without a checkpoint")
+
+
+def _collect(result, prep: Prepared, storage: str, run_name: str, t0: float) -> DistributedResult:
+    """The best flow and history of a finished run (its final checkpoint) with what
+    :func:`prepare_training` found."""
     with result.checkpoint.as_directory() as d:
         ckpt_dir = Path(d)
         density, _ = load_checkpoint(ckpt_dir / MODEL_DIR)
@@ -434,156 +451,3 @@ def latest_checkpoint(path: str | os.PathLike) -> Path:
             f"{path}: no checkpoint to resume from (no checkpoint_*/state.json)"
         )
     return max(found)[1]
-
-
-# ----------------------------------------------------------------------------- worker
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """Runs in every TorchTrainer worker: load the shared start (or resume), wrap in DDP,
-    train with the no-Ray loop, report metrics every epoch and a checkpoint every
-    ``checkpoint_every`` epochs (rank 0), and the best weights at the end."""
-    import ray.train
-    import ray.train.torch
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(int(config["threads"]))  # Ray sets OMP_NUM_THREADS=1
-    train_cfg = TrainConfig(**config["train_config"])
-    torch.manual_seed(train_cfg.seed)
-    density, _ = load_checkpoint(config["init_checkpoint"])  # identical on every rank
-    flow = density.flow
-    flow.train()
-    optimizer = make_optimizer(flow, train_cfg)  # before DDP: it sets requires_grad
-    model = ray.train.torch.prepare_model(flow)  # DDP when world > 1; forward = log_prob
-    device = ray.train.torch.get_device()
-    start_epoch, history = 0, []
-    stopper = EarlyStopping(train_cfg.patience)
-    ckpt = ray.train.get_checkpoint()
-    resume_dir = None
-    if ckpt is not None:  # restarted after a failure: Ray hands back the latest report
-        resume_dir = ckpt.to_directory()
-    elif config.get("resume_from"):
-        resume_dir = config["resume_from"]
-    resumed_at = None
-    if resume_dir is not None:
-        saved, _ = load_checkpoint(Path(resume_dir) / MODEL_DIR)
-        flow.load_state_dict(saved.flow.state_dict())
-        st = load_training_state(resume_dir, optimizer, flow)
-        start_epoch, history, stopper = st["epoch"] + 1, st["history"], st["stopper"]
-        resumed_at = start_epoch
-    val_it = ray.train.get_dataset_shard("val")
-    train_it = ray.train.get_dataset_shard("train")
-    bs = train_cfg.batch_size
-
-    def val_log_prob() -> float:
-        # the unwrapped flow: no gradients, so nothing to all-reduce; sums are combined
-        out = evaluate(flow, (b["x"] for b in val_it.iter_torch_batches(
-            batch_size=1024, device=device, dtypes=torch.float32)))  # fmt: skip
-        tot = torch.tensor([out["val_log_prob"] * out["rows"], out["rows"]], dtype=torch.float64)
-        if world > 1:
-            torch.distributed.all_reduce(tot)
-        return float(tot[0] / tot[1].clamp_min(1))
-
-    if start_epoch == 0 and resume_dir is None:
-        initial = val_log_prob()
-        stopper.step(-1, initial, flow)  # the start competes (as in loop.fit)
-        stopper.bad_epochs = 0
-    t_start = time.perf_counter()
-    stop = False
-    for epoch in range(start_epoch, train_cfg.epochs):
-        _maybe_fail(config, epoch, rank, world)
-        t_ep = time.perf_counter()
-        batches = (
-            b["x"]
-            for b in train_it.iter_torch_batches(
-                batch_size=bs, device=device, dtypes=torch.float32, drop_last=True
-            )
-        )
-        tr = train_epoch(model, batches, optimizer, train_cfg.grad_clip)
-        t_train = time.perf_counter() - t_ep  # the training pass alone (data feed included)
-        if tr["rows"] == 0:
-            raise RuntimeError(
-                f"rank {rank}: epoch {epoch} took no training step (fewer rows on this "
-                f"worker than batch_size {bs}); lower batch_size or the number of workers"
-            )
-        val = val_log_prob()
-        rows = torch.tensor([tr["rows"]], dtype=torch.float64)
-        if world > 1:
-            torch.distributed.all_reduce(rows)
-        t_epoch = time.perf_counter() - t_ep
-        metrics = {
-            "epoch": epoch,
-            "train_log_prob": tr["train_log_prob"],
-            "val_log_prob": val,
-            "rows": int(rows.item()),
-            "seconds": t_epoch,
-            "samples_per_s": float(rows.item()) / max(t_epoch, 1e-9),
-            "train_samples_per_s": float(rows.item()) / max(t_train, 1e-9),
-        }
-        history.append(metrics)
-        stop = stopper.step(epoch, val, flow)
-        limit = config.get("time_limit_s")
-        if limit is not None and time.perf_counter() - t_start > limit:
-            stop = True
-        last = stop or epoch == train_cfg.epochs - 1
-        save = last or (epoch + 1) % int(config["checkpoint_every"]) == 0
-        _report(metrics, save and rank == 0, density, train_cfg, optimizer, stopper, history,
-                epoch, {"resumed_at": resumed_at, "world_size": world})  # fmt: skip
-        if stop:
-            break
-    # Final report: the best weights (the start if training never beat it).
-    if stopper.best_state is not None:
-        flow.load_state_dict(stopper.best_state)
-    final = {**history[-1], "final": True, "best_epoch": stopper.best_epoch,
-             "best_val_log_prob": stopper.best} if history else {"final": True}  # fmt: skip
-    _report(final, rank == 0, density, train_cfg, optimizer, stopper, history,
-            history[-1]["epoch"] if history else -1,
-            {"resumed_at": resumed_at, "world_size": world, "best": True})  # fmt: skip
-    if config.get("dump_params_dir"):
-        from safetensors.torch import save_file
-
-        d = Path(config["dump_params_dir"])
-        d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in flow.state_dict().items()},
-                  str(d / f"rank{rank}.safetensors"))  # fmt: skip
-
-
-def _report(
-    metrics: dict,
-    with_checkpoint: bool,
-    density: SpectrumDensity,
-    train_cfg: TrainConfig,
-    optimizer: torch.optim.Optimizer,
-    stopper: EarlyStopping,
-    history: list[dict],
-    epoch: int,
-    extra: dict,
-) -> None:
-    """``ray.train.report`` on every rank (it is a barrier); rank 0 attaches the state."""
-    import ray.train
-
-    if not with_checkpoint:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        density.flow.eval()
-        save_checkpoint(Path(tmp) / MODEL_DIR, density, train_cfg, metrics=metrics)
-        density.flow.train()
-        save_training_state(tmp, optimizer, stopper, history, epoch, extra)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _maybe_fail(config: dict, epoch: int, rank: int, world: int) -> None:
-    """Testing hook (see RayTrainConfig.fail_at_epoch): a real process death, once."""
-    at, marker = config.get("fail_at_epoch"), config.get("fail_marker")
-    if at is None or epoch != at or rank != min(1, world - 1) or not marker:
-        return
-    if Path(marker).exists():
-        return
-    Path(marker).write_text(f"rank {rank} killed itself at epoch {epoch}\n")
-    # Let the controller register the last checkpoint first: Ray Train V2 collects
-    # reports by polling, and a group that dies within the same poll interval restarts
-    # from the checkpoint before (measured: from scratch when killed at once).
-    time.sleep(5.0)
-    os.kill(os.getpid(), signal.SIGKILL)

@@ -116,15 +116,30 @@ def tune_flow(
     """Search ``tune_cfg.lr`` x ``tune_cfg.n_units`` with ASHA on the validation log p.
 
     Ray must be initialised.  Returns the trial table and the best trial."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     t0 = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ray_cfg = replace(ray_cfg, storage_path=storage_uri(ray_cfg.storage_path
                                                         or str(out / "ray_runs")))  # fmt: skip
     prep = prepare_data(data, ray_cfg, batch_size=train_cfg.batch_size)
+    tuner = _flow_tuner(prep, out, flow_cfg, train_cfg, ray_cfg, tune_cfg)
+    log.info(
+        "Tune: lr %s x units %s, ASHA grace %d, %d concurrent",
+        tune_cfg.lr, tune_cfg.n_units, tune_cfg.grace_period, tune_cfg.max_concurrent_trials,
+    )  # fmt: skip
+    trials = [_flow_trial_row(r) for r in tuner.fit()]
+    return _finish_flow(out, trials, prep, flow_cfg, train_cfg, t0)
+
+
+def _flow_tuner(
+    prep: DataPrep, out: Path, flow_cfg: FlowConfig, train_cfg: TrainConfig,
+    ray_cfg: RayTrainConfig, tune_cfg: TuneConfig,
+):  # fmt: skip
+    """The Tuner of :func:`tune_flow`: a grid over lr x n_units, ASHA on the epochs,
+    every trial a function trainable that shares ``prep``."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
     base = {
         "flow": asdict(flow_cfg),
         "train": asdict(train_cfg),
@@ -142,7 +157,7 @@ def tune_flow(
         reduction_factor=tune_cfg.reduction_factor,
         time_attr="training_iteration",
     )
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable,
         param_space={
             "lr": tune.grid_search(list(tune_cfg.lr)),
@@ -160,31 +175,34 @@ def tune_flow(
             storage_path=ray_cfg.storage_path,
         ),
     )
-    log.info(
-        "Tune: lr %s x units %s, ASHA grace %d, %d concurrent",
-        tune_cfg.lr, tune_cfg.n_units, tune_cfg.grace_period, tune_cfg.max_concurrent_trials,
-    )  # fmt: skip
-    grid = tuner.fit()
-    trials = []
-    for r in grid:
-        m = r.metrics or {}
-        df = r.metrics_dataframe
-        best_val = (
-            float(df[METRIC].max()) if df is not None and METRIC in df else m.get(METRIC, math.nan)
-        )
-        trials.append(
-            {
-                "trial": Path(r.path).name if r.path else "?",
-                "lr": r.config["lr"],
-                "n_units": r.config["n_units"],
-                "best_val_log_prob": best_val,
-                "epochs": int(m.get("training_iteration", 0)),
-                "finished": bool(m.get("final", False)),
-                "status": "error" if r.error else ("completed" if m.get("final") else "stopped"),
-                "error": str(r.error).splitlines()[0] if r.error else "",
-                "checkpoint": m.get("checkpoint_path", ""),
-            }
-        )
+
+
+def _flow_trial_row(r) -> dict:
+    """One row of the trial table of :func:`tune_flow` from a Tune ``Result``."""
+    m = r.metrics or {}
+    df = r.metrics_dataframe
+    best_val = (
+        float(df[METRIC].max()) if df is not None and METRIC in df else m.get(METRIC, math.nan)
+    )
+    return {
+        "trial": Path(r.path).name if r.path else "?",
+        "lr": r.config["lr"],
+        "n_units": r.config["n_units"],
+        "best_val_log_prob": best_val,
+        "epochs": int(m.get("training_iteration", 0)),
+        "finished": bool(m.get("final", False)),
+        "status": "error" if r.error else ("completed" if m.get("final") else "stopped"),
+        "error": str(r.error).splitlines()[0] if r.error else "",
+        "checkpoint": m.get("checkpoint_path", ""),
+    }
+
+
+def _finish_flow(
+    out: Path, trials: list[dict], prep: DataPrep, flow_cfg: FlowConfig,
+    train_cfg: TrainConfig, t0: float,
+) -> TuneResult:  # fmt: skip
+    """Write the trial table and best_config.json, save the best trial's best weights
+    with the scorer's reference to ``out``/best_checkpoint."""
     write_json_atomic(trials, out / "trials.json")
     _write_csv(out / "trials.csv", trials)
     ok = [t for t in trials if t["checkpoint"] and math.isfinite(t["best_val_log_prob"])]

@@ -30,7 +30,7 @@ directions that stay signal-dominated across the training S/N range.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from scipy.sparse.linalg import eigsh
@@ -55,6 +55,16 @@ class Projection:
     intrinsic_fraction: np.ndarray | None = None  # (n,) mean of v / (noise + v), good pixels
     wres: np.ndarray | None = None  # (n, p) (z - U s_hat) sqrt(L), on request
 
+    @classmethod
+    def concat(cls, parts: list[Projection]) -> Projection:
+        """One projection of the stars of ``parts`` in order (optional fields kept only when
+        every part has them)."""
+        out = {}
+        for f in fields(cls):
+            vals = [getattr(p, f.name) for p in parts]
+            out[f.name] = None if any(v is None for v in vals) else np.concatenate(vals)
+        return cls(**out)
+
 
 @dataclass
 class SignalBasis:
@@ -65,6 +75,8 @@ class SignalBasis:
     basis: np.ndarray  # (p, k) orthonormal signal directions U
     eigenvalues: np.ndarray  # (k,) signal variance along each direction
     intrinsic: np.ndarray  # (p,) intrinsic residual variance v (standardized units)
+    # float32 copies for projection, rebuilt when a field is replaced: name -> (source, copy)
+    _f32: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def k(self) -> int:
@@ -150,15 +162,27 @@ class SignalBasis:
     def standardize(self, flux: np.ndarray) -> np.ndarray:
         return (np.asarray(flux, np.float64) - self.mean) / self.scale
 
+    def _float32(self, name: str) -> np.ndarray:
+        """A float32 copy of field ``name`` (or of ``uu``, the (p, k*k) products of pairs of
+        basis columns), made once per array: scoring projects in chunks of a few hundred
+        stars, and converting on every chunk cost a tenth of the scoring time."""
+        src = self.basis if name == "uu" else getattr(self, name)
+        hit = self._f32.get(name)
+        if hit is None or hit[0] is not src:
+            u = src.astype(np.float32)
+            copy = (u[:, :, None] * u[:, None, :]).reshape(len(u), -1) if name == "uu" else u
+            hit = self._f32[name] = (src, copy)
+        return hit[1]
+
     def _weights(self, flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, ...]:
         """Standardized flux z, weights L = 1 / (noise + intrinsic) and the good-pixel
         mask, (n, p) each; float32 (the (n, p) passes dominate the cost of scoring)."""
         good = _good(flux, ivar)
-        scale = self.scale.astype(np.float32)
+        scale = self._float32("scale")
         iv = np.where(good, ivar, 1.0).astype(np.float32)
         noise = np.where(iv > _MAX_IVAR, np.float32(0), 1 / iv) / scale**2
-        lam = np.where(good, 1 / (noise + self.intrinsic.astype(np.float32)), np.float32(0))
-        z = np.where(good, (np.asarray(flux, np.float32) - self.mean.astype(np.float32)) / scale,
+        lam = np.where(good, 1 / (noise + self._float32("intrinsic")), np.float32(0))
+        z = np.where(good, (np.asarray(flux, np.float32) - self._float32("mean")) / scale,
                      np.float32(0))  # fmt: skip
         return z, lam, good
 
@@ -170,8 +194,8 @@ class SignalBasis:
         the standardized residual (z - U s_hat) sqrt(L) (n, p) as ``Projection.wres``."""
         z, lam, good = self._weights(flux, ivar)
         k = self.k
-        u32 = self.basis.astype(np.float32)
-        uu = (u32[:, :, None] * u32[:, None, :]).reshape(len(u32), k * k)  # (p, k*k)
+        u32 = self._float32("basis")
+        uu = self._float32("uu")  # (p, k*k)
         a = (lam @ uu).astype(np.float64).reshape(-1, k, k) + 1e-9 * np.eye(k)  # U^T L U
         b = ((lam * z) @ u32).astype(np.float64)  # (n, k)
         chol = np.linalg.cholesky(a)  # (n, k, k)
@@ -188,7 +212,7 @@ class SignalBasis:
             + 0.5 * (logdet_c + k * _LOG_2PI)
             - good.astype(np.float64) @ np.log(self.scale)
         )
-        frac = (lam @ self.intrinsic.astype(np.float32)) / np.maximum(n_good, 1)
+        frac = (lam @ self._float32("intrinsic")) / np.maximum(n_good, 1)
         proj = Projection(s, cov, chi2, np.maximum(n_good - k, 1), log_resid, n_good, frac)
         if keep_residual:
             proj.wres = wres

@@ -111,42 +111,13 @@ def mala_conditional(
         precond_cov: (d - k, d - k) positive-definite preconditioner M.
         start_mean: (d - k,) where chains start (plus a draw from M).
     """
-    gen = torch.Generator().manual_seed(seed)
-    m = torch.as_tensor(precond_cov, dtype=dtype)
-    chol = torch.linalg.cholesky(m + 1e-9 * torch.eye(m.shape[0], dtype=dtype))
-    y = torch.as_tensor(y0, dtype=dtype).expand(n_chains, -1)
-    ds = m.shape[0]
-
-    def lp_and_grad(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = s.detach().requires_grad_(True)
-        lp = log_prob(torch.cat([s, y], dim=1).to(dtype))
-        (g,) = torch.autograd.grad(lp.sum(), s)
-        return lp.detach().to(dtype), g.to(dtype)
-
-    noise = torch.randn(n_chains, ds, generator=gen, dtype=dtype)
-    s = torch.as_tensor(start_mean, dtype=dtype) + 0.5 * noise @ chol.T
-    lp, g = lp_and_grad(s)
+    mala = _Mala(log_prob, y0, precond_cov, n_chains, seed, dtype)
+    s, lp, g = mala.start(start_mean)
     eps = step_size
     kept, lps, acc_sum, acc_n = [], [], 0.0, 0
     total = n_warmup + n_keep * thin
-
-    def log_q(to: torch.Tensor, frm: torch.Tensor, g_frm: torch.Tensor) -> torch.Tensor:
-        # log N(to; frm + eps^2/2 M g, eps^2 M) up to a constant
-        r = to - frm - 0.5 * eps**2 * g_frm @ m.T
-        w = torch.linalg.solve_triangular(chol, r.T, upper=False).T
-        return -0.5 * (w**2).sum(dim=1) / eps**2
-
     for it in range(total):
-        xi = torch.randn(n_chains, ds, generator=gen, dtype=dtype)
-        prop = s + 0.5 * eps**2 * g @ m.T + eps * xi @ chol.T
-        lp_p, g_p = lp_and_grad(prop)
-        log_alpha = lp_p - lp + log_q(s, prop, g_p) - log_q(prop, s, g)
-        u = torch.rand(n_chains, generator=gen, dtype=dtype)
-        accept = (torch.log(u) < log_alpha) & torch.isfinite(lp_p)
-        s = torch.where(accept[:, None], prop, s)
-        lp = torch.where(accept, lp_p, lp)
-        g = torch.where(accept[:, None], g_p, g)
-        rate = float(accept.double().mean())
+        s, lp, g, rate = mala.step(s, lp, g, eps)
         if it < n_warmup:
             # Robbins-Monro adaptation of log eps toward the target acceptance.
             eps = float(math.exp(math.log(eps) + (rate - target_accept) / math.sqrt(it + 1)))
@@ -158,6 +129,70 @@ def mala_conditional(
                 lps.append(lp.clone())
         if it % 100 == 0:
             log.info("MALA step %d/%d: acceptance %.2f, eps %.3g", it, total, rate, eps)
+    return _pooled(kept, lps, precond_cov, n_proj, acc_sum / max(acc_n, 1), eps)
+
+
+class _Mala:
+    """The preconditioned MALA kernel of :func:`mala_conditional` for ``n_chains`` chains
+    at once: the target ``log_prob`` with the labels fixed at ``y0`` (k,), the
+    preconditioner M = ``precond_cov`` (ds, ds) and its Cholesky factor, one seeded
+    generator for every draw."""
+
+    def __init__(
+        self, log_prob: Callable[[torch.Tensor], torch.Tensor], y0: np.ndarray,
+        precond_cov: np.ndarray, n_chains: int, seed: int, dtype: torch.dtype,
+    ) -> None:  # fmt: skip
+        self.log_prob, self.n_chains, self.dtype = log_prob, n_chains, dtype
+        self.gen = torch.Generator().manual_seed(seed)
+        m = torch.as_tensor(precond_cov, dtype=dtype)
+        self.m = m
+        self.chol = torch.linalg.cholesky(m + 1e-9 * torch.eye(m.shape[0], dtype=dtype))
+        self.y = torch.as_tensor(y0, dtype=dtype).expand(n_chains, -1)
+        self.ds = m.shape[0]
+
+    def lp_and_grad(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(s, y0) (n,) and its gradient in s (n, ds)."""
+        s = s.detach().requires_grad_(True)
+        lp = self.log_prob(torch.cat([s, self.y], dim=1).to(self.dtype))
+        (g,) = torch.autograd.grad(lp.sum(), s)
+        return lp.detach().to(self.dtype), g.to(self.dtype)
+
+    def start(self, start_mean: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chains at ``start_mean`` (ds,) plus half a draw from M: (s, log p, gradient)."""
+        noise = torch.randn(self.n_chains, self.ds, generator=self.gen, dtype=self.dtype)
+        s = torch.as_tensor(start_mean, dtype=self.dtype) + 0.5 * noise @ self.chol.T
+        lp, g = self.lp_and_grad(s)
+        return s, lp, g
+
+    def log_q(self, to: torch.Tensor, frm: torch.Tensor, g_frm: torch.Tensor, eps: float):
+        """log N(to; frm + eps^2/2 M g, eps^2 M) up to a constant, (n,)."""
+        r = to - frm - 0.5 * eps**2 * g_frm @ self.m.T
+        w = torch.linalg.solve_triangular(self.chol, r.T, upper=False).T
+        return -0.5 * (w**2).sum(dim=1) / eps**2
+
+    def step(self, s: torch.Tensor, lp: torch.Tensor, g: torch.Tensor, eps: float) -> tuple:
+        """One Metropolis-adjusted Langevin step of every chain: (s, log p, gradient,
+        acceptance rate of this step)."""
+        n_chains, ds, dtype, gen = self.n_chains, self.ds, self.dtype, self.gen
+        xi = torch.randn(n_chains, ds, generator=gen, dtype=dtype)
+        prop = s + 0.5 * eps**2 * g @ self.m.T + eps * xi @ self.chol.T
+        lp_p, g_p = self.lp_and_grad(prop)
+        log_alpha = lp_p - lp + self.log_q(s, prop, g_p, eps) - self.log_q(prop, s, g, eps)
+        u = torch.rand(n_chains, generator=gen, dtype=dtype)
+        accept = (torch.log(u) < log_alpha) & torch.isfinite(lp_p)
+        s = torch.where(accept[:, None], prop, s)
+        lp = torch.where(accept, lp_p, lp)
+        g = torch.where(accept[:, None], g_p, g)
+        return s, lp, g, float(accept.double().mean())
+
+
+def _pooled(
+    kept: list[torch.Tensor], lps: list[torch.Tensor], precond_cov: np.ndarray, n_proj: int,
+    acceptance: float, eps: float,
+) -> ConditionalSamples:  # fmt: skip
+    """The kept draws (each (n_chains, ds)) and log p (each (n_chains,)) as
+    :class:`ConditionalSamples`, with R-hat and ESS of the projections on M's top
+    ``n_proj`` directions and of log p."""
     chains = torch.stack(kept, dim=1).cpu().numpy()  # (n_chains, n_keep, ds)
     lp_trace = torch.stack(lps, dim=1).cpu().numpy()  # (n_chains, n_keep)
     evals, evecs = np.linalg.eigh(np.asarray(precond_cov))
@@ -166,9 +201,9 @@ def mala_conditional(
     rhat = np.array([split_rhat(proj[..., j]) for j in range(proj.shape[2])])
     neff = np.array([ess(proj[..., j]) for j in range(proj.shape[2])])
     return ConditionalSamples(
-        samples=chains.reshape(-1, ds),
+        samples=chains.reshape(-1, chains.shape[2]),
         chains=chains,
-        acceptance=acc_sum / max(acc_n, 1),
+        acceptance=acceptance,
         step_size=eps,
         rhat=rhat,
         ess=neff,

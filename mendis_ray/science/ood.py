@@ -67,14 +67,16 @@ Masked pixels (ivar = 0, or non-finite flux) are filled with the training mean f
 that pixel before scoring: the score then measures the good pixels plus a perfectly
 typical value at the masked ones, i.e. a masked pixel can never make a spectrum look
 *less* typical, and heavily masked spectra are flagged.
+
+The label profile is :mod:`mendis_ray.science.label_profile`; the reference statistics,
+the signal subspace and the masked-pixel fill are :mod:`mendis_ray.science.score_reference`
+(both re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -82,7 +84,15 @@ import torch
 from mendis_ray.flow.density import SpectrumDensity
 from mendis_ray.science.baselines import GaussianBaseline
 from mendis_ray.science.flags import Flag, flag_columns
+from mendis_ray.science.label_profile import frozen_parameters, profile_labels
 from mendis_ray.science.metrics import percentile_rank
+from mendis_ray.science.score_reference import (
+    ScoreReference,
+    _good_range,
+    _reference_rows,
+    fill_masked,
+    signal_subspace,
+)
 
 __all__ = [
     "ScoreReference",
@@ -93,279 +103,8 @@ __all__ = [
     "signal_subspace",
 ]
 
-#: Floor of the label curvature (eigenvalues of -d^2 log p / dy^2 in standardized label
-#: units) in the Laplace approximation: the label posterior of a spectrum is never wider
-#: than the training label distribution (unit variance), so a flat or upward-curved
-#: direction -- the profile stopped short of a maximum, or a flow that is not concave in
-#: the labels there -- counts as that wide instead of making the score NaN.  For a Gaussian
-#: density the curvature is the conditional precision, >= 1, so the floor never binds.
-MIN_LABEL_CURVATURE = 1.0
-#: Newton steps at most that land the label profile on its maximum (after Adam, whose
-#: steps are about its learning rate long whatever the gradient, so it ends oscillating
-#: around the maximum at a point that depends on float rounding, hence on the batch).
-NEWTON_STEPS = 10
-#: a Newton step shorter than this (standardized label units) ends a row's polish
-NEWTON_TOL = 1e-5
 #: bound on how much a spectrum's log p (nats) may change with its batch companions
 BATCH_TOLERANCE = 2e-3
-
-
-@contextlib.contextmanager
-def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
-    """Within this block no parameter of ``module`` requires a gradient (restored after):
-    gradients of the scores with respect to the *inputs* (the label profile) then skip
-    every parameter's gradient, and the LU layers serve their cached dense weights."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
-def profile_labels(
-    density: SpectrumDensity,
-    x: torch.Tensor,
-    n_labels: int = 3,
-    steps: int = 200,
-    lr: float = 0.05,
-    tol: float = 1e-4,
-    min_curvature: float = MIN_LABEL_CURVATURE,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Maximise log p_flow over the (standardized) label entries of ``x``, row by row.
-
-    Each row stops on its own criterion (its log p changed by less than ``tol`` relative
-    in one Adam step, or ``steps`` steps): Adam is elementwise, so a row's path, and its
-    score, do not depend on the other rows of the batch; Newton steps then land each row
-    on its maximum (so Adam need only come close).  The flow's parameters are frozen
-    meanwhile (:func:`frozen_parameters`).
-
-    Args:
-        x: (n, n_features) standardized rows; their last ``n_labels`` entries are the
-            starting point (0 = the training mean).
-        min_curvature: floor of the eigenvalues of the negative Hessian (standardized label
-            units; see :data:`MIN_LABEL_CURVATURE`).
-
-    Returns:
-        (y*, log p_flow at y*, log det of the negative Hessian in y), shapes (n, k), (n,), (n,).
-    """
-    flow = density.flow
-    with frozen_parameters(flow):
-        spec = x[:, :-n_labels].detach()
-        y = _profile_steps(flow, spec, x[:, -n_labels:], steps, lr, tol)
-        y = _newton_polish(flow, spec, y, NEWTON_STEPS, min_curvature)
-        hess = _label_hessian(flow, spec, y)  # (n, k, k) of -log p
-        with torch.no_grad():
-            lp = flow.log_prob(torch.cat([spec, y], dim=1))
-    return y, lp, _clipped_logdet(hess, min_curvature)
-
-
-def _profile_steps(
-    flow: torch.nn.Module, spec: torch.Tensor, y0: torch.Tensor, steps: int, lr: float,
-    tol: float,
-) -> torch.Tensor:  # fmt: skip
-    """Adam ascent of log p in the labels; each row stops on its own criterion (its log p
-    changed by less than ``tol`` relative in one step, or ``steps`` steps) and stays where
-    it stopped, so its path depends on its own values alone (Adam is elementwise)."""
-    y = y0.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([y], lr=lr)
-    prev = torch.full((len(y),), float("nan"), dtype=y.dtype, device=y.device)
-    active = torch.ones(len(y), dtype=torch.bool, device=y.device)
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        lp = flow.log_prob(torch.cat([spec, y], dim=1))
-        (-lp.sum()).backward()
-        cur = lp.detach()
-        active &= ~((cur - prev).abs() < tol * cur.abs().clamp_min(1.0))
-        if not bool(active.any()):
-            break
-        done = ~active
-        keep = y.detach()[done].clone()
-        opt.step()
-        with torch.no_grad():
-            y[done] = keep  # converged rows stay where they converged
-        prev = cur
-    return y.detach()
-
-
-def _newton_polish(
-    flow: torch.nn.Module, spec: torch.Tensor, y: torch.Tensor, iters: int,
-    min_curvature: float,
-) -> torch.Tensor:  # fmt: skip
-    """Newton steps on log p in the labels from ``y`` (n, k), with the negative Hessian's
-    eigenvalues floored at ``min_curvature`` (always an ascent direction) and, per row, the
-    first of the full, 1/2, 1/4 and 1/8 steps that raises log p (else the row stays):
-    lands each row on its maximum to float precision, whatever its batch."""
-
-    def log_p(yy: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return flow.log_prob(torch.cat([spec, yy], dim=1))
-
-    lp = log_p(y)
-    active = torch.ones(len(y), dtype=torch.bool, device=y.device)
-    for _ in range(iters):
-        grad = _label_grad(flow, spec, y)  # (n, k) of log p
-        hess = _clip_eigenvalues(_label_hessian(flow, spec, y), min_curvature)
-        ok = torch.isfinite(grad).all(dim=1) & torch.isfinite(hess).all(dim=2).all(dim=1)
-        if not bool(ok.any()):
-            break
-        eye = torch.eye(y.shape[1], dtype=hess.dtype, device=hess.device)
-        hess = torch.where(ok[:, None, None], hess, eye)
-        step = torch.linalg.solve(hess.double(), torch.where(ok[:, None], grad, 0.0).double())
-        step = step.to(y.dtype)
-        ok &= active
-        moved = torch.zeros(len(y), dtype=torch.bool, device=y.device)
-        for frac in (1.0, 0.5, 0.25, 0.125):
-            y_try = y + frac * step
-            lp_try = log_p(y_try)
-            take = ~moved & ok & torch.isfinite(lp_try) & (lp_try > lp)
-            y = torch.where(take[:, None], y_try, y)
-            lp = torch.where(take, lp_try, lp)
-            moved |= take
-        # a row is done when no step raises its log p or its step is negligible
-        active &= moved & (step.abs().amax(dim=1) > NEWTON_TOL)
-        if not bool(active.any()):
-            break
-    return y
-
-
-def _label_grad(flow: torch.nn.Module, spec: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """d log p / dy at (spec, y), (n, k)."""
-    yy = y.detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(flow.log_prob(torch.cat([spec, yy], dim=1)).sum(), yy)
-    return g
-
-
-def _clip_eigenvalues(hess: torch.Tensor, floor: float) -> torch.Tensor:
-    """The symmetric (n, k, k) ``hess`` with eigenvalues below ``floor`` raised to it
-    (rows with non-finite entries are returned unchanged)."""
-    ok = torch.isfinite(hess).all(dim=2).all(dim=1)
-    eye = torch.eye(hess.shape[1], dtype=hess.dtype, device=hess.device)
-    safe = torch.where(ok[:, None, None], hess, eye).double()
-    eig, vec = torch.linalg.eigh(safe)
-    fixed = (vec * eig.clamp_min(floor)[:, None, :]) @ vec.transpose(1, 2)
-    return torch.where(ok[:, None, None], fixed.to(hess.dtype), hess)
-
-
-def _clipped_logdet(hess: torch.Tensor, min_curvature: float) -> torch.Tensor:
-    """log det of the symmetric (n, k, k) ``hess`` with its eigenvalues floored at
-    ``min_curvature``, (n,); NaN only where ``hess`` itself is not finite."""
-    ok = torch.isfinite(hess).all(dim=2).all(dim=1)
-    safe = torch.where(ok[:, None, None], hess, torch.eye(hess.shape[1], dtype=hess.dtype))
-    eig = torch.linalg.eigvalsh(safe.double())
-    logdet = torch.log(eig.clamp_min(min_curvature)).sum(dim=1).to(hess.dtype)
-    return torch.where(ok, logdet, torch.full_like(logdet, float("nan")))
-
-
-def _label_hessian(
-    flow: torch.nn.Module, spec: torch.Tensor, y: torch.Tensor, h: float = 1e-2
-) -> torch.Tensor:
-    """Negative Hessian of log p in the labels by central differences of the gradient."""
-    k = y.shape[1]
-
-    def grad_at(yy: torch.Tensor) -> torch.Tensor:
-        yy = yy.detach().requires_grad_(True)
-        lp = flow.log_prob(torch.cat([spec, yy], dim=1)).sum()
-        (g,) = torch.autograd.grad(lp, yy)
-        return g
-
-    cols = []
-    for j in range(k):
-        e = torch.zeros_like(y)
-        e[:, j] = h
-        cols.append((grad_at(y + e) - grad_at(y - e)) / (2 * h))  # (n, k)
-    hess = -torch.stack(cols, dim=2)
-    return 0.5 * (hess + hess.transpose(1, 2))
-
-
-def signal_subspace(
-    x: np.ndarray, n_signal: int | str = "auto", max_signal: int = 64, factor: float = 10.0
-) -> np.ndarray:
-    """Orthonormal rows spanning the top principal directions of ``x`` (n, d).
-
-    ``n_signal="auto"`` keeps the directions whose variance exceeds ``factor`` times the
-    Marchenko-Pastur upper edge of pure noise, ``median(lambda) (1 + sqrt(d / n))^2``:
-    directions that noise alone would not produce *and* in which the signal dominates
-    the noise, so that the projection is insensitive to the noise level (between 1 and
-    ``max_signal``).  Returns (k, d).
-    """
-    xc = np.asarray(x, np.float64)
-    xc = xc - xc.mean(axis=0)
-    n, d = xc.shape
-    _, sv, vt = np.linalg.svd(xc, full_matrices=False)
-    lam = sv**2 / max(n - 1, 1)
-    if n_signal == "auto":
-        edge = np.median(lam) * (1.0 + np.sqrt(d / n)) ** 2
-        k = int(np.clip((lam > factor * edge).sum(), 1, max_signal))
-    else:
-        k = int(n_signal)
-        if not 1 <= k < min(n, d):
-            raise ValueError(f"signal_subspace: n_signal={k} must be in [1, {min(n, d) - 1}]")
-    return vt[:k].copy()
-
-
-@dataclass
-class ScoreReference:
-    """What scoring needs besides the flow, computed once from held-out training spectra.
-
-    Attributes:
-        flux_range: (2, n_pix) min and max training flux. label_range: (2, k) likewise.
-        center: (d,) mean standardized feature vector (spectrum, labels); basis:
-            (n_signal, d) orthonormal signal directions (standardized units).
-        ref_log_p, ref_signal: (m,) scores of the reference spectra (joint, signal).
-        ref_log_p_marginal: (m2,) label-free scores of (a subset of) them.
-        gaussian: a Gaussian baseline on the standardized features, or None.
-    """
-
-    flux_range: np.ndarray
-    label_range: np.ndarray
-    center: np.ndarray
-    basis: np.ndarray
-    ref_log_p: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    ref_signal: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    ref_log_p_marginal: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    gaussian: GaussianBaseline | None = None
-
-    _ARRAYS = (
-        "flux_range", "label_range", "center", "basis",
-        "ref_log_p", "ref_signal", "ref_log_p_marginal",
-    )  # fmt: skip
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Flat dict of float64 arrays (for a safetensors checkpoint)."""
-        out = {k: np.ascontiguousarray(getattr(self, k), dtype=np.float64) for k in self._ARRAYS}
-        if self.gaussian is not None:
-            # any GaussianBaseline (incl. factor analysis) is stored as mean + covariance
-            g = self.gaussian
-            out["gaussian.mean"] = np.ascontiguousarray(g.mean_, dtype=np.float64)
-            out["gaussian.covariance"] = np.ascontiguousarray(g.covariance_, dtype=np.float64)
-            out["gaussian.meta"] = np.array([float(g.shrinkage_ or 0.0), float(g.n_samples_)])
-        return out
-
-    @classmethod
-    def from_arrays(
-        cls, arrays: Mapping[str, np.ndarray], where: str = "ScoreReference"
-    ) -> ScoreReference:
-        missing = [k for k in cls._ARRAYS if k not in arrays]
-        if missing:
-            raise ValueError(f"{where}: missing score-reference arrays {missing}")
-        kw = {k: np.asarray(arrays[k], dtype=np.float64) for k in cls._ARRAYS}
-        gauss = None
-        if "gaussian.mean" in arrays:
-            meta = np.asarray(arrays["gaussian.meta"])
-            gauss = GaussianBaseline.from_state(
-                {
-                    "baseline": "gaussian",
-                    "shrinkage_method": "fixed",
-                    "shrinkage": float(meta[0]),
-                    "n_samples": int(meta[1]),
-                    "mean": np.asarray(arrays["gaussian.mean"], np.float64),
-                    "covariance": np.asarray(arrays["gaussian.covariance"], np.float64),
-                }
-            )
-        return cls(**kw, gaussian=gauss)
 
 
 @dataclass
@@ -676,42 +415,6 @@ class Scorer:
         coords = (np.asarray(x, np.float64) - ref.center) @ ref.basis.T  # (b, k)
         x_proj = ref.center + coords @ ref.basis  # (b, d) on the signal subspace
         return self.density.flow.log_prob(self._tensor(x_proj)).double().cpu().numpy()
-
-
-def fill_masked(
-    flux: np.ndarray, ivar: np.ndarray, fill: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Masked pixels (ivar <= 0, NaN or +inf ivar, or non-finite flux) of ``flux``
-    (n, n_pix) replaced by ``fill`` (n_pix,) (the training mean): (filled flux, mask)
-    (n, n_pix)."""
-    masked = ~((ivar > 0) & np.isfinite(ivar)) | ~np.isfinite(flux)
-    return np.where(masked, fill, flux), masked
-
-
-def _reference_rows(
-    flux: np.ndarray, labels: np.ndarray, ivar: np.ndarray | None, name: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Checked reference rows: (flux (m, n_pix), labels (m, 3), good-pixel mask)."""
-    flux = np.asarray(flux, np.float64)
-    labels = np.asarray(labels, np.float64)
-    ivar = np.ones_like(flux) if ivar is None else np.asarray(ivar, np.float64)
-    if ivar.shape != flux.shape:
-        raise ValueError(f"Scorer.fit: {name} {flux.shape} and its ivar {ivar.shape} differ")
-    good = (ivar > 0) & np.isfinite(ivar) & np.isfinite(flux)
-    if not np.isfinite(labels).all():
-        raise ValueError(f"Scorer.fit: the reference labels of {name} must be finite")
-    if not good.any(axis=1).all():
-        row = int(np.flatnonzero(~good.any(axis=1))[0])
-        raise ValueError(f"Scorer.fit: {name} row {row} has no good pixel (ivar > 0, finite)")
-    return flux, labels, good
-
-
-def _good_range(flux: np.ndarray, good: np.ndarray, fill: np.ndarray) -> np.ndarray:
-    """(2, n_pix) min and max of ``flux`` over good pixels (``fill`` where none is)."""
-    lo = np.where(good, flux, np.inf).min(axis=0)
-    hi = np.where(good, flux, -np.inf).max(axis=0)
-    none = ~good.any(axis=0)
-    return np.stack([np.where(none, fill, lo), np.where(none, fill, hi)])
 
 
 def _percentile(reference: np.ndarray | None, scores: np.ndarray) -> np.ndarray:

@@ -57,12 +57,24 @@ def write_report(out: Path, result: dict, figures: dict[str, Path]) -> Path:
     """Write ``out/report.md`` (atomically) and return its path."""
     out = Path(out)
     rel = {k: os.path.relpath(v, out) for k, v in figures.items()}
-    tr = result.get("training")
-    ll = result["held_out_log_likelihood"]
-    cond = result.get("conditional", {})
-    rec = result.get("reconstruction", {})
-    data = result["data"]
     md = [
+        *_header(result),
+        *_data_section(result["data"]),
+        *_model_section(result, rel),
+        *_likelihood_section(result["held_out_log_likelihood"]),
+        *_ood_section(result["auroc"], rel),
+        *_signal_section(result.get("signal_model")),
+        *_conditional_section(result.get("conditional", {}), rel),
+        *_reconstruction_section(result.get("reconstruction", {}), rel),
+        *_files_section(result),
+    ]
+    text = "\n".join(md)
+    return write_atomic(out / "report.md", lambda t: t.write_text(text))
+
+
+def _header(result: dict) -> list[str]:
+    """Title and where, when and how long the run was."""
+    return [
         "# mendis_ray demo report",
         "",
         f"Ran {result['started']} on a Ray cluster with "
@@ -71,6 +83,12 @@ def write_report(out: Path, result: dict, figures: dict[str, Path]) -> Path:
         f"in {result['wall_seconds'] / 60:.1f} min "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in result['stage_seconds'].items())}).",
         "",
+    ]
+
+
+def _data_section(data: dict) -> list[str]:
+    """The simulated training, test and outlier sets."""
+    return [
         "## Data",
         "",
         f"Simulated with `mendis_ray.spectra.simulate` on the {data['grid']} grid "
@@ -83,28 +101,14 @@ def write_report(out: Path, result: dict, figures: dict[str, Path]) -> Path:
         "(`inliers_snr1000`) and stars with [Mg/H] 0.075-0.125, just above the training "
         "range (`mg_edge`).",
         "",
-        "## Held-out log-likelihood (nats per spectrum, standardized units)",
-        "",
-        "| model | mean log p |",
-        "|---|---:|",
-        *[f"| {k} | {v:.1f} |" for k, v in ll.items()],
-        "",
-        "## Out-of-distribution triage (paper Fig. 2)",
-        "",
-        "AUROC of each score separating each outlier set from its inliers (1 = perfect, "
-        "0.5 = blind). For `inliers_snr1000` a good OOD score should stay near 0.5: those "
-        "are inliers observed at higher S/N, and raw log-likelihoods rank them as *more* "
-        "typical (AUROC near 0).",
-        "",
-        auroc_table(result["auroc"]),
-        "",
-        f"![scores]({rel['scores']})",
-        "",
-        *_signal_section(result.get("signal_model")),
     ]
+
+
+def _model_section(result: dict, rel: dict[str, str]) -> list[str]:
+    """How the flow was trained (Ray Train), or which checkpoint was analyzed."""
+    tr = result.get("training")
     if tr:
-        at = md.index("## Held-out log-likelihood (nats per spectrum, standardized units)")
-        md[at:at] = [
+        return [
             "## Training (Ray Train, TorchTrainer)",
             "",
             f"Preset `{tr['preset']}` ({tr['n_parameters']:,} parameters), "
@@ -120,44 +124,86 @@ def write_report(out: Path, result: dict, figures: dict[str, Path]) -> Path:
             f"![training]({rel['training']})",
             "",
         ]
-    elif "analyzed_checkpoint" in result:
-        at = md.index("## Held-out log-likelihood (nats per spectrum, standardized units)")
-        md[at:at] = ["## Model", "", f"Checkpoint `{result['analyzed_checkpoint']}`.", ""]
-    if cond:
-        fc, tc = cond["flow_clusters"], cond["true_clusters"]
-        md += [
-            "## Conditional p(spectrum | 4300 K, 2.1, 0.0) and its pixel correlations "
-            "(paper Fig. 3)",
-            "",
-            f"MALA on the flow with the labels fixed: {cond['mala'].get('n_samples', '?')} "
-            f"draws, acceptance {cond['mala'].get('acceptance', float('nan')):.2f}, max "
-            f"R-hat {cond['mala'].get('max_rhat', float('nan')):.2f}, min ESS "
-            f"{cond['mala'].get('min_ess', float('nan')):.0f}. Over "
-            f"{cond['n_pixels']} absorption pixels the flow's correlation matrix differs "
-            f"from the simulator's true conditional by RMSE "
-            f"{cond['flow_vs_true']['rmse']:.3f} (Gaussian baseline "
-            f"{cond['gaussian_vs_true']['rmse']:.3f}). The graph with an edge where the "
-            f"correlation exceeds 0.8 has {fc['n_multi']} multi-pixel components (largest "
-            f"{fc['largest']} pixels); agreement with the element that dominates each pixel: "
-            f"ARI {fc['ari_vs_dominant_element']:.2f}, purity "
-            f"{fc['purity_vs_dominant_element']:.2f} (the true conditional's own graph: ARI "
-            f"{tc['ari_vs_dominant_element']:.2f}); flow components vs true components: ARI "
-            f"{fc['ari_vs_true_clusters']:.2f}.",
-            "",
-            f"![correlation]({rel['correlation']})",
-            "",
-        ]
-    if rec:
-        md += [
-            "## Reconstruction argmin_z |x - f^-1(z)|^2",
-            "",
-            f"{rec['n']} held-out spectra: median RMS residual {rec['rms_median']:.5f} = "
-            f"{rec['rms_over_noise']:.2f} x the noise ({rec['noise_median']:.5f}).",
-            "",
-            f"![reconstruction]({rel['reconstruction']})",
-            "",
-        ]
-    md += [
+    if "analyzed_checkpoint" in result:
+        return ["## Model", "", f"Checkpoint `{result['analyzed_checkpoint']}`.", ""]
+    return []
+
+
+def _likelihood_section(ll: dict[str, float]) -> list[str]:
+    """Mean held-out log p of each model."""
+    return [
+        "## Held-out log-likelihood (nats per spectrum, standardized units)",
+        "",
+        "| model | mean log p |",
+        "|---|---:|",
+        *[f"| {k} | {v:.1f} |" for k, v in ll.items()],
+        "",
+    ]
+
+
+def _ood_section(auroc: list[dict], rel: dict[str, str]) -> list[str]:
+    """The AUROC table of every score against every outlier set, and its figure."""
+    return [
+        "## Out-of-distribution triage (paper Fig. 2)",
+        "",
+        "AUROC of each score separating each outlier set from its inliers (1 = perfect, "
+        "0.5 = blind). For `inliers_snr1000` a good OOD score should stay near 0.5: those "
+        "are inliers observed at higher S/N, and raw log-likelihoods rank them as *more* "
+        "typical (AUROC near 0).",
+        "",
+        auroc_table(auroc),
+        "",
+        f"![scores]({rel['scores']})",
+        "",
+    ]
+
+
+def _conditional_section(cond: dict, rel: dict[str, str]) -> list[str]:
+    """The conditional's pixel correlations against the simulator's (none if not run)."""
+    if not cond:
+        return []
+    fc, tc = cond["flow_clusters"], cond["true_clusters"]
+    return [
+        "## Conditional p(spectrum | 4300 K, 2.1, 0.0) and its pixel correlations (paper Fig. 3)",
+        "",
+        f"MALA on the flow with the labels fixed: {cond['mala'].get('n_samples', '?')} "
+        f"draws, acceptance {cond['mala'].get('acceptance', float('nan')):.2f}, max "
+        f"R-hat {cond['mala'].get('max_rhat', float('nan')):.2f}, min ESS "
+        f"{cond['mala'].get('min_ess', float('nan')):.0f}. Over "
+        f"{cond['n_pixels']} absorption pixels the flow's correlation matrix differs "
+        f"from the simulator's true conditional by RMSE "
+        f"{cond['flow_vs_true']['rmse']:.3f} (Gaussian baseline "
+        f"{cond['gaussian_vs_true']['rmse']:.3f}). The graph with an edge where the "
+        f"correlation exceeds 0.8 has {fc['n_multi']} multi-pixel components (largest "
+        f"{fc['largest']} pixels); agreement with the element that dominates each pixel: "
+        f"ARI {fc['ari_vs_dominant_element']:.2f}, purity "
+        f"{fc['purity_vs_dominant_element']:.2f} (the true conditional's own graph: ARI "
+        f"{tc['ari_vs_dominant_element']:.2f}); flow components vs true components: ARI "
+        f"{fc['ari_vs_true_clusters']:.2f}.",
+        "",
+        f"![correlation]({rel['correlation']})",
+        "",
+    ]
+
+
+def _reconstruction_section(rec: dict, rel: dict[str, str]) -> list[str]:
+    """The reconstruction residuals against the noise (none if not run)."""
+    if not rec:
+        return []
+    return [
+        "## Reconstruction argmin_z |x - f^-1(z)|^2",
+        "",
+        f"{rec['n']} held-out spectra: median RMS residual {rec['rms_median']:.5f} = "
+        f"{rec['rms_over_noise']:.2f} x the noise ({rec['noise_median']:.5f}).",
+        "",
+        f"![reconstruction]({rel['reconstruction']})",
+        "",
+    ]
+
+
+def _files_section(result: dict) -> list[str]:
+    """Where the checkpoint, the numbers and the Ray Train run are."""
+    return [
         "## Files",
         "",
         f"- checkpoint (weights, standardization, scoring reference): `{result['checkpoint']}`",
@@ -165,8 +211,6 @@ def write_report(out: Path, result: dict, figures: dict[str, Path]) -> Path:
         f"- Ray Train run folder: `{result.get('run_dir', '-')}`",
         "",
     ]
-    text = "\n".join(md)
-    return write_atomic(out / "report.md", lambda t: t.write_text(text))
 
 
 def _signal_section(sm: dict | None) -> list[str]:

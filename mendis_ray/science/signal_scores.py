@@ -53,9 +53,10 @@ from scipy.special import logsumexp
 
 from mendis_ray.config import SignalConfig
 from mendis_ray.flow.signal import SignalCoordinates, SignalSpaceModel
-from mendis_ray.flow.signal_basis import SignalBasis
+from mendis_ray.flow.signal_basis import Projection, SignalBasis
 from mendis_ray.science.flags import Flag, flag_columns
 from mendis_ray.science.metrics import percentile_rank
+from mendis_ray.science.noise_calibration import NoiseCalibration
 
 __all__ = ["NoiseCalibration", "SignalScorer", "residual_statistics"]
 
@@ -63,83 +64,35 @@ SCALES = (1, 4, 16, 64)
 MODEL_KIND = "signal"
 
 
-@dataclass
-class NoiseCalibration:
-    """The distribution of a statistic u (large = unusual) among reference stars, as a
-    function of a noise variable t (the signal fractions ``_rho_res`` / ``_rho_sig``).
-
-    The reference stars are split into quantile bins of t; each bin keeps the empirical
-    quantile function of u (``n_q`` points) and a robust scale (1.4826 x MAD).  The log
-    upper-tail probability of a new u is read off the bins at the two nearest bin centres
-    and interpolated linearly in t (flat beyond the outer centres): an inlier's tail
-    probability is uniform in every noise bin by construction.  Above a bin's largest
-    reference value the tail continues exponentially, ``log p = log(1 / (m + 1)) - (u -
-    max) / scale``, so extreme outliers keep a finite, ordered score."""
-
-    centers: np.ndarray  # (B,) median t of each bin
-    quantiles: np.ndarray  # (B, n_q) u at probabilities linspace(0, 1, n_q)
-    scale: np.ndarray  # (B,)
-    count: np.ndarray  # (B,) reference stars per bin
-
-    @classmethod
-    def fit(cls, t: np.ndarray, u: np.ndarray, n_bins: int = 16, n_q: int = 201):
-        ok = np.isfinite(u) & np.isfinite(t)
-        t, u = t[ok], u[ok]
-        n_bins = max(1, min(n_bins, len(t) // 60))
-        order = np.argsort(t, kind="stable")
-        parts = np.array_split(order, n_bins)  # equal-count bins of t
-        probs = np.linspace(0, 1, n_q)
-        centers = np.array([np.median(t[i]) for i in parts])
-        quantiles = np.stack([np.quantile(u[i], probs) for i in parts])
-        scale = np.array([max(1.4826 * np.median(np.abs(u[i] - np.median(u[i]))), 1e-9)
-                          for i in parts])  # fmt: skip
-        return cls(centers, quantiles, scale, np.array([len(i) for i in parts], float))
-
-    def _log_tail_bin(self, b: int, u: np.ndarray) -> np.ndarray:
-        q = self.quantiles[b]
-        probs = np.linspace(0, 1, len(q))
-        p_min = 1.0 / (self.count[b] + 1)
-        tail = np.maximum(1.0 - np.interp(u, q, probs), p_min)  # (n,)
-        beyond = u > q[-1]
-        return np.where(beyond, np.log(p_min) - (u - q[-1]) / self.scale[b], np.log(tail))
-
-    def log_tail(self, t: np.ndarray, u: np.ndarray) -> np.ndarray:
-        """log P(U >= u | t) (n,): 0 for typical-or-smaller u, very negative for outliers."""
-        c = self.centers
-        per_bin = np.stack([self._log_tail_bin(b, u) for b in range(len(c))])  # (B, n)
-        if len(c) == 1:
-            return per_bin[0]
-        hi = np.clip(np.searchsorted(c, t), 1, len(c) - 1)
-        lo = hi - 1
-        w = np.clip((t - c[lo]) / np.maximum(c[hi] - c[lo], 1e-12), 0, 1)
-        cols = np.arange(len(u))
-        return (1 - w) * per_bin[lo, cols] + w * per_bin[hi, cols]
-
-    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}.{k}": getattr(self, k) for k in
-                ("centers", "quantiles", "scale", "count")}  # fmt: skip
-
-    @classmethod
-    def from_arrays(cls, a: dict, prefix: str) -> NoiseCalibration:
-        return cls(*(a[f"{prefix}.{k}"] for k in ("centers", "quantiles", "scale", "count")))
-
-
-def residual_statistics(c: SignalCoordinates) -> np.ndarray:
+def residual_statistics(c: SignalCoordinates, rows: int = 128) -> np.ndarray:
     """(n, 1 + len(SCALES)): chi^2/dof, then per scale s the largest |sum of w over s
     consecutive pixels| / sqrt(good pixels among them), with w the standardized residual
-    ``c.proj.wres`` (0 at masked pixels): a matched filter for features of width s."""
-    w = c.proj.wres
-    good = w != 0
-    out = [c.proj.chi2 / c.proj.dof]
-    cw = np.zeros((w.shape[0], w.shape[1] + 1), np.float32)
-    np.cumsum(w, axis=1, out=cw[:, 1:])
-    cg = np.zeros_like(cw)
-    np.cumsum(good, axis=1, out=cg[:, 1:])
-    for s in SCALES:
-        sums = cw[:, s:] - cw[:, :-s]
-        cnt = np.maximum(cg[:, s:] - cg[:, :-s], 1)
-        out.append(np.abs(sums / np.sqrt(cnt)).max(axis=1))
-    return np.stack(out, axis=1).astype(np.float64)
+    ``c.proj.wres`` (0 at masked pixels): a matched filter for features of width s.
+
+    Works through ``rows`` spectra at a time so that the cumulative sums stay in the CPU's
+    cache (5-10x faster than whole-array passes at 20,000 x 2,405); a block without a
+    masked pixel divides by sqrt(s) once, after the maximum (the same float32 result)."""
+    w_all = c.proj.wres
+    n, p = w_all.shape
+    out = np.empty((n, 1 + len(SCALES)))
+    out[:, 0] = c.proj.chi2 / c.proj.dof
+    cw = np.zeros((rows, p + 1), np.float32)  # cumulative sums, a leading 0 column
+    cg = np.zeros((rows, p + 1), np.float32)  # cumulative good-pixel counts
+    for a in range(0, n, rows):
+        w = w_all[a : a + rows]  # (m, p)
+        m = len(w)
+        np.cumsum(w, axis=1, out=cw[:m, 1:])
+        full = np.count_nonzero(w) == w.size
+        if not full:
+            np.cumsum(w != 0, axis=1, out=cg[:m, 1:])
+        for j, s in enumerate(SCALES):
+            sums = cw[:m, s:] - cw[:m, :-s]  # (m, p + 1 - s)
+            if full:
+                out[a : a + m, 1 + j] = np.abs(sums).max(axis=1) / np.sqrt(np.float32(s))
+            else:
+                cnt = np.maximum(cg[:m, s:] - cg[:m, :-s], 1)
+                out[a : a + m, 1 + j] = np.abs(sums / np.sqrt(cnt)).max(axis=1)
+    return out
 
 
 def star_snr(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
@@ -147,12 +100,16 @@ def star_snr(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     over its good pixels, (n,) (from the noise alone: an absurd flux must not make a
     spectrum look noisy; 0 for a row with no good pixel)."""
     good = (ivar > 0) & np.isfinite(ivar) & (ivar < 1e11)  # 1e12: noise-free simulation
-    v = np.sqrt(np.where(good, ivar, np.inf).astype(np.float32))  # (n, p); masked last
-    v.sort(axis=1)  # one vectorized sort: ~10x faster than a row-by-row nanmedian
+    v = np.where(good, ivar, np.inf).astype(np.float32)  # (n, p); masked last
     cnt, rows = good.sum(axis=1), np.arange(len(v))
     lo, hi = np.maximum((cnt - 1) // 2, 0), np.minimum(cnt // 2, v.shape[1] - 1)
-    with np.errstate(invalid="ignore"):
-        med = 0.5 * (v[rows, lo].astype(np.float64) + v[rows, hi])
+    full = cnt == v.shape[1]
+    if full.any():  # no masked pixel: the two middle order statistics, O(p) per row
+        v[full] = np.partition(v[full], [lo[full][0], hi[full][0]], axis=1)
+    if not full.all():  # the others: one vectorized sort (10x faster than a nanmedian loop)
+        v[~full] = np.sort(v[~full], axis=1)
+    with np.errstate(invalid="ignore"):  # sqrt is monotone: select first, then take roots
+        med = 0.5 * (np.sqrt(v[rows, lo]).astype(np.float64) + np.sqrt(v[rows, hi]))
     return np.where(cnt > 0, med, 0.0)
 
 
@@ -197,6 +154,31 @@ def _rho_sig(c: SignalCoordinates, model: SignalSpaceModel) -> np.ndarray:
 
 def _stat_names() -> list[str]:
     return ["chi2"] + [f"scan{s}" for s in SCALES]
+
+
+@dataclass
+class _Pixels:
+    """What :meth:`SignalScorer.score` keeps of the pixels of n spectra (n-sized arrays)."""
+
+    c: SignalCoordinates  # signal coordinates and projection (no residual vector)
+    stats: np.ndarray  # (n, 1 + len(SCALES)) residual statistics
+    labels: np.ndarray  # (n, 3) cleaned labels (NaN: label-free)
+    labelled: np.ndarray  # (n,) bool
+    nonfinite: np.ndarray  # (n,) bool: a non-finite pixel or label in the input
+    flux_range: np.ndarray  # (n,) bool: > 1% of good pixels outside the training range
+    n_pix: int
+
+    @classmethod
+    def concat(cls, parts: list[_Pixels]) -> _Pixels:
+        if len(parts) == 1:
+            return parts[0]
+        c = SignalCoordinates(
+            np.concatenate([p.c.y for p in parts]), np.concatenate([p.c.t for p in parts]),
+            Projection.concat([p.c.proj for p in parts]),
+        )  # fmt: skip
+        cat = {f: np.concatenate([getattr(p, f) for p in parts])
+               for f in ("stats", "labels", "labelled", "nonfinite", "flux_range")}  # fmt: skip
+        return cls(c, n_pix=parts[0].n_pix, **cat)
 
 
 @dataclass
@@ -288,56 +270,90 @@ class SignalScorer:
     # -- scoring ------------------------------------------------------------------------------
 
     def _clean(self, flux, ivar, labels):
-        """Masks for non-finite input: bad pixels become masked, inf labels missing."""
+        """Masks for non-finite input: bad pixels become masked, inf labels missing.  The
+        usual all-finite chunk skips the repairs (each is a pass over (n, p))."""
         flux = np.asarray(flux, np.float32)  # the projection works in float32
         n = len(flux)
         ivar = np.ones_like(flux) if ivar is None else np.asarray(ivar, np.float32)
         labels = np.full((n, 3), np.nan) if labels is None else np.asarray(labels, np.float64)
-        bad_pix = (~np.isfinite(flux) | ~np.isfinite(ivar)) & (np.nan_to_num(ivar, nan=1.0) != 0)
-        nonfinite = bad_pix.any(axis=1) | np.isinf(labels).any(axis=1)
-        ivar = np.where(bad_pix | ~np.isfinite(ivar) | (ivar < 0), 0.0, ivar)
-        flux = np.where(ivar > 0, flux, self.model.basis.mean.astype(np.float32))
+        nonfinite = np.isinf(labels).any(axis=1)
+        if not (np.isfinite(flux).all() and np.isfinite(ivar).all()):
+            bad_pix = (~np.isfinite(flux) | ~np.isfinite(ivar)) & (
+                np.nan_to_num(ivar, nan=1.0) != 0
+            )
+            nonfinite |= bad_pix.any(axis=1)
+            ivar = np.where(bad_pix | ~np.isfinite(ivar) | (ivar < 0), 0.0, ivar)
+        elif (ivar < 0).any():
+            ivar = np.where(ivar < 0, 0.0, ivar)
+        if not (ivar > 0).all():
+            flux = np.where(ivar > 0, flux, self.model.basis._float32("mean"))
         labels = np.where(np.isinf(labels), np.nan, labels)
         return flux, ivar, labels, nonfinite
 
-    def score(self, flux, ivar=None, labels=None, **_: object) -> dict[str, np.ndarray]:
-        """Scores of n spectra: ``flux``, ``ivar`` (n, p), ``labels`` (n, 3) (NaN rows:
-        label-free).  Returns (n,) arrays (see the module doc) plus ``labels_used``."""
+    def _pixel_pass(self, flux, ivar, labels) -> _Pixels:
+        """Everything that reads the (n, p) pixels, for one chunk of spectra: cleaning,
+        noise matching, projection, residual statistics, the flux-range test."""
         flux, ivar, labels, nonfinite = self._clean(flux, ivar, labels)
         if "snr_max" in self.ref:
             flux, ivar = match_noise(flux, ivar, float(np.ravel(self.ref["snr_max"])[0]))
         m, r = self.model, self.ref
-        k = m.basis.k
         labelled = np.isfinite(labels).all(axis=1)
         with np.errstate(all="ignore"):
             fill_labels = np.where(labelled[:, None], labels, m.label_mean)
             c = m.coordinates(flux, ivar, fill_labels, keep_residual=True)
-            lq = m.flow_log_prob(c)
-            est = np.zeros((len(flux), 3))  # standardized label estimates (label-free rows)
-            if (~labelled).any():
-                sub = SignalCoordinates(c.y[~labelled], c.t[~labelled], c.proj)
-                lq[~labelled], est[~labelled] = self._label_free(sub)
-            rho = _rho_sig(c, m)
-            sig = np.where(
-                labelled,
-                NoiseCalibration.from_arrays(r, "cal.signal").log_tail(rho, -lq),
-                NoiseCalibration.from_arrays(r, "cal.signal_free").log_tail(rho, -lq),
-            )
-            st = residual_statistics(c)
-            rr = _rho_res(c)
-            tails = [NoiseCalibration.from_arrays(r, f"cal.{n}").log_tail(rr, st[:, j])
-                     for j, n in enumerate(_stat_names())]  # fmt: skip
-            res = NoiseCalibration.from_arrays(r, "cal.residual").log_tail(rr, -np.min(tails, 0))
-            x = -2 * (sig + res)  # Fisher: chi^2 with 4 dof, log sf in closed form (no underflow)
-            comb = np.minimum(-x / 2 + np.log1p(x / 2), 0.0)
-            if "cal.combined.centers" in r:  # the two tails are not independent: calibrate
-                comb = NoiseCalibration.from_arrays(r, "cal.combined").log_tail(rho, -comb)
+            stats = residual_statistics(c)
+        c.proj.wres = None  # (n, p): not kept beyond the chunk
+        good = ivar > 0
+        out_range = good & ((flux < r["flux_lo"]) | (flux > r["flux_hi"]))
+        flux_range = out_range.sum(1) > 0.01 * np.maximum(good.sum(1), 1)
+        return _Pixels(c, stats, labels, labelled, nonfinite, flux_range, flux.shape[1])
+
+    def _tails(self, px: _Pixels) -> tuple[np.ndarray, ...]:
+        """log q, label estimates (label-free rows), signal / residual / combined tails."""
+        m, r, c, labelled = self.model, self.ref, px.c, px.labelled
+        lq = m.flow_log_prob(c)
+        est = np.zeros((len(lq), 3))  # standardized label estimates (label-free rows)
+        if (~labelled).any():
+            sub = SignalCoordinates(c.y[~labelled], c.t[~labelled], c.proj)
+            lq[~labelled], est[~labelled] = self._label_free(sub)
+        rho = _rho_sig(c, m)
+        sig = np.where(
+            labelled,
+            NoiseCalibration.from_arrays(r, "cal.signal").log_tail(rho, -lq),
+            NoiseCalibration.from_arrays(r, "cal.signal_free").log_tail(rho, -lq),
+        )
+        rr = _rho_res(c)
+        tails = [NoiseCalibration.from_arrays(r, f"cal.{n}").log_tail(rr, px.stats[:, j])
+                 for j, n in enumerate(_stat_names())]  # fmt: skip
+        res = NoiseCalibration.from_arrays(r, "cal.residual").log_tail(rr, -np.min(tails, 0))
+        x = -2 * (sig + res)  # Fisher: chi^2 with 4 dof, log sf in closed form (no underflow)
+        comb = np.minimum(-x / 2 + np.log1p(x / 2), 0.0)
+        if "cal.combined.centers" in r:  # the two tails are not independent: calibrate
+            comb = NoiseCalibration.from_arrays(r, "cal.combined").log_tail(rho, -comb)
+        return lq, est, sig, res, comb
+
+    def score(self, flux, ivar=None, labels=None, chunk: int = 2048, **_: object) -> dict:
+        """Scores of n spectra: ``flux``, ``ivar`` (n, p), ``labels`` (n, 3) (NaN rows:
+        label-free).  Returns (n,) arrays (see the module doc) plus ``labels_used``.  The
+        pixels are read ``chunk`` spectra at a time (memory: a few (chunk, p) arrays)."""
+        flux = np.asarray(flux)
+        ivar = np.ones(flux.shape, np.float32) if ivar is None else np.asarray(ivar)
+        labels = np.full((len(flux), 3), np.nan) if labels is None else np.asarray(labels)
+        spans = [slice(a, a + chunk) for a in range(0, len(flux), chunk)] or [slice(0, 0)]
+        px = _Pixels.concat([self._pixel_pass(flux[i], ivar[i], labels[i]) for i in spans])
+        m, c, labelled = self.model, px.c, px.labelled
+        with np.errstate(all="ignore"):
+            lq, est, sig, res, comb = self._tails(px)
             log_p = m.total_log_prob(c, lq) + np.where(labelled, 0.0, np.log(m.label_scale).sum())
-            labels_used = np.where(labelled[:, None], labels, est * m.label_scale + m.label_mean)
-        n_pix = flux.shape[1]
-        masked_fraction = 1.0 - c.proj.n_good / n_pix
-        no_good = c.proj.n_good <= k
+            labels_used = np.where(labelled[:, None], px.labels, est * m.label_scale + m.label_mean)
         out = {"score": comb, "signal_score": sig, "residual_score": res, "log_p": log_p}
+        return self._finish(out, px, labels_used)
+
+    def _finish(self, out: dict, px: _Pixels, labels_used: np.ndarray) -> dict:
+        """-inf for unscorable rows, percentiles, flags and the per-row diagnostics."""
+        r, c, labelled = self.ref, px.c, px.labelled
+        masked_fraction = 1.0 - c.proj.n_good / px.n_pix
+        no_good = c.proj.n_good <= self.model.basis.k
         unscorable = no_good.copy()
         for key in out:  # impossible or unscorable (NaN, +-inf): the most outlying
             v = out[key]
@@ -348,15 +364,13 @@ class SignalScorer:
             ref = r.get(f"sorted.{key}")
             name = "percentile" if key == "score" else key.replace("_score", "_percentile")
             out[name] = (
-                np.full(len(flux), np.nan) if ref is None else percentile_rank(ref, out[key])
+                np.full(len(no_good), np.nan) if ref is None else percentile_rank(ref, out[key])
             )
-        good = ivar > 0
-        out_range = good & ((flux < r["flux_lo"]) | (flux > r["flux_hi"]))
-        flux_range = out_range.sum(1) > 0.01 * np.maximum(good.sum(1), 1)
+        labels = px.labels
         label_range = labelled & ((labels < r["label_lo"]) | (labels > r["label_hi"])).any(1)
         masked = (masked_fraction > self.max_masked_fraction) | no_good
-        flags = nonfinite * Flag.NONFINITE + masked * Flag.MASKED
-        flags += flux_range * Flag.FLUX_RANGE + label_range * Flag.LABEL_RANGE
+        flags = px.nonfinite * Flag.NONFINITE + masked * Flag.MASKED
+        flags += px.flux_range * Flag.FLUX_RANGE + label_range * Flag.LABEL_RANGE
         flags += unscorable * Flag.UNSCORABLE
         out |= {
             "chi2_dof": np.nan_to_num(c.proj.chi2 / c.proj.dof, nan=np.inf),

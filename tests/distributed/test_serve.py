@@ -141,6 +141,9 @@ def _deploy(checkpoint, name: str, prefix: str, batch_size: int) -> None:
             "max_request_bytes": MAX_BYTES,
             "max_spectra": MAX_SPECTRA,
             "max_marginal": 2,
+            # these tests check unlabelled spectra without the label-free score unless a
+            # request asks (the default, ScoreConfig's "unlabelled": test_triage_serve)
+            "marginal": "none",
         }
     )
     serve.run(app, name=name, route_prefix=prefix)
@@ -957,6 +960,18 @@ def test_signal_json_batch_matches_in_process(signal_server, signal_reference, s
         assert all(v is not None for v in r["labels_used"].values()), r
     used = np.array([[r["labels_used"][k] for k in ("teff", "logg", "feh")] for r in res])
     np.testing.assert_allclose(used, want["labels_used"], rtol=1e-9)
+
+
+def test_signal_label_free_spectra_are_not_bounded(signal_server, survey_test):
+    """The signal-space model scores unlabelled spectra label-free at a labelled score's
+    cost: max_marginal (2 here) bounds only a full-space flow's optimisations."""
+    _, a = survey_test
+    three = {"spectra": [spectrum_json(a, i, labels=False) for i in range(3)]}
+    status, out = signal_server.post(three, query="?marginal=unlabelled")
+    assert status == 200, out
+    assert out["marginal"] == "unlabelled" and all(r["score"] is not None for r in out["results"])
+    info = json.loads(signal_server.request("GET", "/model")[1])
+    assert info["limits"]["max_marginal"] == MAX_SPECTRA
 
 
 def test_signal_arrow_bulk_matches_in_process(signal_server, signal_reference, survey_test):

@@ -43,6 +43,22 @@ def test_build_app_refuses_a_folder_that_was_not_scored(checkpoint, tmp_path):
         build_app({"checkpoint": str(checkpoint), "triage": str(tmp_path)})
 
 
+def test_default_label_free_mode_is_score_configs(triage_server):
+    """A server deployed without ``marginal`` scores an unlabelled spectrum label-free
+    when the request does not say, as ``mendis score`` does (ScoreConfig's default)."""
+    from mendis_ray.config import ScoreConfig
+
+    client, _ = triage_server
+    want = ScoreConfig().marginal
+    info = json.loads(client.request("GET", "/model")[1])
+    assert info["limits"]["marginal"] == want == "unlabelled"
+    n_pix = info["grid"]["n_pix"]
+    status, out = client.post({"spectra": [{"id": "a", "flux": [1.0] * n_pix}]})
+    assert status == 200 and out["marginal"] == want, out
+    (r,) = out["results"]
+    assert r["labelled"] is False and r["log_p_marginal"] is not None, r
+
+
 def test_verdict_endpoint_validates_and_bounds_input(triage_server):
     client, folder = triage_server
     status, body = client.request("GET", "/triage")

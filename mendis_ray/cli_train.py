@@ -1,0 +1,268 @@
+"""``mendis train`` and ``mendis tune``: the signal-space model (in-process, or a Ray Tune
+grid) and the paper's full-space flow (Ray Train, Ray Tune with ASHA).  Each command is a
+``cmd_*`` function and an ``add_*_parser``; :mod:`mendis_ray.cli` assembles them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mendis_ray.cli_data import print_table
+
+__all__ = ["add_train_parser", "add_tune_parser"]
+
+log = logging.getLogger("mendis_ray")
+
+
+def _ray_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="compact", choices=["tiny", "compact", "paper"])
+    p.add_argument("--n-units", type=int, default=None, help="flow units (default: preset's)")
+    p.add_argument("--hidden", type=int, default=None, help="conditioner width (preset's)")
+    p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
+    p.add_argument("--lr", type=float, default=None, help="default: the preset's")
+    p.add_argument("--linear-lr-scale", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=2, help="TorchTrainer workers (DDP ranks)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--snr", type=float, default=300.0, help="degrade the shards to this S/N")
+    p.add_argument(
+        "--no-label-scatter",
+        action="store_true",
+        help="keep the shards' labels (they are already observed labels)",
+    )
+    p.add_argument("--fixed-noise", action="store_true", help="the same noise every epoch")
+    p.add_argument("--storage", default=None, help="Ray Train / Tune storage path (default: "
+                   "OUT/ray_runs; s3:// or gs:// or NFS on a multi-node cluster)")  # fmt: skip
+    p.add_argument("--resume", default=None, help="run or checkpoint folder to resume from")
+    p.add_argument("--checkpoint-every", type=int, default=1)
+    p.add_argument("--max-failures", type=int, default=2)
+    p.add_argument("--minutes", type=float, default=None, help="training time limit")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+
+
+def _ray_train_configs(args: argparse.Namespace):
+    from mendis_ray.config import get_preset
+    from mendis_ray.distributed.data import DegradeConfig
+    from mendis_ray.distributed.train import RayTrainConfig
+
+    flow_cfg, train_cfg = get_preset(args.preset)
+    changes = {
+        k: v
+        for k, v in {
+            "epochs": args.epochs, "lr": args.lr, "linear_lr_scale": args.linear_lr_scale,
+            "batch_size": args.batch_size,
+        }.items()
+        if v is not None
+    }  # fmt: skip
+    train_cfg = train_cfg.replace(**changes)
+    arch = {k: v for k, v in {"n_units": args.n_units, "hidden": args.hidden}.items() if v}
+    if arch:
+        flow_cfg = flow_cfg.replace(name=f"{flow_cfg.name}-custom", **arch)
+    ray_cfg = RayTrainConfig(
+        num_workers=args.workers,
+        use_gpu=args.gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        storage_path=args.storage or str(Path(args.out) / "ray_runs"),
+        resume_from=args.resume,
+        checkpoint_every=args.checkpoint_every,
+        max_failures=args.max_failures,
+        degrade=DegradeConfig(
+            snr=args.snr,
+            label_scatter=None if args.no_label_scatter else DegradeConfig().label_scatter,
+            fresh_noise=not args.fixed_noise,
+        ),
+        time_limit_s=None if args.minutes is None else 60 * args.minutes,
+    )
+    return flow_cfg, train_cfg, ray_cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.model == "signal":
+        return cmd_train_signal(args)
+    from mendis_ray.distributed.session import ensure_ray
+    from mendis_ray.distributed.train import fit_reference, train_distributed, training_verdict
+    from mendis_ray.flow.checkpoint import save_checkpoint
+
+    flow_cfg, train_cfg, ray_cfg = _ray_train_configs(args)
+    ensure_ray(args.address)
+    res = train_distributed(args.data, args.out, flow_cfg, train_cfg, ray_cfg)
+    scorer = fit_reference(res.density, res.val_x, res.start_models.get("gaussian"))
+    start_val = res.start_val_log_prob.get(res.start, float("nan"))
+    verdict = training_verdict(res.history, start_val)
+    best = save_checkpoint(
+        Path(args.out) / "checkpoint", res.density, train_cfg,
+        metrics={"history": res.history, "start": res.start, **verdict}, extra=res.info,
+        extra_arrays=scorer.checkpoint_arrays(),
+    )  # fmt: skip
+    for h in res.history:
+        print(f"epoch {h['epoch']}: train log p {h['train_log_prob']:.1f}, "
+              f"val log p {h['val_log_prob']:.1f}, {h['samples_per_s']:.0f} spectra/s")  # fmt: skip
+    print(f"best checkpoint: {best}")
+    print(f"Ray Train run (resume with --resume): {res.run_dir}")
+    return _report_verdict(verdict, res.start, train_cfg)
+
+
+def _report_verdict(verdict: dict, start: str, train_cfg) -> int:
+    """Say plainly when the flow kept its Gaussian start, loudly when training diverged;
+    the exit status: 3 when it diverged and nothing improved on the start, else 0."""
+    if verdict["improved"]:
+        return 0
+    start_val = verdict["start_val_log_prob"]
+    kept = (f"the flow did not improve on its Gaussian start ({start}, validation log p "
+            f"{start_val:.1f}): the checkpoint holds that start")  # fmt: skip
+    if not verdict["diverged"]:
+        log.warning("%s", kept)
+        print(f"note: {kept}; it scores as that Gaussian (train longer, or use the default "
+              "signal-space model)")  # fmt: skip
+        return 0
+    log.warning("TRAINING DIVERGED: %s", kept)
+    print(
+        f"error: training diverged (the log p of the epochs above fell far below the start, "
+        f"lr {train_cfg.lr:g}, linear-lr-scale {train_cfg.linear_lr_scale:g}); {kept}. "
+        "Lower --lr or --linear-lr-scale and train again.", file=sys.stderr,
+    )  # fmt: skip
+    return 3
+
+
+def cmd_train_signal(args: argparse.Namespace) -> int:
+    """``mendis train --model signal``: the signal-space model, trained in this process
+    (a small flow on k + 3 dimensions; no Ray needed)."""
+    from mendis_ray.config import SignalConfig
+    from mendis_ray.train.signal import train_signal_checkpoint
+
+    changes = {
+        k: v
+        for k, v in {
+            "n_signal": args.k, "n_units": args.n_units, "hidden": args.hidden,
+            "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+            "seed": args.seed,
+        }.items()
+        if v is not None
+    }  # fmt: skip
+    cfg = SignalConfig().replace(**changes)
+    minutes = args.minutes
+    s = train_signal_checkpoint(
+        args.data if isinstance(args.data, list) else [args.data], args.out, cfg,
+        time_limit_s=None if minutes is None else 60 * minutes, show_progress=not args.quiet,
+    )  # fmt: skip
+    print(
+        f"\nsignal-space model: k = {s['k']} signal directions + 3 labels, {s['train_rows']} "
+        f"training / {s['val_rows']} validation spectra, {s['epochs']} epochs "
+        f"(best {s['best_epoch']}) in {s['seconds']:.1f} s"
+    )
+    print(
+        f"validation log q (flow coordinates): {s['initial_val_log_q']:.2f} at the start -> "
+        f"{s['best_val_log_q']:.2f}; mean total log p {s['val_log_p']:.1f} nats per spectrum"
+    )
+    print(f"checkpoint: {s['checkpoint']}")
+    return 0
+
+
+def _csv(text: str | None, kind: type, default: str | None = None) -> tuple | None:
+    """``"1,2"`` -> (1, 2) of ``kind`` (``default`` when ``text`` is None; None if both are)."""
+    text = default if text is None else text
+    return None if text is None else tuple(kind(x) for x in text.split(",") if x.strip())
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    if args.model == "signal":
+        return cmd_tune_signal(args)
+    from mendis_ray.distributed.session import ensure_ray
+    from mendis_ray.distributed.tune import TuneConfig, tune_flow
+
+    flow_cfg, train_cfg, ray_cfg = _ray_train_configs(args)
+    tune_cfg = TuneConfig(
+        lr=_csv(args.lrs, float, "1e-4,3e-4"),
+        n_units=_csv(args.units, int, "2,4"),
+        max_concurrent_trials=args.concurrent,
+    )
+    ensure_ray(args.address)
+    res = tune_flow(args.data, args.out, flow_cfg, train_cfg, ray_cfg, tune_cfg)
+    print_table(res.trials, ["lr", "n_units", "best_val_log_prob", "epochs", "status"])
+    print(f"best: lr {res.best['lr']:g}, {res.best['n_units']} units")
+    print(f"trials: {res.out / 'trials.csv'}")
+    print(f"best checkpoint: {res.best_checkpoint}")
+    return 0
+
+
+def cmd_tune_signal(args: argparse.Namespace) -> int:
+    """``mendis tune --model signal``: a Ray Tune grid over k x depth (x lr) of the
+    signal-space model, ranked by the validation log p of the total model."""
+    from mendis_ray.config import SignalConfig
+    from mendis_ray.distributed.session import ensure_ray
+    from mendis_ray.distributed.tune import SignalTuneConfig, tune_signal
+
+    changes = {
+        k: v
+        for k, v in {
+            "hidden": args.hidden, "epochs": args.epochs, "lr": args.lr,
+            "batch_size": args.batch_size,
+        }.items()
+        if v is not None
+    }  # fmt: skip
+    cfg = SignalConfig().replace(**changes)
+    tune_cfg = SignalTuneConfig(
+        ks=_csv(args.ks, int), n_units=_csv(args.units, int, "4,6"), lr=_csv(args.lrs, float),
+        cpus_per_trial=args.cpus_per_trial, max_concurrent_trials=args.concurrent,
+        time_limit_s=None if args.minutes is None else 60 * args.minutes,
+        storage_path=args.storage or str(Path(args.out) / "ray_runs"),
+    )  # fmt: skip
+    ensure_ray(args.address)
+    res = tune_signal(args.data, args.out, cfg, tune_cfg)
+    rows = [{**t, "lr": f"{t['lr']:g}"} for t in res.trials]
+    print_table(rows, ["k", "n_units", "lr", "val_log_p", "val_log_q", "epochs", "status"])
+    b = res.best
+    print(f"best: k {b['k']}, {b['n_units']} units, lr {b['lr']:g}: validation log p "
+          f"{b['val_log_p']:.1f} nats per spectrum (total model)")  # fmt: skip
+    print(f"trials: {res.out / 'trials.csv'}")
+    print(f"best checkpoint: {res.best_checkpoint}")
+    return 0
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """``mendis train DATA --out DIR``: the signal-space model or the full-space flow."""
+    t = sub.add_parser(
+        "train", help="train a model on shards: the signal-space model (default, in-process) "
+        "or the paper's full-space flow (--model flow, Ray Train)",
+    )  # fmt: skip
+    t.add_argument("data", help="training shards (a folder; for --model flow the last shards "
+                   "validate, for --model signal a seeded random 10%%)")  # fmt: skip
+    t.add_argument("--out", required=True, help="output folder (checkpoint, init checkpoint)")
+    t.add_argument(
+        "--model", choices=["signal", "flow"], default="signal",
+        help="signal: flow on the signal coordinates + calibrated residual (the benchmark's "
+        "best); flow: the paper's flow on all pixels with Ray Train",
+    )  # fmt: skip
+    t.add_argument("--k", type=int, default=None, help="signal directions (default: automatic)")
+    t.add_argument("--seed", type=int, default=None, help="signal model: seed (0)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _ray_train_args(t)
+    t.set_defaults(func=cmd_train)
+
+
+def add_tune_parser(sub: argparse._SubParsersAction) -> None:
+    """``mendis tune DATA --out DIR``: Ray Tune over the signal-space model or the flow."""
+    u = sub.add_parser(
+        "tune", help="Ray Tune: signal directions k x depth of the signal-space model "
+        "(default), or learning rate x depth of the full-space flow with ASHA (--model flow)",
+    )  # fmt: skip
+    u.add_argument("data", help="training shards")
+    u.add_argument("--out", required=True, help="output folder (trial table, best checkpoint)")
+    u.add_argument(
+        "--model", choices=["signal", "flow"], default="signal",
+        help="signal: grid over --ks x --units (x --lrs), trials ranked by the validation log "
+        "p of the total model; flow: the full-space flow, --lrs x --units with ASHA",
+    )  # fmt: skip
+    _ray_train_args(u)
+    u.add_argument("--ks", default="5,10,20", help="signal: comma-separated numbers of signal "
+                   "directions k")  # fmt: skip
+    u.add_argument("--lrs", default=None, help="comma-separated learning rates (flow: default "
+                   "1e-4,3e-4; signal: default not searched, --lr or 1e-3)")  # fmt: skip
+    u.add_argument("--units", default=None, help="comma-separated numbers of flow units "
+                   "(default: flow 2,4; signal 4,6)")  # fmt: skip
+    u.add_argument("--cpus-per-trial", type=float, default=0.5, help="signal: CPUs per trial")
+    u.add_argument("--concurrent", type=int, default=1, help="trials at once")
+    u.set_defaults(func=cmd_tune)

@@ -1,0 +1,146 @@
+"""The driver-side outputs of a catalog run (no Ray here): ranking, explained outlier
+tables, triage page, gallery and ``summary.json``.
+
+:func:`mendis_ray.distributed.infer.score_catalog` writes ``out/scores/`` on its actor
+pool, then calls :func:`write_catalog_outputs`, which reads the scores back and writes::
+
+    out/top_outliers.{csv,parquet}   the ``top_n`` most outlying rows, ``rank`` 1 first,
+                                     with ``flag_names``, explanations and verdicts
+    out/scores.fits, out/top_outliers.fits, out/explain_*.csv   (science.explained)
+    out/triage.html                  with ``html`` (an earlier run's is removed otherwise)
+    out/gallery.png                  the first ``gallery_n`` outliers beside their nearest
+                                     typical spectra (among the ``n_typical`` most typical
+                                     unflagged rows), with the residual
+    out/summary.json                 rows, seconds, spectra/s, actor pool, files, timings
+
+**Ranking** (``rank_by``, ``flags_first``) is :mod:`mendis_ray.science.ranking`'s, the
+gallery and its typical neighbours :mod:`mendis_ray.science.gallery`'s.  Every file is
+written under a temporary name and renamed (:mod:`mendis_ray.atomic`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mendis_ray.atomic import write_json_atomic
+from mendis_ray.config import ScoreConfig
+from mendis_ray.science.explained import write_outputs
+from mendis_ray.science.gallery import explain_against_typical, make_gallery, shard_wavelength
+from mendis_ray.science.ranking import rank_outliers, read_ranking, top_table, typical_rows
+
+__all__ = ["write_catalog_outputs"]
+
+
+def write_catalog_outputs(
+    scores_dir: Path, out: Path, shards, cfg: ScoreConfig, *, checkpoint: Path,
+    fits_files: list, pool: dict, resources: dict, verdicts: dict, t_start: float,
+    timings: dict,
+) -> dict:  # fmt: skip
+    """Rank the scores in ``scores_dir`` (every row of the checked ``shards``), write the
+    outlier tables, triage page and gallery of ``cfg`` into ``out``, then
+    ``out/summary.json``; returns the summary (its ``seconds`` counted from ``t_start``;
+    ``pool``: the actor pool, ``resources``: the cluster's, ``verdicts``: the stored
+    verdicts carried into the tables)."""
+    run = {"checkpoint": str(checkpoint), "grid": shards.grid, "rank_by": cfg.rank_by,
+           "rows": shards.n_rows}  # fmt: skip
+    ranking, top, typical, files = _write_outliers(
+        scores_dir, out, shards, cfg, timings, run, verdicts
+    )
+    gallery = _write_gallery(top, typical, shards, out, cfg.gallery_n, timings)
+    summary = _summary(
+        checkpoint, shards, fits_files, out, scores_dir, ranking, top, gallery, resources,
+        time.perf_counter() - t_start, timings, files, actors=pool, batch_size=cfg.batch_size,
+        marginal=cfg.marginal, rank_by=cfg.rank_by, flags_first=cfg.flags_first,
+    )  # fmt: skip
+    summary["verdicts"] = len(verdicts)
+    write_json_atomic(summary, out / "summary.json")
+    return summary
+
+
+def _write_outliers(
+    scores_dir: Path, out: Path, shards, cfg: ScoreConfig, timings: dict, run: dict,
+    verdicts: dict,
+) -> tuple[pa.Table, pa.Table, pa.Table, dict]:  # fmt: skip
+    """Rank the scores, explain the top rows against their nearest typical spectra and
+    write the explained outputs (:func:`~mendis_ray.science.explained.write_outputs`:
+    ``top_outliers.*`` with explanations and ``verdicts``, ``scores.fits``, ...) and, with
+    ``cfg.html``, the triage page (else remove an earlier run's).  Returns (ranking columns,
+    top table, typical rows, the written files plus ``explained``: their row count)."""
+    t0 = time.perf_counter()
+    ranking = read_ranking(scores_dir, cfg.rank_by)
+    top_idx = rank_outliers(ranking, rank_by=cfg.rank_by, flags_first=cfg.flags_first)
+    top_idx = top_idx[: cfg.top_n]
+    top = top_table(scores_dir, ranking, top_idx)
+    timings["rank_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    typical_idx = typical_rows(ranking, cfg.n_typical, exclude=top_idx[: cfg.gallery_n])
+    typical = ranking.take(pa.array(typical_idx, pa.int64()))
+    explained = explain_against_typical(top, typical, shards.files, shards.n_pix, shards.grid)
+    wl, xlabel = shard_wavelength(shards.files, shards.n_pix)
+    files = write_outputs(out, explained, pq.read_table(scores_dir), wl, xlabel, run, verdicts)
+    top = pq.read_table(out / "top_outliers.parquet")  # with explanations and verdicts
+    timings["explain_s"] = time.perf_counter() - t0
+    page = None
+    if cfg.html:
+        from mendis_ray.triage.page import write_page
+
+        page = write_page(out)
+    else:
+        (out / "triage.html").unlink(missing_ok=True)  # an earlier run's would not match
+    files |= {"triage_html": None if page is None else str(page)}
+    return ranking, top, typical, {**files, "explained": explained.top.num_rows}
+
+
+def _write_gallery(
+    top: pa.Table, typical: pa.Table, shards, out: Path, gallery_n: int, timings: dict
+) -> Path | None:
+    """``out/gallery.png`` of the first ``gallery_n`` top rows (or remove an earlier
+    run's where none is asked for)."""
+    if gallery_n == 0 or not top.num_rows:
+        (out / "gallery.png").unlink(missing_ok=True)  # an earlier run's would not match
+        return None
+    t0 = time.perf_counter()
+    gallery = make_gallery(
+        top.slice(0, gallery_n), typical, shards.files, shards.n_pix, out / "gallery.png"
+    )
+    timings["gallery_s"] = time.perf_counter() - t0
+    return gallery
+
+
+def _summary(
+    checkpoint, shards, fits_files, out, scores_dir, ranking, top, gallery, resources,
+    seconds: float, timings: dict, explained_files: dict, **settings,
+) -> dict:  # fmt: skip
+    """The ``summary.json`` content of a run (``settings``: the pool and ranking options;
+    ``explained_files``: the explained outputs' paths, ``explained``: their row count)."""
+    explained_files = dict(explained_files)
+    n_explained = explained_files.pop("explained")
+    return {
+        "checkpoint": str(checkpoint),
+        "grid": {k: v for k, v in shards.grid.items() if k != "wavelength"},
+        "rows": shards.n_rows,
+        "distinct_ids": int(pc.count_distinct(ranking.column("id")).as_py()),
+        "flagged": int(pc.sum(pc.not_equal(ranking.column("flags"), 0)).as_py() or 0),
+        "seconds": seconds,
+        "spectra_per_s": shards.n_rows / seconds,
+        "scoring_spectra_per_s": shards.n_rows / timings["score_s"],
+        "timings": timings,
+        **settings,
+        "top_n": top.num_rows,
+        "cluster_resources": {k: v for k, v in resources.items() if k in ("CPU", "GPU")},
+        "files": {
+            "inputs": [str(f) for f in shards.files],
+            "fits": [str(f) for f in fits_files],
+            "scores": sorted(str(p) for p in scores_dir.glob("*.parquet")),
+            "top_csv": str(out / "top_outliers.csv"),
+            "top_parquet": str(out / "top_outliers.parquet"),
+            "gallery": None if gallery is None else str(gallery),
+            **explained_files,
+        },
+        "explained": n_explained,
+    }
