@@ -3,11 +3,13 @@ noise augmentation, side by side: does it rank the same stars alike at S/N 1000 
 
     python bench/bench_single_snr.py            # 4,000 training stars (~5 min on 2 cores)
     python bench/bench_single_snr.py --n 1500   # smaller
+    python bench/bench_single_snr.py --n 20000  # the paper's training-set size (~6 min)
 
 With a single training S/N, a star's noise level (the flow's context) varies only through
 its line depths, so without augmentation the flow learns the noise level as a proxy for
 the star's content, and a cleaner spectrum noised down to the training S/N carries a noise
-level that contradicts its content.  Writes ``bench/results/single_snr.json``.
+level that contradicts its content.  Writes ``bench/results/single_snr.json`` (with ``--n``
+other than 4,000: ``single_snr_n<N>.json``).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def main() -> None:
         print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])
                                 for c in cols) + " |")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "single_snr.json"
+    out = RESULTS / ("single_snr.json" if args.n == 4000 else f"single_snr_n{args.n}.json")
     out.write_text(json.dumps({"n_train": args.n, "rows": rows}, indent=1, default=float))
     print(f"wrote {out}")
 

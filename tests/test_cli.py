@@ -93,3 +93,18 @@ def test_job_configs_parse_and_keep_their_models(preset):
     }
     assert parsed["train"].model == "flow" and parsed["tune"].model == "flow"
     assert parsed["tune"].lrs and parsed["tune"].units
+
+
+def test_demo_offers_only_presets_that_fit_its_spectra(capsys):
+    """The demo's spectra have 2,405 pixels; the 16-pixel test preset is refused by the
+    parser (before Ray starts), the others are offered."""
+    from mendis_ray.cli import build_parser
+    from mendis_ray.config import get_preset
+
+    parser = build_parser()
+    with pytest.raises(SystemExit) as err:
+        parser.parse_args(["demo", "--preset", "tiny"])
+    assert err.value.code == 2 and "invalid choice: 'tiny'" in capsys.readouterr().err
+    for name in ("compact", "paper"):
+        assert parser.parse_args(["demo", "--preset", name]).preset == name
+        assert get_preset(name)[0].n_pix == 2405

@@ -279,3 +279,58 @@ def test_label_free_score_is_per_row_not_per_batch(trained) -> None:
             np.testing.assert_allclose(batch[key][:4], want, rtol=1e-5, atol=1e-4, err_msg=key)
         want = np.array([a["labels_used"][0] for a in alone])
         np.testing.assert_allclose(batch["labels_used"][:4], want, rtol=1e-5)
+
+
+def test_fast_pixel_statistics_equal_their_definitions() -> None:
+    """The blocked residual scan, the partitioned S/N and match_noise's counting pre-filter
+    give exactly what their plain definitions give (masked, infinite, negative ivar)."""
+    from types import SimpleNamespace
+
+    from mendis_ray.science.signal_scores import SCALES, match_noise, residual_statistics, star_snr
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((23, 300)).astype(np.float32)
+    w[[0, 5, 6], 40:90] = 0  # masked runs in rows 0-7 only: blocks of both kinds
+    proj = SimpleNamespace(wres=w, chi2=(w.astype(np.float64) ** 2).sum(1), dof=np.full(23, 290))
+    got = residual_statistics(SimpleNamespace(proj=proj), rows=4)
+    cw = np.concatenate([np.zeros((23, 1), np.float32), np.cumsum(w, 1)], 1)
+    cg = np.concatenate([np.zeros((23, 1), np.float32), np.cumsum(w != 0, 1, dtype=np.float32)], 1)
+    for j, s in enumerate(SCALES):
+        want = np.abs((cw[:, s:] - cw[:, :-s]) / np.sqrt(np.maximum(cg[:, s:] - cg[:, :-s], 1)))
+        np.testing.assert_array_equal(got[:, 1 + j], want.max(1))
+    # S/N: median of sqrt(ivar) over good pixels, against numpy's nanmedian
+    ivar = rng.uniform(50, 400, (40, 301)) ** 2
+    ivar[::4, :100] = 0.0
+    ivar[1, 5], ivar[2, 6], ivar[3, 7], ivar[5, :] = np.inf, -1.0, 2e11, 0.0
+    good = (ivar > 0) & np.isfinite(ivar) & (ivar < 1e11)
+    want = np.nan_to_num(np.nanmedian(np.sqrt(np.where(good, ivar, np.nan).astype(np.float32)), 1))
+    np.testing.assert_allclose(star_snr(np.ones_like(ivar), ivar), want, rtol=1e-6)
+    # the pre-filter never drops a row whose S/N is above the limit (ties at the limit too)
+    limit = float(np.median(want[want > 0]))
+    ivar[7] = np.r_[np.full(150, (limit * 1.01) ** 2), np.full(151, (limit * 0.995) ** 2)]
+    ivar[8] = np.r_[np.full(151, (limit * 1.01) ** 2), np.full(150, (limit * 0.995) ** 2)]
+    flux = 1 + 0.01 * rng.standard_normal(ivar.shape)
+    f, _ = match_noise(flux, ivar, limit)
+    changed = np.flatnonzero((f != flux).any(1))
+    assert 8 in changed and 7 not in changed
+    np.testing.assert_array_equal(changed, np.flatnonzero(star_snr(flux, ivar) > limit))
+
+
+def test_scores_do_not_depend_on_chunking_or_threads(trained) -> None:
+    import torch
+
+    data, ckpt = trained
+    scorer = load_scorer(ckpt)
+    te = _arrays(data, "test")
+    ref = scorer.score(te.flux, te.ivar, te.labels)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = scorer.score(te.flux, te.ivar, te.labels, chunk=37)  # several threaded chunks
+        torch.set_num_threads(1)
+        one = scorer.score(te.flux, te.ivar, te.labels, chunk=37)
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("score", "signal_score", "residual_score", "flags", "percentile"):
+        np.testing.assert_array_equal(two[key], one[key], err_msg=key)
+        np.testing.assert_allclose(two[key], ref[key], rtol=0, atol=1e-3, err_msg=key)

@@ -207,6 +207,11 @@ def ensure_ray(
     return ray.cluster_resources()
 
 
+def embedded_cluster() -> bool:
+    """Whether this process started the Ray it uses (one machine, loopback only)."""
+    return _EMBEDDED["started"]
+
+
 def shutdown_embedded_ray() -> None:
     """Stop the embedded cluster this process started (GCS, raylet, workers, dashboard and
     runtime-env agents): call on Ctrl-C or failure, so nothing is left running or

@@ -49,6 +49,7 @@ from mendis_ray.distributed.data import (
     split_files,
     standardize,
 )
+from mendis_ray.distributed.torch_group import torch_config
 from mendis_ray.distributed.worker import MODEL_DIR, train_loop_per_worker
 from mendis_ray.flow.checkpoint import load_checkpoint, save_checkpoint
 from mendis_ray.flow.density import SpectrumDensity
@@ -341,6 +342,7 @@ def _make_trainer(
         ),
         datasets={"train": prep.data.train_ds, "val": prep.data.val_ds},
         dataset_config=DataConfig(datasets_to_split=["train", "val"]),
+        torch_config=torch_config(),  # loopback-only process group in the embedded Ray
     )
 
 

@@ -210,13 +210,22 @@ class SignalBasis:
             -0.5 * chi2
             - 0.5 * (log_d.sum(axis=1, dtype=np.float64) + n_good * _LOG_2PI)
             + 0.5 * (logdet_c + k * _LOG_2PI)
-            - good.astype(np.float64) @ np.log(self.scale)
+            - self._log_scale_sum(good, n_good)
         )
         frac = (lam @ self._float32("intrinsic")) / np.maximum(n_good, 1)
         proj = Projection(s, cov, chi2, np.maximum(n_good - k, 1), log_resid, n_good, frac)
         if keep_residual:
             proj.wres = wres
         return proj
+
+    def _log_scale_sum(self, good: np.ndarray, n_good: np.ndarray) -> np.ndarray:
+        """sum of log(scale) over each star's good pixels (n,) (float64): the constant
+        for complete spectra, a product only for the rows with masked pixels."""
+        log_scale = np.log(self.scale)
+        out = np.full(len(good), log_scale.sum())
+        part = np.flatnonzero(n_good < good.shape[1])
+        out[part] = good[part].astype(np.float64) @ log_scale
+        return out
 
     def residuals(self, flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
         """Standardized residuals z - U s_hat (n, p) (0 at masked pixels)."""

@@ -42,6 +42,7 @@ from __future__ import annotations
 import os
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,7 +122,14 @@ def match_noise(
     and a cleaner spectrum would otherwise be compared with noisier references.  The noise
     of each row is seeded by a hash of its own flux, so a spectrum scores the same alone
     and in any batch.  Other rows are returned unchanged."""
-    snr = star_snr(flux, ivar)
+    # a median of sqrt(ivar) above snr_max needs at least cnt - cnt // 2 good pixels above
+    # it: one counting pass rules out most rows before the exact (sorting) median
+    good = (ivar > 0) & (ivar < 1e11)  # as in star_snr (NaN and inf compare False)
+    cnt = good.sum(axis=1)
+    above = (good & (ivar > (snr_max * (1 - 1e-6)) ** 2)).sum(axis=1)
+    cand = np.flatnonzero(above >= cnt - np.minimum(cnt // 2, ivar.shape[1] - 1))
+    snr = np.zeros(len(flux))
+    snr[cand] = star_snr(flux[cand], ivar[cand])
     rows = np.flatnonzero(snr > snr_max)
     if rows.size == 0:
         return flux, ivar
@@ -308,6 +316,16 @@ class SignalScorer:
         flux_range = out_range.sum(1) > 0.01 * np.maximum(good.sum(1), 1)
         return _Pixels(c, stats, labels, labelled, nonfinite, flux_range, flux.shape[1])
 
+    def _pixel_passes(self, flux, ivar, labels, spans: list[slice]) -> list[_Pixels]:
+        """:meth:`_pixel_pass` of each chunk, on as many threads as torch may use (numpy
+        releases the GIL in its array loops; the chunks are independent, so the result
+        does not depend on the thread count)."""
+        workers = min(torch.get_num_threads(), len(spans))
+        if workers <= 1:
+            return [self._pixel_pass(flux[i], ivar[i], labels[i]) for i in spans]
+        with ThreadPoolExecutor(workers, thread_name_prefix="mendis-pixels") as pool:
+            return list(pool.map(lambda i: self._pixel_pass(flux[i], ivar[i], labels[i]), spans))
+
     def _tails(self, px: _Pixels) -> tuple[np.ndarray, ...]:
         """log q, label estimates (label-free rows), signal / residual / combined tails."""
         m, r, c, labelled = self.model, self.ref, px.c, px.labelled
@@ -340,7 +358,7 @@ class SignalScorer:
         ivar = np.ones(flux.shape, np.float32) if ivar is None else np.asarray(ivar)
         labels = np.full((len(flux), 3), np.nan) if labels is None else np.asarray(labels)
         spans = [slice(a, a + chunk) for a in range(0, len(flux), chunk)] or [slice(0, 0)]
-        px = _Pixels.concat([self._pixel_pass(flux[i], ivar[i], labels[i]) for i in spans])
+        px = _Pixels.concat(self._pixel_passes(flux, ivar, labels, spans))
         m, c, labelled = self.model, px.c, px.labelled
         with np.errstate(all="ignore"):
             lq, est, sig, res, comb = self._tails(px)
