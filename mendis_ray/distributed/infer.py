@@ -115,7 +115,7 @@ class CatalogScorer:
     ) -> None:
         import torch
 
-        from mendis_ray.science.signal_scores import SignalScorer, load_scorer
+        from mendis_ray.science.signal_scores import load_scorer
 
         t0 = time.perf_counter()
         torch.set_num_threads(max(1, int(num_threads)))
@@ -127,8 +127,6 @@ class CatalogScorer:
         self.scorer = load_scorer(
             checkpoint, device=device, expect_grid=grid, **(scorer_kwargs or {})
         )
-        # a signal-space scorer reads the pixels in chunks, one per torch thread at a time
-        self.threads = torch.get_num_threads() if isinstance(self.scorer, SignalScorer) else 1
         self.load_seconds = time.perf_counter() - t0
         log.info(
             "actor %d: loaded %s on %s (%d torch threads) in %.1f s",
@@ -139,12 +137,8 @@ class CatalogScorer:
         """Scores of one batch of spectra (a table with the shard columns and ``path``):
         the batch's scalar columns plus one column per score (see the module doc)."""
         flux, ivar, labels = spectra_of(batch, self.n_pix)  # (n, n_pix), (n, n_pix), (n, 3)
-        n = max(1, batch.num_rows)
-        # signal-space model: the batch in one chunk per thread, so an actor with several
-        # threads uses them (the scores do not depend on the chunking)
-        chunk = {"chunk": -(-n // self.threads)} if self.threads > 1 else {}
         scores = self.scorer.score(
-            flux, ivar, labels, marginal=self.marginal, batch_size=n, **chunk
+            flux, ivar, labels, marginal=self.marginal, batch_size=max(1, batch.num_rows)
         )
         return scores_table(batch, scores)
 
