@@ -174,11 +174,25 @@ class SignalBasis:
             hit = self._f32[name] = (src, copy)
         return hit[1]
 
-    def _weights(self, flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _weights(
+        self, flux: np.ndarray, ivar: np.ndarray, clean: bool = False
+    ) -> tuple[np.ndarray, ...]:
         """Standardized flux z, weights L = 1 / (noise + intrinsic) and the good-pixel
-        mask, (n, p) each; float32 (the (n, p) passes dominate the cost of scoring)."""
-        good = _good(flux, ivar)
+        mask, (n, p) each; float32 (the (n, p) passes dominate the cost of scoring).
+        ``clean``: the caller guarantees float32 arrays, finite values, ivar >= 0 and flux
+        = mean where ivar = 0 (the scorer's cleaned input); then masked pixels get z = 0
+        and L = 0 from the formulas themselves (1 / inf), the same values in fewer passes."""
         scale = self._float32("scale")
+        if clean:
+            good = ivar > 0
+            with np.errstate(divide="ignore"):
+                noise = (1 / ivar) / scale**2  # inf where masked
+            if (ivar > _MAX_IVAR).any():
+                noise = np.where(ivar > _MAX_IVAR, np.float32(0), noise)
+            lam = 1 / (noise + self._float32("intrinsic"))  # 0 where masked
+            z = (flux - self._float32("mean")) / scale  # 0 where masked (flux = mean)
+            return z, lam, good
+        good = _good(flux, ivar)
         iv = np.where(good, ivar, 1.0).astype(np.float32)
         noise = np.where(iv > _MAX_IVAR, np.float32(0), 1 / iv) / scale**2
         lam = np.where(good, 1 / (noise + self._float32("intrinsic")), np.float32(0))
@@ -187,12 +201,14 @@ class SignalBasis:
         return z, lam, good
 
     def project(
-        self, flux: np.ndarray, ivar: np.ndarray, keep_residual: bool = False
-    ) -> Projection:
+        self, flux: np.ndarray, ivar: np.ndarray, keep_residual: bool = False,
+        clean: bool = False,
+    ) -> Projection:  # fmt: skip
         """GLS signal coordinates, their covariance, residual chi^2 and the residual part of
         the exact log density, for ``flux``, ``ivar`` (n, p).  ``keep_residual`` also keeps
-        the standardized residual (z - U s_hat) sqrt(L) (n, p) as ``Projection.wres``."""
-        z, lam, good = self._weights(flux, ivar)
+        the standardized residual (z - U s_hat) sqrt(L) (n, p) as ``Projection.wres``;
+        ``clean``: see :meth:`_weights`."""
+        z, lam, good = self._weights(flux, ivar, clean)
         k = self.k
         u32 = self._float32("basis")
         uu = self._float32("uu")  # (p, k*k)
@@ -205,7 +221,7 @@ class SignalBasis:
         chi2 = np.einsum("ij,ij->i", wres, wres, dtype=np.float64)
         n_good = good.sum(axis=1)
         logdet_c = -2 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
-        log_d = np.where(good, -np.log(np.where(good, lam, np.float32(1))), np.float32(0))
+        log_d = -np.log(np.where(good, lam, np.float32(1)))  # -log L; 0 where masked
         log_resid = (
             -0.5 * chi2
             - 0.5 * (log_d.sum(axis=1, dtype=np.float64) + n_good * _LOG_2PI)
