@@ -48,6 +48,10 @@ class SignalConditional:
         return float(np.nanmax(self.mcmc.rhat))
 
 
+#: fraction of independence-MH proposals from the broad (defensive) component
+DEFENSIVE = 0.1
+
+
 def signal_conditional(
     model: SignalSpaceModel,
     labels: tuple[float, float, float],
@@ -106,13 +110,24 @@ def independence_mh(
 ) -> ConditionalSamples:  # fmt: skip
     """Independence Metropolis-Hastings for the signal coordinates given labels ``y0``:
     proposals from a Gaussian kernel density of :func:`_near_draws` (chains jump between
-    modes), accepted against the flow's exact log q(s, y0 | cleanest noise level)."""
+    modes), accepted against the flow's exact log q(s, y0 | cleanest noise level).
+
+    A fraction ``DEFENSIVE`` of the proposals comes from a broad Gaussian (the draws' mean,
+    twice their spread): a defensive mixture (Hesterberg 1995), so that the target's tails
+    beyond the kernel density are proposed too and a chain that reached them is not stuck
+    there (with the kernel density alone, its ratio q / proposal is unbounded)."""
     rng = np.random.default_rng(seed)
     near = _near_draws(model, y0, ctx, seed, n_draw, n_near=max(200, n_draw // 100))
     n, k = near.shape
     h2 = (4 / (k + 2) / n) ** (2 / (k + 4))  # Silverman's bandwidth factor, squared
-    chol = np.linalg.cholesky(h2 * np.cov(near.T) + 1e-9 * np.eye(k))
+    cov = np.cov(near.T) + 1e-9 * np.eye(k)
+    chol = np.linalg.cholesky(h2 * cov)
     inv = np.linalg.inv(chol)
+    wide = np.linalg.cholesky(4.0 * cov)  # the broad component: twice the draws' spread
+    wide_inv, center = np.linalg.inv(wide), near.mean(axis=0)
+    # log densities of the two components up to the same constant (2 pi)^(-k/2)
+    log_kde_norm = -np.log(n) - np.log(np.diag(chol)).sum()
+    log_wide_norm = -np.log(np.diag(wide)).sum()
     y0t = torch.from_numpy(np.tile(y0, (n_chains, 1)).astype(np.float32))
 
     def log_target(x: np.ndarray) -> np.ndarray:
@@ -120,12 +135,18 @@ def independence_mh(
         with torch.no_grad():
             return model.flow.log_prob(v, ctx.expand(len(v), 1)).double().numpy()
 
-    def log_prop(x: np.ndarray) -> np.ndarray:  # the kernel density, up to a constant
+    def log_prop(x: np.ndarray) -> np.ndarray:  # the mixture density, up to a constant
         w = (x[:, None, :] - near[None]) @ inv.T  # (c, n, k)
-        return logsumexp(-0.5 * (w**2).sum(-1), axis=1)
+        kde = logsumexp(-0.5 * (w**2).sum(-1), axis=1) + log_kde_norm
+        v = (x - center) @ wide_inv.T  # (c, k)
+        broad = -0.5 * (v**2).sum(-1) + log_wide_norm
+        return np.logaddexp(np.log1p(-DEFENSIVE) + kde, np.log(DEFENSIVE) + broad)
 
     def draw() -> np.ndarray:
-        return near[rng.integers(0, n, n_chains)] + rng.standard_normal((n_chains, k)) @ chol.T
+        eps = rng.standard_normal((n_chains, k))
+        local = near[rng.integers(0, n, n_chains)] + eps @ chol.T
+        broad = rng.random(n_chains) < DEFENSIVE
+        return np.where(broad[:, None], center + eps @ wide.T, local)
 
     x = draw()
     lt, lp = log_target(x), log_prop(x)

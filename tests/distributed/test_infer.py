@@ -282,7 +282,10 @@ def test_signal_checkpoint_scores_in_batches_of_its_kind(
         col = np.stack([got.column(c).to_numpy(zero_copy_only=False)[order] for c in cols], 1)
         col = col.reshape(np.shape(values))
         if np.asarray(values).dtype.kind == "f":
-            np.testing.assert_allclose(col, values, rtol=1e-6, atol=1e-9, err_msg=name)
+            # the flow runs in float32: rows batched differently (actor batches per shard,
+            # one thread vs the test's two) differ in the last bits, ~2e-6 here; the
+            # documented bound for batch companions is ood.BATCH_TOLERANCE (2e-3)
+            np.testing.assert_allclose(col, values, rtol=1e-6, atol=1e-5, err_msg=name)
         else:
             np.testing.assert_array_equal(col, values, err_msg=name)
 
