@@ -13,6 +13,7 @@ def test_train_workers_listen_on_loopback_only(ray_session, tmp_path):
 
     from mendis_ray.distributed.session import embedded_cluster, is_loopback
     from mendis_ray.distributed.torch_group import LoopbackTorchConfig, torch_config
+    from mendis_ray.distributed.train import _fit_and_release
 
     assert embedded_cluster() and isinstance(torch_config(), LoopbackTorchConfig)
 
@@ -46,7 +47,9 @@ def test_train_workers_listen_on_loopback_only(ray_session, tmp_path):
         run_config=RunConfig(name="loopback", storage_path=str(tmp_path)),
         torch_config=torch_config(),
     )
-    trainer.fit()
+    # fit and release the controller, as the product does: a plain fit() leaves Ray Train's
+    # controller alive for the rest of the session (test_train checks none is left)
+    _fit_and_release(trainer)
     per_worker = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [w["sum"] for w in per_worker] == [2.0, 2.0]
     assert all(w["sockets"] for w in per_worker), per_worker
