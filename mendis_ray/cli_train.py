@@ -43,20 +43,20 @@ def _ray_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
 
 
+def _given(args: argparse.Namespace, **fields: str) -> dict:
+    """{config field: option value} for the options the user gave (``fields`` maps a
+    config field to its argparse attribute; options left at None are not overrides)."""
+    return {f: getattr(args, a) for f, a in fields.items() if getattr(args, a) is not None}
+
+
 def _ray_train_configs(args: argparse.Namespace):
     from mendis_ray.config import get_preset
     from mendis_ray.distributed.data import DegradeConfig
     from mendis_ray.distributed.train import RayTrainConfig
 
     flow_cfg, train_cfg = get_preset(args.preset)
-    changes = {
-        k: v
-        for k, v in {
-            "epochs": args.epochs, "lr": args.lr, "linear_lr_scale": args.linear_lr_scale,
-            "batch_size": args.batch_size,
-        }.items()
-        if v is not None
-    }  # fmt: skip
+    changes = _given(args, epochs="epochs", lr="lr", linear_lr_scale="linear_lr_scale",
+                     batch_size="batch_size")  # fmt: skip
     train_cfg = train_cfg.replace(**changes)
     arch = {k: v for k, v in {"n_units": args.n_units, "hidden": args.hidden}.items() if v}
     if arch:
@@ -133,15 +133,8 @@ def cmd_train_signal(args: argparse.Namespace) -> int:
     from mendis_ray.config import SignalConfig
     from mendis_ray.train.signal import train_signal_checkpoint
 
-    changes = {
-        k: v
-        for k, v in {
-            "n_signal": args.k, "n_units": args.n_units, "hidden": args.hidden,
-            "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-            "seed": args.seed,
-        }.items()
-        if v is not None
-    }  # fmt: skip
+    changes = _given(args, n_signal="k", n_units="n_units", hidden="hidden", epochs="epochs",
+                     lr="lr", batch_size="batch_size", seed="seed")  # fmt: skip
     cfg = SignalConfig().replace(**changes)
     minutes = args.minutes
     s = train_signal_checkpoint(
@@ -195,14 +188,7 @@ def cmd_tune_signal(args: argparse.Namespace) -> int:
     from mendis_ray.distributed.session import ensure_ray
     from mendis_ray.distributed.tune import SignalTuneConfig, tune_signal
 
-    changes = {
-        k: v
-        for k, v in {
-            "hidden": args.hidden, "epochs": args.epochs, "lr": args.lr,
-            "batch_size": args.batch_size,
-        }.items()
-        if v is not None
-    }  # fmt: skip
+    changes = _given(args, hidden="hidden", epochs="epochs", lr="lr", batch_size="batch_size")
     cfg = SignalConfig().replace(**changes)
     tune_cfg = SignalTuneConfig(
         ks=_csv(args.ks, int), n_units=_csv(args.units, int, "4,6"), lr=_csv(args.lrs, float),
