@@ -104,11 +104,17 @@ def _window_maxima(w: np.ndarray, full: bool) -> np.ndarray:
     return out
 
 
+def _snr_pixels(ivar: np.ndarray) -> np.ndarray:
+    """The pixels a star's S/N is measured on (n, p): noisy and good (ivar 1e12 marks a
+    noise-free simulation; NaN and inf compare False)."""
+    return (ivar > 0) & (ivar < 1e11)
+
+
 def star_snr(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     """Each continuum-normalized spectrum's S/N at the continuum, the median of sqrt(ivar)
     over its good pixels, (n,) (from the noise alone: an absurd flux must not make a
     spectrum look noisy; 0 for a row with no good pixel)."""
-    good = (ivar > 0) & np.isfinite(ivar) & (ivar < 1e11)  # 1e12: noise-free simulation
+    good = _snr_pixels(ivar)
     v = np.where(good, ivar, np.inf).astype(np.float32)  # (n, p); masked last
     cnt, rows = good.sum(axis=1), np.arange(len(v))
     lo, hi = np.maximum((cnt - 1) // 2, 0), np.minimum(cnt // 2, v.shape[1] - 1)
@@ -132,7 +138,7 @@ def match_noise(
     and in any batch.  Other rows are returned unchanged."""
     # a median of sqrt(ivar) above snr_max needs at least cnt - cnt // 2 good pixels above
     # it: one counting pass rules out most rows before the exact (sorting) median
-    good = (ivar > 0) & (ivar < 1e11)  # as in star_snr (NaN and inf compare False)
+    good = _snr_pixels(ivar)
     cnt = good.sum(axis=1)
     above = (good & (ivar > (snr_max * (1 - 1e-6)) ** 2)).sum(axis=1)
     cand = np.flatnonzero(above >= cnt - np.minimum(cnt // 2, ivar.shape[1] - 1))
