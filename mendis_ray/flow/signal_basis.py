@@ -163,16 +163,30 @@ class SignalBasis:
         return (np.asarray(flux, np.float64) - self.mean) / self.scale
 
     def _float32(self, name: str) -> np.ndarray:
-        """A float32 copy of field ``name`` (or of ``uu``, the (p, k*k) products of pairs of
-        basis columns), made once per array: scoring projects in chunks of a few hundred
-        stars, and converting on every chunk cost a tenth of the scoring time."""
+        """A float32 copy of field ``name`` (or of ``uu``, the (p, k (k + 1) / 2) products of
+        the pairs i <= j of basis columns), made once per array: scoring projects in chunks
+        of a few hundred stars, and converting on every chunk cost a tenth of the scoring
+        time."""
         src = self.basis if name == "uu" else getattr(self, name)
         hit = self._f32.get(name)
         if hit is None or hit[0] is not src:
             u = src.astype(np.float32)
-            copy = (u[:, :, None] * u[:, None, :]).reshape(len(u), -1) if name == "uu" else u
-            hit = self._f32[name] = (src, copy)
+            if name == "uu":
+                i, j = np.triu_indices(u.shape[1])
+                u = np.ascontiguousarray(u[:, i] * u[:, j])
+            hit = self._f32[name] = (src, u)
         return hit[1]
+
+    def _normal_matrix(self, lam: np.ndarray) -> np.ndarray:
+        """U^T L U (n, k, k) for weights ``lam`` (n, p): one product with the k (k + 1) / 2
+        distinct pairs of columns (half the work of all k^2), mirrored, plus 1e-9 I."""
+        k = self.k
+        i, j = np.triu_indices(k)
+        upper = (lam @ self._float32("uu")).astype(np.float64)  # (n, k (k + 1) / 2)
+        a = np.empty((len(lam), k, k))
+        a[:, i, j] = upper
+        a[:, j, i] = upper
+        return a + 1e-9 * np.eye(k)
 
     def _weights(
         self, flux: np.ndarray, ivar: np.ndarray, clean: bool = False
@@ -211,12 +225,11 @@ class SignalBasis:
         z, lam, good = self._weights(flux, ivar, clean)
         k = self.k
         u32 = self._float32("basis")
-        uu = self._float32("uu")  # (p, k*k)
-        a = (lam @ uu).astype(np.float64).reshape(-1, k, k) + 1e-9 * np.eye(k)  # U^T L U
+        a = self._normal_matrix(lam)  # (n, k, k) U^T L U
         b = ((lam * z) @ u32).astype(np.float64)  # (n, k)
         chol = np.linalg.cholesky(a)  # (n, k, k)
-        s = np.linalg.solve(a, b[:, :, None])[:, :, 0]  # (n, k)
         cov = np.linalg.inv(a)  # (n, k, k)
+        s = (cov @ b[:, :, None])[:, :, 0]  # (n, k)
         wres = (z - (s.astype(np.float32) @ u32.T)) * np.sqrt(lam)  # (n, p), 0 where masked
         chi2 = np.einsum("ij,ij->i", wres, wres, dtype=np.float64)
         n_good = good.sum(axis=1)
