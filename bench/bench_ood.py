@@ -72,6 +72,11 @@ def main() -> None:
     p.add_argument("--no-flow", action="store_true", help="skip the full-space flow")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--save-signal", default=None, metavar="DIR",
+        help="save the trained signal-space model there (for bench_signal_gaussian.py "
+        "--checkpoint DIR: the same model, side by side)",
+    )  # fmt: skip
+    p.add_argument(
         "--signal", default="{}", help="SignalConfig overrides as JSON, e.g. '{\"hidden\": 64}'"
     )
     args = p.parse_args()
@@ -88,6 +93,8 @@ def main() -> None:
     signal_cfg = SignalConfig(seed=args.seed).replace(**json.loads(args.signal))
     runs = [signal_run(data, signal_cfg)]
     log.info("signal model: k = %d, %.1f s", runs[0].extra["k"], runs[0].train_seconds)
+    if args.save_signal:
+        runs[0].extra["scorer"].save(args.save_signal)
     if not args.no_flow:
         minutes = args.flow_minutes or (1.0 if args.quick else 5.0)
         runs.append(flow_run(data, "compact", 60 * minutes))

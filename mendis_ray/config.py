@@ -99,8 +99,11 @@ class SignalConfig(_DictConfig):
     # conditional flow: the paper's units on k + 3 dimensions, context = noise level
     n_units: int = 6
     hidden: int = 128
-    n_blocks: int = 2
-    n_bins: int = 8
+    # one residual block of 16 bins, not two of 8: the stars between the alpha sequences
+    # 0.67 -> 0.77 (signal_score AUROC on the survey benchmark, two seeds each), the other
+    # sets unchanged, the same validation log q and a cheaper conditioner
+    n_blocks: int = 1
+    n_bins: int = 16
     tail_bound: float = 5.0
     # noise augmentation: each epoch a fraction of the training stars is made noisier by a
     # variance factor log-uniform in [1, noise_augment], exactly, in the signal coordinates.
