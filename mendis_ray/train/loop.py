@@ -195,6 +195,7 @@ def fit(
     stopper.step(-1, hist.initial_val_log_prob, model)
     stopper.bad_epochs = 0
     log.info("initial val log p %.2f", hist.initial_val_log_prob)
+    drops = 0
     for epoch in range(cfg.epochs):
         metrics = {
             "epoch": epoch,
@@ -216,6 +217,11 @@ def fit(
         if stopper.step(epoch, metrics["val_log_prob"], model):
             hist.stopped_early = True
             break
+        if _plateau(stopper, cfg, drops):
+            drops += 1
+            _drop_lr(model, optimizer, stopper, cfg.lr_drop)
+            log.info("epoch %d: plateau, back to epoch %d at lr x %g", epoch,
+                     stopper.best_epoch, cfg.lr_drop ** drops)  # fmt: skip
         if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s:
             log.info("time limit %.0f s reached after epoch %d", time_limit_s, epoch)
             hist.stopped_early = True
@@ -226,6 +232,27 @@ def fit(
     if restore_best and stopper.best_state is not None:
         model.load_state_dict(stopper.best_state)
     return hist
+
+
+MAX_LR_DROPS = 2
+
+
+def _plateau(stopper: EarlyStopping, cfg: TrainConfig, drops: int) -> bool:
+    """Time to drop the lr: ``patience // 2`` epochs without improvement, drops left."""
+    return (
+        cfg.lr_drop < 1
+        and drops < MAX_LR_DROPS
+        and stopper.best_state is not None
+        and stopper.bad_epochs >= max(1, cfg.patience // 2)
+    )
+
+
+def _drop_lr(model: nn.Module, optimizer, stopper: EarlyStopping, factor: float) -> None:
+    """Go back to the best state and multiply every group's lr by ``factor``."""
+    model.load_state_dict(stopper.best_state)
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+    stopper.bad_epochs = 0
 
 
 def _progress_bar(total: int, enabled: bool):
