@@ -114,8 +114,13 @@ def quiet_ray_env(local: bool) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     if local:
-        # An embedded cluster bound to 127.0.0.1 needs no token; with tokens on, Ray 2.60
-        # writes ~/.ray/auth_token and later clients with an explicit address fail.
+        # No token for the embedded cluster: it is started inside loopback_node(), so every
+        # listener (GCS, raylet, workers, agents, Serve, Train's rendezvous store) is bound to
+        # 127.0.0.1 -- the "bind shown with ss -ltnp" mitigation of ../shared/docs/ray-notes.md,
+        # checked by tests/distributed/test_serve.py::test_embedded_cluster_and_serve_listen_
+        # on_loopback_only and test_torch_group.py::test_train_workers_listen_on_loopback_only.
+        # With tokens on, Ray 2.60 writes ~/.ray/auth_token and later clients with an explicit
+        # address fail.  A joined cluster (address given) keeps its own auth setting.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
