@@ -62,7 +62,7 @@ from mendis_ray.science.noise_calibration import NoiseCalibration
 
 __all__ = ["NoiseCalibration", "SignalScorer", "residual_statistics"]
 
-SCALES = (1, 4, 16, 64)
+SCALES = (1, 4, 16, 64)  # powers of two: the window sums double in width (_window_maxima)
 MODEL_KIND = "signal"
 
 
@@ -71,7 +71,7 @@ def residual_statistics(c: SignalCoordinates, rows: int = 128) -> np.ndarray:
     consecutive pixels| / sqrt(good pixels among them), with w the standardized residual
     ``c.proj.wres`` (0 at masked pixels): a matched filter for features of width s.
 
-    Works through ``rows`` spectra at a time so that the cumulative sums stay in the CPU's
+    Works through ``rows`` spectra at a time so that the window sums stay in the CPU's
     cache (5-10x faster than whole-array passes at 20,000 x 2,405).  Spectra without a
     masked pixel are scanned together and divide by sqrt(s) once, after the maximum (the
     same float32 result); the others count their good pixels per window."""
@@ -87,23 +87,26 @@ def residual_statistics(c: SignalCoordinates, rows: int = 128) -> np.ndarray:
 
 
 def _window_maxima(w: np.ndarray, full: bool) -> np.ndarray:
-    """Per row of ``w`` (m, p), for each scale s: max |window sum| / sqrt(good count)."""
-    m, p = w.shape
-    cw = np.zeros((m, p + 1), np.float32)  # cumulative sums, a leading 0 column
-    np.cumsum(w, axis=1, out=cw[:, 1:])
-    if not full:
-        cg = np.zeros((m, p + 1), np.float32)  # cumulative good-pixel counts
-        np.cumsum(w != 0, axis=1, out=cg[:, 1:])
+    """Per row of ``w`` (m, p), for each scale s: max |window sum| / sqrt(good count).
+
+    The window sums double in width by adding each to its copy h pixels on (sums of 2h =
+    sums of h + the next h): two additions per scale, against a cumulative sum along the
+    rows (a dependent chain per row) and a difference, 2.4x faster at 128 x 2,405."""
+    m = len(w)
     out = np.empty((m, len(SCALES)))
-    buf = np.empty((m, p), np.float32)
+    sums, width = w, 1  # (m, p + 1 - width): sums of ``width`` consecutive pixels
+    cnt = None if full else (w != 0).astype(np.float32)  # good pixels per window
     for j, s in enumerate(SCALES):
-        sums = np.subtract(cw[:, s:], cw[:, :-s], out=buf[:, : p + 1 - s])  # (m, p + 1 - s)
+        while width < s:
+            sums = sums[:, :-width] + sums[:, width:]
+            if cnt is not None:
+                cnt = cnt[:, :-width] + cnt[:, width:]
+            width *= 2
         if full:  # max |x| as max(max x, -min x): two reads, no |x| array written
             top = np.maximum(sums.max(axis=1), -sums.min(axis=1))
             out[:, j] = top / np.sqrt(np.float32(s))
         else:
-            cnt = np.maximum(cg[:, s:] - cg[:, :-s], 1)
-            out[:, j] = np.abs(sums / np.sqrt(cnt)).max(axis=1)
+            out[:, j] = np.abs(sums / np.sqrt(np.maximum(cnt, 1))).max(axis=1)
     return out
 
 
