@@ -84,6 +84,38 @@ def test_masked_pixel_values_change_nothing() -> None:
     np.testing.assert_allclose(a.log_resid, b.log_resid, rtol=1e-5)
 
 
+def test_template_statistics_match_their_definition_and_are_standard_normal() -> None:
+    """z of a template a in the residual: a^T L r / sqrt(a^T (L - L U C U^T L) a), per star
+    (masks included), is what the dense formula gives, N(0, 1) for stars the model
+    describes, and shifted by amplitude * sd when the pattern is planted."""
+    rng = np.random.default_rng(5)
+    p, k, n = 60, 3, 4000
+    basis, _, _, b = _dense_case(2, p=p, k=k)
+    templates = rng.standard_normal((4, p)).astype(np.float32)
+    ivar = rng.uniform(5.0, 50.0, (n, p))
+    ivar[::7, 10:20] = 0.0  # masked runs
+    noise = rng.standard_normal((n, p)) * np.sqrt(1 / np.maximum(ivar, 1e-12) + basis.intrinsic)
+    flux = rng.standard_normal((n, k)) @ (b @ basis.basis.T) + noise
+    proj = basis.project(flux, ivar, templates=templates)
+    for i in (0, 7, 11):  # the dense definition
+        lam = np.where(
+            ivar[i] > 0, 1 / (1 / np.where(ivar[i] > 0, ivar[i], 1) + basis.intrinsic), 0
+        )
+        r = np.where(ivar[i] > 0, flux[i] - basis.basis @ proj.s[i], 0)
+        lu = lam[:, None] * basis.basis
+        proj_l = np.diag(lam) - lu @ np.linalg.inv(basis.basis.T @ lu) @ lu.T
+        want = (
+            templates @ (lam * r) / np.sqrt(np.einsum("mp,pq,mq->m", templates, proj_l, templates))
+        )
+        np.testing.assert_allclose(proj.template_z[i], want, rtol=2e-3, atol=2e-3)
+    assert np.abs(proj.template_z.mean(0)).max() < 0.06
+    np.testing.assert_allclose(proj.template_z.std(0), 1.0, atol=0.05)
+    planted = basis.project(flux + 0.3 * templates[2], ivar, templates=templates).template_z
+    shift = planted - proj.template_z  # amplitude 0.3 of template 2: 0.3 sd_2 on z_2
+    assert shift[:, 2].min() > 5
+    assert np.abs(shift[:, [0, 1, 3]]).mean(0).max() < 0.4 * shift[:, 2].mean()
+
+
 # --- the scorer, trained through the CLI --------------------------------------------------
 
 
@@ -128,6 +160,28 @@ def test_obvious_outliers_rank_first(trained) -> None:
     for name in ("stripped", "cemp", "artefact_bump", "binary"):
         o = _arrays(data, name)
         assert auroc(base, scorer.score(o.flux, o.ivar, o.labels)["score"]) > 0.9, name
+
+
+def test_element_tests_find_the_element_out_of_step(trained) -> None:
+    """The checkpoint (paper grid) carries the simulator's element templates; stars with
+    [Mg/H] or [Mn/H] raised 0.2-0.3 dex get the element test's most significant element
+    right, and the residual score separates them from typical stars."""
+    from mendis_ray.science.signal_scores import _rho_res, _stat_tails
+    from mendis_ray.spectra.linelist import ELEMENTS
+
+    data, ckpt = trained
+    scorer = load_scorer(ckpt)
+    assert scorer.ref["elements.templates"].shape == (len(ELEMENTS), 2405)
+    te, odd = _arrays(data, "test"), _arrays(data, "single_element")
+    kind = np.asarray(read_dataset(data / "single_element").column("truth_kind").to_pylist())
+    px = scorer._pixel_pass(odd.flux, odd.ivar, odd.labels)
+    tails = np.array(_stat_tails(scorer.ref, _rho_res(px.c), px.stats)[-len(ELEMENTS) :])
+    found = np.asarray(ELEMENTS)[np.argmin(tails, axis=0)]
+    for el in ("Mg", "Mn"):
+        rows = kind == f"single_element_{el.lower()}"
+        assert np.mean(found[rows] == el) > 0.7, (el, found[rows])
+    base = scorer.score(te.flux, te.ivar, te.labels)["residual_score"]
+    assert auroc(base, scorer.score(odd.flux, odd.ivar, odd.labels)["residual_score"]) > 0.9
 
 
 def test_impossible_spectra_rank_first_never_nan(trained) -> None:
@@ -293,7 +347,9 @@ def test_fast_pixel_statistics_equal_their_definitions() -> None:
     rng = np.random.default_rng(3)
     w = rng.standard_normal((23, 300)).astype(np.float32)
     w[[0, 5, 6], 40:90] = 0  # masked runs in rows 0-7 only: blocks of both kinds
-    proj = SimpleNamespace(wres=w, chi2=(w.astype(np.float64) ** 2).sum(1), dof=np.full(23, 290))
+    proj = SimpleNamespace(
+        wres=w, chi2=(w.astype(np.float64) ** 2).sum(1), dof=np.full(23, 290), template_z=None
+    )
     got = residual_statistics(SimpleNamespace(proj=proj), rows=4)
     w64 = w.astype(np.float64)
     for j, s in enumerate(SCALES):  # every window summed directly, in float64

@@ -150,16 +150,17 @@ class SignalSpaceModel(nn.Module):
         chunk: int = 256,
         keep_residual: bool = False,
         clean: bool = False,
+        templates: np.ndarray | None = None,
     ) -> SignalCoordinates:
         """Project ``flux``, ``ivar`` (n, p) and standardize ``labels`` (n, 3);
         ``keep_residual`` keeps the standardized residual (for the residual scan).  The
         projection runs ``chunk`` spectra at a time: its (chunk, p) passes stay in the CPU
         cache (256 rows: about 2x faster than 4,096 at p = 2,405).  ``clean``: the input is
-        already cleaned (see :meth:`SignalBasis._weights`)."""
-        parts = [self.basis.project(flux[a : a + chunk], ivar[a : a + chunk], keep_residual,
-                                    clean) for a in range(0, len(flux), chunk)]  # fmt: skip
-        if not parts:
-            parts = [self.basis.project(flux, ivar, keep_residual, clean)]
+        already cleaned (see :meth:`SignalBasis._weights`); ``templates``: patterns tested
+        in the residual (:meth:`SignalBasis.template_statistics`)."""
+        spans = [slice(a, a + chunk) for a in range(0, len(flux), chunk)] or [slice(None)]
+        parts = [self.basis.project(flux[i], ivar[i], keep_residual, clean, templates)
+                 for i in spans]  # fmt: skip
         proj = Projection.concat(parts)
         lam = self.basis.eigenvalues
         ys = proj.s / np.sqrt(lam)

@@ -19,6 +19,11 @@ when the star is typical.  The exact density of the good pixels factorises as
 
 for *any* density q of s_hat (the flow): a proper, normalised density whatever q is.
 
+A known pattern a (p,) (e.g. one element's lines) is tested in the residual r = z - U s_hat
+by its generalised least-squares amplitude: a^T L r has variance a^T L a - b^T C b with
+b = U^T L a for a typical star, so z_a = a^T L r / sd is N(0, 1) up to the intrinsic
+variation along a (:meth:`SignalBasis.template_statistics`).
+
 Basis: the top eigenvectors of the noise-debiased covariance of the standardized training
 spectra, Cov(z) - diag(mean n^2) (principal directions of the signal, not of the noise).
 k (:func:`choose_k`): the number of directions whose signal variance exceeds
@@ -54,6 +59,7 @@ class Projection:
     n_good: np.ndarray  # (n,) good pixels
     intrinsic_fraction: np.ndarray | None = None  # (n,) mean of v / (noise + v), good pixels
     wres: np.ndarray | None = None  # (n, p) (z - U s_hat) sqrt(L), on request
+    template_z: np.ndarray | None = None  # (n, m) each template's residual amplitude / its sd
 
     @classmethod
     def concat(cls, parts: list[Projection]) -> Projection:
@@ -216,12 +222,13 @@ class SignalBasis:
 
     def project(
         self, flux: np.ndarray, ivar: np.ndarray, keep_residual: bool = False,
-        clean: bool = False,
+        clean: bool = False, templates: np.ndarray | None = None,
     ) -> Projection:  # fmt: skip
         """GLS signal coordinates, their covariance, residual chi^2 and the residual part of
         the exact log density, for ``flux``, ``ivar`` (n, p).  ``keep_residual`` also keeps
         the standardized residual (z - U s_hat) sqrt(L) (n, p) as ``Projection.wres``;
-        ``clean``: see :meth:`_weights`."""
+        ``clean``: see :meth:`_weights`; ``templates`` (m, p) float32, patterns in
+        standardized units: their statistics go to ``Projection.template_z``."""
         z, lam, good = self._weights(flux, ivar, clean)
         k = self.k
         u32 = self._float32("basis")
@@ -230,7 +237,8 @@ class SignalBasis:
         chol = np.linalg.cholesky(a)  # (n, k, k)
         cov = np.linalg.inv(a)  # (n, k, k)
         s = (cov @ b[:, :, None])[:, :, 0]  # (n, k)
-        wres = (z - (s.astype(np.float32) @ u32.T)) * np.sqrt(lam)  # (n, p), 0 where masked
+        root_lam = np.sqrt(lam)
+        wres = (z - (s.astype(np.float32) @ u32.T)) * root_lam  # (n, p), 0 where masked
         chi2 = np.einsum("ij,ij->i", wres, wres, dtype=np.float64)
         n_good = good.sum(axis=1)
         logdet_c = -2 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
@@ -245,7 +253,41 @@ class SignalBasis:
         proj = Projection(s, cov, chi2, np.maximum(n_good - k, 1), log_resid, n_good, frac)
         if keep_residual:
             proj.wres = wres
+        if templates is not None:
+            proj.template_z = self.template_statistics(templates, wres * root_lam, lam, cov)
         return proj
+
+    def template_statistics(
+        self, templates: np.ndarray, lres: np.ndarray, lam: np.ndarray, cov: np.ndarray
+    ) -> np.ndarray:
+        """z (n, m) of each template a (m, p) in the residuals: a^T L r / sd(a^T L r), with
+        ``lres`` = L r (n, p), ``lam`` = L (n, p) and ``cov`` = C (n, k, k) (module doc);
+        0 where a template has no good pixel.  Each template is read on its own pixels
+        only (a line pattern: tens to hundreds of the 2,405)."""
+        n, m, k = len(lam), len(templates), self.k
+        num = (lres @ templates.T).astype(np.float64)  # (n, m) a^T L r
+        var, b = np.empty((n, m)), np.empty((n, k, m))
+        for j, (pix, w) in enumerate(self._template_parts(templates)):
+            prod = lam[:, pix] @ w  # (n, 1 + k): a^T L a, U^T L a
+            var[:, j], b[:, :, j] = prod[:, 0], prod[:, 1:]
+        var -= np.einsum("nim,nij,njm->nm", b, cov, b)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(var > 1e-9, num / np.sqrt(np.maximum(var, 1e-9)), 0.0)
+
+    def _template_parts(self, templates: np.ndarray) -> list[tuple[np.ndarray | slice, np.ndarray]]:
+        """Per template a: (its pixels, (pixels, 1 + k) float32 columns [a^2, U a]), a slice
+        of all pixels where a covers more than half of them; made once per templates."""
+        hit = self._f32.get("templates")
+        if hit is None or hit[0] is not templates:
+            u, parts = self._float32("basis"), []
+            for a in templates:
+                pix = np.flatnonzero(a)
+                if len(pix) > len(a) // 2:
+                    pix = slice(None)
+                w = np.c_[a[pix] ** 2, u[pix] * a[pix, None]].astype(np.float32)
+                parts.append((pix, np.ascontiguousarray(w)))
+            hit = self._f32["templates"] = (templates, parts)
+        return hit[1]
 
     def _log_scale_sum(self, good: np.ndarray, n_good: np.ndarray) -> np.ndarray:
         """sum of log(scale) over each star's good pixels (n,) (float64): the constant

@@ -56,6 +56,7 @@ class BenchData:
     train: SpectraArrays
     test: SpectraArrays
     sets: dict[str, SpectraArrays]
+    grid: dict = field(default_factory=dict)  # the shards' grid (element tests need it)
 
 
 @dataclass
@@ -231,7 +232,7 @@ def signal_run(data: BenchData, cfg=None, time_limit_s: float | None = None) -> 
     )
     va = res.val_rows
     scorer = SignalScorer.fit(
-        res.model, tr.flux[va], tr.ivar[va], tr.labels[va], res.train_coords,
+        res.model, tr.flux[va], tr.ivar[va], tr.labels[va], res.train_coords, grid=data.grid,
         train=(tr.flux[: va.start], tr.ivar[: va.start], tr.labels[: va.start]),
     )  # fmt: skip
     dt = time.perf_counter() - t0

@@ -58,14 +58,17 @@ class NoiseCalibration:
     def log_tail(self, t: np.ndarray, u: np.ndarray) -> np.ndarray:
         """log P(U >= u | t) (n,): 0 for typical-or-smaller u, very negative for outliers."""
         c = self.centers
-        per_bin = np.stack([self._log_tail_bin(b, u) for b in range(len(c))])  # (B, n)
         if len(c) == 1:
-            return per_bin[0]
+            return self._log_tail_bin(0, u)
         hi = np.clip(np.searchsorted(c, t), 1, len(c) - 1)
         lo = hi - 1
         w = np.clip((t - c[lo]) / np.maximum(c[hi] - c[lo], 1e-12), 0, 1)
-        cols = np.arange(len(u))
-        return (1 - w) * per_bin[lo, cols] + w * per_bin[hi, cols]
+        out = np.zeros(len(u))
+        for b in range(len(c)):  # each star reads its two bins only (not all B)
+            for rows, weight in ((np.flatnonzero(lo == b), 1 - w), (np.flatnonzero(hi == b), w)):
+                if rows.size:
+                    out[rows] += weight[rows] * self._log_tail_bin(b, u[rows])
+        return out
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {f"{prefix}.{k}": getattr(self, k) for k in

@@ -17,8 +17,11 @@ logs of tail probabilities, 0 = perfectly typical, -inf = impossible):
     of the standardized residual, a matched filter for lines, spikes, bumps and continuum
     errors) and as a whole (chi^2 / dof); each statistic is calibrated against training
     stars at the same noise level and the most significant one wins (calibrated again).
+    On the simulator's grids (paper, aspcap, apstar) the residual is also tested along each
+    element's line pattern (d flux / d[X/H] of the simulator at the training stars' median
+    labels, a matched filter for one element's lines, each calibrated the same way).
     Finds unknown lines, sky residuals, instrument bumps, normalisation errors, the
-    second star of a binary.
+    second star of a binary, one element out of step with the others.
 ``score`` (with ``percentile``)
     The primary triage score: Fisher's combination of the two tail probabilities,
     ``log P(chi^2_4 > -2 (signal_score + residual_score))``, calibrated once more against
@@ -59,6 +62,7 @@ from mendis_ray.flow.signal_basis import Projection, SignalBasis
 from mendis_ray.science.flags import Flag, flag_columns
 from mendis_ray.science.metrics import percentile_rank
 from mendis_ray.science.noise_calibration import NoiseCalibration
+from mendis_ray.spectra.linelist import ELEMENTS
 
 __all__ = ["NoiseCalibration", "SignalScorer", "residual_statistics"]
 
@@ -67,22 +71,25 @@ MODEL_KIND = "signal"
 
 
 def residual_statistics(c: SignalCoordinates, rows: int = 128) -> np.ndarray:
-    """(n, 1 + len(SCALES)): chi^2/dof, then per scale s the largest |sum of w over s
+    """(n, 1 + len(SCALES) [+ m]): chi^2/dof, then per scale s the largest |sum of w over s
     consecutive pixels| / sqrt(good pixels among them), with w the standardized residual
-    ``c.proj.wres`` (0 at masked pixels): a matched filter for features of width s.
+    ``c.proj.wres`` (0 at masked pixels): a matched filter for features of width s; then,
+    where the projection tested m templates, each one's z^2 (``c.proj.template_z``).
 
     Works through ``rows`` spectra at a time so that the window sums stay in the CPU's
     cache (5-10x faster than whole-array passes at 20,000 x 2,405).  Spectra without a
     masked pixel are scanned together and divide by sqrt(s) once, after the maximum (the
     same float32 result); the others count their good pixels per window."""
-    w_all = c.proj.wres
-    out = np.empty((len(w_all), 1 + len(SCALES)))
+    w_all, tz = c.proj.wres, c.proj.template_z
+    out = np.empty((len(w_all), 1 + len(SCALES) + (0 if tz is None else tz.shape[1])))
     out[:, 0] = c.proj.chi2 / c.proj.dof
+    if tz is not None:  # each template's z^2
+        out[:, 1 + len(SCALES) :] = tz**2
     complete = np.count_nonzero(w_all, axis=1) == w_all.shape[1]
     for idx, full in ((np.flatnonzero(complete), True), (np.flatnonzero(~complete), False)):
         for a in range(0, len(idx), rows):
             part = idx[a : a + rows]
-            out[part, 1:] = _window_maxima(w_all[part], full)
+            out[part, 1 : 1 + len(SCALES)] = _window_maxima(w_all[part], full)
     return out
 
 
@@ -191,8 +198,48 @@ def _rho_sig(c: SignalCoordinates, model: SignalSpaceModel) -> np.ndarray:
     return (lam / (lam + noise)).mean(axis=1)
 
 
-def _stat_names() -> list[str]:
-    return ["chi2"] + [f"scan{s}" for s in SCALES]
+def _stat_names(ref: dict | None = None) -> list[str]:
+    """The residual statistics' names: chi^2, the scans, and ``elem.<X>`` for each element
+    template in ``ref`` (none in checkpoints written before the element tests)."""
+    elements = [ELEMENTS[int(i)] for i in np.ravel(ref.get("elements.index", []))] if ref else []
+    return ["chi2"] + [f"scan{s}" for s in SCALES] + [f"elem.{e}" for e in elements]
+
+
+def _stat_tails(ref: dict, rho: np.ndarray, stats: np.ndarray) -> list[np.ndarray]:
+    """The calibrated log tail (n,) of each residual statistic (columns of ``stats``)."""
+    return [NoiseCalibration.from_arrays(ref, f"cal.{name}").log_tail(rho, stats[:, j])
+            for j, name in enumerate(_stat_names(ref))]  # fmt: skip
+
+
+def _residual_tails(ref: dict, rho: np.ndarray, stats: np.ndarray) -> list[np.ndarray]:
+    """The tails the residual score takes the most significant of: chi^2, each scan, and
+    the elements as one family (their most significant, calibrated again: one more test
+    for the scans to share, not nineteen)."""
+    tails = _stat_tails(ref, rho, stats)
+    n_base = 1 + len(SCALES)
+    if len(tails) > n_base:
+        worst = -np.min(tails[n_base:], axis=0)
+        tails = [
+            *tails[:n_base],
+            NoiseCalibration.from_arrays(ref, "cal.elements").log_tail(rho, worst),
+        ]
+    return tails
+
+
+def element_templates(grid: dict, labels: np.ndarray, floor: float = 0.01) -> np.ndarray | None:
+    """d flux / d[X/H] (19, p) of the simulator at the median of ``labels`` (n, 3), one
+    row per element of :data:`~mendis_ray.spectra.linelist.ELEMENTS`, 0 below ``floor``
+    times its largest |value| (the line pattern keeps >= 99.9% of its sum of squares on
+    6-80% of the pixels: the tests read only those); None where the simulator cannot make
+    spectra on ``grid`` (not one of the named grids)."""
+    from mendis_ray.science.explain import response_maps
+
+    med = np.median(np.asarray(labels, np.float64), axis=0)
+    maps = response_maps(grid, med[None]) if np.all(np.isfinite(med)) else None
+    if maps is None or not np.all(np.isfinite(maps)):
+        return None
+    t = maps[0]
+    return np.where(np.abs(t) >= floor * np.abs(t).max(axis=1, keepdims=True), t, 0.0)
 
 
 @dataclass
@@ -229,6 +276,17 @@ class SignalScorer:
     grid: dict = field(default_factory=dict)
     max_masked_fraction: float = 0.2
     n_importance: int = 32
+    _a32: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def _templates(self) -> np.ndarray | None:
+        """The element templates in standardized units, float32 (m, p), or None."""
+        t = self.ref.get("elements.templates")
+        if t is None:
+            return None
+        if self._a32 is None or self._a32[0] is not t:
+            a = (np.asarray(t, np.float64) / self.model.basis.scale).astype(np.float32)
+            self._a32 = (t, np.ascontiguousarray(a))
+        return self._a32[1]
 
     # -- building the reference -----------------------------------------------------------
 
@@ -262,22 +320,28 @@ class SignalScorer:
                "label_lo": labels.min(0) - 5 * labels.std(0),
                "label_hi": labels.max(0) + 5 * labels.std(0),
                "snr_max": np.quantile(star_snr(src, src_ivar), [0.995])}  # fmt: skip
+        templates = None
+        if model.cfg.element_tests:
+            templates = element_templates(grid or {}, labels if train is None else train_labels)
+        if templates is not None:
+            ref |= {"elements.templates": templates,
+                    "elements.index": np.arange(len(ELEMENTS), dtype=np.float64)}  # fmt: skip
         scorer = cls(model, ref, grid or {})
         c = model.coordinates(flux, ivar, labels, keep_residual=True)
         # residual statistics: calibrated on the training stars when given (the linear
         # stage has k << n parameters, so they are as good as held-out ones, and many more)
         cal_flux, cal_ivar = (flux, ivar) if train_flux is None else (train_flux, train_ivar)
-        cc = c
-        if train_flux is not None:
-            cc = model.coordinates(cal_flux, cal_ivar, train_labels, keep_residual=True)
-        stats_ = residual_statistics(cc)
-        tails = []
-        for j, name in enumerate(_stat_names()):
-            cal = NoiseCalibration.fit(_rho_res(cc), stats_[:, j])
-            ref |= cal.arrays(f"cal.{name}")
-            tails.append(cal.log_tail(_rho_res(cc), stats_[:, j]))
-        worst = -np.min(tails, axis=0)  # the most significant scale (large = unusual)
-        ref |= NoiseCalibration.fit(_rho_res(cc), worst).arrays("cal.residual")
+        cal_labels = labels if train_flux is None else train_labels
+        cc = model.coordinates(cal_flux, cal_ivar, cal_labels, keep_residual=True,
+                               templates=scorer._templates())  # fmt: skip
+        stats_, rr = residual_statistics(cc), _rho_res(cc)
+        for j, name in enumerate(_stat_names(ref)):
+            ref |= NoiseCalibration.fit(rr, stats_[:, j]).arrays(f"cal.{name}")
+        if templates is not None:  # the most significant element, calibrated again
+            worst = -np.min(_stat_tails(ref, rr, stats_)[1 + len(SCALES) :], axis=0)
+            ref |= NoiseCalibration.fit(rr, worst).arrays("cal.elements")
+        worst = -np.min(_residual_tails(ref, rr, stats_), axis=0)  # large = unusual
+        ref |= NoiseCalibration.fit(rr, worst).arrays("cal.residual")
         # the flow's log q: held-out stars only (the flow has seen the training ones)
         rho = _rho_sig(c, model)
         ref |= NoiseCalibration.fit(rho, -model.flow_log_prob(c)).arrays("cal.signal")
@@ -339,9 +403,10 @@ class SignalScorer:
         labelled = np.isfinite(labels).all(axis=1)
         with np.errstate(all="ignore"):
             fill_labels = np.where(labelled[:, None], labels, m.label_mean)
-            c = m.coordinates(flux, ivar, fill_labels, keep_residual=True, clean=True)
+            c = m.coordinates(flux, ivar, fill_labels, keep_residual=True, clean=True,
+                              templates=self._templates())  # fmt: skip
             stats = residual_statistics(c)
-        c.proj.wres = None  # (n, p): not kept beyond the chunk
+        c.proj.wres = c.proj.template_z = None  # in ``stats``; (n, p) not kept beyond the chunk
         good = ivar > 0
         out_range = good & ((flux < r["flux_lo"]) | (flux > r["flux_hi"]))
         flux_range = out_range.sum(1) > 0.01 * np.maximum(good.sum(1), 1)
@@ -377,8 +442,7 @@ class SignalScorer:
             NoiseCalibration.from_arrays(r, "cal.signal_free").log_tail(rho, -lq),
         )
         rr = _rho_res(c)
-        tails = [NoiseCalibration.from_arrays(r, f"cal.{n}").log_tail(rr, px.stats[:, j])
-                 for j, n in enumerate(_stat_names())]  # fmt: skip
+        tails = _residual_tails(r, rr, px.stats)
         res = NoiseCalibration.from_arrays(r, "cal.residual").log_tail(rr, -np.min(tails, 0))
         x = -2 * (sig + res)  # Fisher: chi^2 with 4 dof, log sf in closed form (no underflow)
         comb = np.minimum(-x / 2 + np.log1p(x / 2), 0.0)
