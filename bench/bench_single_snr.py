@@ -33,12 +33,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 KEYS = ("score", "signal_score", "residual_score")
 
 
-def run(cfg: SignalConfig, flux, ivar, labels, sets) -> dict:
+def run(cfg: SignalConfig, flux, ivar, labels, sets, grid: dict) -> dict:
     t0 = time.perf_counter()
     res = train_signal_model(flux, ivar, labels, cfg, show_progress=False)
     va, tr = res.val_rows, slice(0, res.val_rows.start)
     scorer = SignalScorer.fit(res.model, flux[va], ivar[va], labels[va], res.train_coords,
-                              train=(flux[tr], ivar[tr], labels[tr]))  # fmt: skip
+                              grid=grid, train=(flux[tr], ivar[tr], labels[tr]))  # fmt: skip
     out = {k: scorer.score(v.flux, v.ivar, v.labels) for k, v in sets.items()}
     row = {"noise_augment": cfg.noise_augment, "k": res.model.basis.k,
            "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
@@ -58,7 +58,8 @@ def main() -> None:
     flux, ivar = add_noise(sim(lab), 300.0, rng)
     labels = scatter_labels(np.stack([lab.teff, lab.logg, lab.feh], 1), rng, LABEL_SCATTER)
     sets = subtle_sets(sim, 500, seed=args.seed + 1)  # inliers at S/N 300 and 1000, [Mg/H] edge
-    rows = [run(SignalConfig(seed=args.seed, noise_augment=a), flux, ivar, labels, sets)
+    grid = sim.grid.describe()  # the element tests need the simulator's grid
+    rows = [run(SignalConfig(seed=args.seed, noise_augment=a), flux, ivar, labels, sets, grid)
             for a in (1.0, SignalConfig().noise_augment)]  # fmt: skip
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))

@@ -226,6 +226,22 @@ def _residual_tails(ref: dict, rho: np.ndarray, stats: np.ndarray) -> list[np.nd
     return tails
 
 
+def _residual_calibration(ref: dict, cc: SignalCoordinates) -> dict[str, np.ndarray]:
+    """The residual score's calibrations (``cal.*`` arrays) from the reference stars ``cc``
+    (projected with the residual and ``ref``'s element templates): each statistic, the
+    element family, then the most significant tail."""
+    stats, rho = residual_statistics(cc), _rho_res(cc)
+    cal = dict(ref)
+    for j, name in enumerate(_stat_names(ref)):
+        cal |= NoiseCalibration.fit(rho, stats[:, j]).arrays(f"cal.{name}")
+    if cc.proj.template_z is not None:  # the most significant element, calibrated again
+        worst = -np.min(_stat_tails(cal, rho, stats)[1 + len(SCALES) :], axis=0)
+        cal |= NoiseCalibration.fit(rho, worst).arrays("cal.elements")
+    worst = -np.min(_residual_tails(cal, rho, stats), axis=0)  # large = unusual
+    cal |= NoiseCalibration.fit(rho, worst).arrays("cal.residual")
+    return {key: v for key, v in cal.items() if key.startswith("cal.")}
+
+
 def element_templates(grid: dict, labels: np.ndarray, floor: float = 0.01) -> np.ndarray | None:
     """d flux / d[X/H] (19, p) of the simulator at the median of ``labels`` (n, 3), one
     row per element of :data:`~mendis_ray.spectra.linelist.ELEMENTS`, 0 below ``floor``
@@ -327,21 +343,14 @@ class SignalScorer:
             ref |= {"elements.templates": templates,
                     "elements.index": np.arange(len(ELEMENTS), dtype=np.float64)}  # fmt: skip
         scorer = cls(model, ref, grid or {})
-        c = model.coordinates(flux, ivar, labels, keep_residual=True)
+        c = model.coordinates(flux, ivar, labels)
         # residual statistics: calibrated on the training stars when given (the linear
         # stage has k << n parameters, so they are as good as held-out ones, and many more)
         cal_flux, cal_ivar = (flux, ivar) if train_flux is None else (train_flux, train_ivar)
         cal_labels = labels if train_flux is None else train_labels
         cc = model.coordinates(cal_flux, cal_ivar, cal_labels, keep_residual=True,
                                templates=scorer._templates())  # fmt: skip
-        stats_, rr = residual_statistics(cc), _rho_res(cc)
-        for j, name in enumerate(_stat_names(ref)):
-            ref |= NoiseCalibration.fit(rr, stats_[:, j]).arrays(f"cal.{name}")
-        if templates is not None:  # the most significant element, calibrated again
-            worst = -np.min(_stat_tails(ref, rr, stats_)[1 + len(SCALES) :], axis=0)
-            ref |= NoiseCalibration.fit(rr, worst).arrays("cal.elements")
-        worst = -np.min(_residual_tails(ref, rr, stats_), axis=0)  # large = unusual
-        ref |= NoiseCalibration.fit(rr, worst).arrays("cal.residual")
+        ref |= _residual_calibration(ref, cc)
         # the flow's log q: held-out stars only (the flow has seen the training ones)
         rho = _rho_sig(c, model)
         ref |= NoiseCalibration.fit(rho, -model.flow_log_prob(c)).arrays("cal.signal")
