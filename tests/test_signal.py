@@ -86,34 +86,41 @@ def test_masked_pixel_values_change_nothing() -> None:
 
 def test_template_statistics_match_their_definition_and_are_standard_normal() -> None:
     """z of a template a in the residual: a^T L r / sqrt(a^T (L - L U C U^T L) a), per star
-    (masks included), is what the dense formula gives, N(0, 1) for stars the model
-    describes, and shifted by amplitude * sd when the pattern is planted."""
+    (masks included; 0 without a good pixel under a), is what the dense formula gives,
+    N(0, 1) for stars the model describes, shifted by amplitude * sd when the pattern is
+    planted, and finite for an absurd flux."""
     rng = np.random.default_rng(5)
     p, k, n = 60, 3, 4000
     basis, _, _, b = _dense_case(2, p=p, k=k)
-    templates = rng.standard_normal((4, p)).astype(np.float32)
+    templates = rng.standard_normal((5, p)).astype(np.float32)
+    templates[3, 20:] = 0.0  # a line pattern: read on its own pixels only
+    templates[4, :10], templates[4, 20:] = 0.0, 0.0  # all under the masked run below
     ivar = rng.uniform(5.0, 50.0, (n, p))
     ivar[::7, 10:20] = 0.0  # masked runs
     noise = rng.standard_normal((n, p)) * np.sqrt(1 / np.maximum(ivar, 1e-12) + basis.intrinsic)
     flux = rng.standard_normal((n, k)) @ (b @ basis.basis.T) + noise
     proj = basis.project(flux, ivar, templates=templates)
     for i in (0, 7, 11):  # the dense definition
-        lam = np.where(
-            ivar[i] > 0, 1 / (1 / np.where(ivar[i] > 0, ivar[i], 1) + basis.intrinsic), 0
-        )
-        r = np.where(ivar[i] > 0, flux[i] - basis.basis @ proj.s[i], 0)
+        good = ivar[i] > 0
+        lam = np.where(good, 1 / (1 / np.where(good, ivar[i], 1) + basis.intrinsic), 0)
+        r = np.where(good, flux[i] - basis.basis @ proj.s[i], 0)
         lu = lam[:, None] * basis.basis
         proj_l = np.diag(lam) - lu @ np.linalg.inv(basis.basis.T @ lu) @ lu.T
-        want = (
-            templates @ (lam * r) / np.sqrt(np.einsum("mp,pq,mq->m", templates, proj_l, templates))
-        )
+        var = np.einsum("mp,pq,mq->m", templates, proj_l, templates)
+        want = np.where(var > 1e-9, templates @ (lam * r) / np.sqrt(np.maximum(var, 1e-9)), 0)
         np.testing.assert_allclose(proj.template_z[i], want, rtol=2e-3, atol=2e-3)
-    assert np.abs(proj.template_z.mean(0)).max() < 0.06
-    np.testing.assert_allclose(proj.template_z.std(0), 1.0, atol=0.05)
+    assert (proj.template_z[::7, 4] == 0).all()  # no good pixel under template 4
+    seen = np.arange(n) % 7 > 0
+    assert np.abs(proj.template_z[seen].mean(0)).max() < 0.06
+    np.testing.assert_allclose(proj.template_z[seen].std(0), 1.0, atol=0.05)
     planted = basis.project(flux + 0.3 * templates[2], ivar, templates=templates).template_z
     shift = planted - proj.template_z  # amplitude 0.3 of template 2: 0.3 sd_2 on z_2
     assert shift[:, 2].min() > 5
     assert np.abs(shift[:, [0, 1, 3]]).mean(0).max() < 0.4 * shift[:, 2].mean()
+    absurd = flux[1:4].copy()
+    absurd[:, 15] = 1e37  # finite, but the residual overflows float32: large, never NaN
+    z = basis.project(absurd, ivar[1:4], templates=templates).template_z
+    assert np.isfinite(z).all() and np.abs(z[:, 3]).min() > 1e6
 
 
 # --- the scorer, trained through the CLI --------------------------------------------------
@@ -182,6 +189,19 @@ def test_element_tests_find_the_element_out_of_step(trained) -> None:
         assert np.mean(found[rows] == el) > 0.7, (el, found[rows])
     base = scorer.score(te.flux, te.ivar, te.labels)["residual_score"]
     assert auroc(base, scorer.score(odd.flux, odd.ivar, odd.labels)["residual_score"]) > 0.9
+
+
+def test_checkpoints_without_element_tests_still_score(trained) -> None:
+    """A reference without the element arrays (a checkpoint written before them, or a grid
+    the simulator does not know) scores with chi^2 and the four scans only."""
+    data, ckpt = trained
+    scorer = load_scorer(ckpt)
+    scorer.ref = {k: v for k, v in scorer.ref.items()
+                  if not k.startswith(("elements.", "cal.elem"))}  # fmt: skip
+    te = _arrays(data, "test")
+    assert scorer._pixel_pass(te.flux, te.ivar, te.labels).stats.shape[1] == 5
+    out = scorer.score(te.flux, te.ivar, te.labels)
+    assert np.isfinite(out["residual_score"]).all() and np.isfinite(out["score"]).all()
 
 
 def test_impossible_spectra_rank_first_never_nan(trained) -> None:

@@ -210,7 +210,8 @@ def analyze(
     train_arr, sets, ref, test = _demo_sets(data, n_pix, cfg)
     gauss, fa = _gaussians(fitted or {}, moments, density.standardizer, train_arr)
     eval_sets = {"test": test, **{k: sets[k] for k in ("cemp", "rotator", "stripped")}, **subtle}
-    _score_stage(density, out, cfg, result, train_arr, ref, eval_sets, gauss, fa)
+    _score_stage(density, out, cfg, result, train_arr, ref, eval_sets, gauss, fa,
+                 grid=sim.grid.describe())  # fmt: skip
     stage["score"] = time.perf_counter() - t0
 
     if cfg.conditional:
@@ -266,10 +267,11 @@ def _gaussians(fitted: dict, moments: D.Moments | None, std, train_arr: ex.Array
 
 def _score_stage(
     density: SpectrumDensity, out: Path, cfg: DemoConfig, result: dict, train_arr: ex.Arrays,
-    ref: ex.Arrays, eval_sets: dict[str, ex.Arrays], gauss, fa,
+    ref: ex.Arrays, eval_sets: dict[str, ex.Arrays], gauss, fa, grid: dict | None = None,
 ) -> None:  # fmt: skip
     """Stage 4 (into ``result``): held-out log-likelihoods, the AUROC table of the flow,
-    the baselines and the signal-space model, the score figure and the checkpoint."""
+    the baselines and the signal-space model (on ``grid``), the score figure and the
+    checkpoint."""
     std = density.standardizer
     baselines = ex.baseline_scores(std, train_arr, n_t2=(5,), n_pca=20,
                                    fitted={"gaussian": gauss, "factor20": fa})  # fmt: skip
@@ -286,7 +288,8 @@ def _score_stage(
     }  # fmt: skip
     rows, scores = ex.ood_table(scorer, baselines, eval_sets, pairs)
     result["signal_model"] = _signal_model(train_arr, eval_sets, pairs, out, rows, scores,
-                                           epochs=20 if cfg.quick else 200)  # fmt: skip
+                                           epochs=20 if cfg.quick else 200,
+                                           grid=grid)  # fmt: skip
     lp = result["signal_model"].pop("test_log_p")
     result["held_out_log_likelihood"]["signal_model (given noise)"] = lp - std.log_abs_det
     result["auroc"] = rows
@@ -316,9 +319,10 @@ def _conditional_stage(
 
 
 def _signal_model(train: ex.Arrays, sets: dict, pairs: dict, out: Path, rows: list,
-                  scores: dict, epochs: int = 200) -> dict:  # fmt: skip
-    """Stage 4b: the signal-space model on the same training spectra, its AUROC rows
-    (appended to ``rows``, scores to ``scores``) and checkpoint; which model to recommend."""
+                  scores: dict, epochs: int = 200, grid: dict | None = None) -> dict:  # fmt: skip
+    """Stage 4b: the signal-space model on the same training spectra (on ``grid``: recorded
+    in the checkpoint, and the element tests need it), its AUROC rows (appended to
+    ``rows``, scores to ``scores``) and checkpoint; which model to recommend."""
     from mendis_ray.config import SignalConfig
     from mendis_ray.science.metrics import auroc
     from mendis_ray.science.signal_scores import SignalScorer
@@ -330,8 +334,8 @@ def _signal_model(train: ex.Arrays, sets: dict, pairs: dict, out: Path, rows: li
     res = train_signal_model(train.flux, train.ivar, train.labels, cfg, show_progress=False)
     va, tr = res.val_rows, slice(0, res.val_rows.start)
     scorer = SignalScorer.fit(res.model, train.flux[va], train.ivar[va], train.labels[va],
-                              res.train_coords, train=(train.flux[tr], train.ivar[tr],
-                                                       train.labels[tr]))  # fmt: skip
+                              res.train_coords, grid=grid, train=(train.flux[tr],
+                              train.ivar[tr], train.labels[tr]))  # fmt: skip
     names = {"score": "signal_model", "signal_score": "signal_model_signal",
              "residual_score": "signal_model_residual"}  # fmt: skip
     for name, arr in sets.items():

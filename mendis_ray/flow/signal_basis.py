@@ -262,23 +262,26 @@ class SignalBasis:
     ) -> np.ndarray:
         """z (n, m) of each template a (m, p) in the residuals: a^T L r / sd(a^T L r), with
         ``lres`` = L r (n, p), ``lam`` = L (n, p) and ``cov`` = C (n, k, k) (module doc);
-        0 where a template has no good pixel.  Each template is read on its own pixels
-        only (a line pattern: tens to hundreds of the 2,405)."""
+        0 where a template has no good pixel, +-1e15 where the residual overflows float32
+        (an absurd flux: the most outlying, never NaN).  The variance terms read each
+        template on its own pixels only (a line pattern: tens to hundreds of the 2,405)."""
         n, m, k = len(lam), len(templates), self.k
-        num = (lres @ templates.T).astype(np.float64)  # (n, m) a^T L r
+        with np.errstate(over="ignore", invalid="ignore"):
+            num = (lres @ templates.T).astype(np.float64)  # (n, m) a^T L r
+        num = np.clip(np.nan_to_num(num, nan=1e30), -1e30, 1e30)
         var, b = np.empty((n, m)), np.empty((n, k, m))
         for j, (pix, w) in enumerate(self._template_parts(templates)):
             prod = lam[:, pix] @ w  # (n, 1 + k): a^T L a, U^T L a
             var[:, j], b[:, :, j] = prod[:, 0], prod[:, 1:]
         var -= np.einsum("nim,nij,njm->nm", b, cov, b)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(var > 1e-9, num / np.sqrt(np.maximum(var, 1e-9)), 0.0)
+        z = num / np.sqrt(np.maximum(var, 1e-9))
+        return np.where(var > 1e-9, np.clip(z, -1e15, 1e15), 0.0)
 
     def _template_parts(self, templates: np.ndarray) -> list[tuple[np.ndarray | slice, np.ndarray]]:
         """Per template a: (its pixels, (pixels, 1 + k) float32 columns [a^2, U a]), a slice
         of all pixels where a covers more than half of them; made once per templates."""
         hit = self._f32.get("templates")
-        if hit is None or hit[0] is not templates:
+        if hit is None or hit[0] is not templates or hit[2] is not self.basis:
             u, parts = self._float32("basis"), []
             for a in templates:
                 pix = np.flatnonzero(a)
@@ -286,7 +289,7 @@ class SignalBasis:
                     pix = slice(None)
                 w = np.c_[a[pix] ** 2, u[pix] * a[pix, None]].astype(np.float32)
                 parts.append((pix, np.ascontiguousarray(w)))
-            hit = self._f32["templates"] = (templates, parts)
+            hit = self._f32["templates"] = (templates, parts, self.basis)
         return hit[1]
 
     def _log_scale_sum(self, good: np.ndarray, n_good: np.ndarray) -> np.ndarray:

@@ -67,6 +67,7 @@ from mendis_ray.spectra.linelist import ELEMENTS
 __all__ = ["NoiseCalibration", "SignalScorer", "residual_statistics"]
 
 SCALES = (1, 4, 16, 64)  # powers of two: the window sums double in width (_window_maxima)
+assert all(s & (s - 1) == 0 for s in SCALES), "SCALES must be powers of two"
 MODEL_KIND = "signal"
 
 
@@ -242,20 +243,25 @@ def _residual_calibration(ref: dict, cc: SignalCoordinates) -> dict[str, np.ndar
     return {key: v for key, v in cal.items() if key.startswith("cal.")}
 
 
-def element_templates(grid: dict, labels: np.ndarray, floor: float = 0.01) -> np.ndarray | None:
-    """d flux / d[X/H] (19, p) of the simulator at the median of ``labels`` (n, 3), one
-    row per element of :data:`~mendis_ray.spectra.linelist.ELEMENTS`, 0 below ``floor``
-    times its largest |value| (the line pattern keeps >= 99.9% of its sum of squares on
-    6-80% of the pixels: the tests read only those); None where the simulator cannot make
-    spectra on ``grid`` (not one of the named grids)."""
+def element_templates(
+    grid: dict, labels: np.ndarray, floor: float = 0.01
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(templates (m, p), their indices into :data:`~mendis_ray.spectra.linelist.ELEMENTS`
+    (m,)): d flux / d[X/H] of the simulator at the median of ``labels`` (n, 3), 0 below
+    ``floor`` times each one's largest |value| (a giant's line pattern keeps >= 99.8% of
+    its sum of squares; the variance terms read only its pixels), elements without lines
+    there left out; None where the simulator cannot make spectra on ``grid`` (not one of
+    the named grids)."""
     from mendis_ray.science.explain import response_maps
 
     med = np.median(np.asarray(labels, np.float64), axis=0)
     maps = response_maps(grid, med[None]) if np.all(np.isfinite(med)) else None
     if maps is None or not np.all(np.isfinite(maps)):
         return None
-    t = maps[0]
-    return np.where(np.abs(t) >= floor * np.abs(t).max(axis=1, keepdims=True), t, 0.0)
+    peak = np.abs(maps[0]).max(axis=1, keepdims=True)  # (19, 1)
+    keep = np.flatnonzero(peak[:, 0] > 0)
+    t = np.where(np.abs(maps[0]) >= floor * peak, maps[0], 0.0)[keep]
+    return (t, keep.astype(np.float64)) if keep.size else None
 
 
 @dataclass
@@ -299,10 +305,11 @@ class SignalScorer:
         t = self.ref.get("elements.templates")
         if t is None:
             return None
-        if self._a32 is None or self._a32[0] is not t:
-            a = (np.asarray(t, np.float64) / self.model.basis.scale).astype(np.float32)
-            self._a32 = (t, np.ascontiguousarray(a))
-        return self._a32[1]
+        scale = self.model.basis.scale
+        if self._a32 is None or self._a32[0] is not t or self._a32[1] is not scale:
+            a = (np.asarray(t, np.float64) / scale).astype(np.float32)
+            self._a32 = (t, scale, np.ascontiguousarray(a))
+        return self._a32[2]
 
     # -- building the reference -----------------------------------------------------------
 
@@ -336,12 +343,11 @@ class SignalScorer:
                "label_lo": labels.min(0) - 5 * labels.std(0),
                "label_hi": labels.max(0) + 5 * labels.std(0),
                "snr_max": np.quantile(star_snr(src, src_ivar), [0.995])}  # fmt: skip
-        templates = None
+        found = None
         if model.cfg.element_tests:
-            templates = element_templates(grid or {}, labels if train is None else train_labels)
-        if templates is not None:
-            ref |= {"elements.templates": templates,
-                    "elements.index": np.arange(len(ELEMENTS), dtype=np.float64)}  # fmt: skip
+            found = element_templates(grid or {}, labels if train is None else train_labels)
+        if found is not None:
+            ref |= {"elements.templates": found[0], "elements.index": found[1]}
         scorer = cls(model, ref, grid or {})
         c = model.coordinates(flux, ivar, labels)
         # residual statistics: calibrated on the training stars when given (the linear
