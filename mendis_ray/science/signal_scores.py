@@ -212,11 +212,13 @@ def _stat_tails(ref: dict, rho: np.ndarray, stats: np.ndarray) -> list[np.ndarra
             for j, name in enumerate(_stat_names(ref))]  # fmt: skip
 
 
-def _residual_tails(ref: dict, rho: np.ndarray, stats: np.ndarray) -> list[np.ndarray]:
+def _residual_tails(
+    ref: dict, rho: np.ndarray, stats: np.ndarray, tails: list[np.ndarray] | None = None
+) -> list[np.ndarray]:
     """The tails the residual score takes the most significant of: chi^2, each scan, and
     the elements as one family (their most significant, calibrated again: one more test
-    for the scans to share, not nineteen)."""
-    tails = _stat_tails(ref, rho, stats)
+    for the scans to share, not nineteen).  ``tails``: :func:`_stat_tails`, if at hand."""
+    tails = _stat_tails(ref, rho, stats) if tails is None else tails
     n_base = 1 + len(SCALES)
     if len(tails) > n_base:
         worst = -np.min(tails[n_base:], axis=0)
@@ -235,10 +237,11 @@ def _residual_calibration(ref: dict, cc: SignalCoordinates) -> dict[str, np.ndar
     cal = dict(ref)
     for j, name in enumerate(_stat_names(ref)):
         cal |= NoiseCalibration.fit(rho, stats[:, j]).arrays(f"cal.{name}")
+    tails = _stat_tails(cal, rho, stats)
     if cc.proj.template_z is not None:  # the most significant element, calibrated again
-        worst = -np.min(_stat_tails(cal, rho, stats)[1 + len(SCALES) :], axis=0)
+        worst = -np.min(tails[1 + len(SCALES) :], axis=0)
         cal |= NoiseCalibration.fit(rho, worst).arrays("cal.elements")
-    worst = -np.min(_residual_tails(cal, rho, stats), axis=0)  # large = unusual
+    worst = -np.min(_residual_tails(cal, rho, stats, tails), axis=0)  # large = unusual
     cal |= NoiseCalibration.fit(rho, worst).arrays("cal.residual")
     return {key: v for key, v in cal.items() if key.startswith("cal.")}
 
@@ -329,33 +332,28 @@ class SignalScorer:
         regression (label-free scores) from ``train_coords``; the residual calibration and
         the flux ranges from ``train`` = (flux, ivar, labels) of the training stars when
         given (else from the held-out ones)."""
-        train_flux, train_ivar, train_labels = train if train is not None else (None,) * 3
+        # the training stars when given: the linear stage has k << n parameters, so they
+        # are as good as held-out ones for the residual, and many more
+        cal_flux, cal_ivar, cal_labels = (flux, ivar, labels) if train is None else train
         k = model.basis.k
         xs = np.c_[train_coords.y[:, :k], np.ones(len(train_coords.y))]
         coef = np.linalg.lstsq(xs, train_coords.y[:, k:], rcond=None)[0]  # (k + 1, 3)
         res = train_coords.y[:, k:] - xs @ coef
         chol = np.linalg.cholesky(np.cov(res.T) * 1.5**2 + 1e-6 * np.eye(3))
-        src, src_ivar = (flux, ivar) if train_flux is None else (train_flux, train_ivar)
-        fl = np.where(src_ivar > 0, src, np.nan)
+        fl = np.where(cal_ivar > 0, cal_flux, np.nan)
         ref = {"label_coef": coef, "label_chol": chol,
                "flux_lo": np.nanmin(fl, 0) - 5 * model.basis.scale,
                "flux_hi": np.nanmax(fl, 0) + 5 * model.basis.scale,
                "label_lo": labels.min(0) - 5 * labels.std(0),
                "label_hi": labels.max(0) + 5 * labels.std(0),
-               "snr_max": np.quantile(star_snr(src, src_ivar), [0.995])}  # fmt: skip
-        found = None
-        if model.cfg.element_tests:
-            found = element_templates(grid or {}, labels if train is None else train_labels)
+               "snr_max": np.quantile(star_snr(cal_flux, cal_ivar), [0.995])}  # fmt: skip
+        found = element_templates(grid or {}, cal_labels) if model.cfg.element_tests else None
         if found is not None:
             ref |= {"elements.templates": found[0], "elements.index": found[1]}
         scorer = cls(model, ref, grid or {})
-        c = model.coordinates(flux, ivar, labels)
-        # residual statistics: calibrated on the training stars when given (the linear
-        # stage has k << n parameters, so they are as good as held-out ones, and many more)
-        cal_flux, cal_ivar = (flux, ivar) if train_flux is None else (train_flux, train_ivar)
-        cal_labels = labels if train_flux is None else train_labels
         cc = model.coordinates(cal_flux, cal_ivar, cal_labels, keep_residual=True,
                                templates=scorer._templates())  # fmt: skip
+        c = cc if train is None else model.coordinates(flux, ivar, labels)  # held-out stars
         ref |= _residual_calibration(ref, cc)
         # the flow's log q: held-out stars only (the flow has seen the training ones)
         rho = _rho_sig(c, model)
