@@ -51,3 +51,23 @@ def test_lr_drop_keeps_an_improving_run_going() -> None:
     hist = fit(model, lambda e: [train], lambda: [val], cfg, optimizer=opt, show_progress=False)
     assert len(hist.epochs) == 6 and not hist.stopped_early
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_weight_average_is_validated_and_kept() -> None:
+    """With ema_decay d, the validated and restored weights are the moving average: SGD
+    moves mu from 0 towards 1 by lr (1 - mu) per step; the average follows
+    a <- d a + (1 - d) mu; validation on the training data improves every epoch, so the
+    final state is the last average, not the raw weights."""
+    train = val = torch.ones(64, 1)
+    model = _Mean()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    d, epochs = 0.5, 5
+    cfg = TrainConfig(lr=0.1, epochs=epochs, patience=10, ema_decay=d)
+    hist = fit(model, lambda e: [train], lambda: [val], cfg, optimizer=opt, show_progress=False)
+    mu, avg = 0.0, 0.0
+    for _ in range(epochs):  # one batch per epoch: one step
+        mu += 0.1 * (1 - mu)
+        avg = d * avg + (1 - d) * mu
+    assert hist.best_epoch == epochs - 1
+    assert model.mu.item() == pytest.approx(avg, rel=1e-6)
+    assert hist.epochs[-1]["val_log_prob"] == pytest.approx(-0.5 * (1 - avg) ** 2, rel=1e-5)

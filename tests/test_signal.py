@@ -138,6 +138,9 @@ def trained(tmp_path_factory):
     return data, out / "checkpoint"
 
 
+STRUCTURE_KEYS = ("structure.", "cal.structure", "cal.signal_tests")
+
+
 def _arrays(data, name):
     return table_arrays(read_dataset(data / name))
 
@@ -193,15 +196,39 @@ def test_element_tests_find_the_element_out_of_step(trained) -> None:
 
 def test_checkpoints_without_element_tests_still_score(trained) -> None:
     """A reference without the element arrays (a checkpoint written before them, or a grid
-    the simulator does not know) scores with chi^2 and the four scans only."""
+    the simulator does not know) scores with chi^2 and the four scans only; one without
+    the structure tests with the flow's log q alone."""
     data, ckpt = trained
     scorer = load_scorer(ckpt)
     scorer.ref = {k: v for k, v in scorer.ref.items()
-                  if not k.startswith(("elements.", "cal.elem"))}  # fmt: skip
+                  if not k.startswith(("elements.", "cal.elem", *STRUCTURE_KEYS))}  # fmt: skip
     te = _arrays(data, "test")
     assert scorer._pixel_pass(te.flux, te.ivar, te.labels).stats.shape[1] == 5
     out = scorer.score(te.flux, te.ivar, te.labels)
     assert np.isfinite(out["residual_score"]).all() and np.isfinite(out["score"]).all()
+
+
+def test_structure_tests_see_stars_between_the_alpha_sequences(trained) -> None:
+    """The checkpoint carries the structure tests (one 2-D density per label and
+    independent component); they find the stars between the alpha sequences, which the
+    flow's log q alone ranks near chance, and lift the signal score with them."""
+    from mendis_ray.science.signal_scores import _rho_sig
+    from mendis_ray.science.structure import StructureTests
+
+    data, ckpt = trained
+    scorer = load_scorer(ckpt)
+    k = scorer.model.basis.k
+    tests = StructureTests.from_arrays(scorer.ref)
+    assert tests is not None and tests.pairs.shape == (3 * k, 2)
+    te, odd = _arrays(data, "test"), _arrays(data, "between_alpha")
+    ct, co = (scorer.model.coordinates(a.flux, a.ivar, a.labels) for a in (te, odd))
+    assert auroc(-tests.statistic(ct.y), -tests.statistic(co.y)) > 0.8
+    without = SignalScorer(scorer.model, {k_: v for k_, v in scorer.ref.items()
+                                          if not k_.startswith(STRUCTURE_KEYS)})  # fmt: skip
+    flow_only = auroc(*(without.score(a.flux, a.ivar, a.labels)["signal_score"] for a in (te, odd)))
+    both = auroc(*(scorer.score(a.flux, a.ivar, a.labels)["signal_score"] for a in (te, odd)))
+    assert both > flow_only + 0.05, (flow_only, both)
+    assert np.isfinite(_rho_sig(ct, scorer.model)).all()
 
 
 def test_impossible_spectra_rank_first_never_nan(trained) -> None:

@@ -64,10 +64,17 @@ class NoiseCalibration:
         lo = hi - 1
         w = np.clip((t - c[lo]) / np.maximum(c[hi] - c[lo], 1e-12), 0, 1)
         out = np.zeros(len(u))
-        for b in range(len(c)):  # each star reads its two bins only (not all B)
-            for rows, weight in ((np.flatnonzero(lo == b), 1 - w), (np.flatnonzero(hi == b), w)):
-                if rows.size:
-                    out[rows] += weight[rows] * self._log_tail_bin(b, u[rows])
+        # each star reads its two bins only (not all B): bin b serves the stars with lo == b
+        # and those with hi == b, i.e. lo == b - 1 (one sort groups them, one read per bin)
+        order = np.argsort(lo, kind="stable")
+        start = np.searchsorted(lo, np.arange(len(c) + 1), sorter=order)
+        for b in range(len(c)):
+            own, below = order[start[b] : start[b + 1]], order[start[max(b - 1, 0)] : start[b]]
+            rows = np.concatenate([own, below])
+            if rows.size:
+                tail = self._log_tail_bin(b, u[rows])
+                out[own] += (1 - w[own]) * tail[: own.size]
+                out[below] += w[below] * tail[own.size :]
         return out
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:

@@ -6,11 +6,14 @@ logs of tail probabilities, 0 = perfectly typical, -inf = impossible):
 ``signal_score``
     Is the star's *stellar signal* typical?  The conditional flow's log q(signal
     coordinates, labels | noise level), as the fraction of held-out training stars at the
-    same noise level whose log q is as low (:class:`NoiseCalibration`).  Finds unusual
-    combinations: between the alpha sequences, off the giant branch, odd abundance
-    patterns, labels that do not match the spectrum.  Without labels (NaN), the labels are
-    integrated out by importance sampling (32 draws from a linear regression of labels on
-    the signal coordinates).
+    same noise level whose log q is as low (:class:`NoiseCalibration`).  With the
+    structure tests (:mod:`mendis_ray.science.structure`: a gap in one of the 2-D
+    projections label x independent component, which a joint density dilutes), the more
+    significant of the two tails, calibrated again.  Finds unusual combinations: between
+    the alpha sequences, off the giant branch, odd abundance patterns, labels that do not
+    match the spectrum.  Without labels (NaN), the labels are integrated out by importance
+    sampling (32 draws from a linear regression of labels on the signal coordinates), and
+    the structure tests, which need the labels, are left out.
 ``residual_score``
     Is there anything *outside* the signal space?  The residual after the star's own
     noise-weighted projection, scanned at 1, 4, 16 and 64 pixels (the largest |window sum|
@@ -62,6 +65,7 @@ from mendis_ray.flow.signal_basis import Projection, SignalBasis
 from mendis_ray.science.flags import Flag, flag_columns
 from mendis_ray.science.metrics import percentile_rank
 from mendis_ray.science.noise_calibration import NoiseCalibration
+from mendis_ray.science.structure import StructureTests
 from mendis_ray.spectra.linelist import ELEMENTS
 
 __all__ = ["NoiseCalibration", "SignalScorer", "residual_statistics"]
@@ -246,6 +250,19 @@ def _residual_calibration(ref: dict, cc: SignalCoordinates) -> dict[str, np.ndar
     return {key: v for key, v in cal.items() if key.startswith("cal.")}
 
 
+def _structure_calibration(
+    ref: dict, tests: StructureTests, c: SignalCoordinates, rho: np.ndarray, model
+) -> dict[str, np.ndarray]:
+    """The structure tests' arrays and calibrations from the held-out stars ``c``: their
+    statistic (``cal.structure``), then the more significant of it and the flow's tail
+    (``cal.signal_tests``), per noise level ``rho``."""
+    u = tests.statistic(c.y)
+    out = tests.arrays() | NoiseCalibration.fit(rho, u).arrays("cal.structure")
+    tail = NoiseCalibration.from_arrays(out, "cal.structure").log_tail(rho, u)
+    flow = NoiseCalibration.from_arrays(ref, "cal.signal").log_tail(rho, -model.flow_log_prob(c))
+    return out | NoiseCalibration.fit(rho, -np.minimum(flow, tail)).arrays("cal.signal_tests")
+
+
 def element_templates(
     grid: dict, labels: np.ndarray, floor: float = 0.01
 ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -302,6 +319,7 @@ class SignalScorer:
     max_masked_fraction: float = 0.2
     n_importance: int = 32
     _a32: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _structure: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def _templates(self) -> np.ndarray | None:
         """The element templates in standardized units, float32 (m, p), or None."""
@@ -331,7 +349,8 @@ class SignalScorer:
         (m, 3): percentiles, the flow's noise calibration, flux and label ranges; the label
         regression (label-free scores) from ``train_coords``; the residual calibration and
         the flux ranges from ``train`` = (flux, ivar, labels) of the training stars when
-        given (else from the held-out ones)."""
+        given (else from the held-out ones); the structure tests' densities from
+        ``train_coords``, their calibration from the held-out stars."""
         # the training stars when given: the linear stage has k << n parameters, so they
         # are as good as held-out ones for the residual, and many more
         cal_flux, cal_ivar, cal_labels = (flux, ivar, labels) if train is None else train
@@ -359,12 +378,28 @@ class SignalScorer:
         rho = _rho_sig(c, model)
         ref |= NoiseCalibration.fit(rho, -model.flow_log_prob(c)).arrays("cal.signal")
         ref |= NoiseCalibration.fit(rho, -scorer._label_free(c)[0]).arrays("cal.signal_free")
+        if model.cfg.structure_tests:  # densities of the training stars, held-out calibration
+            tests = StructureTests.fit(train_coords.y, k)
+            ref |= _structure_calibration(ref, tests, c, rho, model)
         fisher = scorer.score(flux, ivar, labels)["score"]  # before its own calibration
         ref |= NoiseCalibration.fit(rho, -fisher).arrays("cal.combined")
         out = scorer.score(flux, ivar, labels)
         for key in ("score", "signal_score", "residual_score"):
             ref[f"sorted.{key}"] = np.sort(out[key])
         return scorer
+
+    def _with_structure(self, c: SignalCoordinates, rho: np.ndarray, flow: np.ndarray):
+        """The signal tail with the structure tests (n,): the more significant of the flow's
+        tail and the structure tests' tail, calibrated again (two tests, not one)."""
+        key, cached = self.ref.get("structure.unmix"), self._structure
+        if cached is None or cached[0] is not key:
+            cached = self._structure = (key, StructureTests.from_arrays(self.ref))
+        if cached[1] is None:  # calibrations without the tests' arrays: the flow alone
+            return flow
+        u = cached[1].statistic(c.y)
+        tail = NoiseCalibration.from_arrays(self.ref, "cal.structure").log_tail(rho, u)
+        both = -np.minimum(flow, tail)
+        return NoiseCalibration.from_arrays(self.ref, "cal.signal_tests").log_tail(rho, both)
 
     def _label_free(self, c: SignalCoordinates, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """log q(signal coordinates | t) with the labels integrated out (importance
@@ -449,10 +484,11 @@ class SignalScorer:
             sub = SignalCoordinates(c.y[~labelled], c.t[~labelled], c.proj)
             lq[~labelled], est[~labelled] = self._label_free(sub)
         rho = _rho_sig(c, m)
+        flow = NoiseCalibration.from_arrays(r, "cal.signal").log_tail(rho, -lq)
+        if "cal.signal_tests.centers" in r:  # with the structure tests (labelled rows)
+            flow = self._with_structure(c, rho, flow)
         sig = np.where(
-            labelled,
-            NoiseCalibration.from_arrays(r, "cal.signal").log_tail(rho, -lq),
-            NoiseCalibration.from_arrays(r, "cal.signal_free").log_tail(rho, -lq),
+            labelled, flow, NoiseCalibration.from_arrays(r, "cal.signal_free").log_tail(rho, -lq)
         )
         rr = _rho_res(c)
         tails = _residual_tails(r, rr, px.stats)

@@ -8,6 +8,7 @@ The Ray trainer calls these functions unchanged inside each TorchTrainer worker.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ from mendis_ray.flow.lu import LUInvertibleLinear
 __all__ = [
     "EarlyStopping",
     "History",
+    "WeightAverage",
     "array_batches",
     "evaluate",
     "fit",
@@ -83,8 +85,10 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     grad_clip: float | None = None,
     progress: Callable[[int, float], None] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """One pass of maximum likelihood over ``batches``.
+    """One pass of maximum likelihood over ``batches`` (``after_step``: called after each
+    optimizer step, e.g. :meth:`WeightAverage.update`).
 
     Returns:
         ``{"train_log_prob": mean log p per row, "rows": n, "seconds": wall time}``.
@@ -103,6 +107,8 @@ def train_epoch(
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
+        if after_step is not None:
+            after_step()
         total += float(log_p.detach().sum())
         rows += x.shape[0]
         if progress is not None:
@@ -123,6 +129,24 @@ def evaluate(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, flo
         total += float(model(x).double().sum())
         rows += x.shape[0]
     return {"val_log_prob": total / max(rows, 1), "rows": rows}
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters (Polyak averaging), updated
+    after every optimizer step; buffers are copied.  ``shadow`` is the averaged model, the
+    one that is validated and kept."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.model, self.decay = model, decay
+        self.shadow = copy.deepcopy(model).eval()
+        self.shadow.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for avg, p in zip(self.shadow.parameters(), self.model.parameters(), strict=True):
+            avg.lerp_(p, 1.0 - self.decay)
+        for avg, b in zip(self.shadow.buffers(), self.model.buffers(), strict=True):
+            avg.copy_(b)
 
 
 @dataclass
@@ -185,6 +209,8 @@ def fit(
     """
     torch.manual_seed(cfg.seed)
     optimizer = optimizer or make_optimizer(model, cfg)
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    judged = model if average is None else average.shadow  # validated, kept
     stopper = EarlyStopping(cfg.patience)
     hist = History()
     bar = _progress_bar(cfg.epochs, show_progress)
@@ -197,11 +223,14 @@ def fit(
     log.info("initial val log p %.2f", hist.initial_val_log_prob)
     drops = 0
     for epoch in range(cfg.epochs):
+        step_hook = None if average is None else average.update
         metrics = {
             "epoch": epoch,
-            **train_epoch(model, train_batches(epoch), optimizer, cfg.grad_clip),
+            **train_epoch(
+                model, train_batches(epoch), optimizer, cfg.grad_clip, after_step=step_hook
+            ),
         }
-        metrics |= evaluate(model, val_batches())
+        metrics |= evaluate(judged, val_batches())
         hist.epochs.append(metrics)
         if bar is not None:
             bar.update(1)
@@ -214,12 +243,14 @@ def fit(
         )  # fmt: skip
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if stopper.step(epoch, metrics["val_log_prob"], model):
+        if stopper.step(epoch, metrics["val_log_prob"], judged):
             hist.stopped_early = True
             break
         if _plateau(stopper, cfg, drops):
             drops += 1
             _drop_lr(model, optimizer, stopper, cfg.lr_drop)
+            if average is not None:
+                average.shadow.load_state_dict(stopper.best_state)
             log.info("epoch %d: plateau, back to epoch %d at lr x %g", epoch,
                      stopper.best_epoch, cfg.lr_drop ** drops)  # fmt: skip
         if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s:
