@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from mendis_ray import cli_data, cli_ray, cli_train
+from mendis_ray import cli_data, cli_ray, cli_train, interrupt
 
 log = logging.getLogger("mendis_ray")
 
@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        return args.func(args)
+        with interrupt.catching():
+            rc = args.func(args)
+            if interrupt.pending():  # a Ctrl-C swallowed on the way (see mendis_ray.interrupt)
+                raise KeyboardInterrupt
+        return rc
     except ValueError as err:  # bad input: a clear message, no traceback
         log.debug("details", exc_info=True)
         print(f"mendis {args.command}: error: {err}", file=sys.stderr)

@@ -59,6 +59,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mendis_ray import interrupt
 from mendis_ray.atomic import remove_stale_dirs, replace_dir
 from mendis_ray.config import MARGINAL_MODES, ScoreConfig
 from mendis_ray.distributed.actor_pool import (
@@ -331,6 +332,8 @@ def _removed_on_failure(out: Path) -> Iterator[None]:
     created = not out.exists()
     try:
         yield
+        if interrupt.pending():  # Ctrl-C swallowed on the way: the run does not count
+            raise KeyboardInterrupt
     except BaseException as err:
         if created:
             shutil.rmtree(out, ignore_errors=True)

@@ -73,3 +73,26 @@ def test_ctrl_c_of_mendis_score_leaves_nothing_running(checkpoint, sim_sets, tmp
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def test_a_swallowed_ctrl_c_removes_the_out_folder(tmp_path):
+    """The run finished writing, but Ctrl-C was pressed (and swallowed) on the way: the
+    folder it made does not stay as if the run had counted."""
+    from mendis_ray import interrupt
+    from mendis_ray.distributed.infer import _removed_on_failure
+
+    out = tmp_path / "out"
+    with interrupt.catching(), pytest.raises(KeyboardInterrupt):
+        with _removed_on_failure(out):
+            out.mkdir()
+            (out / "summary.json").write_text("{}")
+            _swallow()
+    assert not out.exists()
+
+
+def _swallow() -> None:
+    class Eats:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    Eats()
