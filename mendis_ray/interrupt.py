@@ -27,8 +27,8 @@ def _handler(signum, frame) -> None:
 
 
 def pending() -> bool:
-    """True once Ctrl-C was pressed during :func:`catching` (whether or not the
-    ``KeyboardInterrupt`` reached the command)."""
+    """True once Ctrl-C was pressed in the current :func:`catching` body (whether or not
+    the ``KeyboardInterrupt`` reached the command)."""
     return _PENDING.is_set()
 
 
@@ -45,3 +45,4 @@ def catching() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        _PENDING.clear()  # read inside the body only

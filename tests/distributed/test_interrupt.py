@@ -75,19 +75,22 @@ def test_ctrl_c_of_mendis_score_leaves_nothing_running(checkpoint, sim_sets, tmp
                 pass
 
 
-def test_a_swallowed_ctrl_c_removes_the_out_folder(tmp_path):
+def test_a_swallowed_ctrl_c_removes_the_out_folder(tmp_path, monkeypatch):
     """The run finished writing, but Ctrl-C was pressed (and swallowed) on the way: the
-    folder it made does not stay as if the run had counted."""
+    folder it made does not stay as if the run had counted, and Ray is stopped."""
     from mendis_ray import interrupt
+    from mendis_ray.distributed import session
     from mendis_ray.distributed.infer import _removed_on_failure
 
+    stopped = []  # not the test session's Ray: record the call instead
+    monkeypatch.setattr(session, "shutdown_embedded_ray", lambda: stopped.append(1))
     out = tmp_path / "out"
     with interrupt.catching(), pytest.raises(KeyboardInterrupt):
         with _removed_on_failure(out):
             out.mkdir()
             (out / "summary.json").write_text("{}")
             _swallow()
-    assert not out.exists()
+    assert not out.exists() and stopped == [1]
 
 
 def _swallow() -> None:
