@@ -251,15 +251,15 @@ def _residual_calibration(ref: dict, cc: SignalCoordinates) -> dict[str, np.ndar
 
 
 def _structure_calibration(
-    ref: dict, tests: StructureTests, c: SignalCoordinates, rho: np.ndarray, model
+    tests: StructureTests, y: np.ndarray, rho: np.ndarray, flow: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """The structure tests' arrays and calibrations from the held-out stars ``c``: their
-    statistic (``cal.structure``), then the more significant of it and the flow's tail
-    (``cal.signal_tests``), per noise level ``rho``."""
-    u = tests.statistic(c.y)
+    """The structure tests' arrays and calibrations from held-out stars (coordinates
+    ``y``, noise levels ``rho``, the flow's calibrated tails ``flow``): their statistic
+    (``cal.structure``), then the more significant of it and the flow's tail
+    (``cal.signal_tests``)."""
+    u = tests.statistic(y)
     out = tests.arrays() | NoiseCalibration.fit(rho, u).arrays("cal.structure")
     tail = NoiseCalibration.from_arrays(out, "cal.structure").log_tail(rho, u)
-    flow = NoiseCalibration.from_arrays(ref, "cal.signal").log_tail(rho, -model.flow_log_prob(c))
     return out | NoiseCalibration.fit(rho, -np.minimum(flow, tail)).arrays("cal.signal_tests")
 
 
@@ -375,12 +375,13 @@ class SignalScorer:
         c = cc if train is None else model.coordinates(flux, ivar, labels)  # held-out stars
         ref |= _residual_calibration(ref, cc)
         # the flow's log q: held-out stars only (the flow has seen the training ones)
-        rho = _rho_sig(c, model)
-        ref |= NoiseCalibration.fit(rho, -model.flow_log_prob(c)).arrays("cal.signal")
+        rho, lq = _rho_sig(c, model), model.flow_log_prob(c)
+        flow = NoiseCalibration.fit(rho, -lq)
+        ref |= flow.arrays("cal.signal")
         ref |= NoiseCalibration.fit(rho, -scorer._label_free(c)[0]).arrays("cal.signal_free")
         if model.cfg.structure_tests:  # densities of the training stars, held-out calibration
             tests = StructureTests.fit(train_coords.y, k)
-            ref |= _structure_calibration(ref, tests, c, rho, model)
+            ref |= _structure_calibration(tests, c.y, rho, flow.log_tail(rho, -lq))
         fisher = scorer.score(flux, ivar, labels)["score"]  # before its own calibration
         ref |= NoiseCalibration.fit(rho, -fisher).arrays("cal.combined")
         out = scorer.score(flux, ivar, labels)

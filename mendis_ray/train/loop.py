@@ -211,6 +211,7 @@ def fit(
     optimizer = optimizer or make_optimizer(model, cfg)
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     judged = model if average is None else average.shadow  # validated, kept
+    step_hook = None if average is None else average.update
     stopper = EarlyStopping(cfg.patience)
     hist = History()
     bar = _progress_bar(cfg.epochs, show_progress)
@@ -223,7 +224,6 @@ def fit(
     log.info("initial val log p %.2f", hist.initial_val_log_prob)
     drops = 0
     for epoch in range(cfg.epochs):
-        step_hook = None if average is None else average.update
         metrics = {
             "epoch": epoch,
             **train_epoch(
