@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from mendis_ray.cli import main
 from mendis_ray.config import SignalConfig
@@ -192,6 +193,25 @@ def test_element_tests_find_the_element_out_of_step(trained) -> None:
         assert np.mean(found[rows] == el) > 0.7, (el, found[rows])
     base = scorer.score(te.flux, te.ivar, te.labels)["residual_score"]
     assert auroc(base, scorer.score(odd.flux, odd.ivar, odd.labels)["residual_score"]) > 0.9
+
+
+def test_score_is_the_more_significant_tail_and_old_checkpoints_keep_fisher(trained) -> None:
+    """``score`` is log(1 - (1 - p)^2) of p = exp(min(signal_score, residual_score))
+    (Sidak's correction for two tests): below 0 wherever either is, so inliers do not tie
+    at 0; a reference without ``combine_min`` (written before it) combines them by
+    Fisher's method."""
+    data, ckpt = trained
+    scorer = load_scorer(ckpt)
+    assert "combine_min" in scorer.ref and "cal.combined.centers" not in scorer.ref
+    te = _arrays(data, "test")
+    out = scorer.score(te.flux, te.ivar, te.labels)
+    p = np.exp(np.minimum(out["signal_score"], out["residual_score"]))
+    np.testing.assert_allclose(out["score"], np.log(p * (2 - p)), rtol=1e-9, atol=1e-12)
+    assert np.mean(out["score"] == 0.0) < 0.01  # no pile of ties at "perfectly typical"
+    del scorer.ref["combine_min"]
+    old = scorer.score(te.flux, te.ivar, te.labels)
+    x = -2 * (old["signal_score"] + old["residual_score"])
+    np.testing.assert_allclose(old["score"], np.minimum(stats.chi2(4).logsf(x), 0.0), atol=1e-9)
 
 
 def test_checkpoints_without_element_tests_still_score(trained) -> None:
