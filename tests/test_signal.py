@@ -196,22 +196,51 @@ def test_element_tests_find_the_element_out_of_step(trained) -> None:
 
 
 def test_score_is_the_more_significant_tail_and_old_checkpoints_keep_fisher(trained) -> None:
-    """``score`` is log(1 - (1 - p)^2) of p = exp(min(signal_score, residual_score))
-    (Sidak's correction for two tests): below 0 wherever either is, so inliers do not tie
-    at 0; a reference without ``combine_min`` (written before it) combines them by
-    Fisher's method."""
+    """``score`` is the tail of the more significant of signal_score and residual_score
+    for the held-out correlation of the two (one per noise bin), not a pile of ties at 0;
+    a reference without ``combine.corr`` (written before it) uses Fisher's method."""
+    from mendis_ray.science.signal_scores import _rho_sig, min_tail
+
     data, ckpt = trained
     scorer = load_scorer(ckpt)
-    assert "combine_min" in scorer.ref and "cal.combined.centers" not in scorer.ref
+    assert "combine.corr" in scorer.ref and "cal.combined.centers" not in scorer.ref
+    assert np.all(np.abs(scorer.ref["combine.corr"]) < 1)
     te = _arrays(data, "test")
     out = scorer.score(te.flux, te.ivar, te.labels)
-    p = np.exp(np.minimum(out["signal_score"], out["residual_score"]))
-    np.testing.assert_allclose(out["score"], np.log(p * (2 - p)), rtol=1e-9, atol=1e-12)
-    assert np.mean(out["score"] == 0.0) < 0.01  # no pile of ties at "perfectly typical"
-    del scorer.ref["combine_min"]
+    rho = _rho_sig(scorer._pixel_pass(te.flux, te.ivar, te.labels).c, scorer.model)
+    corr = np.interp(rho, scorer.ref["combine.centers"], scorer.ref["combine.corr"])
+    both = np.minimum(out["signal_score"], out["residual_score"])
+    np.testing.assert_array_equal(out["score"], min_tail(both, corr))
+    assert np.all(out["score"] <= both + np.log(2) + 1e-12) and np.all(out["score"] >= both)
+    assert np.mean(out["score"] == 0.0) < 0.01
+    for key in ("combine.centers", "combine.corr"):
+        del scorer.ref[key]
     old = scorer.score(te.flux, te.ivar, te.labels)
     x = -2 * (old["signal_score"] + old["residual_score"])
     np.testing.assert_allclose(old["score"], np.minimum(stats.chi2(4).logsf(x), 0.0), atol=1e-9)
+
+
+@pytest.mark.parametrize("r", [-0.5, 0.0, 0.3, 0.8, 0.99])
+def test_min_tail_is_the_bivariate_normal_probability(r: float) -> None:
+    """``min_tail`` against scipy's bivariate normal CDF, 1 - Phi2(-c, -c; r); the two ends
+    (independent: 2p - p^2; r -> 1: p); ordered and finite down to -1e4 and -inf."""
+    from mendis_ray.science.signal_scores import min_tail
+
+    m = np.log(np.array([1e-12, 1e-6, 1e-3, 0.01, 0.1, 0.3, 0.6, 0.9]))
+    c = stats.norm.ppf(np.exp(m))
+    bvn = stats.multivariate_normal([0, 0], [[1, r], [r, 1]])
+    want = np.log(1 - np.array([bvn.cdf([-ci, -ci]) for ci in c]))
+    ok = np.exp(m) > 1e-5  # the CDF's own accuracy (~1e-8 absolute) ends below
+    np.testing.assert_allclose(min_tail(m, np.full(len(m), r))[ok], want[ok], atol=2e-4)
+    if r == 0.0:
+        p = np.exp(m)
+        np.testing.assert_allclose(min_tail(m, np.zeros(len(m))), np.log(p * (2 - p)), rtol=1e-9)
+    far = np.array([0.0, -1.0, -50.0, -1e4, -np.inf])
+    out = min_tail(far, np.full(5, r))
+    assert out[0] == 0.0 and out[-1] == -np.inf and np.all(np.isfinite(out[:-1]))
+    assert np.all(np.diff(out) < 0) and np.all(out >= far)
+    toward_min = min_tail(m, np.full(len(m), 0.99))  # more dependent: less to correct
+    assert np.all(toward_min <= min_tail(m, np.zeros(len(m)))) and np.all(toward_min >= m)
 
 
 def test_checkpoints_without_element_tests_still_score(trained) -> None:
