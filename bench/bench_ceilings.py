@@ -142,7 +142,8 @@ def _branch_log_density(table) -> np.ndarray:
     lo, hi = pop.logg_range
     u = np.clip((logg - lo) / (hi - lo), 1e-12, 1.0)  # log g = lo + (hi - lo) u^0.7
     p_rgb = np.where((logg > lo) & (logg < hi), u ** (1 / 0.7 - 1) / (0.7 * (hi - lo)), 0.0)
-    # the clump's log g: N(2.45, 0.06) cut to [2.3, 2.65] (SurveyPopulation.sample_giants)
+    # the clump's log g: N(2.45, 0.06) clipped to [2.3, 2.65] (SurveyPopulation.sample_giants;
+    # the clip's point masses at the ends, 0.6% of the clump, are taken as a truncation)
     p_rc = truncnorm.pdf(logg, (2.3 - 2.45) / 0.06, (2.65 - 2.45) / 0.06, 2.45, 0.06)
     s = pop.branch_scatter
     rgb = (1 - pop.clump_weight) * p_rgb * norm.pdf(teff, pop.branch_teff(logg, feh), s)

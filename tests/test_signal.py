@@ -17,7 +17,7 @@ from mendis_ray.flow.checkpoint import CheckpointError, checkpoint_kind, load_ch
 from mendis_ray.flow.signal import ConditionalFlow
 from mendis_ray.flow.signal_basis import SignalBasis
 from mendis_ray.science.metrics import auroc
-from mendis_ray.science.signal_scores import SignalScorer, load_scorer
+from mendis_ray.science.signal_scores import NoiseCalibration, SignalScorer, load_scorer
 from mendis_ray.spectra.shards import read_dataset, table_arrays
 
 # --- invariants ------------------------------------------------------------------------
@@ -213,11 +213,32 @@ def test_score_is_the_more_significant_tail_and_old_checkpoints_keep_fisher(trai
     np.testing.assert_array_equal(out["score"], min_tail(both, corr))
     assert np.all(out["score"] <= both + np.log(2) + 1e-12) and np.all(out["score"] >= both)
     assert np.mean(out["score"] == 0.0) < 0.01
-    for key in ("combine.centers", "combine.corr"):
+    for key in ("combine.centers", "combine.corr"):  # an old checkpoint: Fisher, calibrated
         del scorer.ref[key]
+    x = -2 * (out["signal_score"] + out["residual_score"])
+    fisher = np.minimum(stats.chi2(4).logsf(x), 0.0)
+    scorer.ref |= NoiseCalibration.fit(rho, -fisher).arrays("cal.combined")
     old = scorer.score(te.flux, te.ivar, te.labels)
-    x = -2 * (old["signal_score"] + old["residual_score"])
-    np.testing.assert_allclose(old["score"], np.minimum(stats.chi2(4).logsf(x), 0.0), atol=1e-9)
+    want = NoiseCalibration.from_arrays(scorer.ref, "cal.combined").log_tail(rho, -fisher)
+    np.testing.assert_allclose(old["score"], want, atol=1e-9)
+
+
+def test_copula_correlation_recovers_r_and_ignores_unscorable_stars() -> None:
+    """Kendall's tau of a simulated Gaussian copula gives back its correlation per noise
+    bin; -inf tails (unscorable stars) and extreme ones do not move it."""
+    from mendis_ray.science.signal_scores import _copula_correlation
+
+    rng = np.random.default_rng(11)
+    rho = rng.uniform(0, 1, 8000)
+    r = np.where(rho < 0.5, 0.1, 0.4)  # two noise regimes
+    z1 = rng.standard_normal(8000)
+    z2 = r * z1 + np.sqrt(1 - r**2) * rng.standard_normal(8000)
+    sig, res = stats.norm.logcdf(z1), stats.norm.logcdf(z2)  # log tails, (n,)
+    got = _copula_correlation(rho, sig, res, n_bins=4)
+    np.testing.assert_allclose(got["combine.corr"], [0.1, 0.1, 0.4, 0.4], atol=0.06)
+    sig[:3], res[3:6] = -np.inf, -1e4  # unscorable and extreme stars
+    again = _copula_correlation(rho, sig, res, n_bins=4)
+    np.testing.assert_allclose(again["combine.corr"], got["combine.corr"], atol=0.01)
 
 
 @pytest.mark.parametrize("r", [-0.5, 0.0, 0.3, 0.8, 0.99])

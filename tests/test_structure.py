@@ -152,3 +152,16 @@ def test_references_without_the_label_weight_use_the_catalogue_labels() -> None:
     np.testing.assert_array_equal(again.statistic(train[:200]), tests.statistic(train[:200]))
     mixed = StructureTests.fit(train, k=2, label_weight=0.5)
     assert not np.array_equal(mixed.statistic(train[:200]), tests.statistic(train[:200]))
+    reloaded = StructureTests.from_arrays(mixed.arrays())  # a weight > 0 survives the arrays
+    assert reloaded.label_weight[0] == 0.5
+    np.testing.assert_array_equal(reloaded.statistic(train[:200]), mixed.statistic(train[:200]))
+
+
+def test_too_few_labelled_held_out_stars_keep_the_catalogue_labels() -> None:
+    from mendis_ray.science.structure import MIN_HELD_OUT
+
+    rng = np.random.default_rng(10)
+    train, held_out = _noisy_labels(3000, rng, 0.5), _noisy_labels(MIN_HELD_OUT + 20, rng, 0.5)
+    held_out[:40, -1] = np.nan  # label-free rows have no say
+    assert StructureTests.select(train, held_out, k=4).label_weight[0] == 0.0
+    assert StructureTests.select(train, held_out[40:], k=4).label_weight[0] == 0.0
