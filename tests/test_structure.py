@@ -165,3 +165,45 @@ def test_too_few_labelled_held_out_stars_keep_the_catalogue_labels() -> None:
     held_out[:40, -1] = np.nan  # label-free rows have no say
     assert StructureTests.select(train, held_out, k=4).label_weight[0] == 0.0
     assert StructureTests.select(train, held_out[40:], k=4).label_weight[0] == 0.0
+
+
+def _sequence(n: int, rng, off: bool = False) -> np.ndarray:
+    """(n, 2 + 3): labels on a narrow curved sequence (label 0 = label 1^2 + sd 0.15, as
+    a giant branch's Teff against log g; ``off``: 4-5 sd to either side), and two signal
+    coordinates that track labels 0 and 2."""
+    g, feh = rng.uniform(-1.5, 1.5, n), rng.standard_normal(n)
+    shift = rng.uniform(4, 5, n) * rng.choice([-1.0, 1.0], n) if off else rng.standard_normal(n)
+    teff = g**2 + 0.15 * shift
+    coords = np.c_[teff, feh] + 0.05 * rng.standard_normal((n, 2))
+    return np.c_[coords, teff, g, feh]
+
+
+def test_label_density_finds_stars_off_a_narrow_label_sequence() -> None:
+    """The 3-D kernel density of the labels is normalised, survives the arrays, and finds
+    stars moved off a narrow curved sequence, where the labels' joint Gaussian is blind;
+    further out never ranks as more typical; broken labels are finite and far below; a
+    reference written before it has none."""
+    rng = np.random.default_rng(12)
+    train, test, odd = _sequence(6000, rng), _sequence(500, rng), _sequence(100, rng, off=True)
+    tests = StructureTests.fit(train, k=2)
+    assert tests.label_density.shape == (64, 64, 64)
+    mass = np.exp(tests.label_density).sum() * np.prod(tests.label_step)
+    assert mass == pytest.approx(1.0, abs=0.01)
+    assert auroc(tests.label_log_density(test), tests.label_log_density(odd)) > 0.95
+    lab = train[:, 2:]
+    prec = np.linalg.inv(np.cov(lab.T))
+    d = lambda y: -np.einsum("ni,ij,nj->n", y[:, 2:] - lab.mean(0), prec, y[:, 2:] - lab.mean(0))  # noqa: E731
+    assert auroc(d(test), d(odd)) < 0.7
+    again = StructureTests.from_arrays(tests.arrays())
+    np.testing.assert_array_equal(again.label_log_density(test), tests.label_log_density(test))
+    y = np.repeat(train.mean(0)[None], 300, axis=0)
+    y[:, 4] += np.linspace(3.0, 60.0, 300)  # along [Fe/H], out past the grid
+    v = tests.label_log_density(y)
+    assert np.all(np.diff(v) <= 0.05) and v[-1] == v.min() and v[-1] < -1e3
+    broken = test[:3].copy()
+    broken[0, 2], broken[1, 3], broken[2, 4] = np.nan, 1e200, -np.inf
+    w = tests.label_log_density(broken)
+    assert np.all(np.isfinite(w)) and np.all(w < v[-1])
+    new = ("label_lo", "label_step", "label_bandwidth", "label_density")
+    old = {key: a for key, a in tests.arrays().items() if key.split(".")[1] not in new}
+    assert StructureTests.from_arrays(old).label_log_density(test) is None

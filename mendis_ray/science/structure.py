@@ -20,10 +20,17 @@ have to be found without labels of the anomaly:
    pairs, negated: large where some pair puts the star in a gap or beyond its edge that
    a Gaussian would not.  The ratio, not the density, is compared across pairs: the
    Gaussian part of each pair (an inlier's chi^2 fluctuations) cancels.
+5. apart from the pairs, the denoised labels get a three-dimensional kernel density
+   (:meth:`StructureTests.label_log_density`): where the star sits in the Kiel diagram
+   at its metallicity.  The scorer adds it to the flow's log q (a product of the two
+   densities): the flow spreads its capacity over k + 3 dimensions and blurs the narrow
+   sequences of label space that a kernel over 3 resolves.
 
 On the survey benchmark (k = 10) the statistic alone separates the stars between the
 alpha sequences at 0.94 (the catalogue's labels undenoised: 0.92; the flow's log q: 0.74;
-the whitened coordinates without the ICA rotation: 0.68).
+the whitened coordinates without the ICA rotation: 0.68).  The label density alone sees the
+stars moved off the giant branch at 0.99 (the catalogue's labels undenoised: 0.95; the
+flow's log q: 0.96).
 :class:`~mendis_ray.science.signal_scores.SignalScorer` calibrates it per noise level and
 combines it with the flow's tail into ``signal_score``.
 """
@@ -116,6 +123,10 @@ class StructureTests:
     bandwidth: np.ndarray  # (P,) kernel sd (both columns have unit variance)
     log_density: np.ndarray  # (P, G, G)
     gauss: np.ndarray  # (P, 6): mean (2), precision (xx, xy, yy), log normalisation
+    label_lo: np.ndarray  # (3,) the label density's grid origin (standardized labels)
+    label_step: np.ndarray  # (3,) its grid spacing
+    label_bandwidth: np.ndarray  # (1,) its kernel sd
+    label_density: np.ndarray  # (L, L, L) log density of the standardized labels; (0, 0, 0): none
 
     @classmethod
     def select(cls, y: np.ndarray, held_out: np.ndarray, k: int, **kwargs) -> StructureTests:
@@ -159,7 +170,7 @@ class StructureTests:
         white = vec / np.sqrt(np.maximum(ev, 1e-12 * ev.max()))  # (k, k)
         unmix = white @ fastica(rest @ white).T
         out = cls(pred, weight, coef, unmix, label_mean, label_scale,
-                  *_empty(np.flatnonzero(varies), k, n_grid))  # fmt: skip
+                  *_empty(np.flatnonzero(varies), k, n_grid), *_empty_labels())  # fmt: skip
         cols = out.columns(y)  # (n, 3 + k), unit variance
         bw = bw_factor * len(y) ** (-1 / 6)
         for p, (a, b) in enumerate(out.pairs):
@@ -175,7 +186,31 @@ class StructureTests:
             out.log_density[p] = out._floored(
                 p, _grid_density(v, out.lo[p], out.step[p], n_grid, bw)
             )
+        out._fit_label_density(cols[:, :3], bw_factor * len(y) ** (-1 / 7), n_grid)
         return out
+
+    def _fit_label_density(self, labels: np.ndarray, bw: float, n_grid: int) -> None:
+        """The kernel density (sd ``bw``) of the standardized labels (n, 3) on an
+        ``n_grid``^3 grid, floored at _FLOOR x the labels' Gaussian (log)."""
+        q_lo, q_hi = np.quantile(labels, 0.001, axis=0), np.quantile(labels, 0.999, axis=0)
+        self.label_lo = q_lo - 0.1 * (q_hi - q_lo) - 3 * bw
+        self.label_step = ((q_hi - q_lo) * 1.2 + 6 * bw) / (n_grid - 1)
+        self.label_bandwidth = np.array([bw])
+        f = (labels - self.label_lo) / self.label_step  # (n, 3) fractional cells
+        keep = np.all((f >= 0) & (f < n_grid - 1), axis=1)
+        i, w = f[keep].astype(np.int64), f[keep] - f[keep].astype(np.int64)
+        hist = np.zeros(n_grid**3)
+        for corner in np.ndindex(2, 2, 2):  # each point shared between its 8 cells
+            c = np.array(corner)
+            wt = np.prod(np.where(c, w, 1 - w), axis=1)
+            hist += np.bincount(np.ravel_multi_index((i + c).T, (n_grid,) * 3), wt, hist.size)
+        dens = gaussian_filter(hist.reshape((n_grid,) * 3), bw / self.label_step, mode="constant")
+        dens = np.maximum(dens, 0.0) / (len(labels) * np.prod(self.label_step))
+        axes = [self.label_lo[j] + self.label_step[j] * np.arange(n_grid) for j in range(3)]
+        nodes = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # (L, L, L, 3)
+        log_g = -0.5 * (nodes**2).sum(-1) - 1.5 * np.log(2 * np.pi)  # unit-variance labels
+        with np.errstate(divide="ignore"):
+            self.label_density = np.logaddexp(np.log(dens), np.log(_FLOOR) + log_g)
 
     def _floored(self, p: int, dens: np.ndarray) -> np.ndarray:
         """log(kernel density + _FLOOR x Gaussian) on pair ``p``'s grid (G, G): the ratio
@@ -188,11 +223,14 @@ class StructureTests:
         with np.errstate(divide="ignore"):
             return np.logaddexp(np.log(dens), np.log(_FLOOR) + log_g)
 
+    def labels(self, y: np.ndarray) -> np.ndarray:
+        """(n, 3): the standardized denoised labels of the stars ``y`` (n, k + 3)."""
+        labels = _denoised(y, self.label_pred, self.label_weight)
+        return (labels - self.label_mean) / self.label_scale
+
     def columns(self, y: np.ndarray) -> np.ndarray:
         """(n, 3 + k): standardized (denoised) labels, then the independent components."""
-        k = len(self.unmix)
-        labels = _denoised(y, self.label_pred, self.label_weight)
-        labels = (labels - self.label_mean) / self.label_scale
+        k, labels = len(self.unmix), self.labels(y)
         return np.c_[labels, (y[:, :k] - np.c_[np.ones(len(y)), labels] @ self.coef) @ self.unmix]
 
     def log_ratios(self, y: np.ndarray) -> np.ndarray:
@@ -211,6 +249,29 @@ class StructureTests:
             kde = _bilinear(self.log_density[p], (inside - self.lo[p]) / self.step[p])
             out[:, p] = kde - _gauss_log_pdf(self.gauss[p], inside) - beyond / 2
         return out
+
+    def label_log_density(self, y: np.ndarray) -> np.ndarray | None:
+        """log density (n,) of the stars' denoised labels among the training stars' (in
+        standardized units; trilinear on the grid, beyond it falling as the kernel does;
+        non-finite labels: far beyond), or None for references written without it."""
+        table = self.label_density
+        if table.size == 0:
+            return None
+        n_grid = table.shape[0]
+        with np.errstate(all="ignore"):
+            lab = np.nan_to_num(self.labels(y), nan=_FAR).clip(-_FAR, _FAR)
+        hi = self.label_lo + self.label_step * (n_grid - 1)
+        inside = np.clip(lab, self.label_lo, hi)
+        beyond = (((lab - inside) / self.label_bandwidth[0]) ** 2).sum(1)
+        f = (inside - self.label_lo) / self.label_step
+        i = np.minimum(f.astype(np.int64), n_grid - 2)  # (n, 3) lower corner
+        w = f - i
+        out = np.zeros(len(y))
+        for corner in np.ndindex(2, 2, 2):
+            c = np.array(corner)
+            wt = np.prod(np.where(c, w, 1 - w), axis=1)
+            out += wt * table[tuple((i + c).T)]
+        return out - beyond / 2
 
     def statistic(self, y: np.ndarray) -> np.ndarray:
         """(n,): minus the lowest log ratio over the pairs (large = in a gap); finite."""
@@ -233,13 +294,16 @@ class StructureTests:
         k = np.shape(ref[PREFIX + "unmix"])[0]
         ref.setdefault(PREFIX + "label_pred", np.zeros((k + 1, 3)))
         ref.setdefault(PREFIX + "label_weight", np.zeros(1))
+        for f, v in zip(_FIELDS[-4:], _empty_labels(), strict=True):  # before the label density
+            ref.setdefault(PREFIX + f, v)
         out = cls(*(np.asarray(ref[PREFIX + f], np.float64) for f in _FIELDS))
         out.pairs = out.pairs.astype(np.int64)
         return out
 
 
 _FIELDS = ("label_pred", "label_weight", "coef", "unmix", "label_mean", "label_scale", "pairs",
-           "lo", "step", "bandwidth", "log_density", "gauss")  # fmt: skip
+           "lo", "step", "bandwidth", "log_density", "gauss",
+           "label_lo", "label_step", "label_bandwidth", "label_density")  # fmt: skip
 
 
 def _denoised(y: np.ndarray, pred: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -258,3 +322,8 @@ def _empty(labels: np.ndarray, k: int, n_grid: int) -> tuple[np.ndarray, ...]:
     m = len(pairs)
     return (pairs, np.zeros((m, 2)), np.ones((m, 2)), np.zeros(m),
             np.zeros((m, n_grid, n_grid)), np.zeros((m, 6)))  # fmt: skip
+
+
+def _empty_labels() -> tuple[np.ndarray, ...]:
+    """No label density: origin, step, bandwidth, an empty (0, 0, 0) table."""
+    return np.zeros(3), np.ones(3), np.ones(1), np.zeros((0, 0, 0))
