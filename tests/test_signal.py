@@ -365,6 +365,22 @@ def test_noise_calibration_is_uniform_per_noise_level(n_ref: int) -> None:
     assert np.isfinite(far).all() and far[1] < far[0] < np.log(0.01)
 
 
+def test_log_tails_of_many_statistics_equal_their_own_log_tail() -> None:
+    """``NoiseCalibration.log_tails`` (the bins grouped once for calibrations fit on the
+    same reference stars) gives each calibration's own ``log_tail``, also where the
+    centres differ (no shared grouping) and beyond every bin's largest value."""
+    rng = np.random.default_rng(12)
+    t, u = rng.uniform(0, 1, 3000), rng.standard_normal((3000, 3)) * [1.0, 2.0, 5.0]
+    shared = [NoiseCalibration.fit(t, u[:, j]) for j in range(3)]
+    other = [shared[0], NoiseCalibration.fit(t[:1500], u[:1500, 1]), shared[2]]
+    new_t, new_u = rng.uniform(-0.2, 1.2, 500), rng.standard_normal((500, 3)) * 8
+    for cals in (shared, other):
+        got = NoiseCalibration.log_tails(cals, new_t, new_u)
+        for j, cal in enumerate(cals):
+            np.testing.assert_array_equal(got[j], cal.log_tail(new_t, new_u[:, j]))
+    assert NoiseCalibration.log_tails([], new_t, new_u[:, :0]) == []
+
+
 def test_conditional_correlations_and_reconstruction(trained) -> None:
     """p(spectrum | labels) by MALA in the k signal coordinates: converged chains, a valid
     correlation matrix with its clusters, and a reconstruction closer than the noise."""

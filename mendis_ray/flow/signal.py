@@ -179,8 +179,10 @@ class SignalSpaceModel(nn.Module):
         return torch.from_numpy(np.concatenate([c.y, self.context(c.t)], axis=1).astype(np.float32))
 
     @torch.no_grad()
-    def flow_log_prob(self, c: SignalCoordinates, batch: int = 65536) -> np.ndarray:
-        """log q(y | t) (n,) in the flow's standardized coordinates."""
+    def flow_log_prob(self, c: SignalCoordinates, batch: int = 4096) -> np.ndarray:
+        """log q(y | t) (n,) in the flow's standardized coordinates, ``batch`` stars at a
+        time: the coupling networks' activations (batch x 128 floats) then stay in the CPU's
+        cache (20,000 stars on 2 cores: 0.34 s in one batch, 0.26 s in batches of 4,096)."""
         x = self.packed(c)
         out = [self.flow(x[a : a + batch]).double().numpy() for a in range(0, len(x), batch)]
         return np.concatenate(out) if out else np.zeros(0)

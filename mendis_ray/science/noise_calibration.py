@@ -57,18 +57,28 @@ class NoiseCalibration:
 
     def log_tail(self, t: np.ndarray, u: np.ndarray) -> np.ndarray:
         """log P(U >= u | t) (n,): 0 for typical-or-smaller u, very negative for outliers."""
+        return self._log_tail(self._groups(t), u)
+
+    def _groups(self, t: np.ndarray) -> tuple | None:
+        """Which two bins each star reads, and their weights (None: one bin).  Bin b serves
+        the stars with lo == b and those with hi == b, i.e. lo == b - 1: one sort groups
+        them, so each bin's quantiles are read once."""
         c = self.centers
         if len(c) == 1:
-            return self._log_tail_bin(0, u)
+            return None
         hi = np.clip(np.searchsorted(c, t), 1, len(c) - 1)
         lo = hi - 1
         w = np.clip((t - c[lo]) / np.maximum(c[hi] - c[lo], 1e-12), 0, 1)
-        out = np.zeros(len(u))
-        # each star reads its two bins only (not all B): bin b serves the stars with lo == b
-        # and those with hi == b, i.e. lo == b - 1 (one sort groups them, one read per bin)
         order = np.argsort(lo, kind="stable")
         start = np.searchsorted(lo, np.arange(len(c) + 1), sorter=order)
-        for b in range(len(c)):
+        return w, order, start
+
+    def _log_tail(self, groups: tuple | None, u: np.ndarray) -> np.ndarray:
+        if groups is None:
+            return self._log_tail_bin(0, u)
+        w, order, start = groups
+        out = np.zeros(len(u))
+        for b in range(len(self.centers)):
             own, below = order[start[b] : start[b + 1]], order[start[max(b - 1, 0)] : start[b]]
             rows = np.concatenate([own, below])
             if rows.size:
@@ -76,6 +86,19 @@ class NoiseCalibration:
                 out[own] += (1 - w[own]) * tail[: own.size]
                 out[below] += w[below] * tail[own.size :]
         return out
+
+    @staticmethod
+    def log_tails(cals: list[NoiseCalibration], t: np.ndarray, u: np.ndarray) -> list[np.ndarray]:
+        """``[cal.log_tail(t, u[:, j]) for j, cal in enumerate(cals)]`` for statistics ``u``
+        (n, m) at the same noise ``t``: the bins are grouped once where the calibrations
+        share their centres (fit on the same reference stars), as the residual's do."""
+        if not cals:
+            return []
+        same = all(np.array_equal(c.centers, cals[0].centers) for c in cals)
+        groups = cals[0]._groups(t) if same else None
+        if not same:
+            return [c.log_tail(t, u[:, j]) for j, c in enumerate(cals)]
+        return [c._log_tail(groups, u[:, j]) for j, c in enumerate(cals)]
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {f"{prefix}.{k}": getattr(self, k) for k in

@@ -228,8 +228,8 @@ def _stat_names(ref: dict | None = None) -> list[str]:
 
 def _stat_tails(ref: dict, rho: np.ndarray, stats: np.ndarray) -> list[np.ndarray]:
     """The calibrated log tail (n,) of each residual statistic (columns of ``stats``)."""
-    return [NoiseCalibration.from_arrays(ref, f"cal.{name}").log_tail(rho, stats[:, j])
-            for j, name in enumerate(_stat_names(ref))]  # fmt: skip
+    cals = [NoiseCalibration.from_arrays(ref, f"cal.{name}") for name in _stat_names(ref)]
+    return NoiseCalibration.log_tails(cals, rho, stats)
 
 
 def _residual_tails(
