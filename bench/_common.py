@@ -28,6 +28,29 @@ def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
     return min(times)
 
 
+def wait_quiet(busy: float = 0.25, window: float = 0.5, max_wait: float = 30.0) -> float:
+    """Wait until the host's CPUs are less than ``busy`` busy over ``window`` seconds
+    (``/proc/stat``; e.g. a previous run's Ray workers still winding down), at most
+    ``max_wait`` seconds; returns the seconds waited (0 where /proc/stat is missing)."""
+
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # all, idle + iowait
+
+    if not os.path.exists("/proc/stat"):
+        return 0.0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_wait:
+        a = ticks()
+        time.sleep(window)
+        b = ticks()
+        total = max(b[0] - a[0], 1)
+        if 1.0 - (b[1] - a[1]) / total < busy:
+            break
+    return time.perf_counter() - t0
+
+
 def report(name: str, rows: list[dict], extra: dict | None = None) -> Path:
     """Print ``rows`` as a table and write them (with machine info) to results/NAME.json."""
     cols = list(rows[0])

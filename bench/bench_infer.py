@@ -15,7 +15,9 @@ load, the first call's warm-up; the in-process scorer gets two warm-up calls bef
 timed).  Each actor stamps its batches with its pid, start and end; the steady rate is the
 rows scored from then to the end of the last batch over that time (so the tail, where one
 actor may idle, counts).  The configurations alternate (in alternating order) over
-``--repeats`` rounds so that load from other work on a shared machine hits them alike.
+``--repeats`` rounds so that load from other work on a shared machine hits them alike,
+each started once the host's CPUs are quiet (``_common.wait_quiet``: a Ray run's workers
+wind down for seconds after it; the seconds waited are in the JSON).
 The headline ratio is best round over best round (as ``_common.best_of``: on a shared
 machine the best round is the least disturbed); medians are reported too, and every
 round is in the JSON.
@@ -66,7 +68,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from _common import report  # noqa: E402
+from _common import report, wait_quiet  # noqa: E402
 
 from mendis_ray.distributed.infer import CatalogScorer  # noqa: E402
 
@@ -308,14 +310,17 @@ def _setup(args):
 
 
 def _rounds(configs: dict, repeats: int, threads: int) -> dict[str, list[dict]]:
-    """Every configuration ``repeats`` times, in alternating order."""
+    """Every configuration ``repeats`` times, in alternating order, each once the host is
+    quiet (:func:`wait_quiet`: a Ray run's workers wind down for seconds after it, and
+    the in-process run after one read 7,000 instead of 20,000 spectra/s)."""
     import torch
 
     results: dict[str, list[dict]] = {k: [] for k in configs}
     names = list(configs)
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            res = configs[name]()
+            waited = wait_quiet()
+            res = configs[name]() | {"waited_s": round(waited, 1)}
             results[name].append(res)
             log.info("round %d %s: %.1f spectra/s", r, name, res["rate"])
         torch.set_num_threads(threads)
