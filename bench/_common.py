@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -30,8 +31,9 @@ def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
 
 def wait_quiet(busy: float = 0.25, window: float = 0.5, max_wait: float = 30.0) -> float:
     """Wait until the host's CPUs are less than ``busy`` busy over ``window`` seconds
-    (``/proc/stat``; e.g. a previous run's Ray workers still winding down), at most
-    ``max_wait`` seconds; returns the seconds waited (0 where /proc/stat is missing)."""
+    (``/proc/stat``, host-wide; e.g. a previous run's Ray workers still winding down), at
+    most ``max_wait`` seconds (then a warning: the host is busy with other work).
+    Returns the seconds spent, at least one ``window`` (0 where /proc/stat is missing)."""
 
     def ticks() -> tuple[int, int]:
         with open("/proc/stat") as f:
@@ -48,6 +50,8 @@ def wait_quiet(busy: float = 0.25, window: float = 0.5, max_wait: float = 30.0) 
         total = max(b[0] - a[0], 1)
         if 1.0 - (b[1] - a[1]) / total < busy:
             break
+    else:
+        logging.getLogger("bench").warning("host still busy after %.0f s; timing anyway", max_wait)
     return time.perf_counter() - t0
 
 

@@ -536,7 +536,7 @@ def test_label_density_sees_stars_off_the_giant_branch(trained) -> None:
     """The flow's tail is calibrated on -(log q + the log density of the denoised labels):
     the product of the two sees stars moved off the giant branch better than the flow's
     log q alone; a reference without the label density (written before it) keeps -log q."""
-    from mendis_ray.science.signal_scores import _flow_statistic
+    from mendis_ray.science.signal_scores import _flow_statistic, _rho_sig
     from mendis_ray.science.structure import StructureTests
 
     data, ckpt = trained
@@ -550,5 +550,16 @@ def test_label_density_sees_stars_off_the_giant_branch(trained) -> None:
     both = auroc(-_flow_statistic(lt, ct.y, tests), -_flow_statistic(lo, co.y, tests))  # 0.90
     labels = auroc(tests.label_log_density(ct.y), tests.label_log_density(co.y))  # 0.91
     assert both > alone and labels > 0.85, (alone, both, labels)
-    old = {k: v for k, v in tests.arrays().items() if "label_density" not in k}
-    np.testing.assert_array_equal(_flow_statistic(lt, ct.y, StructureTests.from_arrays(old)), -lt)
+    assert "cal.signal_labels.centers" in scorer.ref
+    before = scorer.score(te.flux, te.ivar, te.labels)["signal_score"]
+    # a reference written before the label density: the flow's log q alone, on cal.signal
+    new = ("cal.signal_labels.", *(f"structure.label_{f}" for f in ("lo", "step", "ban", "den")))
+    scorer.ref = {k: v for k, v in scorer.ref.items() if not k.startswith(new)}
+    np.testing.assert_array_equal(_flow_statistic(lt, ct.y, scorer._tests()), -lt)
+    out = scorer.score(te.flux, te.ivar, te.labels)
+    c = scorer._pixel_pass(te.flux, te.ivar, te.labels).c  # as scored (noise matched)
+    rho, lq = _rho_sig(c, scorer.model), scorer.model.flow_log_prob(c)
+    flow = NoiseCalibration.from_arrays(scorer.ref, "cal.signal").log_tail(rho, -lq)
+    want = scorer._with_structure(c, rho, flow)
+    np.testing.assert_allclose(out["signal_score"], want, rtol=0, atol=1e-3)  # float32 sums
+    assert np.abs(out["signal_score"] - before).max() > 0.05  # a different path from before

@@ -196,10 +196,11 @@ def test_label_density_finds_stars_off_a_narrow_label_sequence() -> None:
     assert auroc(d(test), d(odd)) < 0.7
     again = StructureTests.from_arrays(tests.arrays())
     np.testing.assert_array_equal(again.label_log_density(test), tests.label_log_density(test))
-    y = np.repeat(train.mean(0)[None], 300, axis=0)
-    y[:, 4] += np.linspace(3.0, 60.0, 300)  # along [Fe/H], out past the grid
+    y = np.zeros((300, 5))  # on the sequence at its densest (label 1 = 0, label 0 = 0)
+    y[:, 4] = np.linspace(0.0, 60.0, 300)  # then along [Fe/H], out past the grid
     v = tests.label_log_density(y)
-    assert np.all(np.diff(v) <= 0.05) and v[-1] == v.min() and v[-1] < -1e3
+    assert v[0] > tests.label_log_density(test).mean()  # starts dense
+    assert np.all(np.diff(v) <= 0.02) and v[-1] == v.min() and v[-1] < -1e3
     broken = test[:3].copy()
     broken[0, 2], broken[1, 3], broken[2, 4] = np.nan, 1e200, -np.inf
     w = tests.label_log_density(broken)
@@ -207,3 +208,6 @@ def test_label_density_finds_stars_off_a_narrow_label_sequence() -> None:
     new = ("label_lo", "label_step", "label_bandwidth", "label_density")
     old = {key: a for key, a in tests.arrays().items() if key.split(".")[1] not in new}
     assert StructureTests.from_arrays(old).label_log_density(test) is None
+    partial = old | {"structure.label_density": tests.label_density}  # a table, no grid
+    with pytest.raises(ValueError, match="label_"):
+        StructureTests.from_arrays(partial)

@@ -42,7 +42,8 @@ logs of tail probabilities, 0 = perfectly typical, -inf = impossible):
     lower).  A full calibration of the minimum on the held-out stars learned their
     in-sample noise (they also calibrate the signal score: inlier percentiles 7.8 points
     off at S/N 50-100); the dependence as one number per noise bin does not (4.5 points
-    at most, in any S/N bin; a fixed correlation: 6.4, at S/N 500-1000).  Checkpoints
+    at most, in any S/N bin, 4.9 with the label density since; a fixed correlation: 6.4,
+    at S/N 500-1000).  Checkpoints
     written before (no ``combine.corr`` in the reference) keep Fisher's combination,
     ``log P(chi^2_4 > -2 (signal + residual))``, calibrated on the held-out stars.
 ``log_p``
@@ -89,6 +90,7 @@ __all__ = ["NoiseCalibration", "SignalScorer", "residual_statistics"]
 SCALES = (1, 4, 16, 64)  # powers of two: the window sums double in width (_window_maxima)
 assert all(s & (s - 1) == 0 for s in SCALES), "SCALES must be powers of two"
 MODEL_KIND = "signal"
+LABELS_CAL = "cal.signal_labels"  # the calibration of -(log q + the label log density)
 
 
 def residual_statistics(c: SignalCoordinates, rows: int = 128) -> np.ndarray:
@@ -275,6 +277,19 @@ def _flow_statistic(lq: np.ndarray, y: np.ndarray, tests: StructureTests | None)
     return -lq if label is None else -(lq + label)
 
 
+def _flow_tail(
+    ref: dict, lq: np.ndarray, y: np.ndarray, rho: np.ndarray, tests: StructureTests | None
+) -> np.ndarray:
+    """The flow's calibrated log tail (n,): of the product with the label density where
+    the reference has its calibration (``cal.signal_labels``) and ``tests`` its density,
+    else of log q alone (``cal.signal``; references written before the label density)."""
+    if tests is not None and tests.label_density.size and f"{LABELS_CAL}.centers" in ref:
+        return NoiseCalibration.from_arrays(ref, LABELS_CAL).log_tail(
+            rho, _flow_statistic(lq, y, tests)
+        )
+    return NoiseCalibration.from_arrays(ref, "cal.signal").log_tail(rho, -lq)
+
+
 def _structure_calibration(
     tests: StructureTests, y: np.ndarray, rho: np.ndarray, flow: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -441,11 +456,12 @@ class SignalScorer:
         tests = None
         if model.cfg.structure_tests:  # densities of training stars; weight, calibration: held-out
             tests = StructureTests.select(train_coords.y, c.y, k)
-        u = _flow_statistic(lq, c.y, tests)
-        flow = NoiseCalibration.fit(rho, u)
-        ref |= flow.arrays("cal.signal")
+        ref |= NoiseCalibration.fit(rho, -lq).arrays("cal.signal")  # the flow alone
         if tests is not None:
-            ref |= _structure_calibration(tests, c.y, rho, flow.log_tail(rho, u))
+            u = _flow_statistic(lq, c.y, tests)
+            if tests.label_density.size:  # the product with the label density
+                ref |= NoiseCalibration.fit(rho, u).arrays(LABELS_CAL)
+            ref |= _structure_calibration(tests, c.y, rho, _flow_tail(ref, lq, c.y, rho, tests))
         first = scorer.score(flux, ivar, labels)  # the two tails' dependence, per noise level
         ref |= _copula_correlation(rho, first["signal_score"], first["residual_score"])
         out = scorer.score(flux, ivar, labels)
@@ -455,8 +471,9 @@ class SignalScorer:
 
     def _tests(self) -> StructureTests | None:
         """The reference's structure tests (loaded once), or None."""
-        key, cached = self.ref.get("structure.unmix"), self._structure
-        if cached is None or cached[0] is not key:
+        key = (self.ref.get("structure.unmix"), self.ref.get("structure.label_density"))
+        cached = self._structure  # keyed on the arrays themselves (held, so never reused)
+        if cached is None or any(a is not b for a, b in zip(cached[0], key, strict=True)):
             cached = self._structure = (key, StructureTests.from_arrays(self.ref))
         return cached[1]
 
@@ -554,9 +571,9 @@ class SignalScorer:
             sub = SignalCoordinates(c.y[~labelled], c.t[~labelled], c.proj)
             lq[~labelled], est[~labelled] = self._label_free(sub)
         rho = _rho_sig(c, m)
-        u = _flow_statistic(lq, c.y, self._tests() if "cal.signal_tests.centers" in r else None)
-        flow = NoiseCalibration.from_arrays(r, "cal.signal").log_tail(rho, u)
-        if "cal.signal_tests.centers" in r:  # with the structure tests (labelled rows)
+        tests = self._tests() if "cal.signal_tests.centers" in r else None
+        flow = _flow_tail(r, lq, c.y, rho, tests)
+        if tests is not None:  # with the structure tests (labelled rows)
             flow = self._with_structure(c, rho, flow)
         sig = np.where(
             labelled, flow, NoiseCalibration.from_arrays(r, "cal.signal_free").log_tail(rho, -lq)

@@ -31,8 +31,10 @@ alpha sequences at 0.94 (the catalogue's labels undenoised: 0.92; the flow's log
 the whitened coordinates without the ICA rotation: 0.68).  The label density alone sees the
 stars moved off the giant branch at 0.99 (the catalogue's labels undenoised: 0.95; the
 flow's log q: 0.96).
-:class:`~mendis_ray.science.signal_scores.SignalScorer` calibrates it per noise level and
-combines it with the flow's tail into ``signal_score``.
+:class:`~mendis_ray.science.signal_scores.SignalScorer` calibrates the statistic per noise
+level and combines it with the flow's tail into ``signal_score``; the label density
+enters before that, added to the flow's log q (that sum is what the flow's tail is
+calibrated on).
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def _gauss_log_pdf(g: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 @dataclass
 class StructureTests:
-    """The fitted projections and their 2-D densities (P = 3 k pairs, G grid points)."""
+    """The fitted projections and their 2-D densities (P = 3 k pairs, G grid points), and
+    the 3-D density of the denoised labels (L = G grid points a side: 64^3, 2 MiB)."""
 
     label_pred: np.ndarray  # (k + 1, 3) labels predicted from [signal coordinates, 1]
     label_weight: np.ndarray  # (1,) the prediction's weight in the labels the tests use
@@ -155,7 +158,8 @@ class StructureTests:
         label_weight: float = 0.0,
     ) -> StructureTests:  # fmt: skip
         """From the training stars' coordinates ``y`` (n, k + 3): k signal coordinates, then
-        the 3 labels.  Kernel sd: ``bw_factor`` times Scott's rule, n^(-1/6).
+        the 3 labels.  Kernel sd: ``bw_factor`` times Scott's rule, n^(-1/6) for the pairs
+        and n^(-1/7) for the label density (3-D), both on ``n_grid`` points a side.
         ``label_weight``: the weight of the labels' prediction from the coordinates."""
         pred = np.linalg.lstsq(np.c_[y[:, :k], np.ones(len(y))], y[:, k:], rcond=None)[0]
         weight = np.array([label_weight], np.float64)
@@ -191,7 +195,10 @@ class StructureTests:
 
     def _fit_label_density(self, labels: np.ndarray, bw: float, n_grid: int) -> None:
         """The kernel density (sd ``bw``) of the standardized labels (n, 3) on an
-        ``n_grid``^3 grid, floored at _FLOOR x the labels' Gaussian (log)."""
+        ``n_grid``^3 grid (log), floored at _FLOOR x N(0, I) (unit variance, correlations
+        ignored: only the floor's shape).  The kernel is cut at 4 sd (``gaussian_filter``'s
+        default): a star further than that from every training star sits on the floor,
+        27.6 nats below the Gaussian, and such stars rank by their distance from the mean."""
         q_lo, q_hi = np.quantile(labels, 0.001, axis=0), np.quantile(labels, 0.999, axis=0)
         self.label_lo = q_lo - 0.1 * (q_hi - q_lo) - 3 * bw
         self.label_step = ((q_hi - q_lo) * 1.2 + 6 * bw) / (n_grid - 1)
@@ -294,6 +301,9 @@ class StructureTests:
         k = np.shape(ref[PREFIX + "unmix"])[0]
         ref.setdefault(PREFIX + "label_pred", np.zeros((k + 1, 3)))
         ref.setdefault(PREFIX + "label_weight", np.zeros(1))
+        present = [PREFIX + f in ref for f in _FIELDS[-4:]]
+        if any(present) and not all(present):  # a table on a default grid would be wrong
+            raise ValueError(f"{PREFIX}label_*: all four of {_FIELDS[-4:]} or none")
         for f, v in zip(_FIELDS[-4:], _empty_labels(), strict=True):  # before the label density
             ref.setdefault(PREFIX + f, v)
         out = cls(*(np.asarray(ref[PREFIX + f], np.float64) for f in _FIELDS))
