@@ -365,6 +365,19 @@ def test_noise_calibration_is_uniform_per_noise_level(n_ref: int) -> None:
     assert np.isfinite(far).all() and far[1] < far[0] < np.log(0.01)
 
 
+def test_label_weight_is_the_ratio_of_robust_spreads() -> None:
+    """The label density's weight: log q's spread over the label density's (IQR / 1.349,
+    finite values only, so unscorable stars do not move it); 1 where either is flat."""
+    from mendis_ray.science.signal_scores import _label_weight
+
+    rng = np.random.default_rng(13)
+    a, b = rng.standard_normal(20000), rng.standard_normal(20000)
+    assert _label_weight(5.0 * a, b) == pytest.approx(5.0, rel=0.05)
+    a[:50], b[:50] = -np.inf, 1e300  # unscorable and absurd rows
+    assert _label_weight(5.0 * a, b) == pytest.approx(5.0, rel=0.05)
+    assert _label_weight(a, np.zeros(20000)) == 1.0 and _label_weight(np.zeros(3), b[:3]) == 1.0
+
+
 def test_log_tails_of_many_statistics_equal_their_own_log_tail() -> None:
     """``NoiseCalibration.log_tails`` (the bins grouped once for calibrations fit on the
     same reference stars) gives each calibration's own ``log_tail``, also where the
@@ -533,9 +546,10 @@ def test_scores_do_not_depend_on_chunking_or_threads(trained) -> None:
 
 
 def test_label_density_sees_stars_off_the_giant_branch(trained) -> None:
-    """The flow's tail is calibrated on -(log q + the log density of the denoised labels):
-    the product of the two sees stars moved off the giant branch better than the flow's
-    log q alone; a reference without the label density (written before it) keeps -log q."""
+    """The flow's tail is calibrated on -(log q + w x the log density of the denoised
+    labels), w the ratio of their held-out spreads: that sees stars moved off the giant
+    branch better than the flow's log q alone; a reference without the label density
+    (written before it) keeps -log q."""
     from mendis_ray.science.signal_scores import _flow_statistic, _rho_sig
     from mendis_ray.science.structure import StructureTests
 
@@ -546,8 +560,10 @@ def test_label_density_sees_stars_off_the_giant_branch(trained) -> None:
     te, odd = _arrays(data, "test"), _arrays(data, "off_branch")
     ct, co = (scorer.model.coordinates(a.flux, a.ivar, a.labels) for a in (te, odd))
     lt, lo = scorer.model.flow_log_prob(ct), scorer.model.flow_log_prob(co)
+    w = float(scorer.ref["cal.signal_labels.weight"][0])
+    assert 1 < w < 100  # log q over k + 3 dimensions spreads wider than a density over 3
     alone = auroc(lt, lo)  # 0.88 with these 1,500 training stars
-    both = auroc(-_flow_statistic(lt, ct.y, tests), -_flow_statistic(lo, co.y, tests))  # 0.90
+    both = auroc(-_flow_statistic(lt, ct.y, tests, w), -_flow_statistic(lo, co.y, tests, w))
     labels = auroc(tests.label_log_density(ct.y), tests.label_log_density(co.y))  # 0.91
     assert both > alone and labels > 0.85, (alone, both, labels)
     assert "cal.signal_labels.centers" in scorer.ref
