@@ -43,8 +43,8 @@ logs of tail probabilities, 0 = perfectly typical, -inf = impossible):
     lower).  A full calibration of the minimum on the held-out stars learned their
     in-sample noise (they also calibrate the signal score: inlier percentiles 7.8 points
     off at S/N 50-100); the dependence as one number per noise bin does not (4.5 points
-    at most, in any S/N bin, 4.9 with the label density since; a fixed correlation: 6.4,
-    at S/N 500-1000).  Checkpoints
+    at most, in any S/N bin, then; 5.2 with the weighted label density since, target 5;
+    a fixed correlation: 6.4, at S/N 500-1000).  Checkpoints
     written before (no ``combine.corr`` in the reference) keep Fisher's combination,
     ``log P(chi^2_4 > -2 (signal + residual))``, calibrated on the held-out stars.
 ``log_p``
@@ -300,9 +300,10 @@ def _label_weight(lq: np.ndarray, label: np.ndarray) -> float:
 def _flow_tail(
     ref: dict, lq: np.ndarray, y: np.ndarray, rho: np.ndarray, tests: StructureTests | None
 ) -> np.ndarray:
-    """The flow's calibrated log tail (n,): of the product with the label density where
-    the reference has its calibration (``cal.signal_labels``) and ``tests`` its density,
-    else of log q alone (``cal.signal``; references written before the label density)."""
+    """The flow's calibrated log tail (n,): of log q plus the weighted label log density
+    where the reference has its calibration (``cal.signal_labels``, weight 1 if it has
+    no ``.weight``) and ``tests`` its density, else of log q alone (``cal.signal``;
+    references written before the label density)."""
     if tests is not None and tests.label_density.size and f"{LABELS_CAL}.centers" in ref:
         weight = float(np.ravel(ref.get(f"{LABELS_CAL}.weight", 1.0))[0])
         u = _flow_statistic(lq, y, tests, weight)
@@ -478,7 +479,7 @@ class SignalScorer:
             tests = StructureTests.select(train_coords.y, c.y, k)
         ref |= NoiseCalibration.fit(rho, -lq).arrays("cal.signal")  # the flow alone
         if tests is not None:
-            if tests.label_density.size:  # the product with the label density
+            if tests.label_density.size:  # log q plus the weighted label density
                 weight = _label_weight(lq, tests.label_log_density(c.y))
                 u = _flow_statistic(lq, c.y, tests, weight)
                 ref |= NoiseCalibration.fit(rho, u).arrays(LABELS_CAL)

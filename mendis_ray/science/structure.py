@@ -22,9 +22,10 @@ have to be found without labels of the anomaly:
    Gaussian part of each pair (an inlier's chi^2 fluctuations) cancels.
 5. apart from the pairs, the denoised labels get a three-dimensional kernel density
    (:meth:`StructureTests.label_log_density`): where the star sits in the Kiel diagram
-   at its metallicity.  The scorer adds it to the flow's log q (a product of the two
-   densities): the flow spreads its capacity over k + 3 dimensions and blurs the narrow
-   sequences of label space that a kernel over 3 resolves.
+   at its metallicity.  The scorer adds its log, scaled by the ratio of the two
+   spreads among held-out stars, to the flow's log q: the flow spreads its capacity over
+   k + 3 dimensions and blurs the narrow sequences of label space that a kernel over 3
+   resolves.
 
 On the survey benchmark (k = 10) the statistic alone separates the stars between the
 alpha sequences at 0.94 (the catalogue's labels undenoised: 0.92; the flow's log q: 0.74;
