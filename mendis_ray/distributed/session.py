@@ -120,7 +120,9 @@ def quiet_ray_env(local: bool) -> None:
         # checked by tests/distributed/test_serve.py::test_embedded_cluster_and_serve_listen_
         # on_loopback_only and test_torch_group.py::test_train_workers_listen_on_loopback_only.
         # With tokens on, Ray 2.60 writes ~/.ray/auth_token and later clients with an explicit
-        # address fail.  A joined cluster (address given) keeps its own auth setting.
+        # address fail.  Should the node IP not be loopback after all, ensure_ray shuts the
+        # cluster down and raises (_refuse_open_cluster).  A joined cluster (address given)
+        # keeps its own auth setting.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
@@ -204,12 +206,29 @@ def ensure_ray(
                 log_to_driver=worker_logs_to_driver(),
             )
         _EMBEDDED["started"] = True
-        node_ip = ray.util.get_node_ip_address()
-        if node_ip != "127.0.0.1":  # a Ray whose internals changed: say so, loudly
-            log.warning("the embedded Ray's node IP is %s, not 127.0.0.1: its ports may be "
-                        "reachable from the network", node_ip)  # fmt: skip
+        _refuse_open_cluster(ray.util.get_node_ip_address())
     quiet_driver_logging()
     return ray.cluster_resources()
+
+
+def _refuse_open_cluster(node_ip: str) -> None:
+    """The embedded cluster runs without a token only because :func:`loopback_node` keeps
+    every listener on 127.0.0.1.  Where a Ray whose internals changed gave it another node
+    IP, its ports are reachable from the network and, with ``RAY_AUTH_MODE=disabled``,
+    anyone reaching them can run code (ray-notes.md, "Network exposure"): shut it down and
+    raise, not warn.  With the caller's own auth mode, a warning."""
+    if node_ip == "127.0.0.1":
+        return
+    if os.environ.get("RAY_AUTH_MODE") == "disabled":
+        shutdown_embedded_ray()
+        raise RuntimeError(
+            f"the embedded Ray's node IP is {node_ip}, not 127.0.0.1: without a token its "
+            "ports would be open to the network, so it was shut down. Set RAY_AUTH_MODE=token "
+            "(and hand the token to every client) or join a secured cluster with --address."
+        )
+    log.warning("the embedded Ray's node IP is %s, not 127.0.0.1: its ports are reachable "
+                "from the network (RAY_AUTH_MODE=%s)", node_ip,
+                os.environ.get("RAY_AUTH_MODE"))  # fmt: skip
 
 
 def embedded_cluster() -> bool:
