@@ -92,12 +92,9 @@ class NoiseCalibration:
         """``[cal.log_tail(t, u[:, j]) for j, cal in enumerate(cals)]`` for statistics ``u``
         (n, m) at the same noise ``t``: the bins are grouped once where the calibrations
         share their centres (fit on the same reference stars), as the residual's do."""
-        if not cals:
-            return []
-        same = all(np.array_equal(c.centers, cals[0].centers) for c in cals)
-        groups = cals[0]._groups(t) if same else None
-        if not same:
+        if not all(np.array_equal(c.centers, cals[0].centers) for c in cals):
             return [c.log_tail(t, u[:, j]) for j, c in enumerate(cals)]
+        groups = cals[0]._groups(t) if cals else None
         return [c._log_tail(groups, u[:, j]) for j, c in enumerate(cals)]
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
