@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mendis_ray.science.benchmark import BenchData, baseline_runs, calibration, evaluate
+from mendis_ray.science.metrics import percentile_rank
 from mendis_ray.spectra.datasets import SurveySpec, write_survey_set
 from mendis_ray.spectra.population import SURVEY_SETS, inliers
 from mendis_ray.spectra.shards import read_dataset, table_arrays
@@ -46,6 +47,7 @@ def test_calibration_measures_distance_from_uniform() -> None:
     rng = np.random.default_rng(0)
     snr = rng.uniform(50, 1000, 20000)
     ref = rng.standard_normal(20000)
-    fair = calibration(ref, rng.standard_normal(20000), snr)
-    biased = calibration(ref, rng.standard_normal(20000) + 0.5 * (snr > 500), snr)
+    fair = calibration(percentile_rank(ref, rng.standard_normal(20000)), snr)
+    shifted = rng.standard_normal(20000) + 0.5 * (snr > 500)
+    biased = calibration(percentile_rank(ref, shifted), snr)
     assert fair["max"] < 3 and biased["max"] > 15

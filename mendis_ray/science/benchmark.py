@@ -37,7 +37,7 @@ from mendis_ray.science.baselines import (
     HotellingT2,
     PCABaseline,
 )
-from mendis_ray.science.metrics import auroc
+from mendis_ray.science.metrics import auroc, percentile_rank
 from mendis_ray.science.ood import fill_masked
 from mendis_ray.spectra.shards import SpectraArrays
 
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 SNR_BINS = ((50.0, 100.0), (100.0, 200.0), (200.0, 500.0), (500.0, 1000.0 + 1e-6))
 PAIR = ("snr300", "snr1000")
+PERCENTILE_OF = {"score": "percentile", "signal_score": "signal_percentile",
+                 "residual_score": "residual_percentile"}  # fmt: skip
 
 
 @dataclass
@@ -71,6 +73,9 @@ class ModelRun:
     train_seconds: float = 0.0
     spectra_per_s: float = 0.0
     extra: dict = field(default_factory=dict)  # model-specific (history, scorer, k)
+    # the held-out inliers' percentiles as the model reports them (score -> (n,)); absent:
+    # their rank among ``reference`` (what the baselines and the full flow report)
+    test_percentiles: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def fill(a: SpectraArrays, mean: np.ndarray) -> np.ndarray:
@@ -170,13 +175,12 @@ def _rows(a: SpectraArrays, rows: slice) -> SpectraArrays:
     return SpectraArrays(a.ids[rows], a.flux[rows], a.ivar[rows], a.labels[rows], a.snr[rows])
 
 
-def calibration(reference: np.ndarray, scores: np.ndarray, snr: np.ndarray) -> dict:
-    """Per S/N bin, the inliers' percentiles against ``reference``: the Kolmogorov
-    distance from the uniform distribution (percentile points; with m stars in a bin its
-    95% sampling noise alone is about 136 / sqrt(m)) and the distance of the bin's mean
-    percentile from 50 (noise about 29 / sqrt(m)); ``max`` and ``max_mean`` over bins."""
-    ref = np.sort(reference[np.isfinite(reference)])
-    pct = 100.0 * np.searchsorted(ref, scores, side="right") / max(len(ref), 1)
+def calibration(pct: np.ndarray, snr: np.ndarray) -> dict:
+    """Per S/N bin, the inliers' percentiles ``pct`` (n,) (the ones the model reports):
+    the Kolmogorov distance from the uniform distribution (percentile points; with m stars
+    in a bin its 95% sampling noise alone is about 136 / sqrt(m)) and the distance of the
+    bin's mean percentile from 50 (noise about 29 / sqrt(m)); ``max`` and ``max_mean``
+    over bins."""
     out, means = {}, {}
     for lo, hi in SNR_BINS:
         m = (snr >= lo) & (snr < hi)
@@ -211,7 +215,11 @@ def evaluate(runs: list[ModelRun], data: BenchData) -> list[dict]:
             if all(p in data.sets for p in PAIR):
                 s300, s1000 = (run.scores[p][score] for p in PAIR)
                 row["snr1000_vs_300"] = round(auroc(s300, s1000), 3)
-            cal = calibration(run.reference[score], inl, data.test.snr)
+            pct = run.test_percentiles.get(score)
+            if pct is None:  # the rank among the finite reference scores
+                ref = run.reference[score]
+                pct = percentile_rank(ref[np.isfinite(ref)], inl)
+            cal = calibration(pct, data.test.snr)
             row["calib"], row["calib_mean"] = cal["max"], cal["max_mean"]
             row["train_s"] = round(run.train_seconds, 1)
             row["spectra_per_s"] = round(run.spectra_per_s)
@@ -238,18 +246,20 @@ def signal_run(data: BenchData, cfg=None, time_limit_s: float | None = None) -> 
     dt = time.perf_counter() - t0
     keys = ("score", "signal_score", "residual_score")
     ref = {k: scorer.ref[f"sorted.{k}"] for k in keys}
-    scores, log_p = {}, {}
+    scores, log_p, pct = {}, {}, {}
     t1 = time.perf_counter()
     n = 0
     for name, a in {"test": data.test, **data.sets}.items():
         out = scorer.score(a.flux, a.ivar, a.labels)
         scores[name] = {k: out[k] for k in keys}
         log_p[name] = out["log_p"]
+        if name == "test":  # the percentile columns a user reads
+            pct = {k: out[PERCENTILE_OF[k]] for k in keys}
         n += len(a.flux)
     rate = n / max(time.perf_counter() - t1, 1e-9)
     name = f"signal-space flow (k={res.model.basis.k})"
     extra = {"history": res.history, "scorer": scorer, "k": res.model.basis.k}
-    return ModelRun(name, scores, ref, log_p, dt, rate, extra)
+    return ModelRun(name, scores, ref, log_p, dt, rate, extra, test_percentiles=pct)
 
 
 def flow_run(data: BenchData, preset: str = "compact", time_limit_s: float = 300.0) -> ModelRun:
