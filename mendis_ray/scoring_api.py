@@ -254,8 +254,9 @@ class ScoreResult(BaseModel):
         description="flow: the normalised score, log p / dimension; signal model: null"
     )
     percentile: float | None = Field(
-        description="% of held-out training spectra whose primary score (flow: log p; "
-        "signal model: score) is <= this one's"
+        description="flow: % of held-out training spectra whose log p is <= this one's; "
+        "signal model: 100 x exp(score), the calibrated % of inliers at the same noise "
+        "level that score as low or lower"
     )
     signal_score: float | None = Field(
         description="flow: projected log-likelihood (subtle outliers); signal model: "

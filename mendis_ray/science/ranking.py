@@ -4,10 +4,12 @@ Pure pyarrow/numpy (no Ray, no torch): :mod:`mendis_ray.distributed.infer` write
 scores of a catalog as Parquet and calls these on them; a notebook can call them on any
 table with the same columns.
 
-**Ranking.**  ``rank_by="percentile"`` (default) sorts by the primary score's percentile
-against the checkpoint's held-out reference spectra, ascending; ties -- every spectrum
-below the whole reference has percentile 0 -- are broken by ``log_p_per_dim`` ascending
-(``score`` for a signal-space checkpoint, which has no per-dimension log p).
+**Ranking.**  ``rank_by="percentile"`` (default) sorts by the primary score's percentile,
+ascending (full-space flow: against the checkpoint's held-out reference spectra;
+signal-space model: 100 x exp(score)); ties -- every spectrum below the whole reference
+has percentile 0, and exp(score) underflows below score -745 -- are broken by
+``log_p_per_dim`` ascending (``score`` for a signal-space checkpoint, which has no
+per-dimension log p).
 ``rank_by="signal"`` uses ``signal_percentile`` then ``signal_score``; ``"residual"``
 ``residual_percentile`` then ``residual_score``.  A score of +-inf (an impossible
 spectrum) ranks first, rows without a score (NaN) come last.
