@@ -17,12 +17,14 @@ Files are written atomically (temporary name, then rename).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyWarning
 from astropy.table import MaskedColumn, Table
 
 from mendis_ray.atomic import write_atomic
@@ -48,11 +50,17 @@ def flag_header_cards() -> list[tuple[str, object, str]]:
 
 
 def _add_cards(header: fits.Header, cards: Sequence[tuple[str, object, str]]) -> None:
+    """Add ``cards``; a card whose value leaves no room for its comment (a long checkpoint
+    path) is written without the comment (a long string continues on CONTINUE cards)
+    instead of astropy truncating it with a warning on the user's console."""
     for key, value, comment in cards:
         if key == "COMMENT":
             header.add_comment(str(value))
-        else:
-            header[key] = (value, comment)
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", VerifyWarning)
+            _ = fits.Card(key, value, comment).image  # formats the card: warns if it cannot fit
+        header[key] = (value, "" if caught else comment)
 
 
 def _column(name: str, arr: pa.ChunkedArray | pa.Array) -> MaskedColumn | np.ndarray | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,22 @@ def test_header_documents_every_flag_bit(tmp_path):
                 n = int(np.log2(bit))
                 assert h[f"FLAGBIT{n}"] == name.upper()
                 assert f"bit {n}={bit} {name.upper()}: {meaning}" in comments  # one card
+
+
+def test_long_path_card_is_kept_whole_without_warning(tmp_path):
+    """A checkpoint path that leaves no room for its comment drops the comment rather than
+    astropy truncating it with a console warning; a longer one continues on CONTINUE
+    cards; the values stay whole."""
+    mid, long = "/data/runs/" + "x" * 40 + "/ckpt", "/data/runs/" + "x" * 120 + "/ckpt"
+    cards = [("CHECKPT", mid, "checkpoint that scored the catalog"),
+             ("CHECKPT2", long, "checkpoint"), ("GRID", "apogee", "grid")]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = write_fits_tables(tmp_path / "s.fits", {"SCORES": _scores()}, cards)
+    with fits.open(path) as hdul:
+        h = hdul["SCORES"].header
+        assert h["CHECKPT"] == mid and h.comments["CHECKPT"] == ""
+        assert h["CHECKPT2"] == long and h.comments["GRID"] == "grid"
 
 
 def test_case_clash_is_refused(tmp_path):
