@@ -113,9 +113,11 @@ class _KNN:
         return out
 
 
-def baseline_runs(data: BenchData, val_fraction: float = 0.1) -> list[ModelRun]:
-    """Fit every baseline on the training rows (the last ``val_fraction`` are their
-    reference) and score every set."""
+def baseline_runs(
+    data: BenchData, val_fraction: float = 0.1, only: tuple[str, ...] | None = None
+) -> list[ModelRun]:
+    """Fit every baseline (or those named in ``only``) on the training rows (the last
+    ``val_fraction`` are their reference) and score every set."""
     tr = data.train
     n_ref = max(2, round(val_fraction * len(tr.flux)))
     fit_rows, ref_rows = slice(0, len(tr.flux) - n_ref), slice(len(tr.flux) - n_ref, None)
@@ -136,6 +138,8 @@ def baseline_runs(data: BenchData, val_fraction: float = 0.1) -> list[ModelRun]:
     }
     runs = []
     for name, make in models.items():
+        if only is not None and name not in only:
+            continue
         t0 = time.perf_counter()
         model = make()
         dt = time.perf_counter() - t0
