@@ -139,7 +139,7 @@ def trained(tmp_path_factory):
     return data, out / "checkpoint"
 
 
-STRUCTURE_KEYS = ("structure.", "cal.structure", "cal.signal_tests")
+STRUCTURE_KEYS = ("structure.", "cal.structure", "cal.signal_tests", "signal_tests.")
 
 
 def _arrays(data, name):
@@ -305,6 +305,33 @@ def test_structure_tests_see_stars_between_the_alpha_sequences(trained) -> None:
     both = auroc(*(scorer.score(a.flux, a.ivar, a.labels)["signal_score"] for a in (te, odd)))
     assert both > flow_only + 0.05, (flow_only, both)
     assert np.isfinite(_rho_sig(ct, scorer.model)).all()
+
+
+def test_signal_score_is_the_more_significant_of_flow_and_structure(trained) -> None:
+    """With the structure tests, ``signal_score`` is min_tail of the flow's and the tests'
+    tails for their held-out correlation per noise bin; a reference written before (an
+    empirical calibration ``cal.signal_tests`` of the minimum) keeps that calibration."""
+    from mendis_ray.science.signal_scores import _flow_tail, _rho_sig, min_tail
+
+    data, ckpt = trained
+    scorer = load_scorer(ckpt)
+    r = scorer.ref
+    assert "signal_tests.corr" in r and "cal.signal_tests.centers" not in r
+    assert np.all((r["signal_tests.corr"] > 0) & (r["signal_tests.corr"] < 1))
+    te = _arrays(data, "test")
+    out = scorer.score(te.flux, te.ivar, te.labels)
+    c = scorer._pixel_pass(te.flux, te.ivar, te.labels).c
+    rho, tests = _rho_sig(c, scorer.model), scorer._tests()
+    flow = _flow_tail(r, scorer.model.flow_log_prob(c), c.y, rho, tests)
+    struct = NoiseCalibration.from_arrays(r, "cal.structure").log_tail(rho, tests.statistic(c.y))
+    both = np.minimum(flow, struct)
+    corr = np.interp(rho, r["signal_tests.centers"], r["signal_tests.corr"])
+    np.testing.assert_allclose(out["signal_score"], min_tail(both, corr), rtol=1e-4, atol=1e-4)
+    old = {k: v for k, v in r.items() if not k.startswith("signal_tests.")}
+    old |= NoiseCalibration.fit(rho, -both).arrays("cal.signal_tests")
+    got = SignalScorer(scorer.model, old, scorer.grid).score(te.flux, te.ivar, te.labels)
+    want = NoiseCalibration.from_arrays(old, "cal.signal_tests").log_tail(rho, -both)
+    np.testing.assert_allclose(got["signal_score"], want, rtol=1e-4, atol=1e-4)
 
 
 def test_impossible_spectra_rank_first_never_nan(trained) -> None:

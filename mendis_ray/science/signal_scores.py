@@ -12,7 +12,8 @@ logs of tail probabilities, 0 = perfectly typical, -inf = impossible):
     diagram at its metallicity; each of the two scaled by its spread among held-out
     stars), and the more significant of that tail and the tests'
     (a gap in one of the 2-D projections label x independent component, which a joint
-    density dilutes), calibrated again.  Finds unusual combinations: between
+    density dilutes), for their dependence (:func:`min_tail`, as ``score`` below).
+    Finds unusual combinations: between
     the alpha sequences, off the giant branch, odd abundance patterns, labels that do not
     match the spectrum.  Without labels (NaN), the labels are integrated out by importance
     sampling (32 draws from a linear regression of labels on the signal coordinates), and
@@ -318,12 +319,13 @@ def _structure_calibration(
 ) -> dict[str, np.ndarray]:
     """The structure tests' arrays and calibrations from held-out stars (coordinates
     ``y``, noise levels ``rho``, the flow's calibrated tails ``flow``): their statistic
-    (``cal.structure``), then the more significant of it and the flow's tail
-    (``cal.signal_tests``)."""
+    (``cal.structure``), then the Gaussian-copula correlation of its tail and the flow's
+    per noise level (``signal_tests.*``), for the more significant of the two
+    (:meth:`SignalScorer._with_structure`)."""
     u = tests.statistic(y)
     out = tests.arrays() | NoiseCalibration.fit(rho, u).arrays("cal.structure")
     tail = NoiseCalibration.from_arrays(out, "cal.structure").log_tail(rho, u)
-    return out | NoiseCalibration.fit(rho, -np.minimum(flow, tail)).arrays("cal.signal_tests")
+    return out | _copula_correlation(rho, flow, tail, prefix="signal_tests")
 
 
 def min_tail(m: np.ndarray, corr: np.ndarray) -> np.ndarray:
@@ -343,23 +345,23 @@ def min_tail(m: np.ndarray, corr: np.ndarray) -> np.ndarray:
 
 
 def _copula_correlation(
-    rho: np.ndarray, sig: np.ndarray, res: np.ndarray, n_bins: int = 4
+    rho: np.ndarray, sig: np.ndarray, res: np.ndarray, n_bins: int = 4, prefix: str = "combine"
 ) -> dict[str, np.ndarray]:
     """The Gaussian-copula correlation of the two tails among held-out stars in ``n_bins``
     equal-count bins of the noise variable ``rho`` (their medians as centres;
     interpolated between, flat beyond): sin(pi tau / 2) of Kendall's tau, exact for a
     Gaussian copula and blind to how extreme a tail is (an unscorable star's -inf, a
     calibration's exponential extrapolation).  Stars without two finite tails are left
-    out; under 100 stars in all, one bin."""
+    out; under 100 stars in all, one bin.  Keys ``{prefix}.centers``, ``{prefix}.corr``."""
     ok = np.isfinite(rho) & np.isfinite(sig) & np.isfinite(res)
     if ok.sum() < 10:  # nothing to measure: independent
-        return {"combine.centers": np.zeros(1), "combine.corr": np.zeros(1)}
+        return {f"{prefix}.centers": np.zeros(1), f"{prefix}.corr": np.zeros(1)}
     rho, sig, res = rho[ok], sig[ok], res[ok]
     parts = np.array_split(np.argsort(rho, kind="stable"), max(1, min(n_bins, len(rho) // 100)))
     centers = np.array([np.median(rho[i]) for i in parts])
     tau = np.array([stats.kendalltau(sig[i], res[i]).statistic for i in parts])
     corr = np.sin(0.5 * np.pi * np.nan_to_num(tau, nan=0.0))  # a constant bin: 0
-    return {"combine.centers": centers, "combine.corr": corr}
+    return {f"{prefix}.centers": centers, f"{prefix}.corr": corr}
 
 
 def element_templates(
@@ -504,14 +506,22 @@ class SignalScorer:
 
     def _with_structure(self, c: SignalCoordinates, rho: np.ndarray, flow: np.ndarray):
         """The signal tail with the structure tests (n,): the more significant of the flow's
-        tail and the structure tests' tail, calibrated again (two tests, not one)."""
+        tail and the structure tests' tail, as the probability that an inlier's more
+        significant one is as small (:func:`min_tail`, their Gaussian-copula correlation
+        per noise level: about 0.5-0.65 on the survey benchmark), like ``score``.  An
+        empirical calibration of that minimum on the held-out stars, which also calibrate
+        both tails, learned their noise: inlier percentiles of ``signal_score`` 4.6 points
+        from uniform in the worst S/N bin against 4.3 this way (the same model, AUROCs
+        within 0.002).  References written before keep it (``cal.signal_tests``)."""
         tests = self._tests()
         if tests is None:  # calibrations without the tests' arrays: the flow alone
             return flow
         u = tests.statistic(c.y)
         tail = NoiseCalibration.from_arrays(self.ref, "cal.structure").log_tail(rho, u)
-        both = -np.minimum(flow, tail)
-        return NoiseCalibration.from_arrays(self.ref, "cal.signal_tests").log_tail(rho, both)
+        both, r = np.minimum(flow, tail), self.ref
+        if "signal_tests.corr" in r:
+            return min_tail(both, np.interp(rho, r["signal_tests.centers"], r["signal_tests.corr"]))
+        return NoiseCalibration.from_arrays(r, "cal.signal_tests").log_tail(rho, -both)
 
     def _label_free(self, c: SignalCoordinates, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """log q(signal coordinates | t) with the labels integrated out (importance
@@ -596,7 +606,8 @@ class SignalScorer:
             sub = SignalCoordinates(c.y[~labelled], c.t[~labelled], c.proj)
             lq[~labelled], est[~labelled] = self._label_free(sub)
         rho = _rho_sig(c, m)
-        tests = self._tests() if "cal.signal_tests.centers" in r else None
+        with_tests = "signal_tests.corr" in r or "cal.signal_tests.centers" in r
+        tests = self._tests() if with_tests else None
         flow = _flow_tail(r, lq, c.y, rho, tests)
         if tests is not None:  # with the structure tests (labelled rows)
             flow = self._with_structure(c, rho, flow)
