@@ -609,7 +609,9 @@ def test_scores_do_not_depend_on_chunking_or_threads(trained) -> None:
         torch.set_num_threads(threads)
     for key in ("score", "signal_score", "residual_score", "flags", "percentile"):
         np.testing.assert_array_equal(two[key], one[key], err_msg=key)
-        tol = {"rtol": 2e-3} if key == "percentile" else {"rtol": 0, "atol": 1e-3}  # 100 e^s
+        # float32 sums differ with a row's position in its batch (~6e-5 relative): the
+        # scores agree to that, deep outliers' too (-28.66 and -28.66 + 0.0016 seen)
+        tol = {"rtol": 2e-3} if key == "percentile" else {"rtol": 1e-4, "atol": 1e-3}
         np.testing.assert_allclose(two[key], ref[key], err_msg=key, **tol)
 
 
