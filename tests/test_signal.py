@@ -4,6 +4,7 @@ linear stage (masks included), and its scorer end to end through the CLI (no Ray
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -108,6 +109,26 @@ def test_cross_fitted_residuals_see_the_calibration_stars_as_new_ones() -> None:
     assert chi(inside) < 0.97 * fresh, (chi(inside), fresh)
     assert abs(chi(crossed) - fresh) < 0.4 * abs(chi(inside) - fresh), (chi(crossed), fresh)
     assert crossed.proj.wres.shape == flux.shape and len(crossed.y) == n
+
+
+def test_cross_fitting_falls_back_to_the_own_basis_where_a_fold_cannot_fit(caplog) -> None:
+    """A pixel good in only two training stars, both in one fold: the other folds cannot
+    fit a basis (a pixel needs 2 good spectra), so the calibration stars keep the model's
+    own projection, with a warning, instead of the training run failing at its end."""
+    from mendis_ray.flow.signal import SignalSpaceModel
+    from mendis_ray.science.signal_scores import _cross_fitted
+
+    rng = np.random.default_rng(5)
+    flux, ivar = rng.standard_normal((30, 40)), np.full((30, 40), 10.0)
+    ivar[2:, 5] = 0.0  # pixel 5: good in rows 0 and 1 only (the first fold)
+    basis = SignalBasis.fit(flux, ivar, 3)
+    labels = np.zeros((len(flux), 3))
+    model = SignalSpaceModel(basis, labels.mean(0), np.ones(3), np.zeros(2), SignalConfig())
+    with caplog.at_level(logging.WARNING, logger="mendis_ray"):
+        got = _cross_fitted(model, flux, ivar, labels, None, folds=3)
+    own = model.coordinates(flux, ivar, labels, keep_residual=True)
+    np.testing.assert_array_equal(got.proj.chi2, own.proj.chi2)
+    assert "in sample" in caplog.text
 
 
 def test_masked_pixel_values_change_nothing() -> None:

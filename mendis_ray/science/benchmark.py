@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 
 SNR_BINS = ((50.0, 100.0), (100.0, 200.0), (200.0, 500.0), (500.0, 1000.0 + 1e-6))
 PAIR = ("snr300", "snr1000")
-PERCENTILE_OF = {"score": "percentile", "signal_score": "signal_percentile",
-                 "residual_score": "residual_percentile"}  # fmt: skip
 
 
 @dataclass
@@ -234,7 +232,7 @@ def evaluate(runs: list[ModelRun], data: BenchData) -> list[dict]:
 def signal_run(data: BenchData, cfg=None, time_limit_s: float | None = None) -> ModelRun:
     """Train the signal-space model on the training rows (its last 10% validate and are
     the scorer's reference) and score every set with its three scores."""
-    from mendis_ray.science.signal_scores import SignalScorer
+    from mendis_ray.science.signal_scores import PERCENTILE_OF, SignalScorer
     from mendis_ray.train.signal import train_signal_model
 
     tr = data.train

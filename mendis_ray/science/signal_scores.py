@@ -67,6 +67,7 @@ and a flag: it ranks as the most outlying, never NaN.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 import zlib
@@ -92,9 +93,14 @@ from mendis_ray.spectra.linelist import ELEMENTS
 
 __all__ = ["NoiseCalibration", "SignalScorer", "residual_statistics"]
 
+log = logging.getLogger(__name__)
+
 SCALES = (1, 4, 16, 64)  # powers of two: the window sums double in width (_window_maxima)
 assert all(s & (s - 1) == 0 for s in SCALES), "SCALES must be powers of two"
 MODEL_KIND = "signal"
+#: each score's percentile column (:meth:`SignalScorer._percentile`)
+PERCENTILE_OF = {"score": "percentile", "signal_score": "signal_percentile",
+                 "residual_score": "residual_percentile"}  # fmt: skip
 LABELS_CAL = "cal.signal_labels"  # the calibration of -(log q + w x the label log density)
 
 
@@ -270,9 +276,12 @@ def _cross_fitted(
     inliers got a residual percentile below 1.  A basis fitted without a star sees it as
     it sees a new one (on (folds - 1) / folds of the stars its residuals run a little
     larger than a new star's on the full basis: a conservative error, of a quarter to a
-    half of the in-sample one at 3 folds)."""
+    half of the in-sample one at 3 folds).  Where a fold's basis cannot be fitted (a
+    pixel good in fewer than 2 of the other stars), all keep the model's own basis, with
+    a warning."""
+    own = lambda: model.coordinates(flux, ivar, labels, keep_residual=True, templates=templates)  # noqa: E731
     if folds < 2 or len(flux) < 4 * folds:
-        return model.coordinates(flux, ivar, labels, keep_residual=True, templates=templates)
+        return own()
     k, cfg, rows = model.basis.k, model.cfg, np.arange(len(flux))
     parts = []
     for held in np.array_split(rows, folds):
@@ -283,8 +292,14 @@ def _cross_fitted(
                 yield flux[rest[a : a + step]], ivar[rest[a : a + step]]
 
         fold = copy.copy(model)  # shares the flow; only the basis differs
-        fold.basis = SignalBasis.fit_batches(batches, k, k_max=max(cfg.k_max, k),
-                                             snr_ratio=cfg.snr_ratio)  # fmt: skip
+        try:
+            fold.basis = SignalBasis.fit_batches(batches, k, k_max=max(cfg.k_max, k),
+                                                 snr_ratio=cfg.snr_ratio)  # fmt: skip
+        except ValueError as err:  # e.g. a pixel good in < 2 stars outside this fold
+            log.warning("residual calibration in sample (the model's own basis): a basis "
+                        "without %d of the training stars cannot be fitted (%s)",
+                        len(held), err)  # fmt: skip
+            return own()
         parts.append(fold.coordinates(flux[held], ivar[held], labels[held],
                                       keep_residual=True, templates=templates))  # fmt: skip
     return SignalCoordinates(np.concatenate([p.y for p in parts]),
@@ -382,21 +397,22 @@ def min_tail(m: np.ndarray, corr: np.ndarray) -> np.ndarray:
 
 
 def _copula_correlation(
-    rho: np.ndarray, sig: np.ndarray, res: np.ndarray, n_bins: int = 4, prefix: str = "combine"
+    rho: np.ndarray, a: np.ndarray, b: np.ndarray, n_bins: int = 4, prefix: str = "combine"
 ) -> dict[str, np.ndarray]:
-    """The Gaussian-copula correlation of the two tails among held-out stars in ``n_bins``
-    equal-count bins of the noise variable ``rho`` (their medians as centres;
-    interpolated between, flat beyond): sin(pi tau / 2) of Kendall's tau, exact for a
+    """The Gaussian-copula correlation of two log tails ``a``, ``b`` (n,) (``score``'s:
+    signal and residual; ``signal_score``'s: flow and structure tests) among held-out
+    stars in ``n_bins`` equal-count bins of the noise variable ``rho`` (their medians as
+    centres; interpolated between, flat beyond): sin(pi tau / 2) of Kendall's tau, exact for a
     Gaussian copula and blind to how extreme a tail is (an unscorable star's -inf, a
     calibration's exponential extrapolation).  Stars without two finite tails are left
     out; under 100 stars in all, one bin.  Keys ``{prefix}.centers``, ``{prefix}.corr``."""
-    ok = np.isfinite(rho) & np.isfinite(sig) & np.isfinite(res)
+    ok = np.isfinite(rho) & np.isfinite(a) & np.isfinite(b)
     if ok.sum() < 10:  # nothing to measure: independent
         return {f"{prefix}.centers": np.zeros(1), f"{prefix}.corr": np.zeros(1)}
-    rho, sig, res = rho[ok], sig[ok], res[ok]
+    rho, a, b = rho[ok], a[ok], b[ok]
     parts = np.array_split(np.argsort(rho, kind="stable"), max(1, min(n_bins, len(rho) // 100)))
     centers = np.array([np.median(rho[i]) for i in parts])
-    tau = np.array([stats.kendalltau(sig[i], res[i]).statistic for i in parts])
+    tau = np.array([stats.kendalltau(a[i], b[i]).statistic for i in parts])
     corr = np.sin(0.5 * np.pi * np.nan_to_num(tau, nan=0.0))  # a constant bin: 0
     return {f"{prefix}.centers": centers, f"{prefix}.corr": corr}
 
@@ -691,8 +707,7 @@ class SignalScorer:
             broken = np.isnan(v) | np.isposinf(v)
             unscorable |= broken
             out[key] = np.where(broken | no_good, -np.inf, v)
-        for key in ("score", "signal_score", "residual_score"):
-            name = "percentile" if key == "score" else key.replace("_score", "_percentile")
+        for key, name in PERCENTILE_OF.items():
             out[name] = self._percentile(key, out[key])
         labels = px.labels
         label_range = labelled & ((labels < r["label_lo"]) | (labels > r["label_hi"])).any(1)
