@@ -99,8 +99,8 @@ def _print_top(top_parquet: Path, n: int = 10) -> None:
     print("\nmost outlying:")
     for r in top:
         if "score" in r:  # a signal-space checkpoint
-            detail = (f"score {fmt(r.get('score'), '.2f')}  signal "
-                      f"{fmt(r.get('signal_score'), '.2f')}  residual "
+            detail = (f"score {fmt(r.get('score'), '.2f')} ({r.get('strongest_test')})  "
+                      f"signal {fmt(r.get('signal_score'), '.2f')}  residual "
                       f"{fmt(r.get('residual_score'), '.2f')}")  # fmt: skip
         else:
             detail = f"log p/dim {fmt(r.get('log_p_per_dim'), '.3f')}"

@@ -11,9 +11,10 @@ for the checkpoint:
 ``signal`` (:class:`mendis_ray.science.signal_scores.SignalScorer`)
     ``score`` (the primary triage score) with ``percentile``, ``signal_score``,
     ``residual_score`` with their percentiles, ``log_p`` (total density; labels integrated
-    out for unlabelled rows), ``chi2_dof``, ``noise_level``, ``masked_fraction``.
-    Unlabelled spectra are always scored label-free (importance sampling over the labels:
-    cheap), whatever the request's ``marginal``.
+    out for unlabelled rows), ``chi2_dof``, ``noise_level``, ``masked_fraction``,
+    ``strongest_test`` (the test with the smallest tail).  Unlabelled spectra are always
+    scored label-free (importance sampling over the labels: cheap), whatever the
+    request's ``marginal``.
 
 :meth:`Predictor.score` returns exactly the keys of :attr:`Predictor.keys` (a scorer that
 stops returning one fails at load, in the warm-up, not per request), and
@@ -45,7 +46,7 @@ FLOW_KEYS = (
 SIGNAL_KEYS = (
     "score", "signal_score", "residual_score", "log_p", "percentile", "signal_percentile",
     "residual_percentile", "chi2_dof", "noise_level", "labelled", "labels_used",
-    "masked_fraction", "flags", *FLAG_COLUMNS,
+    "masked_fraction", "flags", *FLAG_COLUMNS, "strongest_test",
 )  # fmt: skip
 
 
@@ -80,6 +81,7 @@ def signal_unscorable(n: int, labels: np.ndarray) -> dict[str, np.ndarray]:
     out |= {k: np.full(n, np.nan) for k in ("chi2_dof", "noise_level", "masked_fraction")}
     out["labelled"] = labelled
     out["labels_used"] = np.where(labelled[:, None], labels, np.nan)
+    out["strongest_test"] = np.full(n, "unscorable", dtype=object)
     return out | _flag_columns(n)
 
 

@@ -282,6 +282,11 @@ class ScoreResult(BaseModel):
     noise_level: float | None = Field(
         None, description="signal model: the noise level the flow is conditioned on; flow: null"
     )
+    strongest_test: str | None = Field(
+        None, description="signal model: the test with the smallest tail, the one behind "
+        "score (signal:flow, signal:structure:<label>,ic<j>, residual:chi2, "
+        "residual:scan<pixels>, residual:elem.<element>, unscorable); flow: null"
+    )  # fmt: skip
     labels_used: dict[str, float | None] = Field(description="given labels, or the best-fit")
     flags: list[str] = Field(
         description="nonfinite, masked, flux_range, label_range, unscorable (the model "
@@ -466,6 +471,7 @@ def results_to_json(
     ids = list(ids) if ids is not None else [None] * n
     cols = {k: _nullable(scores[k]) if k in scores else [None] * n for k in SCORE_FIELDS}
     used = [_nullable(np.asarray(scores["labels_used"])[:, j]) for j in range(3)]
+    tests = [str(t) for t in scores.get("strongest_test", [None] * n)]
     flags = np.asarray(scores["flags"]).astype(np.int64).tolist()
     if labelled is None:  # log_p is NaN exactly where labels were not given (or bad)
         labelled = ~np.isnan(np.asarray(scores["log_p"], dtype=np.float64))
@@ -475,6 +481,7 @@ def results_to_json(
         row: dict[str, Any] = {"index": i, "id": ids[i], "labelled": labelled[i]}
         for k in SCORE_FIELDS:
             row[k] = cols[k][i]
+        row["strongest_test"] = tests[i]
         row["labels_used"] = {name: used[j][i] for j, name in enumerate(LABELS)}
         row["flags"] = flag_list(flags[i])
         row["flag_bits"] = flags[i]

@@ -112,23 +112,62 @@ def test_cross_fitted_residuals_see_the_calibration_stars_as_new_ones() -> None:
 
 
 def test_cross_fitting_falls_back_to_the_own_basis_where_a_fold_cannot_fit(caplog) -> None:
-    """A pixel good in only two training stars, both in one fold: the other folds cannot
-    fit a basis (a pixel needs 2 good spectra), so the calibration stars keep the model's
-    own projection, with a warning, instead of the training run failing at its end."""
+    """Pixel 5 good in two training stars only, both in the first fold: the other folds'
+    bases leave it out (masked for the stars they project) and fit.  Most pixels good in
+    the first fold only: the other folds cannot fit a basis at all, so the calibration
+    stars keep the model's own projection, with a warning, instead of the training run
+    failing at its end."""
     from mendis_ray.flow.signal import SignalSpaceModel
     from mendis_ray.science.signal_scores import _cross_fitted
 
     rng = np.random.default_rng(5)
-    flux, ivar = rng.standard_normal((30, 40)), np.full((30, 40), 10.0)
-    ivar[2:, 5] = 0.0  # pixel 5: good in rows 0 and 1 only (the first fold)
-    basis = SignalBasis.fit(flux, ivar, 3)
-    labels = np.zeros((len(flux), 3))
-    model = SignalSpaceModel(basis, labels.mean(0), np.ones(3), np.zeros(2), SignalConfig())
-    with caplog.at_level(logging.WARNING, logger="mendis_ray"):
-        got = _cross_fitted(model, flux, ivar, labels, None, folds=3)
-    own = model.coordinates(flux, ivar, labels, keep_residual=True)
-    np.testing.assert_array_equal(got.proj.chi2, own.proj.chi2)
-    assert "in sample" in caplog.text
+    flux, labels = rng.standard_normal((30, 40)), np.zeros((30, 3))
+    for rows, expect_fallback in ((slice(2, None), False), (slice(10, None), True)):
+        ivar = np.full((30, 40), 10.0)
+        ivar[rows, 5 if not expect_fallback else slice(4, None)] = 0.0
+        basis = SignalBasis.fit(flux, ivar, 3)
+        model = SignalSpaceModel(basis, labels.mean(0), np.ones(3), np.zeros(2), SignalConfig())
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mendis_ray"):
+            got = _cross_fitted(model, flux, ivar, labels, None, folds=3)
+        own = model.coordinates(flux, ivar, labels, keep_residual=True)
+        assert ("in sample" in caplog.text) == expect_fallback
+        assert np.array_equal(got.proj.chi2, own.proj.chi2) == expect_fallback
+        assert np.isfinite(got.proj.chi2).all()
+
+
+def test_pixels_no_training_star_sees_are_left_out_exactly() -> None:
+    """A mask common to every training star (and a pixel good in one star of 300, under
+    the 1% floor) is not modelled: the basis equals the one fitted with those pixels
+    deleted, and every projection ignores them, whatever flux and ivar a scored spectrum
+    has there.  Before, the fit refused such a training set."""
+    rng = np.random.default_rng(8)
+    n, p, dead = 300, 40, [3, 7, 20, 11]
+    u = np.linalg.qr(rng.standard_normal((p, 3)))[0]
+    flux = 1 + (rng.standard_normal((n, 3)) * [0.3, 0.2, 0.1]) @ u.T * 0.1
+    ivar = rng.uniform(1e3, 1e4, (n, p))
+    flux += rng.standard_normal((n, p)) / np.sqrt(ivar)
+    ivar[:, dead] = 0.0
+    ivar[17, 11] = 5e3  # one star sees pixel 11
+    keep = np.setdiff1d(np.arange(p), dead)
+    full, cut = SignalBasis.fit(flux, ivar), SignalBasis.fit(flux[:, keep], ivar[:, keep])
+    assert full.k == cut.k and full.n_modelled == p - len(dead) and cut.modelled is None
+    np.testing.assert_array_equal(np.flatnonzero(~full.modelled), sorted(dead))
+    for f in ("mean", "scale"):
+        np.testing.assert_allclose(getattr(full, f)[keep], getattr(cut, f), rtol=1e-9)
+    np.testing.assert_allclose(full.intrinsic[keep], cut.intrinsic, rtol=1e-5)  # float32
+    np.testing.assert_allclose(full.eigenvalues, cut.eigenvalues, rtol=1e-6)
+    np.testing.assert_allclose(np.abs(full.basis[keep]), np.abs(cut.basis), atol=1e-6)
+    assert not full.basis[dead].any()
+    new_f, new_iv = flux[:5].copy(), np.full((5, p), 5e3)
+    new_f[:, dead] = 1e6  # a scored spectrum with "good" pixels the model never saw
+    a, b = full.project(new_f, new_iv), cut.project(new_f[:, keep], new_iv[:, keep])
+    for f in ("chi2", "log_resid", "n_good", "dof"):
+        np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=1e-4)
+    np.testing.assert_allclose(np.abs(a.s), np.abs(b.s), rtol=1e-4, atol=1e-6)
+    assert set(full.arrays()) == {*cut.arrays(), "modelled"}
+    with pytest.raises(ValueError, match="only 2 of 40 pixels are good"):
+        SignalBasis.fit(flux, np.where(np.arange(p) < 2, ivar, 0.0))
 
 
 def test_masked_pixel_values_change_nothing() -> None:
@@ -670,3 +709,66 @@ def test_label_density_sees_stars_off_the_giant_branch(trained) -> None:
     want = scorer._with_structure(c, rho, flow)
     np.testing.assert_allclose(out["signal_score"], want, rtol=0, atol=1e-3)  # float32 sums
     assert np.abs(out["signal_score"] - before).max() > 0.05  # a different path from before
+
+
+def test_a_mask_common_to_every_training_star_trains_and_scores(trained, tmp_path) -> None:
+    """A survey mask applied to every training spectrum (here 60 pixels): ``mendis train``
+    trains (it refused before: "a pixel has fewer than 2 good training spectra"), the
+    checkpoint records the pixels it models, and a scored spectrum's values there change
+    nothing; they do not count as masked either."""
+    import pyarrow.parquet as pq
+
+    from mendis_ray.spectra.shards import dataset_files, matrix_column
+
+    data, _ = trained
+    dead = np.arange(100, 160)
+    (tmp_path / "train").mkdir()
+    for f in dataset_files(data / "train"):
+        t = pq.read_table(f)
+        ivar = table_arrays(t).ivar.copy()
+        ivar[:, dead] = 0.0
+        t = t.set_column(t.schema.get_field_index("ivar"), "ivar", matrix_column(ivar))
+        pq.write_table(t, tmp_path / "train" / f.name)
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "train"), "--out", str(run), "--epochs", "2",
+                 "--quiet"]) == 0  # fmt: skip
+    scorer = load_scorer(run / "checkpoint")
+    np.testing.assert_array_equal(np.flatnonzero(~scorer.model.basis.modelled), dead)
+    te = _arrays(data, "test")
+    seen = scorer.score(te.flux, te.ivar, te.labels)
+    hidden_ivar = te.ivar.copy()
+    hidden_ivar[:, dead] = 0.0
+    hidden = scorer.score(te.flux, hidden_ivar, te.labels)
+    for key in ("score", "residual_score", "log_p", "masked_fraction"):
+        np.testing.assert_allclose(seen[key], hidden[key], rtol=1e-6, err_msg=key)
+    assert np.isfinite(seen["score"]).all() and not seen["flag_masked"].any()
+
+
+def test_strongest_test_names_the_kind_of_anomaly(trained) -> None:
+    """``strongest_test`` is the side (and test) whose tail set ``score``: a broad bump
+    is the 64-pixel scan's, a sky line the 1-pixel scan's; it is consistent with the two
+    tails, label-free rows name only the flow on the signal side, unscorable rows say so."""
+    import re
+
+    data, ckpt = trained
+    scorer = load_scorer(ckpt)
+    pattern = re.compile(
+        r"signal:flow|signal:structure:(teff|logg|feh),ic\d+|residual:(chi2|scan\d+|elem\.\w+)"
+    )
+    for name, expect in (("artefact_bump", "residual:scan64"), ("artefact_sky", "residual:scan1")):
+        o = _arrays(data, name)
+        out = scorer.score(o.flux, o.ivar, o.labels)
+        named = out["strongest_test"][out["percentile"] < 5]
+        assert len(named) > 40 and np.mean(named == expect) > 0.8, (name, named)
+    te = _arrays(data, "test")
+    labels = te.labels.copy()
+    labels[::3] = np.nan  # label-free rows
+    flux = te.flux.copy()
+    flux[1] = np.nan  # unscorable
+    out = scorer.score(flux, te.ivar, labels)
+    test = out["strongest_test"]
+    assert test[1] == "unscorable" and all(pattern.fullmatch(t) for t in np.delete(test, 1))
+    signal = np.array([t.startswith("signal:") for t in test])
+    ok = np.isfinite(out["score"])
+    assert (out["signal_score"] <= out["residual_score"])[ok].tolist() == signal[ok].tolist()
+    assert set(test[::3][signal[::3]]) <= {"signal:flow"}

@@ -242,8 +242,14 @@ def compute_moments(ds, n_pix: int, *, batch_size: int = 1024, min_std: float = 
     if n < 2:
         raise ShardError(f"compute_moments: need at least 2 spectra, got {n}")
     if np.any(cnt == 0):
+        never = np.flatnonzero(cnt == 0)
+        pix, lab = never[never < n_pix], never[never >= n_pix] - n_pix
         raise ShardError(
-            f"compute_moments: feature(s) {np.flatnonzero(cnt == 0)[:5]} are never good"
+            f"compute_moments: {len(pix)} pixel(s) (first: {pix[:5].tolist()}) are masked "
+            f"(ivar 0) in every training spectrum and label(s) {lab.tolist()} are never "
+            "finite; the full-space flow models every pixel, so it cannot learn them: train "
+            "the signal-space model (--model signal, the default), which leaves such pixels "
+            "out, or give those pixels data"
         )
     mean = s1 / cnt
     std = np.maximum(np.sqrt(np.maximum(s2 / cnt - mean**2, 0.0)), min_std)

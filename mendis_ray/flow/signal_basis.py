@@ -24,6 +24,11 @@ by its generalised least-squares amplitude: a^T L r has variance a^T L a - b^T C
 b = U^T L a for a typical star, so z_a = a^T L r / sd is N(0, 1) up to the intrinsic
 variation along a (:meth:`SignalBasis.template_statistics`).
 
+Pixels good in too few training spectra (fewer than ``min_good_fraction`` of them, at
+least 2: a survey mask applied to every star, a detector region that is always bad) are
+not modelled: ``modelled`` is False there and every projection treats them as masked,
+whatever the spectrum's ivar says (the training set says nothing about them).
+
 Basis: the top eigenvectors of the noise-debiased covariance of the standardized training
 spectra, Cov(z) - diag(mean n^2) (principal directions of the signal, not of the noise).
 k (:func:`choose_k`): the number of directions whose signal variance exceeds
@@ -81,12 +86,25 @@ class SignalBasis:
     basis: np.ndarray  # (p, k) orthonormal signal directions U
     eigenvalues: np.ndarray  # (k,) signal variance along each direction
     intrinsic: np.ndarray  # (p,) intrinsic residual variance v (standardized units)
+    modelled: np.ndarray | None = None  # (p,) bool: pixels the fit saw (None: all)
     # float32 copies for projection, rebuilt when a field is replaced: name -> (source, copy)
     _f32: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def k(self) -> int:
         return int(self.basis.shape[1])
+
+    @property
+    def n_modelled(self) -> int:
+        """Pixels the model describes (the others are masked in every projection)."""
+        return len(self.mean) if self.modelled is None else int(self.modelled.sum())
+
+    def drop_unmodelled(self, ivar: np.ndarray) -> np.ndarray:
+        """``ivar`` (n, p) with the pixels the model does not describe set to 0 (masked);
+        ``ivar`` itself when it describes them all."""
+        if self.modelled is None or self.modelled.all():
+            return ivar
+        return np.where(self.modelled, ivar, np.zeros((), ivar.dtype))
 
     @classmethod
     def fit(
@@ -98,6 +116,7 @@ class SignalBasis:
         k_max: int = 32,
         snr_ratio: float = 1.0,
         min_variance: float = 1e-4,
+        min_good_fraction: float = 0.01,
         chunk: int = 4096,
     ) -> SignalBasis:
         """Fit from training spectra ``flux``, ``ivar`` (n, p); ``k`` None chooses it."""
@@ -107,7 +126,8 @@ class SignalBasis:
                 yield flux[a : a + chunk], ivar[a : a + chunk]
 
         return cls.fit_batches(batches, k, k_max=k_max, snr_ratio=snr_ratio,
-                               min_variance=min_variance)  # fmt: skip
+                               min_variance=min_variance,
+                               min_good_fraction=min_good_fraction)  # fmt: skip
 
     @classmethod
     def fit_batches(
@@ -118,23 +138,42 @@ class SignalBasis:
         k_max: int = 32,
         snr_ratio: float = 1.0,
         min_variance: float = 1e-4,
+        min_good_fraction: float = 0.01,
+        pixels: np.ndarray | None = None,
     ) -> SignalBasis:
         """Fit from a stream: ``batches()`` yields (flux, ivar) chunks (b, p) and is called
         four times (mean and scale; covariance; the noise along each direction, for k;
-        the intrinsic variance).  Memory: O(p^2), whatever the number of spectra."""
+        the intrinsic variance).  Memory: O(p^2), whatever the number of spectra.
+
+        A pixel good in fewer than ``min_good_fraction`` of the spectra (and at least 2)
+        is not modelled (module doc); ``pixels`` (p,) bool restricts the fit further (a
+        cross-fit on the pixels of the full model)."""
         w = s1 = s2 = None
+        n = 0
         for f, iv in batches():  # pass 1: mean and scale over good pixels
             g = _good(f, iv)
             fz = np.where(g, f, 0.0)
             w, s1, s2 = _add(w, g.sum(0)), _add(s1, fz.sum(0)), _add(s2, (fz**2).sum(0))
-        if w is None or np.any(w < 2):
-            raise ValueError("SignalBasis.fit: a pixel has fewer than 2 good training spectra")
-        mean = s1 / w
-        scale = np.sqrt(np.maximum(s2 / w - mean**2, 1e-12))
+            n += len(f)
+        if w is None:
+            raise ValueError("SignalBasis.fit: no training spectra")
+        modelled = w >= max(2.0, min_good_fraction * n)
+        if pixels is not None:
+            modelled &= np.asarray(pixels, bool)
+        k_min = 2 if k is None else k
+        if modelled.sum() <= k_min + 1:
+            raise ValueError(
+                f"SignalBasis.fit: only {int(modelled.sum())} of {len(w)} pixels are good in "
+                f"at least {max(2, int(np.ceil(min_good_fraction * n)))} of the {n} training "
+                f"spectra; a model of {k_min} directions needs more"
+            )
+        w = np.where(modelled, w, 1.0)
+        mean = np.where(modelled, s1 / w, 1.0)  # 1.0 (continuum) where not modelled
+        scale = np.where(modelled, np.sqrt(np.maximum(s2 / w - mean**2, 1e-12)), 1.0)
         zz = noise_sum = None
         n = 0
         for f, iv in batches():  # pass 2: covariance of z, mean noise variance
-            g = _good(f, iv)
+            g = _good(f, iv) & modelled
             z = np.where(g, (f - mean) / scale, 0.0)  # 0 (the mean) where masked
             zz = _add(zz, z.T @ z)
             noise_sum = _add(noise_sum, _noise_var(iv, scale, g).sum(0))
@@ -147,20 +186,22 @@ class SignalBasis:
         order = np.argsort(lam)[::-1]
         lam, vec = lam[order], vec[:, order]
         if k is None:  # pass 3: each star's noise variance along each direction
-            per_star = np.concatenate([_noise_var(iv, scale, _good(f, iv)) @ vec**2
+            per_star = np.concatenate([_noise_var(iv, scale, _good(f, iv) & modelled) @ vec**2
                                        for f, iv in batches()])  # fmt: skip
-            k = choose_k(lam, per_star, len(mean), snr_ratio)
+            k = choose_k(lam, per_star, int(modelled.sum()), snr_ratio)
         if not 1 <= k <= vec.shape[1]:
             raise ValueError(f"SignalBasis.fit: k={k} outside 1..{vec.shape[1]}")
         u = vec[:, :k]
+        u[~modelled] = 0.0  # (they are: the covariance is 0 there)
         v = np.maximum(np.diag(cov) - (u**2) @ lam[:k], min_variance)
-        basis = cls(mean, scale, u, np.maximum(lam[:k], min_variance), v)
+        basis = cls(mean, scale, u, np.maximum(lam[:k], min_variance), v,
+                    None if modelled.all() else modelled)  # fmt: skip
         r2 = None
         for f, iv in batches():  # pass 4: intrinsic variance = mean of r^2 - noise
-            g = _good(f, iv)
+            g = _good(f, iv) & modelled
             r = basis.residuals(f, iv)
             r2 = _add(r2, np.where(g, r**2 - _noise_var(iv, scale, g), 0).sum(0))
-        basis.intrinsic = np.maximum(r2 / w, min_variance)
+        basis.intrinsic = np.where(modelled, np.maximum(r2 / w, min_variance), min_variance)
         return basis
 
     # -- projection -----------------------------------------------------------------------
@@ -201,7 +242,9 @@ class SignalBasis:
         mask, (n, p) each; float32 (the (n, p) passes dominate the cost of scoring).
         ``clean``: the caller guarantees float32 arrays, finite values, ivar >= 0 and flux
         = mean where ivar = 0 (the scorer's cleaned input); then masked pixels get z = 0
-        and L = 0 from the formulas themselves (1 / inf), the same values in fewer passes."""
+        and L = 0 from the formulas themselves (1 / inf), the same values in fewer passes.
+        Pixels the model does not describe are masked (their z, if not 0, meets L = 0)."""
+        ivar = self.drop_unmodelled(ivar)
         scale = self._float32("scale")
         if clean:
             good = ivar > 0
@@ -233,7 +276,9 @@ class SignalBasis:
         k = self.k
         u32 = self._float32("basis")
         a = self._normal_matrix(lam)  # (n, k, k) U^T L U
-        b = ((lam * z) @ u32).astype(np.float64)  # (n, k)
+        # (n, k) U^T L z summed in float64: at high S/N it cancels over thousands of
+        # pixels, and float32 sums moved s_hat by 6e-5 with the row's place in a batch
+        b = (lam * z).astype(np.float64) @ self.basis  # (n, k)
         chol = np.linalg.cholesky(a)  # (n, k, k)
         cov = np.linalg.inv(a)  # (n, k, k)
         s = (cov @ b[:, :, None])[:, :, 0]  # (n, k)
@@ -312,8 +357,11 @@ class SignalBasis:
         return self.mean + self.scale * (np.asarray(s) @ self.basis.T)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {f: np.ascontiguousarray(getattr(self, f)) for f in
-                ("mean", "scale", "basis", "eigenvalues", "intrinsic")}  # fmt: skip
+        out = {f: np.ascontiguousarray(getattr(self, f)) for f in
+               ("mean", "scale", "basis", "eigenvalues", "intrinsic")}  # fmt: skip
+        if self.modelled is not None:
+            out["modelled"] = self.modelled.astype(np.uint8)
+        return out
 
 
 def choose_k(

@@ -146,7 +146,8 @@ def _title(row: dict, neighbour: str) -> str:
     if all(v is not None and np.isfinite(v) for v in used):
         lab = f"  Teff {used[0]:.0f} logg {used[1]:.2f} [Fe/H] {used[2]:+.2f}"
     if "score" in row:  # signal-space checkpoint: log tail probabilities
-        scores = (f"signal pct {fmt(row.get('signal_percentile'), '.1f')}, residual pct "
+        scores = (f"{row.get('strongest_test')}, signal pct "
+                  f"{fmt(row.get('signal_percentile'), '.1f')}, residual pct "
                   f"{fmt(row.get('residual_percentile'), '.1f')}, chi2/dof "
                   f"{fmt(row.get('chi2_dof'), '.2f')}")  # fmt: skip
     else:

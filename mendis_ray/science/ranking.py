@@ -53,8 +53,8 @@ RANK_KEYS = {
 SIGNAL_PRIMARY = ("percentile", "score")
 #: The leading columns of the outlier table (the scores, then the input's other columns).
 TOP_COLUMNS = (
-    "rank", "id", "percentile", "score", "signal_score", "residual_score", "residual_percentile",
-    "chi2_dof", "log_p_per_dim", "signal_percentile", "log_ratio_gaussian",
+    "rank", "id", "percentile", "score", "strongest_test", "signal_score", "residual_score",
+    "residual_percentile", "chi2_dof", "log_p_per_dim", "signal_percentile", "log_ratio_gaussian",
     "flags", "flag_names", "log_p", "log_p_marginal", *USED_COLUMNS,
     *LABEL_COLUMNS, "snr", "masked_fraction", "flag_nonfinite", "flag_masked",
     "flag_flux_range", "flag_label_range", "flag_unscorable", "path",

@@ -51,6 +51,18 @@ logs of tail probabilities, 0 = perfectly typical, -inf = impossible):
 ``log_p``
     The exact total log p(good pixels, labels | noise) in physical units: a density, for
     comparisons with other density models, *not* a triage score (it rewards clean spectra).
+``strongest_test``
+    Which test set ``score``: the one with the smallest calibrated tail.  On the signal
+    side ``signal:flow`` (the flow's density with the label density; always for
+    label-free rows) or ``signal:structure:<label>,ic<j>`` (a gap in the 2-D projection
+    of a denoised label against the j-th independent component of the signal
+    coordinates); on the residual side ``residual:chi2`` (the whole residual),
+    ``residual:scan<s>`` (the largest window sum over s pixels: 1 a spike or narrow
+    line, 4 a line, 16 a blend or band, 64 a bump or continuum error) or
+    ``residual:elem.<X>`` (element X's line pattern); ``unscorable``.  For an outlier it
+    names the kind of anomaly (survey benchmark: between the alpha sequences the
+    [Fe/H] x alpha component pair, unknown lines the 1- and 4-pixel scans, bumps the
+    64-pixel scan, binaries chi^2); for an inlier it is whichever test fluctuated most.
 ``percentile``, ``signal_percentile``, ``residual_percentile``
     100 x exp(score): the calibrated probability, in percent, that an inlier at the same
     noise level scores as low or lower (checkpoints written before ``combine.corr``: the
@@ -262,6 +274,19 @@ def _residual_tails(
     return tails
 
 
+def _residual_test(ref: dict, tails: list[np.ndarray], each: list[np.ndarray]) -> np.ndarray:
+    """The residual test with the smallest tail (n,) str: ``"residual:chi2"``,
+    ``"residual:scan<s>"`` (the matched filter of width s pixels) or
+    ``"residual:elem.<X>"`` (one element's line pattern); ``tails``: the families of
+    :func:`_residual_tails`, ``each``: :func:`_stat_tails`."""
+    names = np.array([f"residual:{n}" for n in _stat_names(ref)], dtype=object)
+    which = np.argmin(tails, axis=0)  # (n,) a family: chi^2, the scans, the elements
+    n_base = 1 + len(SCALES)
+    if len(each) > n_base:  # the elements' family: its most significant element
+        which = np.where(which == n_base, n_base + np.argmin(each[n_base:], axis=0), which)
+    return names[which]
+
+
 def _cross_fitted(
     model: SignalSpaceModel, flux, ivar, labels, templates, folds: int
 ) -> SignalCoordinates:
@@ -294,7 +319,8 @@ def _cross_fitted(
         fold = copy.copy(model)  # shares the flow; only the basis differs
         try:
             fold.basis = SignalBasis.fit_batches(batches, k, k_max=max(cfg.k_max, k),
-                                                 snr_ratio=cfg.snr_ratio)  # fmt: skip
+                                                 snr_ratio=cfg.snr_ratio, min_good_fraction=0,
+                                                 pixels=model.basis.modelled)  # fmt: skip
         except ValueError as err:  # e.g. a pixel good in < 2 stars outside this fold
             log.warning("residual calibration in sample (the model's own basis): a basis "
                         "without %d of the training stars cannot be fitted (%s)",
@@ -513,10 +539,12 @@ class SignalScorer:
         coef = np.linalg.lstsq(xs, train_coords.y[:, k:], rcond=None)[0]  # (k + 1, 3)
         res = train_coords.y[:, k:] - xs @ coef
         chol = np.linalg.cholesky(np.cov(res.T) * 1.5**2 + 1e-6 * np.eye(3))
-        fl = np.where(cal_ivar > 0, cal_flux, np.nan)
+        good = model.basis.drop_unmodelled(cal_ivar) > 0
+        lo = np.where(good, cal_flux, np.inf).min(0)  # (p,); +-inf: a pixel never seen
+        hi = np.where(good, cal_flux, -np.inf).max(0)
         ref = {"label_coef": coef, "label_chol": chol,
-               "flux_lo": np.nanmin(fl, 0) - 5 * model.basis.scale,
-               "flux_hi": np.nanmax(fl, 0) + 5 * model.basis.scale,
+               "flux_lo": np.where(np.isfinite(lo), lo - 5 * model.basis.scale, -np.inf),
+               "flux_hi": np.where(np.isfinite(hi), hi + 5 * model.basis.scale, np.inf),
                "label_lo": labels.min(0) - 5 * labels.std(0),
                "label_hi": labels.max(0) + 5 * labels.std(0),
                "snr_max": np.quantile(star_snr(cal_flux, cal_ivar), [0.995])}  # fmt: skip
@@ -566,15 +594,25 @@ class SignalScorer:
         both tails, learned their noise: inlier percentiles of ``signal_score`` 4.6 points
         from uniform in the worst S/N bin against 4.3 this way (the same model, AUROCs
         within 0.002).  References written before keep it (``cal.signal_tests``)."""
+        return self._with_structure_and_test(c, rho, flow)[0]
+
+    def _with_structure_and_test(
+        self, c: SignalCoordinates, rho: np.ndarray, flow: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_with_structure` and which test set it (n,) str: ``"flow"`` or
+        ``"structure:<label>,ic<j>"`` (the pair, :meth:`StructureTests.pair_names`)."""
         tests = self._tests()
         if tests is None:  # calibrations without the tests' arrays: the flow alone
-            return flow
-        u = tests.statistic(c.y)
+            return flow, np.full(len(flow), "flow", dtype=object)
+        u, pair = tests.statistic_and_pair(c.y)
         tail = NoiseCalibration.from_arrays(self.ref, "cal.structure").log_tail(rho, u)
+        names = np.array(["flow", *(f"structure:{n}" for n in tests.pair_names())], object)
+        which = names[np.where(tail < flow, pair + 1, 0)]
         both, r = np.minimum(flow, tail), self.ref
         if "signal_tests.corr" in r:
-            return min_tail(both, np.interp(rho, r["signal_tests.centers"], r["signal_tests.corr"]))
-        return NoiseCalibration.from_arrays(r, "cal.signal_tests").log_tail(rho, -both)
+            corr = np.interp(rho, r["signal_tests.centers"], r["signal_tests.corr"])
+            return min_tail(both, corr), which
+        return NoiseCalibration.from_arrays(r, "cal.signal_tests").log_tail(rho, -both), which
 
     def _label_free(self, c: SignalCoordinates, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """log q(signal coordinates | t) with the labels integrated out (importance
@@ -611,6 +649,7 @@ class SignalScorer:
             ivar = np.where(bad_pix | ~np.isfinite(ivar) | (ivar < 0), 0.0, ivar)
         elif (ivar < 0).any():
             ivar = np.where(ivar < 0, 0.0, ivar)
+        ivar = self.model.basis.drop_unmodelled(ivar)  # pixels the training set never saw
         if not (ivar > 0).all():
             flux = np.where(ivar > 0, flux, self.model.basis._float32("mean"))
         labels = np.where(np.isinf(labels), np.nan, labels)
@@ -640,7 +679,8 @@ class SignalScorer:
         releases the GIL in its array loops).  numpy's BLAS runs one thread meanwhile: its
         own threads on top of ours oversubscribed the cores (20,000 spectra on 2 cores:
         1.16 s, against 0.62 s), and a fixed BLAS thread count keeps the float32 sums, so
-        the scores, independent of the thread count and the chunking."""
+        the scores, independent of the thread count (the chunking moves them by float32
+        rounding only: a row's sums depend on its place in a batch)."""
         workers = min(torch.get_num_threads(), len(spans))
         with _one_blas_thread():
             if workers <= 1:
@@ -662,22 +702,26 @@ class SignalScorer:
         with_tests = "signal_tests.corr" in r or "cal.signal_tests.centers" in r
         tests = self._tests() if with_tests else None
         flow = _flow_tail(r, lq, c.y, rho, tests)
+        sig_test = np.full(len(lq), "flow", dtype=object)
         if tests is not None:  # with the structure tests (labelled rows)
-            flow = self._with_structure(c, rho, flow)
+            flow, sig_test = self._with_structure_and_test(c, rho, flow)
         sig = np.where(
             labelled, flow, NoiseCalibration.from_arrays(r, "cal.signal_free").log_tail(rho, -lq)
         )
+        sig_test[~labelled] = "flow"
         rr = _rho_res(c)
-        tails = _residual_tails(r, rr, px.stats)
+        each = _stat_tails(r, rr, px.stats)
+        tails = _residual_tails(r, rr, px.stats, each)
         res = NoiseCalibration.from_arrays(r, "cal.residual").log_tail(rr, -np.min(tails, 0))
+        test = np.where(sig <= res, "signal:" + sig_test, _residual_test(r, tails, each))
         if "combine.corr" in r:  # the more significant of the two, for its dependence
             corr = np.interp(rho, r["combine.centers"], r["combine.corr"])
-            return lq, est, sig, res, min_tail(np.minimum(sig, res), corr)
+            return lq, est, sig, res, min_tail(np.minimum(sig, res), corr), test
         x = -2 * (sig + res)  # older checkpoints: Fisher's, chi^2 with 4 dof, closed form
         comb = np.minimum(-x / 2 + np.log1p(x / 2), 0.0)
         if "cal.combined.centers" in r:  # the two tails are not independent: calibrate
             comb = NoiseCalibration.from_arrays(r, "cal.combined").log_tail(rho, -comb)
-        return lq, est, sig, res, comb
+        return lq, est, sig, res, comb, test
 
     def score(self, flux, ivar=None, labels=None, chunk: int = 1024, **_: object) -> dict:
         """Scores of n spectra: ``flux``, ``ivar`` (n, p), ``labels`` (n, 3) (NaN rows:
@@ -690,16 +734,18 @@ class SignalScorer:
         px = _Pixels.concat(self._pixel_passes(flux, ivar, labels, spans))
         m, c, labelled = self.model, px.c, px.labelled
         with np.errstate(all="ignore"):
-            lq, est, sig, res, comb = self._tails(px)
+            lq, est, sig, res, comb, test = self._tails(px)
             log_p = m.total_log_prob(c, lq) + np.where(labelled, 0.0, np.log(m.label_scale).sum())
             labels_used = np.where(labelled[:, None], px.labels, est * m.label_scale + m.label_mean)
         out = {"score": comb, "signal_score": sig, "residual_score": res, "log_p": log_p}
-        return self._finish(out, px, labels_used)
+        out = self._finish(out, px, labels_used)
+        out["strongest_test"] = np.where(out["flag_unscorable"], "unscorable", test)
+        return out
 
     def _finish(self, out: dict, px: _Pixels, labels_used: np.ndarray) -> dict:
         """-inf for unscorable rows, percentiles, flags and the per-row diagnostics."""
         r, c, labelled = self.ref, px.c, px.labelled
-        masked_fraction = 1.0 - c.proj.n_good / px.n_pix
+        masked_fraction = 1.0 - c.proj.n_good / self.model.basis.n_modelled
         no_good = c.proj.n_good <= self.model.basis.k
         unscorable = no_good.copy()
         for key in out:  # impossible or unscorable (NaN, +-inf): the most outlying
@@ -776,6 +822,8 @@ class SignalScorer:
             cfg = SignalConfig.from_dict(info["signal_config"])
             fields = ("mean", "scale", "basis", "eigenvalues", "intrinsic")
             basis = SignalBasis(*(a[f"basis.{f}"] for f in fields))
+            if "basis.modelled" in a:  # absent: every pixel modelled (and older checkpoints)
+                basis.modelled = a["basis.modelled"].astype(bool)
             model = SignalSpaceModel(basis, a["label_mean"], a["label_scale"], a["t_range"], cfg)
             state = {k.removeprefix("flow."): torch.from_numpy(v) for k, v in a.items()
                      if k.startswith("flow.")}  # fmt: skip

@@ -55,6 +55,7 @@ _FAR = 1e100  # where non-finite or overflowing coordinates are put (squares sta
 # leave 3 directions of nothing (measured: the gap test falls to chance)
 LABEL_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
 MIN_HELD_OUT = 100  # fewer labelled held-out stars: the catalogue's labels (w = 0)
+LABEL_NAMES = ("teff", "logg", "feh")  # the label columns, in order
 
 
 def fastica(x: np.ndarray, seed: int = 0, max_iter: int = 1000, tol: float = 1e-7) -> np.ndarray:
@@ -283,11 +284,24 @@ class StructureTests:
 
     def statistic(self, y: np.ndarray) -> np.ndarray:
         """(n,): minus the lowest log ratio over the pairs (large = in a gap); finite."""
+        return self.statistic_and_pair(y)[0]
+
+    def statistic_and_pair(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`statistic` (n,) and the pair that set it (n,) (an index of ``pairs``;
+        -1 where there are none)."""
         if len(self.pairs) == 0:  # every label constant in training: nothing to test
-            return np.zeros(len(y))
+            return np.zeros(len(y)), np.full(len(y), -1)
         with np.errstate(all="ignore"):
-            u = -self.log_ratios(y).min(axis=1)
-        return np.nan_to_num(u, nan=np.inf, posinf=1e300, neginf=-1e300).clip(-1e300, 1e300)
+            ratios = np.nan_to_num(self.log_ratios(y), nan=-np.inf)  # (n, P)
+            pair = ratios.argmin(axis=1)
+            u = -ratios[np.arange(len(y)), pair]
+        return np.nan_to_num(u, posinf=1e300, neginf=-1e300).clip(-1e300, 1e300), pair
+
+    def pair_names(self) -> list[str]:
+        """A name per pair, ``"<label>,ic<j>"``: a label (teff, logg, feh) against the
+        j-th independent component of the signal coordinates (1-based)."""
+        cols = [*LABEL_NAMES, *(f"ic{j + 1}" for j in range(len(self.unmix)))]
+        return [f"{cols[int(a)]},{cols[int(b)]}" for a, b in self.pairs]
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {PREFIX + f: np.asarray(getattr(self, f), np.float64) for f in _FIELDS}

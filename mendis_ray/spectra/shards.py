@@ -298,8 +298,11 @@ def schema_metadata(schema: pa.Schema, where: str) -> dict:
     kv = schema.metadata or {}
     if META_KEY not in kv:
         raise ShardError(
-            f"{where}: no 'mendis_ray' file metadata; write shards with "
-            "mendis_ray.spectra.shards.write_shard (it records the grid)"
+            f"{where}: no 'mendis_ray' file metadata (the pixel grid); write shards with "
+            "mendis_ray.spectra.shards.write_dataset(folder, [make_table(ids, flux, ivar, "
+            "teff=..., logg=..., feh=...)], 1, grid_from_wavelength(wavelength)) (grid_from_"
+            "wavelength from mendis_ray.spectra.grid; README: 'Your own spectra'), or read "
+            "APOGEE FITS files with mendis ingest apogee"
         )
     try:
         meta = json.loads(kv[META_KEY])

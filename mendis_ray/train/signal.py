@@ -120,6 +120,10 @@ def train_signal_model(
         flux[tr], ivar[tr], cfg.n_signal, k_max=cfg.k_max, snr_ratio=cfg.snr_ratio
     )
     log.info("signal basis: k = %d directions (%.1f s)", basis.k, time.perf_counter() - t0)
+    if basis.n_modelled < flux.shape[1]:
+        log.info("%d of %d pixels are good in fewer than 1%% of the training spectra (a "
+                 "mask common to all, a region always bad): not modelled, masked in every "
+                 "spectrum scored", flux.shape[1] - basis.n_modelled, flux.shape[1])  # fmt: skip
     lab = labels[tr]
     model = SignalSpaceModel(basis, lab.mean(0), lab.std(0) + 1e-12, np.zeros(2), cfg, cfg.seed)
     c_tr = model.coordinates(flux[tr], ivar[tr], labels[tr])

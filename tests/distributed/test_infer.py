@@ -62,8 +62,8 @@ def test_scores_equal_in_process_scorer(scored, checkpoint, sim_sets):
             np.testing.assert_allclose(np.stack(cols, 1), values, rtol=1e-9, equal_nan=True)
             continue
         col = got.column(name).to_numpy(zero_copy_only=False)[order]
-        if values.dtype.kind == "f":
-            np.testing.assert_allclose(col, values, rtol=1e-9, atol=1e-9, equal_nan=True,
+        if values.dtype.kind == "f":  # float32 sums: rounding with a row's place in a batch
+            np.testing.assert_allclose(col, values, rtol=1e-6, atol=1e-9, equal_nan=True,
                                        err_msg=name)  # fmt: skip
         else:
             np.testing.assert_array_equal(col, values, err_msg=name)

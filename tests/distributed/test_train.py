@@ -80,6 +80,23 @@ def test_moments_match_numpy(ray_session, sim_sets):
     assert m.n == len(x)
 
 
+def test_moments_name_pixels_no_training_spectrum_has(ray_session, sim_sets, tmp_path):
+    """A mask common to every training spectrum: the full-space flow models every pixel,
+    so its moments refuse them by number and point to the signal-space model."""
+    from mendis_ray.distributed import data as D
+    from mendis_ray.spectra.shards import matrix_column
+
+    for f in sorted((sim_sets / "test").glob("*.parquet")):
+        table = pq.read_table(f)
+        ivar = table_arrays(table).ivar.copy()
+        ivar[:, 10:13] = 0.0
+        table = table.set_column(table.column_names.index("ivar"), "ivar", matrix_column(ivar))
+        pq.write_table(table, tmp_path / f.name)
+    shards = D.check_shards(D.list_shards(tmp_path))
+    with pytest.raises(ShardError, match=r"3 pixel\(s\) \(first: \[10, 11, 12\]\).*signal"):
+        D.compute_moments(D.read_spectra(shards), shards.n_pix, batch_size=50)
+
+
 def _write_like(src, dst, flux_fix=None, metadata=None):
     table = pq.read_table(src)
     if flux_fix is not None:
