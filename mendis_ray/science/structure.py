@@ -55,6 +55,11 @@ _FAR = 1e100  # where non-finite or overflowing coordinates are put (squares sta
 # leave 3 directions of nothing (measured: the gap test falls to chance)
 LABEL_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
 MIN_HELD_OUT = 100  # fewer labelled held-out stars: the catalogue's labels (w = 0)
+# FastICA has local optima: on 8,000 emulated dwarfs (bench/bench_payne.py) two of eight
+# starts isolated the bimodal [Mg/Fe] direction (held-out criterion 7.22 against 6.46-6.47;
+# the statistic's AUROC for stars between the sequences 0.92 against 0.67-0.68), and the
+# start 0 used before did not.  Each start costs one fit (0.1-1 s).
+ICA_STARTS = 6
 LABEL_NAMES = ("teff", "logg", "feh")  # the label columns, in order
 
 
@@ -135,34 +140,38 @@ class StructureTests:
 
     @classmethod
     def select(cls, y: np.ndarray, held_out: np.ndarray, k: int, **kwargs) -> StructureTests:
-        """:meth:`fit` on the training stars ``y`` (n, k + 3) at each of ``LABEL_WEIGHTS``;
-        the one whose pairs see the most structure in the held-out stars ``held_out``
-        (m, k + 3): the largest mean log ratio (kernel / Gaussian) summed over the pairs, a
-        held-out estimate of how far the pairs are from Gaussian (noise in the labels
-        blurs that structure).  Under ``MIN_HELD_OUT`` labelled held-out stars: w = 0.
-        Measured: the criterion picks the largest weight on the survey benchmark (where
-        it helps) and also on a toy with exact labels (where it does no harm)."""
+        """:meth:`fit` on the training stars ``y`` (n, k + 3) at each of ``LABEL_WEIGHTS``
+        and ``ICA_STARTS`` FastICA starts; the one whose pairs see the most structure in
+        the held-out stars ``held_out`` (m, k + 3): the largest mean log ratio (kernel /
+        Gaussian) summed over the pairs, a held-out estimate of how far the pairs are from
+        Gaussian (noise in the labels blurs that structure; a rotation that mixes a
+        bimodal direction with others dilutes it).  Under ``MIN_HELD_OUT`` labelled
+        held-out stars: w = 0, start 0.  Measured: the criterion picks the largest weight
+        on the survey benchmark (where it helps) and also on a toy with exact labels
+        (where it does no harm), and FastICA's isolating start (``ICA_STARTS``)."""
         held_out = held_out[np.isfinite(held_out).all(axis=1)]  # label-free rows: no say
         if len(held_out) < MIN_HELD_OUT:
             return cls.fit(y, k, **kwargs)
         best, best_kl = None, -np.inf
         for w in LABEL_WEIGHTS:
-            tests = cls.fit(y, k, label_weight=w, **kwargs)
-            with np.errstate(all="ignore"):
-                kl = np.nan_to_num(tests.log_ratios(held_out).mean(0), nan=-np.inf).sum()
-            if best is None or kl > best_kl:
-                best, best_kl = tests, kl
+            for start in range(ICA_STARTS):
+                tests = cls.fit(y, k, label_weight=w, ica_start=start, **kwargs)
+                with np.errstate(all="ignore"):
+                    kl = np.nan_to_num(tests.log_ratios(held_out).mean(0), nan=-np.inf).sum()
+                if best is None or kl > best_kl:
+                    best, best_kl = tests, kl
         return best
 
     @classmethod
     def fit(
         cls, y: np.ndarray, k: int, n_grid: int = 64, bw_factor: float = 0.6,
-        label_weight: float = 0.0,
+        label_weight: float = 0.0, ica_start: int = 0,
     ) -> StructureTests:  # fmt: skip
         """From the training stars' coordinates ``y`` (n, k + 3): k signal coordinates, then
         the 3 labels.  Kernel sd: ``bw_factor`` times Scott's rule, n^(-1/6) for the pairs
         and n^(-1/7) for the label density (3-D), both on ``n_grid`` points a side.
-        ``label_weight``: the weight of the labels' prediction from the coordinates."""
+        ``label_weight``: the weight of the labels' prediction from the coordinates;
+        ``ica_start``: FastICA's seed."""
         pred = np.linalg.lstsq(np.c_[y[:, :k], np.ones(len(y))], y[:, k:], rcond=None)[0]
         weight = np.array([label_weight], np.float64)
         labels = _denoised(y, pred, weight)  # (n, 3)
@@ -174,7 +183,7 @@ class StructureTests:
         rest = y[:, :k] - design @ coef  # (n, k)
         ev, vec = np.linalg.eigh(np.atleast_2d(np.cov(rest, rowvar=False)))  # (k,), (k, k)
         white = vec / np.sqrt(np.maximum(ev, 1e-12 * ev.max()))  # (k, k)
-        unmix = white @ fastica(rest @ white).T
+        unmix = white @ fastica(rest @ white, seed=ica_start).T
         out = cls(pred, weight, coef, unmix, label_mean, label_scale,
                   *_empty(np.flatnonzero(varies), k, n_grid), *_empty_labels())  # fmt: skip
         cols = out.columns(y)  # (n, 3 + k), unit variance

@@ -54,6 +54,10 @@ def _check_inputs(flux: np.ndarray, ivar: np.ndarray, labels: np.ndarray) -> Non
         )
 
 
+#: fewer training spectra: a warning (the held-out tenth that calibrates is too small)
+MIN_TRAINING = 3000
+
+
 class NoiseAugmenter:
     """Noisier copies of training stars, drawn in the signal coordinates.
 
@@ -202,6 +206,13 @@ def train_signal_checkpoint(
         )
     log.info("read %d training spectra (%d px) in %.1f s", len(flux), flux.shape[1],
              time.perf_counter() - t0)  # fmt: skip
+    if len(flux) < MIN_TRAINING:
+        log.warning(
+            "%d training spectra: the last 10%% (%d) calibrate the signal score per noise "
+            "level, too few for calibrated percentiles (600 emulated dwarfs on 7,214 "
+            "pixels: inliers' mean percentile 40 at low S/N and 69 at high S/N, against 50); "
+            "train on at least %d", len(flux), round(0.1 * len(flux)), MIN_TRAINING,
+        )  # fmt: skip
     res = train_signal_model(flux, ivar, labels, cfg, time_limit_s=time_limit_s,
                              show_progress=show_progress)  # fmt: skip
     va, tr = res.val_rows, slice(0, res.val_rows.start)
