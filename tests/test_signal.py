@@ -706,7 +706,7 @@ def test_label_density_sees_stars_off_the_giant_branch(trained) -> None:
     c = scorer._pixel_pass(te.flux, te.ivar, te.labels).c  # as scored (noise matched)
     rho, lq = _rho_sig(c, scorer.model), scorer.model.flow_log_prob(c)
     flow = NoiseCalibration.from_arrays(scorer.ref, "cal.signal").log_tail(rho, -lq)
-    want = scorer._with_structure(c, rho, flow)
+    want = scorer._with_structure(c, rho, flow)[0]
     np.testing.assert_allclose(out["signal_score"], want, rtol=0, atol=1e-3)  # float32 sums
     assert np.abs(out["signal_score"] - before).max() > 0.05  # a different path from before
 

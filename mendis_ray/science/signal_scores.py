@@ -474,7 +474,6 @@ class _Pixels:
     labelled: np.ndarray  # (n,) bool
     nonfinite: np.ndarray  # (n,) bool: a non-finite pixel or label in the input
     flux_range: np.ndarray  # (n,) bool: > 1% of good pixels outside the training range
-    n_pix: int
 
     @classmethod
     def concat(cls, parts: list[_Pixels]) -> _Pixels:
@@ -486,7 +485,7 @@ class _Pixels:
         )  # fmt: skip
         cat = {f: np.concatenate([getattr(p, f) for p in parts])
                for f in ("stats", "labels", "labelled", "nonfinite", "flux_range")}  # fmt: skip
-        return cls(c, n_pix=parts[0].n_pix, **cat)
+        return cls(c, **cat)
 
 
 @dataclass
@@ -585,22 +584,19 @@ class SignalScorer:
             cached = self._structure = (key, StructureTests.from_arrays(self.ref))
         return cached[1]
 
-    def _with_structure(self, c: SignalCoordinates, rho: np.ndarray, flow: np.ndarray):
-        """The signal tail with the structure tests (n,): the more significant of the flow's
-        tail and the structure tests' tail, as the probability that an inlier's more
-        significant one is as small (:func:`min_tail`, their Gaussian-copula correlation
-        per noise level: about 0.5-0.65 on the survey benchmark), like ``score``.  An
-        empirical calibration of that minimum on the held-out stars, which also calibrate
-        both tails, learned their noise: inlier percentiles of ``signal_score`` 4.6 points
-        from uniform in the worst S/N bin against 4.3 this way (the same model, AUROCs
-        within 0.002).  References written before keep it (``cal.signal_tests``)."""
-        return self._with_structure_and_test(c, rho, flow)[0]
-
-    def _with_structure_and_test(
+    def _with_structure(
         self, c: SignalCoordinates, rho: np.ndarray, flow: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`_with_structure` and which test set it (n,) str: ``"flow"`` or
-        ``"structure:<label>,ic<j>"`` (the pair, :meth:`StructureTests.pair_names`)."""
+        """The signal tail with the structure tests (n,), and which test set it (n,) str:
+        ``"flow"`` or ``"structure:<label>,ic<j>"`` (:meth:`StructureTests.pair_names`).
+        The tail is the more significant of the flow's tail and the structure tests'
+        tail, as the probability that an inlier's more significant one is as small
+        (:func:`min_tail`, their Gaussian-copula correlation per noise level: about
+        0.5-0.65 on the survey benchmark), like ``score``.  An empirical calibration of
+        that minimum on the held-out stars, which also calibrate both tails, learned their
+        noise: inlier percentiles of ``signal_score`` 4.6 points from uniform in the worst
+        S/N bin against 4.3 this way (the same model, AUROCs within 0.002).  References
+        written before keep it (``cal.signal_tests``)."""
         tests = self._tests()
         if tests is None:  # calibrations without the tests' arrays: the flow alone
             return flow, np.full(len(flow), "flow", dtype=object)
@@ -672,7 +668,7 @@ class SignalScorer:
         good = ivar > 0
         out_range = good & ((flux < r["flux_lo"]) | (flux > r["flux_hi"]))
         flux_range = out_range.sum(1) > 0.01 * np.maximum(good.sum(1), 1)
-        return _Pixels(c, stats, labels, labelled, nonfinite, flux_range, flux.shape[1])
+        return _Pixels(c, stats, labels, labelled, nonfinite, flux_range)
 
     def _pixel_passes(self, flux, ivar, labels, spans: list[slice]) -> list[_Pixels]:
         """:meth:`_pixel_pass` of each chunk, on as many threads as torch may use (numpy
@@ -704,7 +700,7 @@ class SignalScorer:
         flow = _flow_tail(r, lq, c.y, rho, tests)
         sig_test = np.full(len(lq), "flow", dtype=object)
         if tests is not None:  # with the structure tests (labelled rows)
-            flow, sig_test = self._with_structure_and_test(c, rho, flow)
+            flow, sig_test = self._with_structure(c, rho, flow)
         sig = np.where(
             labelled, flow, NoiseCalibration.from_arrays(r, "cal.signal_free").log_tail(rho, -lq)
         )
