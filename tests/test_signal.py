@@ -711,11 +711,15 @@ def test_label_density_sees_stars_off_the_giant_branch(trained) -> None:
     assert np.abs(out["signal_score"] - before).max() > 0.05  # a different path from before
 
 
-def test_a_mask_common_to_every_training_star_trains_and_scores(trained, tmp_path) -> None:
-    """A survey mask applied to every training spectrum (here 60 pixels): ``mendis train``
-    trains (it refused before: "a pixel has fewer than 2 good training spectra"), the
-    checkpoint records the pixels it models, and a scored spectrum's values there change
-    nothing; they do not count as masked either."""
+def test_a_survey_training_set_with_a_common_mask_and_unlabelled_stars(
+    trained, tmp_path, caplog, capsys
+) -> None:
+    """A survey mask applied to every training spectrum (here 60 pixels) and stars
+    without labels: ``mendis train`` trains (it refused both before: "a pixel has fewer
+    than 2 good training spectra", "training rows have missing labels"), leaving the
+    unlabelled stars out with a warning; the checkpoint records the pixels it models,
+    and a scored spectrum's values there change nothing; they do not count as masked."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from mendis_ray.spectra.shards import dataset_files, matrix_column
@@ -728,10 +732,27 @@ def test_a_mask_common_to_every_training_star_trains_and_scores(trained, tmp_pat
         ivar = table_arrays(t).ivar.copy()
         ivar[:, dead] = 0.0
         t = t.set_column(t.schema.get_field_index("ivar"), "ivar", matrix_column(ivar))
+        teff = t.column("teff").to_numpy().copy()
+        teff[:10] = np.nan  # ten stars per shard without a Teff
+        t = t.set_column(t.schema.get_field_index("teff"), "teff",
+                         pa.array(teff, mask=np.isnan(teff), type=pa.float32()))  # fmt: skip
         pq.write_table(t, tmp_path / "train" / f.name)
     run = tmp_path / "run"
-    assert main(["train", str(tmp_path / "train"), "--out", str(run), "--epochs", "2",
-                 "--quiet"]) == 0  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="mendis_ray"):
+        assert main(["train", str(tmp_path / "train"), "--out", str(run), "--epochs", "2",
+                     "--quiet"]) == 0  # fmt: skip
+    assert "20 of 1500 training spectra have no finite Teff" in caplog.text
+    assert json.loads((run / "checkpoint" / "config.json").read_text())["metrics"]["rows"] == 1480
+    (tmp_path / "nolabels").mkdir()  # no labelled star at all: a clear error
+    for f in dataset_files(tmp_path / "train"):
+        t = pq.read_table(f)
+        t = t.set_column(
+            t.schema.get_field_index("teff"), "teff", pa.nulls(t.num_rows, pa.float32())
+        )
+        pq.write_table(t, tmp_path / "nolabels" / f.name)
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "nolabels"), "--out", str(tmp_path / "x")]) != 0
+    assert "1500 of the 1500 training spectra have no finite Teff" in capsys.readouterr().err
     scorer = load_scorer(run / "checkpoint")
     np.testing.assert_array_equal(np.flatnonzero(~scorer.model.basis.modelled), dead)
     te = _arrays(data, "test")

@@ -206,6 +206,18 @@ def train_signal_checkpoint(
         )
     log.info("read %d training spectra (%d px) in %.1f s", len(flux), flux.shape[1],
              time.perf_counter() - t0)  # fmt: skip
+    unlabelled = ~np.isfinite(labels).all(axis=1)
+    if unlabelled.any():  # a survey's catalog: some stars have no labels
+        if unlabelled.sum() > len(flux) - 10:
+            raise ValueError(
+                f"{unlabelled.sum()} of the {len(flux)} training spectra have no finite Teff, "
+                "log g and [Fe/H]; the signal-space model learns the spectra with their "
+                "labels and needs at least 10 labelled spectra (columns teff, logg, feh)"
+            )
+        log.warning("%d of %d training spectra have no finite Teff, log g and [Fe/H]: left "
+                    "out of training (the joint model needs all three)",
+                    unlabelled.sum(), len(flux))  # fmt: skip
+        flux, ivar, labels = flux[~unlabelled], ivar[~unlabelled], labels[~unlabelled]
     if len(flux) < MIN_TRAINING:
         log.warning(
             "%d training spectra: the last 10%% (%d) calibrate the signal score per noise "
