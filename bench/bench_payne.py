@@ -24,8 +24,9 @@ Then ``mendis train`` and ``mendis score`` exactly as a user runs them, and per 
 AUROC against the held-out inliers (``test``, 1,000) for ``score`` / ``signal_score`` /
 ``residual_score``, the inliers' percentiles (mean, fraction below 1 and 5, mean per S/N
 quartile) and which test fired (``strongest_test``) for the stars below percentile 5.
-Writes ``bench/results/payne[_<step>].json``.  Needs ``../shared`` (exits with a message
-without it).
+``--train-snr 300 300`` trains at one S/N and scores at 50-500.  Writes
+``bench/results/payne[_step<step>][_train_snr<lo>-<hi>].json``.  Needs ``../shared``
+(exits with a message without it).
 """
 
 from __future__ import annotations
@@ -101,13 +102,16 @@ def _modify(rng, kind: str, flux: np.ndarray, labels: np.ndarray, emu, step: int
     return flux
 
 
-def write_set(rng, out: Path, name: str, n: int, emu, step: int, shards: int = 1) -> None:
+def write_set(
+    rng, out: Path, name: str, n: int, emu, step: int, shards: int = 1,
+    snr_range: tuple[float, float] = (50.0, 500.0),
+) -> None:  # fmt: skip
     mask = np.load(SHARED / "apogee_mask.npz")["apogee_mask"][::step]
     wl = np.load(SHARED / "apogee_wavelength.npz")["wavelength"][::step]
     kind = "inlier" if name in ("train", "test") else name
     labels = population(rng, n, kind)
     flux = _modify(rng, kind, emu(labels)[:, ::step], labels, emu, step, wl)
-    snr = np.exp(rng.uniform(np.log(50), np.log(500), n))
+    snr = np.exp(rng.uniform(*np.log(snr_range), n))
     ivar = np.broadcast_to(snr[:, None] ** 2, flux.shape).copy()
     noisy = flux + rng.standard_normal(flux.shape) / snr[:, None]
     ivar[:, mask] = 0.0
@@ -156,6 +160,14 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=8000)
     p.add_argument("--step", type=int, default=3, help="every step-th ASPCAP pixel (3: 2,405)")
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument(
+        "--train-snr",
+        type=float,
+        nargs=2,
+        default=(50.0, 500.0),
+        metavar=("LO", "HI"),
+        help="S/N range of the training set (log-uniform)",
+    )
     args = p.parse_args()
     if not EMULATOR.exists():
         sys.exit(f"bench_payne: needs {SHARED} (the shared reference data)")
@@ -165,7 +177,9 @@ def main() -> None:
         load_emulator(SHARED / "NN_normalized_spectra_2018.npz"),
     )
     for name, n in (("train", args.n_train), ("test", 1000), *((s, 300) for s in SETS)):
-        write_set(rng, out / "data", name, n, emu, args.step, shards=4 if name == "train" else 1)
+        train = name == "train"
+        write_set(rng, out / "data", name, n, emu, args.step, shards=4 if train else 1,
+                  snr_range=tuple(args.train_snr) if train else (50.0, 500.0))  # fmt: skip
     timings = {"simulate_s": round(time.perf_counter() - t0, 1)}
 
     def cli(*argv: str, key: str) -> None:
@@ -187,7 +201,12 @@ def main() -> None:
         print(f"inliers {c:15s} {result[c]}")
     print(timings)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / ("payne.json" if args.step == 3 else f"payne_step{args.step}.json")
+    tag = ("" if args.step == 3 else f"_step{args.step}") + (
+        ""
+        if tuple(args.train_snr) == (50.0, 500.0)
+        else "_train_snr{:g}-{:g}".format(*args.train_snr)
+    )
+    path = RESULTS / f"payne{tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
 
