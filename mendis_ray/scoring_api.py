@@ -289,7 +289,8 @@ class ScoreResult(BaseModel):
     )  # fmt: skip
     labels_used: dict[str, float | None] = Field(description="given labels, or the best-fit")
     flags: list[str] = Field(
-        description="nonfinite, masked, flux_range, label_range, unscorable (the model "
+        description="nonfinite, masked, flux_range, label_range, noise_range (noisier than "
+        "every training star: signal score extrapolated), unscorable (the model "
         "could not score it: scores null, percentile 0)"
     )
     flag_bits: int

@@ -98,7 +98,8 @@ def test_flag_names_and_columns():
     assert flag_names(0) == "" and flag_list(0) == []
     assert flag_names(Flag.MASKED | Flag.UNSCORABLE) == "masked|unscorable"
     assert [f.label for f in Flag] == [
-        "nonfinite", "masked", "flux_range", "label_range", "unscorable"]  # fmt: skip
+        "nonfinite", "masked", "flux_range", "label_range", "unscorable",
+        "noise_range"]  # fmt: skip
     cols = flag_columns(np.array([0, 5, 16]))
     assert cols["flag_nonfinite"].tolist() == [False, True, False]
     assert cols["flag_flux_range"].tolist() == [False, True, False]

@@ -793,3 +793,24 @@ def test_strongest_test_names_the_kind_of_anomaly(trained) -> None:
     ok = np.isfinite(out["score"])
     assert (out["signal_score"] <= out["residual_score"])[ok].tolist() == signal[ok].tolist()
     assert set(test[::3][signal[::3]]) <= {"signal:flow"}
+
+
+def test_spectra_noisier_than_every_training_star_are_flagged(trained) -> None:
+    """The training stars span S/N 50-1000: the test stars are not flagged ``noise_range``;
+    the same stars with 16x the noise variance are where they fall below about S/N 35
+    (twice the noise variance of the noisiest training star), never above S/N 50."""
+    from mendis_ray.science.signal_scores import star_snr
+
+    data, ckpt = trained
+    scorer = load_scorer(ckpt)
+    te = _arrays(data, "test")
+    assert not scorer.score(te.flux, te.ivar, te.labels)["flag_noise_range"].any()
+    rng = np.random.default_rng(3)
+    sigma = np.sqrt(15 / np.where(te.ivar > 0, te.ivar, 1))
+    flux = np.where(te.ivar > 0, te.flux + sigma * rng.standard_normal(te.flux.shape), 1)
+    ivar = te.ivar / 16
+    out = scorer.score(flux.astype(np.float32), ivar, te.labels)
+    snr = star_snr(flux, ivar)
+    assert out["flag_noise_range"][snr < 25].all() and not out["flag_noise_range"][snr > 50].any()
+    assert 0 < out["flag_noise_range"].mean() < 1
+    assert np.isfinite(out["score"]).all()  # flagged, still scored

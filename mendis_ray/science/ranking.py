@@ -57,7 +57,7 @@ TOP_COLUMNS = (
     "residual_percentile", "chi2_dof", "log_p_per_dim", "signal_percentile", "log_ratio_gaussian",
     "flags", "flag_names", "log_p", "log_p_marginal", *USED_COLUMNS,
     *LABEL_COLUMNS, "snr", "masked_fraction", "flag_nonfinite", "flag_masked",
-    "flag_flux_range", "flag_label_range", "flag_unscorable", "path",
+    "flag_flux_range", "flag_label_range", "flag_unscorable", "flag_noise_range", "path",
 )  # fmt: skip
 
 
