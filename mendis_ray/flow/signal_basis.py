@@ -50,6 +50,8 @@ __all__ = ["Projection", "SignalBasis", "choose_k"]
 _LOG_2PI = float(np.log(2 * np.pi))
 #: ivar above this is "noise-free" simulation (sigma 1e-6): treated as no noise.
 _MAX_IVAR = 1e11
+#: a pixel good in fewer than this fraction of the training spectra is not modelled
+MIN_GOOD_FRACTION = 0.01
 
 
 @dataclass
@@ -116,7 +118,7 @@ class SignalBasis:
         k_max: int = 32,
         snr_ratio: float = 1.0,
         min_variance: float = 1e-4,
-        min_good_fraction: float = 0.01,
+        min_good_fraction: float = MIN_GOOD_FRACTION,
         chunk: int = 4096,
     ) -> SignalBasis:
         """Fit from training spectra ``flux``, ``ivar`` (n, p); ``k`` None chooses it."""
@@ -138,7 +140,7 @@ class SignalBasis:
         k_max: int = 32,
         snr_ratio: float = 1.0,
         min_variance: float = 1e-4,
-        min_good_fraction: float = 0.01,
+        min_good_fraction: float = MIN_GOOD_FRACTION,
         pixels: np.ndarray | None = None,
     ) -> SignalBasis:
         """Fit from a stream: ``batches()`` yields (flux, ivar) chunks (b, p) and is called
@@ -240,11 +242,11 @@ class SignalBasis:
     ) -> tuple[np.ndarray, ...]:
         """Standardized flux z, weights L = 1 / (noise + intrinsic) and the good-pixel
         mask, (n, p) each; float32 (the (n, p) passes dominate the cost of scoring).
-        ``clean``: the caller guarantees float32 arrays, finite values, ivar >= 0 and flux
-        = mean where ivar = 0 (the scorer's cleaned input); then masked pixels get z = 0
-        and L = 0 from the formulas themselves (1 / inf), the same values in fewer passes.
-        Pixels the model does not describe are masked (their z, if not 0, meets L = 0)."""
-        ivar = self.drop_unmodelled(ivar)
+        ``clean``: the caller guarantees float32 arrays, finite values, ivar >= 0, ivar = 0
+        at the pixels the model does not describe (:meth:`drop_unmodelled`) and flux = mean
+        where ivar = 0 (the scorer's cleaned input); then masked pixels get z = 0 and L = 0
+        from the formulas themselves (1 / inf), the same values in fewer passes.  Without
+        it, the pixels the model does not describe are masked here."""
         scale = self._float32("scale")
         if clean:
             good = ivar > 0
@@ -255,6 +257,7 @@ class SignalBasis:
             lam = 1 / (noise + self._float32("intrinsic"))  # 0 where masked
             z = (flux - self._float32("mean")) / scale  # 0 where masked (flux = mean)
             return z, lam, good
+        ivar = self.drop_unmodelled(ivar)
         good = _good(flux, ivar)
         iv = np.where(good, ivar, 1.0).astype(np.float32)
         noise = np.where(iv > _MAX_IVAR, np.float32(0), 1 / iv) / scale**2

@@ -301,9 +301,9 @@ def _cross_fitted(
     inliers got a residual percentile below 1.  A basis fitted without a star sees it as
     it sees a new one (on (folds - 1) / folds of the stars its residuals run a little
     larger than a new star's on the full basis: a conservative error, of a quarter to a
-    half of the in-sample one at 3 folds).  Where a fold's basis cannot be fitted (a
-    pixel good in fewer than 2 of the other stars), all keep the model's own basis, with
-    a warning."""
+    half of the in-sample one at 3 folds).  A fold's basis models the model's pixels
+    that are good in at least 2 of the other stars; where it cannot be fitted at all (too
+    few such pixels), all keep the model's own basis, with a warning."""
     own = lambda: model.coordinates(flux, ivar, labels, keep_residual=True, templates=templates)  # noqa: E731
     if folds < 2 or len(flux) < 4 * folds:
         return own()
@@ -321,7 +321,7 @@ def _cross_fitted(
             fold.basis = SignalBasis.fit_batches(batches, k, k_max=max(cfg.k_max, k),
                                                  snr_ratio=cfg.snr_ratio, min_good_fraction=0,
                                                  pixels=model.basis.modelled)  # fmt: skip
-        except ValueError as err:  # e.g. a pixel good in < 2 stars outside this fold
+        except ValueError as err:  # too few pixels good in 2 stars outside this fold
             log.warning("residual calibration in sample (the model's own basis): a basis "
                         "without %d of the training stars cannot be fitted (%s)",
                         len(held), err)  # fmt: skip

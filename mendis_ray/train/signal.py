@@ -16,7 +16,7 @@ import torch
 
 from mendis_ray.config import SignalConfig
 from mendis_ray.flow.signal import SignalCoordinates, SignalSpaceModel
-from mendis_ray.flow.signal_basis import SignalBasis
+from mendis_ray.flow.signal_basis import MIN_GOOD_FRACTION, SignalBasis
 from mendis_ray.train.loop import History, array_batches, fit
 
 __all__ = [
@@ -125,9 +125,10 @@ def train_signal_model(
     )
     log.info("signal basis: k = %d directions (%.1f s)", basis.k, time.perf_counter() - t0)
     if basis.n_modelled < flux.shape[1]:
-        log.info("%d of %d pixels are good in fewer than 1%% of the training spectra (a "
+        log.info("%d of %d pixels are good in fewer than %g%% of the training spectra (a "
                  "mask common to all, a region always bad): not modelled, masked in every "
-                 "spectrum scored", flux.shape[1] - basis.n_modelled, flux.shape[1])  # fmt: skip
+                 "spectrum scored", flux.shape[1] - basis.n_modelled, flux.shape[1],
+                 100 * MIN_GOOD_FRACTION)  # fmt: skip
     lab = labels[tr]
     model = SignalSpaceModel(basis, lab.mean(0), lab.std(0) + 1e-12, np.zeros(2), cfg, cfg.seed)
     c_tr = model.coordinates(flux[tr], ivar[tr], labels[tr])
