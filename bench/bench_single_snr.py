@@ -8,8 +8,9 @@ noise augmentation, side by side: does it rank the same stars alike at S/N 1000 
 With a single training S/N, a star's noise level (the flow's context) varies only through
 its line depths, so without augmentation the flow learns the noise level as a proxy for
 the star's content, and a cleaner spectrum noised down to the training S/N carries a noise
-level that contradicts its content.  Writes ``bench/results/single_snr.json`` (with ``--n``
-other than 4,000: ``single_snr_n<N>.json``).
+level that contradicts its content.  With augmentation the factor reaches S/N
+``min_snr`` (25): up to 144x here (``max_factor``), and k counts that noise.  Writes
+``bench/results/single_snr.json`` (with ``--n`` other than 4,000: ``single_snr_n<N>.json``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from mendis_ray.science.metrics import auroc
 from mendis_ray.science.signal_scores import SignalScorer
 from mendis_ray.spectra.degrade import LABEL_SCATTER, add_noise, scatter_labels
 from mendis_ray.spectra.simulate import Simulator, paper_training_labels
-from mendis_ray.train.signal import train_signal_model
+from mendis_ray.train.signal import augment_factor, train_signal_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYS = ("score", "signal_score", "residual_score")
@@ -40,7 +41,8 @@ def run(cfg: SignalConfig, flux, ivar, labels, sets, grid: dict) -> dict:
     scorer = SignalScorer.fit(res.model, flux[va], ivar[va], labels[va], res.train_coords,
                               grid=grid, train=(flux[tr], ivar[tr], labels[tr]))  # fmt: skip
     out = {k: scorer.score(v.flux, v.ivar, v.labels) for k, v in sets.items()}
-    row = {"noise_augment": cfg.noise_augment, "k": res.model.basis.k,
+    row = {"noise_augment": cfg.noise_augment,  # the factor reaches S/N min_snr at least
+           "max_factor": augment_factor(flux[tr], ivar[tr], cfg), "k": res.model.basis.k,
            "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     for key in KEYS:
         row[f"snr1000_vs_300 {key}"] = auroc(out["inliers"][key], out["inliers_snr1000"][key])

@@ -134,7 +134,8 @@ def cmd_train_signal(args: argparse.Namespace) -> int:
     from mendis_ray.train.signal import train_signal_checkpoint
 
     changes = _given(args, n_signal="k", n_units="n_units", hidden="hidden", epochs="epochs",
-                     lr="lr", batch_size="batch_size", seed="seed")  # fmt: skip
+                     lr="lr", batch_size="batch_size", seed="seed",
+                     min_snr="min_snr")  # fmt: skip
     cfg = SignalConfig().replace(**changes)
     minutes = args.minutes
     s = train_signal_checkpoint(
@@ -224,6 +225,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     t.add_argument("--k", type=int, default=None, help="signal directions (default: automatic)")
     t.add_argument("--seed", type=int, default=None, help="signal model: seed (0)")
+    t.add_argument("--min-snr", type=float, default=None, metavar="SNR",
+                   help="signal model: train and calibrate it down to at least this S/N, "
+                   "whatever the training S/N (noise augmentation, noised copies of held-out "
+                   "stars); noisier spectra are flagged noise_range (default 25)")  # fmt: skip
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _ray_train_args(t)
     t.set_defaults(func=cmd_train)

@@ -290,8 +290,8 @@ class ScoreResult(BaseModel):
     labels_used: dict[str, float | None] = Field(description="given labels, or the best-fit")
     flags: list[str] = Field(
         description="nonfinite, masked, flux_range, label_range, noise_range (noisier than "
-        "every training star: signal score extrapolated), unscorable (the model "
-        "could not score it: scores null, percentile 0)"
+        "the calibrated range, about the checkpoint's min_snr: signal score extrapolated), "
+        "unscorable (the model could not score it: scores null, percentile 0)"
     )
     flag_bits: int
 

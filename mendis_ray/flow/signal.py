@@ -111,6 +111,13 @@ class SignalCoordinates:
     t: np.ndarray
     proj: Projection
 
+    @classmethod
+    def concat(cls, parts: list[SignalCoordinates]) -> SignalCoordinates:
+        """The stars of ``parts`` in order (optional projection fields: see
+        :meth:`Projection.concat`)."""
+        return cls(np.concatenate([p.y for p in parts]), np.concatenate([p.t for p in parts]),
+                   Projection.concat([p.proj for p in parts]))  # fmt: skip
+
 
 class SignalSpaceModel(nn.Module):
     """Basis + conditional flow + standardization of labels and noise level.
@@ -118,7 +125,8 @@ class SignalSpaceModel(nn.Module):
     Args:
         basis: the fitted linear stage.
         label_mean, label_scale: (3,) label standardization.
-        t_range: (2,) noise-level range of the training stars (t is clipped to it).
+        t_range: (2,) noise-level range the flow was trained on, the noise augmentation
+            included (t is clipped to it).
         cfg: architecture.
     """
 

@@ -27,7 +27,8 @@ class Flag(enum.IntFlag):
     LABEL_RANGE = 8
     #: the model cannot score the spectrum (every pixel masked, or non-finite input).
     UNSCORABLE = 16
-    #: noisier than every training spectrum (signal-space model): the signal score's
+    #: noisier than the signal-space model's calibrated range (about S/N ``min_snr``,
+    #: or the training stars' noise levels in older checkpoints): the signal score's
     #: calibration is extrapolated there.
     NOISE_RANGE = 32
 
@@ -48,7 +49,7 @@ _MEANINGS = {
     Flag.FLUX_RANGE: "1%+ of good pixels outside the training flux range",
     Flag.LABEL_RANGE: "given labels outside the training label range",
     Flag.UNSCORABLE: "the model cannot score it: ranked most outlying",
-    Flag.NOISE_RANGE: "noisier than all training stars: extrapolated",
+    Flag.NOISE_RANGE: "noisier than the calibrated range (min_snr): extrapolated",
 }
 
 

@@ -71,6 +71,10 @@ logs of tail probabilities, 0 = perfectly typical, -inf = impossible):
 The scores are calibrated over the training stars' S/N range: a spectrum cleaner than
 every training star (above the 99.5th percentile of their S/N) is first noised down to it
 (:func:`match_noise`, seeded by the spectrum itself), so it is compared like for like.
+Below it the range reaches S/N ``SignalConfig.min_snr`` (25) at least, whatever the
+training S/N: the flow learns those noise levels from the noise augmentation and the
+signal score is calibrated there on noised copies of held-out stars
+(:func:`_with_noised_copies`).  Noisier spectra are flagged ``noise_range``.
 
 A spectrum whose score cannot be computed (no good pixel, non-finite result) gets -inf
 and a flag: it ranks as the most outlying, never NaN.
@@ -113,6 +117,12 @@ MODEL_KIND = "signal"
 #: each score's percentile column (:meth:`SignalScorer._percentile`)
 PERCENTILE_OF = {"score": "percentile", "signal_score": "signal_percentile",
                  "residual_score": "residual_percentile"}  # fmt: skip
+#: at most this many noised copies per held-out star (and MAX_COPIES in all: memory, time)
+#: calibrate beyond the real noise levels, out to twice the noise variance of the flow's
+#: noisiest training level (BEYOND, in t)
+COPIES = 3
+MAX_COPIES = 8000
+BEYOND = float(np.log(2.0))
 LABELS_CAL = "cal.signal_labels"  # the calibration of -(log q + w x the label log density)
 
 
@@ -202,7 +212,7 @@ def match_noise(
     flux: np.ndarray, ivar: np.ndarray, snr_max: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Spectra cleaner than every training star (S/N above ``snr_max``) get Gaussian noise
-    added down to ``snr_max``: the scores are calibrated only over the training S/N range,
+    added down to ``snr_max``: the scores are calibrated only up to the training S/N,
     and a cleaner spectrum would otherwise be compared with noisier references.  The noise
     of each row is seeded by a hash of its own flux, so a spectrum scores the same alone
     and in any batch.  Other rows are returned unchanged."""
@@ -226,6 +236,56 @@ def match_noise(
         flux[i] = np.where(good, flux[i] + sigma_add * rng.standard_normal(flux.shape[1]), flux[i])
         ivar[i] = np.where(good, ivar[i] / f, 0.0)
     return flux, ivar
+
+
+def _flux_range(model: SignalSpaceModel, flux: np.ndarray, ivar: np.ndarray) -> dict:
+    """``flux_lo``, ``flux_hi`` (p,): the range of the good flux of these stars, 5 training
+    standard deviations wider (+-inf at a pixel none of them has good)."""
+    good = model.basis.drop_unmodelled(ivar) > 0
+    lo = np.where(good, flux, np.inf).min(0)  # (p,)
+    hi = np.where(good, flux, -np.inf).max(0)
+    scale = model.basis.scale
+    return {"flux_lo": np.where(np.isfinite(lo), lo - 5 * scale, -np.inf),
+            "flux_hi": np.where(np.isfinite(hi), hi + 5 * scale, np.inf)}  # fmt: skip
+
+
+def _with_noised_copies(
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    labels: np.ndarray,
+    t: np.ndarray,
+    t_max: float,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The held-out stars ``flux``, ``ivar`` (m, p), ``labels`` (m, 3) at noise levels ``t``
+    (m,), followed by noised copies of some of them that fill the noise levels from the
+    noisiest of them to ``t_max`` (past the noisiest level the flow was trained on), so the
+    signal score is calibrated where the flow was trained, not extrapolated.  A copy
+    gets pixel noise of variance (f - 1) / ivar and ivar / f (exact for a star whose ivar
+    is its noise), f = exp(target - t), targets uniform in t; as many copies as keep the
+    density of calibration stars along t (at most ``COPIES`` x m and ``MAX_COPIES``).  The
+    ends of the held-out stars' range are their 1st and 99th percentiles of t (one very
+    noisy star does not stop the copies).  Unchanged when nothing is beyond."""
+    ok = np.isfinite(t)
+    if not ok.any():
+        return flux, ivar, labels
+    lo, hi = np.quantile(t[ok], [0.01, 0.99])  # one odd star moves neither end
+    extra = t_max - hi
+    n = min(COPIES * ok.sum(), MAX_COPIES, round(ok.sum() * extra / max(hi - lo, 1e-12)))
+    if extra <= 0.05 or n < 1:  # 5% more noise variance: nothing to fill
+        return flux, ivar, labels
+    rng = np.random.default_rng(seed)
+    pool = np.flatnonzero(ok & (t <= hi))
+    rows = rng.choice(pool, n, replace=n > pool.size)
+    f = np.exp(rng.uniform(hi, t_max, n) - t[rows]).astype(np.float32)[:, None]  # (n, 1) >= 1
+    iv = np.asarray(ivar[rows], np.float32)  # (n, p)
+    good = iv > 0
+    sigma = np.sqrt((f - 1) / np.where(good, iv, 1))  # (n, p) float32
+    noise = rng.standard_normal(sigma.shape, dtype=np.float32)
+    noisy = np.where(good, flux[rows] + sigma * noise, flux[rows])
+    return (np.concatenate([flux, noisy.astype(flux.dtype, copy=False)]),
+            np.concatenate([ivar, np.where(good, iv / f, 0).astype(ivar.dtype, copy=False)]),
+            np.concatenate([labels, labels[rows]]))  # fmt: skip
 
 
 def _rho_res(c: SignalCoordinates) -> np.ndarray:
@@ -328,21 +388,20 @@ def _cross_fitted(
             return own()
         parts.append(fold.coordinates(flux[held], ivar[held], labels[held],
                                       keep_residual=True, templates=templates))  # fmt: skip
-    return SignalCoordinates(np.concatenate([p.y for p in parts]),
-                             np.concatenate([p.t for p in parts]),
-                             Projection.concat([p.proj for p in parts]))  # fmt: skip
+    return SignalCoordinates.concat(parts)
 
 
-def _residual_calibration(ref: dict, cc: SignalCoordinates) -> dict[str, np.ndarray]:
-    """The residual score's calibrations (``cal.*`` arrays) from the reference stars ``cc``
-    (projected with the residual and ``ref``'s element templates): each statistic, the
-    element family, then the most significant tail."""
-    stats, rho = residual_statistics(cc), _rho_res(cc)
+def _residual_calibration(ref: dict, parts: list[SignalCoordinates]) -> dict[str, np.ndarray]:
+    """The residual score's calibrations (``cal.*`` arrays) from the reference stars of
+    ``parts`` (projected with the residual and ``ref``'s element templates): each
+    statistic, the element family, then the most significant tail."""
+    stats = np.concatenate([residual_statistics(c) for c in parts])  # (n, n_stats)
+    rho = np.concatenate([_rho_res(c) for c in parts])
     cal = dict(ref)
     for j, name in enumerate(_stat_names(ref)):
         cal |= NoiseCalibration.fit(rho, stats[:, j]).arrays(f"cal.{name}")
     tails = _stat_tails(cal, rho, stats)
-    if cc.proj.template_z is not None:  # the most significant element, calibrated again
+    if len(tails) > 1 + len(SCALES):  # the most significant element, calibrated again
         worst = -np.min(tails[1 + len(SCALES) :], axis=0)
         cal |= NoiseCalibration.fit(rho, worst).arrays("cal.elements")
     worst = -np.min(_residual_tails(cal, rho, stats, tails), axis=0)  # large = unusual
@@ -529,7 +588,11 @@ class SignalScorer:
         regression (label-free scores) from ``train_coords``; the residual calibration and
         the flux ranges from ``train`` = (flux, ivar, labels) of the training stars when
         given (else from the held-out ones); the structure tests' densities from
-        ``train_coords``, their calibration from the held-out stars."""
+        ``train_coords``, their calibration from the held-out stars.  Noised copies of the
+        held-out stars (:func:`_with_noised_copies`) join every calibration (signal,
+        label-free, structure, residual, the two tails' dependence) and widen the flux
+        range, out to the noisiest level the flow was trained on; the choice of the
+        structure tests and the label density's weight use the real held-out stars."""
         # the training stars when given: the linear stage has k << n parameters, so they
         # are as good as held-out ones for the residual, and many more
         cal_flux, cal_ivar, cal_labels = (flux, ivar, labels) if train is None else train
@@ -538,12 +601,8 @@ class SignalScorer:
         coef = np.linalg.lstsq(xs, train_coords.y[:, k:], rcond=None)[0]  # (k + 1, 3)
         res = train_coords.y[:, k:] - xs @ coef
         chol = np.linalg.cholesky(np.cov(res.T) * 1.5**2 + 1e-6 * np.eye(3))
-        good = model.basis.drop_unmodelled(cal_ivar) > 0
-        lo = np.where(good, cal_flux, np.inf).min(0)  # (p,); +-inf: a pixel never seen
-        hi = np.where(good, cal_flux, -np.inf).max(0)
         ref = {"label_coef": coef, "label_chol": chol,
-               "flux_lo": np.where(np.isfinite(lo), lo - 5 * model.basis.scale, -np.inf),
-               "flux_hi": np.where(np.isfinite(hi), hi + 5 * model.basis.scale, np.inf),
+               **_flux_range(model, cal_flux, cal_ivar),
                "label_lo": labels.min(0) - 5 * labels.std(0),
                "label_hi": labels.max(0) + 5 * labels.std(0),
                "snr_max": np.quantile(star_snr(cal_flux, cal_ivar), [0.995])}  # fmt: skip
@@ -553,25 +612,42 @@ class SignalScorer:
         scorer = cls(model, ref, grid or {})
         folds = model.cfg.residual_folds if train is not None else 0  # held-out: as they are
         cc = _cross_fitted(model, cal_flux, cal_ivar, cal_labels, scorer._templates(), folds)
-        c = cc if train is None else model.coordinates(flux, ivar, labels)  # held-out stars
-        ref |= _residual_calibration(ref, cc)
-        # the flow's log q: held-out stars only (the flow has seen the training ones)
+        # the held-out stars, and noised copies of them out to the noisiest level the flow
+        # was trained on (beyond the real stars' noise: calibrated, not extrapolated)
+        m = len(flux)
+        real = cc if train is None else model.coordinates(flux, ivar, labels)
+        t_max = model.t_range[1] + BEYOND  # past the flow's range: the edge is not extrapolated
+        flux, ivar, labels = _with_noised_copies(flux, ivar, labels, real.t, t_max)
+        c, parts = real, [cc]
+        if len(flux) > m:  # the copies calibrate the residual too (the basis never saw them)
+            parts.append(model.coordinates(flux[m:], ivar[m:], labels[m:], keep_residual=True,
+                                           templates=scorer._templates()))  # fmt: skip
+            wider = _flux_range(model, flux[m:], ivar[m:])  # noisier: a wider flux range
+            ref["flux_lo"] = np.minimum(ref["flux_lo"], wider["flux_lo"])
+            ref["flux_hi"] = np.maximum(ref["flux_hi"], wider["flux_hi"])
+        ref |= _residual_calibration(ref, parts)
+        for part in parts:  # the signal side needs no (n, p) residuals
+            part.proj.wres = part.proj.template_z = None
+        if len(parts) > 1:
+            c = SignalCoordinates.concat([real, parts[1]])
+        del cc, parts
         rho, lq = _rho_sig(c, model), model.flow_log_prob(c)
         ref |= NoiseCalibration.fit(rho, -scorer._label_free(c)[0]).arrays("cal.signal_free")
         tests = None
-        if model.cfg.structure_tests:  # densities of training stars; weight, calibration: held-out
-            tests = StructureTests.select(train_coords.y, c.y, k)
+        if model.cfg.structure_tests:  # densities of training stars; the choice: held-out
+            tests = StructureTests.select(train_coords.y, c.y[:m], k)
         ref |= NoiseCalibration.fit(rho, -lq).arrays("cal.signal")  # the flow alone
+        ref["noise_rho_min"] = ref["cal.signal.centers"][:1]  # noisier: extrapolated
         if tests is not None:
             if tests.label_density.size:  # log q plus the weighted label density
-                weight = _label_weight(lq, tests.label_log_density(c.y))
+                weight = _label_weight(lq[:m], tests.label_log_density(c.y[:m]))
                 u = _flow_statistic(lq, c.y, tests, weight)
                 ref |= NoiseCalibration.fit(rho, u).arrays(LABELS_CAL)
                 ref[f"{LABELS_CAL}.weight"] = np.array([weight])
             ref |= _structure_calibration(tests, c.y, rho, _flow_tail(ref, lq, c.y, rho, tests))
         first = scorer.score(flux, ivar, labels)  # the two tails' dependence, per noise level
         ref |= _copula_correlation(rho, first["signal_score"], first["residual_score"])
-        out = scorer.score(flux, ivar, labels)
+        out = scorer.score(flux[:m], ivar[:m], labels[:m])  # the real held-out stars
         for key in ("score", "signal_score", "residual_score"):
             ref[f"sorted.{key}"] = np.sort(out[key])
         return scorer
@@ -756,7 +832,7 @@ class SignalScorer:
         masked = (masked_fraction > self.max_masked_fraction) | no_good
         flags = px.nonfinite * Flag.NONFINITE + masked * Flag.MASKED
         flags += px.flux_range * Flag.FLUX_RANGE + label_range * Flag.LABEL_RANGE
-        flags += unscorable * Flag.UNSCORABLE + self._noisier(c.t) * Flag.NOISE_RANGE
+        flags += unscorable * Flag.UNSCORABLE + self._noisier(c) * Flag.NOISE_RANGE
         out |= {
             "chi2_dof": np.nan_to_num(c.proj.chi2 / c.proj.dof, nan=np.inf),
             "noise_level": c.t,
@@ -766,16 +842,24 @@ class SignalScorer:
         }  # fmt: skip
         return out
 
-    def _noisier(self, t: np.ndarray) -> np.ndarray:
-        """(n,) bool: noise level ``t`` beyond twice the noise variance of the noisiest
-        training star, where the flow and the signal score's calibration (held-out stars
-        only) extrapolate.  Trained at S/N 300 alone and scored at S/N 50-500 (The
-        Payne's dwarfs, ``bench/bench_payne.py --train-snr 300 300``), the inliers' mean
-        signal percentile fell to 1.3 in the lowest S/N quartile and 21% of them scored
-        below 1 (the residual score stays calibrated: 48.9-50.3)."""
+    def _noisier(self, c: SignalCoordinates) -> np.ndarray:
+        """(n,) bool: noisier than the noisiest bin of the signal score's calibration
+        (``noise_rho_min``, its centre), where the calibration extrapolates.  The held-out
+        stars' noised copies reach twice the noise variance of the flow's noisiest level
+        (S/N ``min_snr``, or the training set's own if noisier); that bin's centre lies a
+        little inside, the closer the more calibration stars there are (on the test
+        fixtures: S/N 22 with 150 held-out stars at S/N 300 and 450 copies; S/N 34 with
+        150 at S/N 50-1000 and 64 copies, 3 bins).  References written before the copies
+        (no ``noise_rho_min``) calibrated on the held-out stars alone: beyond twice the
+        noise variance of the noisiest training star (trained at S/N 300 alone and scored
+        at 50-500, the inliers' mean signal percentile fell to 1.3 in the noisiest S/N
+        quartile)."""
+        if "noise_rho_min" in self.ref:
+            rho = np.nan_to_num(_rho_sig(c, self.model), nan=np.inf)
+            return rho < float(np.ravel(self.ref["noise_rho_min"])[0])
         m = self.model
         noisiest = m.t_range[1] - np.log(max(m.cfg.noise_augment, 1.0))  # real stars only
-        return np.nan_to_num(t, nan=-np.inf) > noisiest + np.log(2.0)
+        return np.nan_to_num(c.t, nan=-np.inf) > noisiest + np.log(2.0)
 
     def _percentile(self, key: str, score: np.ndarray) -> np.ndarray:
         """A score's percentile (n,): 100 x exp(score), the calibrated probability (in %)

@@ -22,6 +22,8 @@ from mendis_ray.train.loop import History, array_batches, fit
 __all__ = [
     "NoiseAugmenter",
     "SignalTrainResult",
+    "augment_draws",
+    "augment_factor",
     "load_training_shards",
     "train_signal_checkpoint",
     "train_signal_model",
@@ -65,7 +67,8 @@ class NoiseAugmenter:
     f moves its GLS signal coordinates by a draw of (f - 1) times their noise covariance
     and its noise level t by log f.  This is exact when the intrinsic residual variance is
     small against the noise (the projection weights then scale by 1 / f) and close
-    otherwise; the validation and the score calibration use real stars only.  Each call
+    otherwise; the validation uses real stars only (the score calibration adds noised
+    copies of held-out stars, in pixel space: ``_with_noised_copies``).  Each call
     (one per epoch) augments a random ``fraction`` of the stars, f log-uniform in
     [1, ``max_factor``].
 
@@ -102,6 +105,32 @@ class NoiseAugmenter:
         return SignalCoordinates(y, t, self.c.proj)
 
 
+def augment_factor(flux: np.ndarray, ivar: np.ndarray, cfg: SignalConfig) -> float:
+    """The largest noise-variance factor of the augmentation: ``cfg.noise_augment``, or more
+    so that a noisy training star (the 1st percentile of S/N) is taken down to
+    ``cfg.min_snr``.  1 (off) stays off.  Noise-free training spectra (ivar ~1e12, no
+    S/N) keep ``noise_augment``."""
+    from mendis_ray.science.signal_scores import star_snr
+
+    if cfg.noise_augment <= 1 or cfg.augment_fraction <= 0:
+        return 1.0
+    snr = np.concatenate([star_snr(flux[a : a + 4096], ivar[a : a + 4096])
+                          for a in range(0, len(flux), 4096)])  # fmt: skip
+    snr = snr[snr > 0]  # 0: noise-free (ivar ~1e12) or no good pixel
+    low = np.quantile(snr, 0.01) if snr.size else 0.0  # one odd star does not decide
+    need = (low / cfg.min_snr) ** 2 if cfg.min_snr > 0 else 1.0
+    return float(max(cfg.noise_augment, need))
+
+
+def augment_draws(n: int, max_factor: float, cfg: SignalConfig) -> np.ndarray:
+    """n noise-variance factors (n,) distributed as :class:`NoiseAugmenter` draws them (1
+    for a fraction ``1 - cfg.augment_fraction``, else log-uniform in [1, ``max_factor``]),
+    from a fixed seed: the noise levels the flow is trained on, for the choice of k."""
+    rng = np.random.default_rng([cfg.seed, 1 << 20])
+    log_f = rng.uniform(0, np.log(max(max_factor, 1.0)), n)
+    return np.exp(np.where(rng.random(n) < cfg.augment_fraction, log_f, 0.0))
+
+
 def train_signal_model(
     flux: np.ndarray,
     ivar: np.ndarray,
@@ -120,9 +149,10 @@ def train_signal_model(
     _check_inputs(flux, ivar, labels)
     n_val = max(2, round(val_fraction * len(flux)))
     tr, va = slice(0, len(flux) - n_val), slice(len(flux) - n_val, len(flux))
-    basis = SignalBasis.fit(
-        flux[tr], ivar[tr], cfg.n_signal, k_max=cfg.k_max, snr_ratio=cfg.snr_ratio
-    )
+    factor = augment_factor(flux[tr], ivar[tr], cfg)
+    basis = SignalBasis.fit(flux[tr], ivar[tr], cfg.n_signal, k_max=cfg.k_max,
+                            snr_ratio=cfg.snr_ratio,
+                            noise_factors=augment_draws(tr.stop, factor, cfg))  # fmt: skip
     log.info("signal basis: k = %d directions (%.1f s)", basis.k, time.perf_counter() - t0)
     if basis.n_modelled < flux.shape[1]:
         log.info("%d of %d pixels are good in fewer than %g%% of the training spectra (a "
@@ -132,10 +162,15 @@ def train_signal_model(
     lab = labels[tr]
     model = SignalSpaceModel(basis, lab.mean(0), lab.std(0) + 1e-12, np.zeros(2), cfg, cfg.seed)
     c_tr = model.coordinates(flux[tr], ivar[tr], labels[tr])
-    aug = NoiseAugmenter(c_tr, basis.eigenvalues, cfg.noise_augment, cfg.augment_fraction,
-                         cfg.seed)  # fmt: skip
-    # the noise levels trained on, the augmented ones included
-    model.t_range = np.array([c_tr.t.min(), c_tr.t.max() + np.log(max(cfg.noise_augment, 1))])
+    if factor > cfg.noise_augment:
+        log.info("1%% of the training stars have S/N below %.0f: noise augmentation up to "
+                 "%.0fx the noise variance, so the model learns (and calibrates) down to S/N %g",
+                 cfg.min_snr * np.sqrt(factor), factor, cfg.min_snr)  # fmt: skip
+    aug = NoiseAugmenter(c_tr, basis.eigenvalues, factor, cfg.augment_fraction, cfg.seed)
+    # the noise levels trained on, the augmented ones included (stars with too few good
+    # pixels to project have an absurd noise level: left out of the range)
+    t = c_tr.t[c_tr.proj.n_good > basis.k] if (c_tr.proj.n_good > basis.k).any() else c_tr.t
+    model.t_range = np.array([t.min(), t.max() + np.log(max(factor, 1))])
     c_va = model.coordinates(flux[va], ivar[va], labels[va])
     x_tr, x_va = model.packed(c_tr), model.packed(c_va)  # (n, k + 3 + 1)
     torch.manual_seed(cfg.seed)
