@@ -49,7 +49,7 @@ _MEANINGS = {
     Flag.FLUX_RANGE: "1%+ of good pixels outside the training flux range",
     Flag.LABEL_RANGE: "given labels outside the training label range",
     Flag.UNSCORABLE: "the model cannot score it: ranked most outlying",
-    Flag.NOISE_RANGE: "noisier than the calibrated range (min_snr): extrapolated",
+    Flag.NOISE_RANGE: "noisier than the calibrated range: extrapolated",
 }
 
 
