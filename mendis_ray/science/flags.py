@@ -21,7 +21,9 @@ class Flag(enum.IntFlag):
     NONFINITE = 1
     #: more than ``max_masked_fraction`` of the pixels masked.
     MASKED = 2
-    #: more than 1% of the good pixels outside the training flux range.
+    #: too many good pixels outside the training flux range: the signal model, over 0.5% of
+    #: them by more than 4 times their own noise; the flow, over 1% (range widened by
+    #: ``range_sigma`` training standard deviations).
     FLUX_RANGE = 4
     #: given labels outside the training range.
     LABEL_RANGE = 8
@@ -46,7 +48,7 @@ class Flag(enum.IntFlag):
 _MEANINGS = {
     Flag.NONFINITE: "NaN/inf flux at a good pixel, bad ivar or inf label",
     Flag.MASKED: "more than the allowed fraction of pixels masked",
-    Flag.FLUX_RANGE: "1%+ of good pixels outside the training flux range",
+    Flag.FLUX_RANGE: "too many good pixels past the training flux range",
     Flag.LABEL_RANGE: "given labels outside the training label range",
     Flag.UNSCORABLE: "the model cannot score it: ranked most outlying",
     Flag.NOISE_RANGE: "noisier than the calibrated range: extrapolated",

@@ -123,6 +123,8 @@ PERCENTILE_OF = {"score": "percentile", "signal_score": "signal_percentile",
 COPIES = 3
 MAX_COPIES = 8000
 BEYOND = float(np.log(2.0))
+FLUX_RANGE_Z = 4.0  # a pixel is outside the training flux range by more than this x its noise
+FLUX_RANGE_FRACTION = 0.005  # flux_range: more than this fraction of the good pixels outside
 LABELS_CAL = "cal.signal_labels"  # the calibration of -(log q + w x the label log density)
 
 
@@ -532,7 +534,8 @@ class _Pixels:
     labels: np.ndarray  # (n, 3) cleaned labels (NaN: label-free)
     labelled: np.ndarray  # (n,) bool
     nonfinite: np.ndarray  # (n,) bool: a non-finite pixel or label in the input
-    flux_range: np.ndarray  # (n,) bool: > 1% of good pixels outside the training range
+    flux_range: np.ndarray  # (n,) bool: > 0.5% of good pixels outside the training range by
+    # more than FLUX_RANGE_Z times their own noise
 
     @classmethod
     def concat(cls, parts: list[_Pixels]) -> _Pixels:
@@ -622,9 +625,6 @@ class SignalScorer:
         if len(flux) > m:  # the copies calibrate the residual too (the basis never saw them)
             parts.append(model.coordinates(flux[m:], ivar[m:], labels[m:], keep_residual=True,
                                            templates=scorer._templates()))  # fmt: skip
-            wider = _flux_range(model, flux[m:], ivar[m:])  # noisier: a wider flux range
-            ref["flux_lo"] = np.minimum(ref["flux_lo"], wider["flux_lo"])
-            ref["flux_hi"] = np.maximum(ref["flux_hi"], wider["flux_hi"])
         ref |= _residual_calibration(ref, parts)
         for part in parts:  # the signal side needs no (n, p) residuals
             part.proj.wres = part.proj.template_z = None
@@ -742,8 +742,9 @@ class SignalScorer:
             stats = residual_statistics(c)
         c.proj.wres = c.proj.template_z = None  # in ``stats``; (n, p) not kept beyond the chunk
         good = ivar > 0
-        out_range = good & ((flux < r["flux_lo"]) | (flux > r["flux_hi"]))
-        flux_range = out_range.sum(1) > 0.01 * np.maximum(good.sum(1), 1)
+        tol = FLUX_RANGE_Z / np.sqrt(np.where(good, ivar, 1.0))  # (n, p): the star's own noise
+        out_range = good & ((flux + tol < r["flux_lo"]) | (flux - tol > r["flux_hi"]))
+        flux_range = out_range.sum(1) > FLUX_RANGE_FRACTION * np.maximum(good.sum(1), 1)
         return _Pixels(c, stats, labels, labelled, nonfinite, flux_range)
 
     def _pixel_passes(self, flux, ivar, labels, spans: list[slice]) -> list[_Pixels]:
