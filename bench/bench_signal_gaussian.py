@@ -25,10 +25,10 @@ from mendis_ray.science.metrics import auroc
 from mendis_ray.science.signal_scores import (
     NoiseCalibration,
     SignalScorer,
-    _rho_sig,
     load_scorer,
     match_noise,
 )
+from mendis_ray.science.signal_tails import rho_sig
 from mendis_ray.train.signal import train_signal_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -95,7 +95,7 @@ def main() -> None:
             f, iv = match_noise(np.asarray(f, np.float32), np.asarray(iv, np.float32), snr_max)
         c = m.coordinates(f, iv, lab)
         lq, lg = m.flow_log_prob(c), log_g(c)
-        stats[name] = {"rho": _rho_sig(c, m), "flow": -lq, "gaussian": -lg, "ratio": lg - lq}
+        stats[name] = {"rho": rho_sig(c, m), "flow": -lq, "gaussian": -lg, "ratio": lg - lq}
     val = stats["val"]
     res = {"val_log_q_flow": float(-val["flow"].mean()),
            "val_log_q_gaussian": float(-val["gaussian"].mean())}  # fmt: skip

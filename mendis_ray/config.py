@@ -129,7 +129,7 @@ class SignalConfig(_DictConfig):
     # fitted without it (this many folds; 0 or 1: on the full basis, in-sample).  In
     # sample, the basis has absorbed part of each star's own noise: with 2,700 training
     # stars, k = 32 and 7,214 pixels, held-out inliers' residual percentiles fell below 1%
-    # for 8% of them (mean 41); see mendis_ray.science.signal_scores._cross_fitted
+    # for 8% of them (mean 41); see mendis_ray.science.signal_tails.cross_fitted
     residual_folds: int = 3
     # noise augmentation: each epoch a fraction of the training stars is made noisier by a
     # variance factor log-uniform in [1, noise_augment], exactly, in the signal coordinates.

@@ -84,7 +84,7 @@ def test_cross_fitted_residuals_see_the_calibration_stars_as_new_ones() -> None:
     stars again (to within the small, conservative excess of a basis from 2/3 of them);
     0 folds is the model's own projection."""
     from mendis_ray.flow.signal import SignalSpaceModel
-    from mendis_ray.science.signal_scores import _cross_fitted
+    from mendis_ray.science.signal_tails import cross_fitted
 
     rng = np.random.default_rng(4)
     p, k, n = 600, 24, 240
@@ -102,8 +102,8 @@ def test_cross_fitted_residuals_see_the_calibration_stars_as_new_ones() -> None:
     model = SignalSpaceModel(basis, labels.mean(0), labels.std(0), np.zeros(2), cfg)
     chi = lambda c: float(np.median(c.proj.chi2 / c.proj.dof))  # noqa: E731
     fresh = chi(model.coordinates(new_f, new_iv, rng.standard_normal((2000, 3))))
-    inside = _cross_fitted(model, flux, ivar, labels, None, folds=0)
-    crossed = _cross_fitted(model, flux, ivar, labels, None, folds=3)
+    inside = cross_fitted(model, flux, ivar, labels, None, folds=0)
+    crossed = cross_fitted(model, flux, ivar, labels, None, folds=3)
     own = model.coordinates(flux, ivar, labels, keep_residual=True)
     np.testing.assert_array_equal(inside.proj.chi2, own.proj.chi2)
     assert chi(inside) < 0.97 * fresh, (chi(inside), fresh)
@@ -118,7 +118,7 @@ def test_cross_fitting_falls_back_to_the_own_basis_where_a_fold_cannot_fit(caplo
     stars keep the model's own projection, with a warning, instead of the training run
     failing at its end."""
     from mendis_ray.flow.signal import SignalSpaceModel
-    from mendis_ray.science.signal_scores import _cross_fitted
+    from mendis_ray.science.signal_tails import cross_fitted
 
     rng = np.random.default_rng(5)
     flux, labels = rng.standard_normal((30, 40)), np.zeros((30, 3))
@@ -129,7 +129,7 @@ def test_cross_fitting_falls_back_to_the_own_basis_where_a_fold_cannot_fit(caplo
         model = SignalSpaceModel(basis, labels.mean(0), np.ones(3), np.zeros(2), SignalConfig())
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="mendis_ray"):
-            got = _cross_fitted(model, flux, ivar, labels, None, folds=3)
+            got = cross_fitted(model, flux, ivar, labels, None, folds=3)
         own = model.coordinates(flux, ivar, labels, keep_residual=True)
         assert ("in sample" in caplog.text) == expect_fallback
         assert np.array_equal(got.proj.chi2, own.proj.chi2) == expect_fallback
@@ -271,7 +271,7 @@ def test_element_tests_find_the_element_out_of_step(trained) -> None:
     """The checkpoint (paper grid) carries the simulator's element templates; stars with
     [Mg/H] or [Mn/H] raised 0.2-0.3 dex get the element test's most significant element
     right, and the residual score separates them from typical stars."""
-    from mendis_ray.science.signal_scores import _rho_res, _stat_tails
+    from mendis_ray.science.signal_tails import rho_res, stat_tails
     from mendis_ray.spectra.linelist import ELEMENTS
 
     data, ckpt = trained
@@ -280,7 +280,7 @@ def test_element_tests_find_the_element_out_of_step(trained) -> None:
     te, odd = _arrays(data, "test"), _arrays(data, "single_element")
     kind = np.asarray(read_dataset(data / "single_element").column("truth_kind").to_pylist())
     px = scorer._pixel_pass(odd.flux, odd.ivar, odd.labels)
-    tails = np.array(_stat_tails(scorer.ref, _rho_res(px.c), px.stats)[-len(ELEMENTS) :])
+    tails = np.array(stat_tails(scorer.ref, rho_res(px.c), px.stats)[-len(ELEMENTS) :])
     found = np.asarray(ELEMENTS)[np.argmin(tails, axis=0)]
     for el in ("Mg", "Mn"):
         rows = kind == f"single_element_{el.lower()}"
@@ -293,7 +293,8 @@ def test_score_is_the_more_significant_tail_and_old_checkpoints_keep_fisher(trai
     """``score`` is the tail of the more significant of signal_score and residual_score
     for the held-out correlation of the two (one per noise bin), not a pile of ties at 0;
     a reference without ``combine.corr`` (written before it) uses Fisher's method."""
-    from mendis_ray.science.signal_scores import _one_blas_thread, _rho_sig, min_tail
+    from mendis_ray.science.signal_noise import one_blas_thread
+    from mendis_ray.science.signal_tails import min_tail, rho_sig
 
     data, ckpt = trained
     scorer = load_scorer(ckpt)
@@ -301,8 +302,8 @@ def test_score_is_the_more_significant_tail_and_old_checkpoints_keep_fisher(trai
     assert np.all(np.abs(scorer.ref["combine.corr"]) < 1)
     te = _arrays(data, "test")
     out = scorer.score(te.flux, te.ivar, te.labels)
-    with _one_blas_thread():  # as score() projects
-        rho = _rho_sig(scorer._pixel_pass(te.flux, te.ivar, te.labels).c, scorer.model)
+    with one_blas_thread():  # as score() projects
+        rho = rho_sig(scorer._pixel_pass(te.flux, te.ivar, te.labels).c, scorer.model)
     corr = np.interp(rho, scorer.ref["combine.centers"], scorer.ref["combine.corr"])
     both = np.minimum(out["signal_score"], out["residual_score"])
     np.testing.assert_array_equal(out["score"], min_tail(both, corr))
@@ -327,7 +328,7 @@ def test_score_is_the_more_significant_tail_and_old_checkpoints_keep_fisher(trai
 def test_copula_correlation_recovers_r_and_ignores_unscorable_stars() -> None:
     """Kendall's tau of a simulated Gaussian copula gives back its correlation per noise
     bin; -inf tails (unscorable stars) and extreme ones do not move it."""
-    from mendis_ray.science.signal_scores import _copula_correlation
+    from mendis_ray.science.signal_tails import copula_correlation
 
     rng = np.random.default_rng(11)
     rho = rng.uniform(0, 1, 8000)
@@ -335,10 +336,10 @@ def test_copula_correlation_recovers_r_and_ignores_unscorable_stars() -> None:
     z1 = rng.standard_normal(8000)
     z2 = r * z1 + np.sqrt(1 - r**2) * rng.standard_normal(8000)
     sig, res = stats.norm.logcdf(z1), stats.norm.logcdf(z2)  # log tails, (n,)
-    got = _copula_correlation(rho, sig, res, n_bins=4)
+    got = copula_correlation(rho, sig, res, n_bins=4)
     np.testing.assert_allclose(got["combine.corr"], [0.1, 0.1, 0.4, 0.4], atol=0.06)
     sig[:3], res[3:6] = -np.inf, -1e4  # unscorable and extreme stars
-    again = _copula_correlation(rho, sig, res, n_bins=4)
+    again = copula_correlation(rho, sig, res, n_bins=4)
     np.testing.assert_allclose(again["combine.corr"], got["combine.corr"], atol=0.01)
 
 
@@ -346,7 +347,7 @@ def test_copula_correlation_recovers_r_and_ignores_unscorable_stars() -> None:
 def test_min_tail_is_the_bivariate_normal_probability(r: float) -> None:
     """``min_tail`` against scipy's bivariate normal CDF, 1 - Phi2(-c, -c; r); the two ends
     (independent: 2p - p^2; r -> 1: p); ordered and finite down to -1e4 and -inf."""
-    from mendis_ray.science.signal_scores import min_tail
+    from mendis_ray.science.signal_tails import min_tail
 
     m = np.log(np.array([1e-12, 1e-6, 1e-3, 0.01, 0.1, 0.3, 0.6, 0.9]))
     c = stats.norm.ppf(np.exp(m))
@@ -383,7 +384,7 @@ def test_structure_tests_see_stars_between_the_alpha_sequences(trained) -> None:
     """The checkpoint carries the structure tests (one 2-D density per label and
     independent component); they find the stars between the alpha sequences, which the
     flow's log q alone ranks near chance, and lift the signal score with them."""
-    from mendis_ray.science.signal_scores import _rho_sig
+    from mendis_ray.science.signal_tails import rho_sig
     from mendis_ray.science.structure import StructureTests
 
     data, ckpt = trained
@@ -399,14 +400,14 @@ def test_structure_tests_see_stars_between_the_alpha_sequences(trained) -> None:
     flow_only = auroc(*(without.score(a.flux, a.ivar, a.labels)["signal_score"] for a in (te, odd)))
     both = auroc(*(scorer.score(a.flux, a.ivar, a.labels)["signal_score"] for a in (te, odd)))
     assert both > flow_only + 0.05, (flow_only, both)
-    assert np.isfinite(_rho_sig(ct, scorer.model)).all()
+    assert np.isfinite(rho_sig(ct, scorer.model)).all()
 
 
 def test_signal_score_is_the_more_significant_of_flow_and_structure(trained) -> None:
     """With the structure tests, ``signal_score`` is min_tail of the flow's and the tests'
     tails for their held-out correlation per noise bin; a reference written before (an
     empirical calibration ``cal.signal_tests`` of the minimum) keeps that calibration."""
-    from mendis_ray.science.signal_scores import _flow_tail, _rho_sig, min_tail
+    from mendis_ray.science.signal_tails import flow_tail, min_tail, rho_sig
 
     data, ckpt = trained
     scorer = load_scorer(ckpt)
@@ -416,8 +417,8 @@ def test_signal_score_is_the_more_significant_of_flow_and_structure(trained) -> 
     te = _arrays(data, "test")
     out = scorer.score(te.flux, te.ivar, te.labels)
     c = scorer._pixel_pass(te.flux, te.ivar, te.labels).c
-    rho, tests = _rho_sig(c, scorer.model), scorer._tests()
-    flow = _flow_tail(r, scorer.model.flow_log_prob(c), c.y, rho, tests)
+    rho, tests = rho_sig(c, scorer.model), scorer._tests()
+    flow = flow_tail(r, scorer.model.flow_log_prob(c), c.y, rho, tests)
     struct = NoiseCalibration.from_arrays(r, "cal.structure").log_tail(rho, tests.statistic(c.y))
     both = np.minimum(flow, struct)
     corr = np.interp(rho, r["signal_tests.centers"], r["signal_tests.corr"])
@@ -496,14 +497,14 @@ def test_noise_calibration_is_uniform_per_noise_level(n_ref: int) -> None:
 def test_label_weight_is_the_ratio_of_robust_spreads() -> None:
     """The label density's weight: log q's spread over the label density's (IQR / 1.349,
     finite values only, so unscorable stars do not move it); 1 where either is flat."""
-    from mendis_ray.science.signal_scores import _label_weight
+    from mendis_ray.science.signal_tails import label_weight
 
     rng = np.random.default_rng(13)
     a, b = rng.standard_normal(20000), rng.standard_normal(20000)
-    assert _label_weight(5.0 * a, b) == pytest.approx(5.0, rel=0.05)
+    assert label_weight(5.0 * a, b) == pytest.approx(5.0, rel=0.05)
     a[:50], b[:50] = -np.inf, 1e300  # unscorable and absurd rows
-    assert _label_weight(5.0 * a, b) == pytest.approx(5.0, rel=0.05)
-    assert _label_weight(a, np.zeros(20000)) == 1.0 and _label_weight(np.zeros(3), b[:3]) == 1.0
+    assert label_weight(5.0 * a, b) == pytest.approx(5.0, rel=0.05)
+    assert label_weight(a, np.zeros(20000)) == 1.0 and label_weight(np.zeros(3), b[:3]) == 1.0
 
 
 def test_log_tails_of_many_statistics_equal_their_own_log_tail() -> None:
@@ -544,7 +545,7 @@ def test_conditional_correlations_and_reconstruction(trained) -> None:
 
 
 def test_cleaner_than_training_is_noised_down_deterministically() -> None:
-    from mendis_ray.science.signal_scores import match_noise, star_snr
+    from mendis_ray.science.signal_noise import match_noise, star_snr
 
     rng = np.random.default_rng(0)
     flux = 1 + 0.001 * rng.standard_normal((3, 500))
@@ -616,7 +617,7 @@ def test_fast_pixel_statistics_equal_their_definitions() -> None:
     import warnings
     from types import SimpleNamespace
 
-    from mendis_ray.science.signal_scores import SCALES, match_noise, residual_statistics, star_snr
+    from mendis_ray.science.signal_noise import SCALES, match_noise, residual_statistics, star_snr
 
     rng = np.random.default_rng(3)
     w = rng.standard_normal((23, 300)).astype(np.float32)
@@ -681,7 +682,7 @@ def test_label_density_sees_stars_off_the_giant_branch(trained) -> None:
     labels), w the ratio of their held-out spreads: that sees stars moved off the giant
     branch better than the flow's log q alone; a reference without the label density
     (written before it) keeps -log q."""
-    from mendis_ray.science.signal_scores import _flow_statistic, _rho_sig
+    from mendis_ray.science.signal_tails import flow_statistic, rho_sig
     from mendis_ray.science.structure import StructureTests
 
     data, ckpt = trained
@@ -694,7 +695,7 @@ def test_label_density_sees_stars_off_the_giant_branch(trained) -> None:
     w = float(scorer.ref["cal.signal_labels.weight"][0])
     assert 1 < w < 100  # log q over k + 3 dimensions spreads wider than a density over 3
     alone = auroc(lt, lo)  # 0.88 with these 1,500 training stars
-    both = auroc(-_flow_statistic(lt, ct.y, tests, w), -_flow_statistic(lo, co.y, tests, w))
+    both = auroc(-flow_statistic(lt, ct.y, tests, w), -flow_statistic(lo, co.y, tests, w))
     labels = auroc(tests.label_log_density(ct.y), tests.label_log_density(co.y))  # 0.91
     assert both > alone and labels > 0.85, (alone, both, labels)
     assert "cal.signal_labels.centers" in scorer.ref
@@ -702,10 +703,10 @@ def test_label_density_sees_stars_off_the_giant_branch(trained) -> None:
     # a reference written before the label density: the flow's log q alone, on cal.signal
     new = ("cal.signal_labels.", *(f"structure.label_{f}" for f in ("lo", "step", "ban", "den")))
     scorer.ref = {k: v for k, v in scorer.ref.items() if not k.startswith(new)}
-    np.testing.assert_array_equal(_flow_statistic(lt, ct.y, scorer._tests()), -lt)
+    np.testing.assert_array_equal(flow_statistic(lt, ct.y, scorer._tests()), -lt)
     out = scorer.score(te.flux, te.ivar, te.labels)
     c = scorer._pixel_pass(te.flux, te.ivar, te.labels).c  # as scored (noise matched)
-    rho, lq = _rho_sig(c, scorer.model), scorer.model.flow_log_prob(c)
+    rho, lq = rho_sig(c, scorer.model), scorer.model.flow_log_prob(c)
     flow = NoiseCalibration.from_arrays(scorer.ref, "cal.signal").log_tail(rho, -lq)
     want = scorer._with_structure(c, rho, flow)[0]
     np.testing.assert_allclose(out["signal_score"], want, rtol=0, atol=1e-3)  # float32 sums
@@ -801,7 +802,7 @@ def test_spectra_noisier_than_every_training_star_are_flagged(trained) -> None:
     the same stars with 16x the noise variance are where they are noisier than the signal
     calibration's noisiest bin (its centre at about S/N 34 here: 150 held-out stars and
     their noised copies, which reach S/N 18, in 3 bins), never above S/N 50."""
-    from mendis_ray.science.signal_scores import star_snr
+    from mendis_ray.science.signal_noise import star_snr
 
     data, ckpt = trained
     scorer = load_scorer(ckpt)
@@ -845,7 +846,7 @@ def test_trained_at_one_snr_scores_noisier_stars_calibrated(trained_at_one_snr) 
     held-out stars calibrate it there (before: the noise level was clipped to S/N 150 and
     the calibration extrapolated: at S/N 50 these inliers' mean signal percentile was 9.6,
     61% of them below 1; at S/N 30, 1.1).  At S/N 20 they are flagged ``noise_range``."""
-    from mendis_ray.science.signal_scores import star_snr
+    from mendis_ray.science.signal_noise import star_snr
 
     data, ckpt = trained_at_one_snr
     scorer = load_scorer(ckpt)

@@ -18,7 +18,7 @@ __all__ = ["NoiseCalibration"]
 @dataclass
 class NoiseCalibration:
     """The distribution of a statistic u (large = unusual) among reference stars, as a
-    function of a noise variable t (the signal fractions ``_rho_res`` / ``_rho_sig``).
+    function of a noise variable t (the signal fractions ``rho_res`` / ``rho_sig``).
 
     The reference stars are split into quantile bins of t; each bin keeps the empirical
     quantile function of u (``n_q`` points) and a robust scale (1.4826 x MAD).  The log

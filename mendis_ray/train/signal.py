@@ -68,7 +68,7 @@ class NoiseAugmenter:
     and its noise level t by log f.  This is exact when the intrinsic residual variance is
     small against the noise (the projection weights then scale by 1 / f) and close
     otherwise; the validation uses real stars only (the score calibration adds noised
-    copies of held-out stars, in pixel space: ``_with_noised_copies``).  Each call
+    copies of held-out stars, in pixel space: ``with_noised_copies``).  Each call
     (one per epoch) augments a random ``fraction`` of the stars, f log-uniform in
     [1, ``max_factor``].
 
@@ -110,7 +110,7 @@ def augment_factor(flux: np.ndarray, ivar: np.ndarray, cfg: SignalConfig) -> flo
     so that a noisy training star (the 1st percentile of S/N) is taken down to
     ``cfg.min_snr``.  1 (off) stays off.  Noise-free training spectra (ivar ~1e12, no
     S/N) keep ``noise_augment``."""
-    from mendis_ray.science.signal_scores import star_snr
+    from mendis_ray.science.signal_noise import star_snr
 
     if cfg.noise_augment <= 1 or cfg.augment_fraction <= 0:
         return 1.0
