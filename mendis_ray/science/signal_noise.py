@@ -154,11 +154,19 @@ def flux_range_limits(model: SignalSpaceModel, flux: np.ndarray, ivar: np.ndarra
 def outside_flux_range(flux: np.ndarray, ivar: np.ndarray, ref: dict) -> np.ndarray:
     """(n,) bool: more than ``FLUX_RANGE_FRACTION`` of a star's good pixels lie outside
     ``ref``'s ``flux_lo`` .. ``flux_hi`` by more than ``FLUX_RANGE_Z`` times their own
-    noise (so a noisy inlier is not flagged, and a clean star far outside is)."""
+    noise (so a noisy inlier is not flagged, and a clean star far outside is).  Only the
+    rows with enough pixels outside the bare range are tested against their noise."""
+    lo, hi = (np.asarray(ref[key], flux.dtype) for key in ("flux_lo", "flux_hi"))
     good = ivar > 0
-    tol = FLUX_RANGE_Z / np.sqrt(np.where(good, ivar, 1.0))  # (n, p): the star's own noise
-    out = good & ((flux + tol < ref["flux_lo"]) | (flux - tol > ref["flux_hi"]))
-    return out.sum(1) > FLUX_RANGE_FRACTION * np.maximum(good.sum(1), 1)
+    limit = FLUX_RANGE_FRACTION * np.maximum(good.sum(1), 1)  # (n,)
+    beyond = np.maximum(lo - flux, flux - hi)  # (n, p): > 0 outside the range
+    out = np.zeros(len(flux), dtype=bool)
+    rows = np.flatnonzero(((beyond > 0) & good).sum(1) > limit)  # only these can be outside
+    if rows.size:
+        b = beyond[rows]  # (r, p)
+        far = good[rows] & (b > 0) & (b * b * ivar[rows] > FLUX_RANGE_Z**2)
+        out[rows] = far.sum(1) > limit[rows]
+    return out
 
 
 def with_noised_copies(
