@@ -561,6 +561,27 @@ def test_cleaner_than_training_is_noised_down_deterministically() -> None:
     np.testing.assert_array_equal(f2[0], f[1])
 
 
+@pytest.mark.parametrize("snr", [20.0, 1000.0])
+def test_flux_range_counts_pixels_outside_by_more_than_their_noise(snr: float) -> None:
+    """A star inside the training range is never flagged, however noisy; one whose flux
+    leaves it at 1% of its pixels by more than its noise allows is; 0.3% is not."""
+    from mendis_ray.science.signal_noise import FLUX_RANGE_Z, outside_flux_range
+
+    rng = np.random.default_rng(1)
+    p, sigma = 2000, 1 / snr
+    ref = {"flux_lo": np.full(p, 0.9), "flux_hi": np.full(p, 1.1)}
+    flux = np.where(rng.random((3, p)) < 0.5, 0.9, 1.1) + sigma * rng.standard_normal((3, p))
+    ivar = np.full((3, p), snr**2, np.float32)
+    beyond = 1.1 + 2 * FLUX_RANGE_Z * sigma  # past the range by twice the allowance
+    flux[1, :20] = beyond  # 1% of the pixels
+    flux[2, :6] = beyond  # 0.3%
+    flux[0, :100], ivar[0, :100] = 5.0, 0.0  # masked pixels do not count
+    out = outside_flux_range(flux.astype(np.float32), ivar, ref)
+    assert out.tolist() == [False, True, False]
+    flux[1, :20] = 1.1 + 0.5 * FLUX_RANGE_Z * sigma  # inside the allowance: not flagged
+    assert not outside_flux_range(flux.astype(np.float32), ivar, ref).any()
+
+
 def test_noise_augmentation_matches_noising_the_spectrum() -> None:
     """Augmenting in the signal coordinates equals adding pixel noise and dividing ivar by
     f, then projecting (exact when the intrinsic residual variance is negligible): same
