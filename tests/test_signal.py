@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -564,7 +565,8 @@ def test_cleaner_than_training_is_noised_down_deterministically() -> None:
 @pytest.mark.parametrize("snr", [20.0, 1000.0])
 def test_flux_range_counts_pixels_outside_by_more_than_their_noise(snr: float) -> None:
     """A star inside the training range is never flagged, however noisy; one whose flux
-    leaves it at 1% of its pixels by more than its noise allows is; 0.3% is not."""
+    leaves it at 1% of its good pixels by more than its noise allows is; 0.3% is not, 0.6%
+    is (the share counts good pixels only)."""
     from mendis_ray.science.signal_noise import FLUX_RANGE_Z, outside_flux_range
 
     rng = np.random.default_rng(1)
@@ -576,10 +578,18 @@ def test_flux_range_counts_pixels_outside_by_more_than_their_noise(snr: float) -
     flux[1, :20] = beyond  # 1% of the pixels
     flux[2, :6] = beyond  # 0.3%
     flux[0, :100], ivar[0, :100] = 5.0, 0.0  # masked pixels do not count
-    out = outside_flux_range(flux.astype(np.float32), ivar, ref)
-    assert out.tolist() == [False, True, False]
+    flux = np.r_[flux, flux[2:]]  # row 3: row 2 with half its pixels masked: 6 of 1,000
+    ivar = np.r_[ivar, ivar[2:]]
+    ivar[3, 1000:] = 0.0
+    ref["flux_lo"][-50:], ref["flux_hi"][-50:] = -np.inf, np.inf  # pixels no star had
+    ivar[:, -50:] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no inf x 0 warnings
+        out = outside_flux_range(flux.astype(np.float32), ivar, ref)
+    assert out.tolist() == [False, True, False, True]
+    np.testing.assert_array_equal(outside_flux_range(flux, ivar.astype(np.float64), ref), out)
     flux[1, :20] = 1.1 + 0.5 * FLUX_RANGE_Z * sigma  # inside the allowance: not flagged
-    assert not outside_flux_range(flux.astype(np.float32), ivar, ref).any()
+    assert not outside_flux_range(flux.astype(np.float32), ivar, ref)[:3].any()
 
 
 def test_noise_augmentation_matches_noising_the_spectrum() -> None:

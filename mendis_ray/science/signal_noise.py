@@ -156,15 +156,17 @@ def outside_flux_range(flux: np.ndarray, ivar: np.ndarray, ref: dict) -> np.ndar
     ``ref``'s ``flux_lo`` .. ``flux_hi`` by more than ``FLUX_RANGE_Z`` times their own
     noise (so a noisy inlier is not flagged, and a clean star far outside is).  Only the
     rows with enough pixels outside the bare range are tested against their noise."""
-    lo, hi = (np.asarray(ref[key], flux.dtype) for key in ("flux_lo", "flux_hi"))
+    dtype = flux.dtype if np.issubdtype(flux.dtype, np.floating) else np.float64
+    lo, hi = (np.asarray(ref[key], dtype) for key in ("flux_lo", "flux_hi"))
     good = ivar > 0
     limit = FLUX_RANGE_FRACTION * np.maximum(good.sum(1), 1)  # (n,)
     beyond = np.maximum(lo - flux, flux - hi)  # (n, p): > 0 outside the range
     out = np.zeros(len(flux), dtype=bool)
     rows = np.flatnonzero(((beyond > 0) & good).sum(1) > limit)  # only these can be outside
     if rows.size:
-        b = beyond[rows]  # (r, p)
-        far = good[rows] & (b > 0) & (b * b * ivar[rows] > FLUX_RANGE_Z**2)
+        b = beyond[rows]  # (r, p); -inf at a pixel no training star had (ivar 0 here)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf x 0, an absurd flux
+            far = good[rows] & (b > 0) & (b * b * ivar[rows] > FLUX_RANGE_Z**2)
         out[rows] = far.sum(1) > limit[rows]
     return out
 

@@ -209,9 +209,10 @@ class SignalScorer:
         given (else from the held-out ones); the structure tests' densities from
         ``train_coords``, their calibration from the held-out stars.  Noised copies of the
         held-out stars (:func:`with_noised_copies`) join every calibration (signal,
-        label-free, structure, residual, the two tails' dependence) and widen the flux
-        range, out to the noisiest level the flow was trained on; the choice of the
-        structure tests and the label density's weight use the real held-out stars."""
+        label-free, structure, residual, the two tails' dependence), out to the noisiest
+        level the flow was trained on; the choice of the structure tests and the label
+        density's weight use the real held-out stars.  The flux range is the stars' own
+        (:func:`outside_flux_range` allows each pixel its noise)."""
         # the training stars when given: the linear stage has k << n parameters, so they
         # are as good as held-out ones for the residual, and many more
         cal_flux, cal_ivar, cal_labels = (flux, ivar, labels) if train is None else train
