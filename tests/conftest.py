@@ -10,6 +10,13 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def pytest_report_header(config) -> str:
+    """Say up front whether the ``shared`` tests can run: a clone without ``../shared``
+    beside it skips them all (a local check there misses what CI, which has it, tests)."""
+    state = "present" if SHARED_DATA.is_dir() else "ABSENT: every test marked `shared` skips"
+    return f"shared reference data: {SHARED_DATA} ({state})"
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
