@@ -131,13 +131,22 @@ def match_noise(
         return flux, ivar
     flux, ivar = flux.copy(), ivar.copy()
     for i in rows:
-        f = (snr[i] / snr_max) ** 2  # noise variance factor
-        good = ivar[i] > 0
         rng = np.random.default_rng(zlib.crc32(np.ascontiguousarray(flux[i]).tobytes()))
-        sigma_add = np.sqrt((f - 1) / np.where(good, ivar[i], 1.0))
-        flux[i] = np.where(good, flux[i] + sigma_add * rng.standard_normal(flux.shape[1]), flux[i])
-        ivar[i] = np.where(good, ivar[i] / f, 0.0)
+        z = rng.standard_normal(flux.shape[1])
+        flux[i], ivar[i] = noised(flux[i], ivar[i], (snr[i] / snr_max) ** 2, z)
     return flux, ivar
+
+
+def noised(
+    flux: np.ndarray, ivar: np.ndarray, f: float | np.ndarray, z: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``flux``, ``ivar`` (..., p) made noisier by the noise-variance factor ``f`` >= 1
+    (a scalar, or (..., 1)): pixel noise of variance (f - 1) / ivar from the standard
+    normal draws ``z`` (..., p), and ivar / f; exact for a star whose ivar is its noise.
+    Masked pixels (ivar 0) keep their flux and ivar 0."""
+    good = ivar > 0
+    sigma = np.sqrt((f - 1) / np.where(good, ivar, 1))
+    return np.where(good, flux + sigma * z, flux), np.where(good, ivar / f, 0)
 
 
 def flux_range_limits(model: SignalSpaceModel, flux: np.ndarray, ivar: np.ndarray) -> dict:
@@ -183,8 +192,7 @@ def with_noised_copies(
     (m,), followed by noised copies of some of them that fill the noise levels from the
     noisiest of them to ``t_max`` (past the noisiest level the flow was trained on), so the
     signal score is calibrated where the flow was trained, not extrapolated.  A copy
-    gets pixel noise of variance (f - 1) / ivar and ivar / f (exact for a star whose ivar
-    is its noise), f = exp(target - t), targets uniform in t; as many copies as keep the
+    is :func:`noised` by f = exp(target - t), targets uniform in t; as many copies as keep the
     density of calibration stars along t (at most ``COPIES`` x m and ``MAX_COPIES``).  The
     ends of the held-out stars' range are their 1st and 99th percentiles of t (one very
     noisy star does not stop the copies).  Unchanged when nothing is beyond."""
@@ -201,10 +209,8 @@ def with_noised_copies(
     rows = rng.choice(pool, n, replace=n > pool.size)
     f = np.exp(rng.uniform(hi, t_max, n) - t[rows]).astype(np.float32)[:, None]  # (n, 1) >= 1
     iv = np.asarray(ivar[rows], np.float32)  # (n, p)
-    good = iv > 0
-    sigma = np.sqrt((f - 1) / np.where(good, iv, 1))  # (n, p) float32
-    noise = rng.standard_normal(sigma.shape, dtype=np.float32)
-    noisy = np.where(good, flux[rows] + sigma * noise, flux[rows])
+    z = rng.standard_normal(iv.shape, dtype=np.float32)
+    noisy, noisy_ivar = noised(flux[rows], iv, f, z)  # float32 noise
     return (np.concatenate([flux, noisy.astype(flux.dtype, copy=False)]),
-            np.concatenate([ivar, np.where(good, iv / f, 0).astype(ivar.dtype, copy=False)]),
+            np.concatenate([ivar, noisy_ivar.astype(ivar.dtype, copy=False)]),
             np.concatenate([labels, labels[rows]]))  # fmt: skip
