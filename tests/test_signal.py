@@ -495,6 +495,58 @@ def test_noise_calibration_is_uniform_per_noise_level(n_ref: int) -> None:
     assert np.isfinite(far).all() and far[1] < far[0] < np.log(0.01)
 
 
+def test_pooled_tail_resolves_tails_a_bin_cannot() -> None:
+    """Beyond each bin's 90th percentile the tail is read from every bin's exceedances
+    (in units of the bin's scale): against a per-bin calibration of the same 2,000
+    reference stars (16 bins of 125) it estimates tail probabilities of 3e-3 and 1e-3
+    closer (RMS error of log p over 60 reference draws: 0.76x and 0.54x the per-bin one
+    here, 0.67-0.92x and 0.54-0.81x over six seeds), ties fewer outliers at a bin's floor,
+    keeps new inliers uniform, joins the bin's own tail continuously at the threshold,
+    and references without the pooled arrays read as before."""
+    rng = np.random.default_rng(3)
+    scale_t = stats.t(4)  # heavy-tailed: the per-bin exponential beyond the max is wrong
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        t = rng.uniform(0, 1, n)
+        return t, 3 * t + (1 + t) * scale_t.rvs(n, random_state=rng)
+
+    probs = np.array([3e-3, 1e-3])
+    err, ties = {"pooled": [], "per_bin": []}, {"pooled": 0, "per_bin": 0}
+    for _ in range(60):
+        t, u = draw(2000)
+        fits = {"pooled": NoiseCalibration.fit(t, u),
+                "per_bin": NoiseCalibration.fit(t, u, tail_from=None)}  # fmt: skip
+        for name, cal in fits.items():
+            tc = cal.centers[8]  # one bin's own centre: its tail alone
+            x = 3 * tc + (1 + tc) * scale_t.isf(probs)
+            err[name].append(cal.log_tail(np.full(2, tc), x) - np.log(probs))
+            many = 3 * tc + (1 + tc) * scale_t.isf(np.geomspace(1e-2, 1e-3, 50))
+            ties[name] += 50 - np.unique(np.round(cal.log_tail(np.full(50, tc), many), 9)).size
+    rms = {k: np.sqrt(np.mean(np.square(v), axis=0)) for k, v in err.items()}
+    assert (rms["pooled"] < 0.95 * rms["per_bin"]).all(), rms
+    assert ties["pooled"] < 0.4 * ties["per_bin"], ties  # 141 against 516 here
+    # new inliers: uniform, per half of the noise range and in the tail
+    cal = fits["pooled"]
+    t_new, u_new = draw(40000)
+    p = np.exp(cal.log_tail(t_new, u_new))
+    for lo in (0.0, 0.5):
+        assert abs(np.mean(p[(t_new >= lo) & (t_new < lo + 0.5)]) - 0.5) < 0.04
+    assert 0.006 < np.mean(p < 0.01) < 0.016
+    # continuous where the pooled tail takes over; monotone beyond
+    thr = cal.tail_thr[8]
+    edge = cal.log_tail(np.full(2, cal.centers[8]), thr + np.array([-1e-6, 1e-6]))
+    assert abs(edge[1] - edge[0]) < 0.01 and abs(edge[0] - np.log(0.1)) < 0.02
+    # references written before the pooled tail: the per-bin reading
+    old = {k: v for k, v in cal.arrays("cal.x").items() if ".tail_" not in k}
+    base = NoiseCalibration(cal.centers, cal.quantiles, cal.scale, cal.count)
+    np.testing.assert_array_equal(
+        NoiseCalibration.from_arrays(old, "cal.x").log_tail(t_new, u_new),
+        base.log_tail(t_new, u_new),
+    )
+    again = NoiseCalibration.from_arrays(cal.arrays("cal.x"), "cal.x")
+    np.testing.assert_array_equal(again.log_tail(t_new, u_new), cal.log_tail(t_new, u_new))
+
+
 def test_label_weight_is_the_ratio_of_robust_spreads() -> None:
     """The label density's weight: log q's spread over the label density's (IQR / 1.349,
     finite values only, so unscorable stars do not move it); 1 where either is flat."""

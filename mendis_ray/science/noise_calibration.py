@@ -14,6 +14,9 @@ import numpy as np
 
 __all__ = ["NoiseCalibration"]
 
+TAIL_FROM = 0.9  # the pooled tail starts at each bin's 90th percentile (class doc)
+MIN_POOLED = 50  # fewer pooled exceedances: no pooled tail
+
 
 @dataclass
 class NoiseCalibration:
@@ -26,15 +29,38 @@ class NoiseCalibration:
     and interpolated linearly in t (flat beyond the outer centres): an inlier's tail
     probability is uniform in every noise bin by construction.  Above a bin's largest
     reference value the tail continues exponentially, ``log p = log(1 / (m + 1)) - (u -
-    max) / scale``, so extreme outliers keep a finite, ordered score."""
+    max) / scale``, so extreme outliers keep a finite, ordered score.
+
+    A bin of m stars resolves no tail below 1 / (m + 1) (16 bins of 2,000 stars: 1/126),
+    so outliers between a bin's two largest values all share that floor.  With a pooled
+    tail (``tail_from`` = 0.9, the default of :meth:`fit`), a bin's tail beyond its own
+    90th percentile is read from the exceedances of every bin, each in units of its bin's
+    scale: ``P(U >= u) = 0.1 x P(Z >= (u - u_90) / scale)``, resolved to 0.1 / (M + 1)
+    for M pooled exceedances (about 1/2,000 there), the same exponential beyond them.
+    This assumes the tail's shape, not its location or width, is common to the noise
+    levels.  Survey benchmark, one model, references refitted: off the giant branch
+    0.978 -> 0.982, single-element anomalies 0.970 -> 0.974, between the alpha sequences
+    0.906 -> 0.910 (``score``); pooled from the 80th percentile the residual score's
+    inliers were 5.9 points off uniform in one S/N bin (3.1 from the 90th); for the
+    structure tests the pooled tail cost between the sequences 0.936 -> 0.933
+    (``signal_score``), so theirs stays per bin (``tail_from=None``)."""
 
     centers: np.ndarray  # (B,) median t of each bin
     quantiles: np.ndarray  # (B, n_q) u at probabilities linspace(0, 1, n_q)
     scale: np.ndarray  # (B,)
     count: np.ndarray  # (B,) reference stars per bin
+    tail_from: np.ndarray | None = None  # (1,) probability where the pooled tail starts
+    tail_thr: np.ndarray | None = None  # (B,) each bin's u at ``tail_from``
+    tail_q: np.ndarray | None = None  # (n_q,) pooled (u - tail_thr) / scale, quantiles
+    tail_count: np.ndarray | None = None  # (1,) pooled exceedances
 
     @classmethod
-    def fit(cls, t: np.ndarray, u: np.ndarray, n_bins: int = 16, n_q: int = 201):
+    def fit(
+        cls, t: np.ndarray, u: np.ndarray, n_bins: int = 16, n_q: int = 201,
+        tail_from: float | None = TAIL_FROM,
+    ) -> NoiseCalibration:  # fmt: skip
+        """From reference stars' noise variable ``t`` and statistic ``u`` (n,); non-finite
+        pairs left out; ``tail_from``: where the pooled tail starts (None: none)."""
         ok = np.isfinite(u) & np.isfinite(t)
         t, u = t[ok], u[ok]
         n_bins = max(1, min(n_bins, len(t) // 60))
@@ -45,15 +71,24 @@ class NoiseCalibration:
         quantiles = np.stack([np.quantile(u[i], probs) for i in parts])
         scale = np.array([max(1.4826 * np.median(np.abs(u[i] - np.median(u[i]))), 1e-9)
                           for i in parts])  # fmt: skip
-        return cls(centers, quantiles, scale, np.array([len(i) for i in parts], float))
+        cal = cls(centers, quantiles, scale, np.array([len(i) for i in parts], float))
+        if tail_from is not None:
+            thr = np.array([np.quantile(u[i], tail_from) for i in parts])  # (B,)
+            z = np.concatenate([(u[i][u[i] > thr[b]] - thr[b]) / scale[b]
+                                for b, i in enumerate(parts)])  # fmt: skip
+            if z.size >= MIN_POOLED:
+                cal.tail_from, cal.tail_thr = np.array([tail_from]), thr
+                cal.tail_q, cal.tail_count = np.quantile(z, probs), np.array([z.size], float)
+        return cal
 
     def _log_tail_bin(self, b: int, u: np.ndarray) -> np.ndarray:
-        q = self.quantiles[b]
-        probs = np.linspace(0, 1, len(q))
-        p_min = 1.0 / (self.count[b] + 1)
-        tail = np.maximum(1.0 - np.interp(u, q, probs), p_min)  # (n,)
-        beyond = u > q[-1]
-        return np.where(beyond, np.log(p_min) - (u - q[-1]) / self.scale[b], np.log(tail))
+        out = _empirical_log_tail(self.quantiles[b], self.count[b], u, self.scale[b])  # (n,)
+        if self.tail_q is not None:  # beyond the bin's tail_from quantile: the pooled tail
+            above = u > self.tail_thr[b]
+            z = (u[above] - self.tail_thr[b]) / self.scale[b]
+            pooled = _empirical_log_tail(self.tail_q, self.tail_count[0], z, 1.0)
+            out[above] = np.log1p(-self.tail_from[0]) + pooled
+        return out
 
     def log_tail(self, t: np.ndarray, u: np.ndarray) -> np.ndarray:
         """log P(U >= u | t) (n,): 0 for typical-or-smaller u, very negative for outliers."""
@@ -98,9 +133,21 @@ class NoiseCalibration:
         return [c._log_tail(groups, u[:, j]) for j, c in enumerate(cals)]
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}.{k}": getattr(self, k) for k in
-                ("centers", "quantiles", "scale", "count")}  # fmt: skip
+        return {f"{prefix}.{k}": getattr(self, k) for k in _FIELDS if getattr(self, k) is not None}
 
     @classmethod
     def from_arrays(cls, a: dict, prefix: str) -> NoiseCalibration:
-        return cls(*(a[f"{prefix}.{k}"] for k in ("centers", "quantiles", "scale", "count")))
+        """From :meth:`arrays`' keys (without the pooled tail's: references written before it)."""
+        return cls(**{k: a.get(f"{prefix}.{k}") for k in _FIELDS})
+
+
+_FIELDS = ("centers", "quantiles", "scale", "count", "tail_from", "tail_thr", "tail_q",
+           "tail_count")  # fmt: skip
+
+
+def _empirical_log_tail(q: np.ndarray, m: float, u: np.ndarray, scale: float) -> np.ndarray:
+    """log P(U >= u) (n,) from the quantiles ``q`` (n_q,) at linspace(0, 1, n_q) of m
+    values: resolved to 1 / (m + 1), exponential with scale ``scale`` beyond the largest."""
+    p_min = 1.0 / (m + 1)
+    tail = np.maximum(1.0 - np.interp(u, q, np.linspace(0, 1, len(q))), p_min)
+    return np.where(u > q[-1], np.log(p_min) - (u - q[-1]) / scale, np.log(tail))

@@ -202,7 +202,8 @@ def structure_calibration(
     per noise level (``signal_tests.*``), for the more significant of the two
     (:meth:`SignalScorer._with_structure`)."""
     u = tests.statistic(y)
-    out = tests.arrays() | NoiseCalibration.fit(rho, u).arrays("cal.structure")
+    cal = NoiseCalibration.fit(rho, u, tail_from=None)  # per bin (NoiseCalibration doc)
+    out = tests.arrays() | cal.arrays("cal.structure")
     tail = NoiseCalibration.from_arrays(out, "cal.structure").log_tail(rho, u)
     return out | copula_correlation(rho, flow, tail, prefix="signal_tests")
 
