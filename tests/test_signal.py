@@ -547,6 +547,45 @@ def test_pooled_tail_resolves_tails_a_bin_cannot() -> None:
     np.testing.assert_array_equal(again.log_tail(t_new, u_new), cal.log_tail(t_new, u_new))
 
 
+def test_pooled_tail_with_ties_and_a_constant_bin() -> None:
+    """Values tied at a bin's threshold (20% of them at 1.5, where the 90th percentile
+    falls): the log tail stays non-increasing in u through it and continuous just past
+    it (the pooled part starts from the bin's own tail there, about 0.05, not 0.1).  A
+    bin whose scale is the floor (60% zeros) neither feeds nor reads the pool: the other
+    bins' inliers stay calibrated in the tail and a 5-sigma outlier stays rare.  A
+    reference with only some of the pooled tail's arrays is refused, naming the missing
+    one."""
+    rng = np.random.default_rng(5)
+    t = rng.uniform(0, 1, 4000)
+    u = np.where(rng.uniform(size=4000) < 0.2, 1.5, rng.standard_normal(4000))
+    cal = NoiseCalibration.fit(t, u)
+    assert cal.tail_q is not None and (cal.tail_thr == 1.5).all()
+    grid = np.linspace(-1.0, 8.0, 20001)
+    for b in range(len(cal.centers)):
+        lt = cal._log_tail_bin(b, grid)
+        assert (np.diff(lt) <= 1e-12).all(), b
+        at, past = cal._log_tail_bin(b, np.array([1.5, 1.5 + 1e-9]))  # the bin's own, pooled
+        assert past <= at and at - past < 1e-6
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:  # zeros below t = 0.5, N(5, 1) above
+        t = rng.uniform(0, 1, n)
+        low = np.where(rng.uniform(size=n) < 0.6, 0.0, rng.exponential(1.0, n))
+        return t, np.where(t < 0.5, low, rng.normal(5.0, 1.0, n))
+
+    t, u = draw(4000)
+    cal = NoiseCalibration.fit(t, u)
+    assert cal.tail_q is not None and np.isinf(cal.tail_thr[:7]).all()
+    t_new, u_new = draw(40000)
+    hi = t_new > 0.55
+    p = np.exp(cal.log_tail(t_new[hi], u_new[hi]))
+    assert 0.006 < np.mean(p < 0.01) < 0.016
+    assert cal.log_tail(np.array([0.8]), np.array([10.0]))[0] < np.log(1e-3)
+    part = cal.arrays("cal.x")
+    del part["cal.x.tail_q"]
+    with pytest.raises(KeyError, match=r"cal\.x\.tail_q"):
+        NoiseCalibration.from_arrays(part, "cal.x")
+
+
 def test_label_weight_is_the_ratio_of_robust_spreads() -> None:
     """The label density's weight: log q's spread over the label density's (IQR / 1.349,
     finite values only, so unscorable stars do not move it); 1 where either is flat."""

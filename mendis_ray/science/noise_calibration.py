@@ -16,6 +16,7 @@ __all__ = ["NoiseCalibration"]
 
 TAIL_FROM = 0.9  # the pooled tail starts at each bin's 90th percentile (class doc)
 MIN_POOLED = 50  # fewer pooled exceedances: no pooled tail
+_MIN_SCALE = 1e-9  # the floor of a bin's scale
 
 
 @dataclass
@@ -36,14 +37,17 @@ class NoiseCalibration:
     tail (``tail_from`` = 0.9, the default of :meth:`fit`), a bin's tail beyond its own
     90th percentile is read from the exceedances of every bin, each in units of its bin's
     scale: ``P(U >= u) = 0.1 x P(Z >= (u - u_90) / scale)``, resolved to 0.1 / (M + 1)
-    for M pooled exceedances (about 1/2,000 there), the same exponential beyond them.
-    This assumes the tail's shape, not its location or width, is common to the noise
-    levels.  Survey benchmark, one model, references refitted: off the giant branch
-    0.978 -> 0.982, single-element anomalies 0.970 -> 0.974, between the alpha sequences
-    0.906 -> 0.910 (``score``); pooled from the 80th percentile the residual score's
-    inliers were 5.9 points off uniform in one S/N bin (3.1 from the 90th); for the
-    structure tests the pooled tail cost between the sequences 0.936 -> 0.933
-    (``signal_score``), so theirs stays per bin (``tail_from=None``)."""
+    for M pooled exceedances (about 1/2,000 there), the same exponential beyond them
+    (the factor is the bin's own tail at u_90: 0.1, less where values tie there, so the
+    tail stays continuous and non-increasing; a bin whose scale is the floor, over half
+    its values tied, keeps its own tail).  This assumes the tail's shape, not its
+    location or width, is common to the noise levels.  Survey benchmark, one model,
+    references refitted: off the giant branch 0.978 -> 0.982, single-element anomalies
+    0.970 -> 0.974, between the alpha sequences 0.906 -> 0.910 (``score``); pooled from
+    the 80th percentile the residual score's inliers were 5.9 points off uniform in one
+    S/N bin (3.1 from the 90th); for the structure tests the pooled tail cost between the
+    sequences 0.936 -> 0.933 (``signal_score``), so theirs stays per bin
+    (``tail_from=None``)."""
 
     centers: np.ndarray  # (B,) median t of each bin
     quantiles: np.ndarray  # (B, n_q) u at probabilities linspace(0, 1, n_q)
@@ -69,25 +73,35 @@ class NoiseCalibration:
         probs = np.linspace(0, 1, n_q)
         centers = np.array([np.median(t[i]) for i in parts])
         quantiles = np.stack([np.quantile(u[i], probs) for i in parts])
-        scale = np.array([max(1.4826 * np.median(np.abs(u[i] - np.median(u[i]))), 1e-9)
+        scale = np.array([max(1.4826 * np.median(np.abs(u[i] - np.median(u[i]))), _MIN_SCALE)
                           for i in parts])  # fmt: skip
         cal = cls(centers, quantiles, scale, np.array([len(i) for i in parts], float))
         if tail_from is not None:
-            thr = np.array([np.quantile(u[i], tail_from) for i in parts])  # (B,)
-            z = np.concatenate([(u[i][u[i] > thr[b]] - thr[b]) / scale[b]
-                                for b, i in enumerate(parts)])  # fmt: skip
-            if z.size >= MIN_POOLED:
-                cal.tail_from, cal.tail_thr = np.array([tail_from]), thr
-                cal.tail_q, cal.tail_count = np.quantile(z, probs), np.array([z.size], float)
+            cal._pool_tails(u, parts, tail_from, probs)
         return cal
 
+    def _pool_tails(self, u: np.ndarray, parts: list, tail_from: float, probs: np.ndarray):
+        """The pooled tail's arrays (class doc) from each bin's stars ``u[parts[b]]``.  A
+        bin whose scale is the floor (over half its values tied) joins neither the pool
+        nor reads it (threshold +inf): its exceedances over a zero scale are infinite."""
+        usable = self.scale > _MIN_SCALE
+        thr = np.array([np.quantile(u[i], tail_from) if ok else np.inf  # (B,)
+                        for i, ok in zip(parts, usable, strict=True)])  # fmt: skip
+        z = np.concatenate([(u[i][u[i] > thr[b]] - thr[b]) / self.scale[b]
+                            for b, i in enumerate(parts)])  # fmt: skip
+        if z.size >= MIN_POOLED:
+            self.tail_from, self.tail_thr = np.array([tail_from]), thr
+            self.tail_q, self.tail_count = np.quantile(z, probs), np.array([z.size], float)
+
     def _log_tail_bin(self, b: int, u: np.ndarray) -> np.ndarray:
-        out = _empirical_log_tail(self.quantiles[b], self.count[b], u, self.scale[b])  # (n,)
-        if self.tail_q is not None:  # beyond the bin's tail_from quantile: the pooled tail
-            above = u > self.tail_thr[b]
-            z = (u[above] - self.tail_thr[b]) / self.scale[b]
-            pooled = _empirical_log_tail(self.tail_q, self.tail_count[0], z, 1.0)
-            out[above] = np.log1p(-self.tail_from[0]) + pooled
+        q, scale = self.quantiles[b], self.scale[b]
+        out = _empirical_log_tail(q, self.count[b], u, scale)  # (n,)
+        if self.tail_q is not None:  # beyond the bin's threshold: the pooled tail, from the
+            thr = self.tail_thr[b]  # bin's own tail there (0.1; less where values tie at it)
+            above = u > thr
+            start = _empirical_log_tail(q, self.count[b], np.array([thr]), scale)[0]
+            z = (u[above] - thr) / scale
+            out[above] = start + _empirical_log_tail(self.tail_q, self.tail_count[0], z, 1.0)
         return out
 
     def log_tail(self, t: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -133,16 +147,23 @@ class NoiseCalibration:
         return [c._log_tail(groups, u[:, j]) for j, c in enumerate(cals)]
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}.{k}": getattr(self, k) for k in _FIELDS if getattr(self, k) is not None}
+        keys = _FIELDS + (_TAIL_FIELDS if self.tail_q is not None else ())
+        return {f"{prefix}.{k}": getattr(self, k) for k in keys}
 
     @classmethod
     def from_arrays(cls, a: dict, prefix: str) -> NoiseCalibration:
-        """From :meth:`arrays`' keys (without the pooled tail's: references written before it)."""
-        return cls(**{k: a.get(f"{prefix}.{k}") for k in _FIELDS})
+        """From :meth:`arrays`' keys; the pooled tail's all or none (none: a reference
+        written before it).  A missing key raises KeyError naming it."""
+        cal = cls(*(a[f"{prefix}.{k}"] for k in _FIELDS))
+        present = [k for k in _TAIL_FIELDS if f"{prefix}.{k}" in a]
+        if present:
+            for k in _TAIL_FIELDS:
+                setattr(cal, k, a[f"{prefix}.{k}"])  # KeyError if only some are there
+        return cal
 
 
-_FIELDS = ("centers", "quantiles", "scale", "count", "tail_from", "tail_thr", "tail_q",
-           "tail_count")  # fmt: skip
+_FIELDS = ("centers", "quantiles", "scale", "count")
+_TAIL_FIELDS = ("tail_from", "tail_thr", "tail_q", "tail_count")
 
 
 def _empirical_log_tail(q: np.ndarray, m: float, u: np.ndarray, scale: float) -> np.ndarray:
