@@ -53,8 +53,7 @@ class NoiseCalibration:
     quantiles: np.ndarray  # (B, n_q) u at probabilities linspace(0, 1, n_q)
     scale: np.ndarray  # (B,)
     count: np.ndarray  # (B,) reference stars per bin
-    tail_from: np.ndarray | None = None  # (1,) probability where the pooled tail starts
-    tail_thr: np.ndarray | None = None  # (B,) each bin's u at ``tail_from``
+    tail_thr: np.ndarray | None = None  # (B,) each bin's u at fit's ``tail_from`` quantile
     tail_q: np.ndarray | None = None  # (n_q,) pooled (u - tail_thr) / scale, quantiles
     tail_count: np.ndarray | None = None  # (1,) pooled exceedances
 
@@ -90,8 +89,8 @@ class NoiseCalibration:
         z = np.concatenate([(u[i][u[i] > thr[b]] - thr[b]) / self.scale[b]
                             for b, i in enumerate(parts)])  # fmt: skip
         if z.size >= MIN_POOLED:
-            self.tail_from, self.tail_thr = np.array([tail_from]), thr
-            self.tail_q, self.tail_count = np.quantile(z, probs), np.array([z.size], float)
+            self.tail_thr, self.tail_q = thr, np.quantile(z, probs)
+            self.tail_count = np.array([z.size], float)
 
     def _log_tail_bin(self, b: int, u: np.ndarray) -> np.ndarray:
         q, scale = self.quantiles[b], self.scale[b]
@@ -155,15 +154,14 @@ class NoiseCalibration:
         """From :meth:`arrays`' keys; the pooled tail's all or none (none: a reference
         written before it).  A missing key raises KeyError naming it."""
         cal = cls(*(a[f"{prefix}.{k}"] for k in _FIELDS))
-        present = [k for k in _TAIL_FIELDS if f"{prefix}.{k}" in a]
-        if present:
+        if any(f"{prefix}.{k}" in a for k in _TAIL_FIELDS):
             for k in _TAIL_FIELDS:
                 setattr(cal, k, a[f"{prefix}.{k}"])  # KeyError if only some are there
         return cal
 
 
 _FIELDS = ("centers", "quantiles", "scale", "count")
-_TAIL_FIELDS = ("tail_from", "tail_thr", "tail_q", "tail_count")
+_TAIL_FIELDS = ("tail_thr", "tail_q", "tail_count")
 
 
 def _empirical_log_tail(q: np.ndarray, m: float, u: np.ndarray, scale: float) -> np.ndarray:
