@@ -76,6 +76,54 @@ def test_far_and_broken_rows_get_large_finite_statistics() -> None:
     assert u[0] < 10
 
 
+def _label_clumps(n: int, rng, label_valley: bool = False, gap: bool = False) -> np.ndarray:
+    """``_population`` with label 2 in two clumps (+-1, sd 0.45), coordinate 0 following
+    it; ``label_valley``: label 2 between the clumps (rare there, its coordinates typical
+    for it); ``gap``: coordinate 0 between its two sequences."""
+    labels = rng.standard_normal((n, 3))
+    clumps = rng.choice([-1.0, 1.0], n) + 0.45 * rng.standard_normal(n)
+    labels[:, 2] = 0.1 * rng.standard_normal(n) if label_valley else clumps
+    seq = 0.0 if gap else rng.choice([-1.0, 1.0], n)
+    c0 = 0.5 * labels[:, 2] - 0.3 * labels[:, 0] + seq + 0.2 * rng.standard_normal(n)
+    return np.c_[c0, 0.5 * labels[:, 1] + rng.standard_normal(n), labels]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_label_s_own_rarity_is_no_gap(seed: int) -> None:
+    """The ratio is of a component given the label: stars whose label is rare (between a
+    two-clumped label's clumps) but whose components are typical for it are not in a gap
+    (AUROC against inliers 0.51-0.57; the joint ratio of references written before it
+    flags them at 0.96-0.97); stars in a component's gap are found as well as before."""
+    rng = np.random.default_rng(seed)
+    train, test = _label_clumps(6000, rng), _label_clumps(1000, rng)
+    valley, odd = _label_clumps(200, rng, label_valley=True), _label_clumps(200, rng, gap=True)
+    tests = StructureTests.fit(train, k=2)
+    old = {key: a for key, a in tests.arrays().items() if not key.endswith(".label_ratio")}
+    joint = StructureTests.from_arrays(old)  # written before: the joint ratio
+    found = {}
+    for name, t in (("conditional", tests), ("joint", joint)):
+        typical = -t.statistic(test)
+        found[name] = auroc(typical, -t.statistic(valley)), auroc(typical, -t.statistic(odd))
+    assert found["conditional"][0] < 0.65 and found["joint"][0] > 0.9, found
+    assert found["conditional"][1] > 0.95 and found["conditional"][1] >= found["joint"][1] - 0.005
+
+
+@pytest.mark.parametrize("label_ratio", [-3.0, -0.5, 0.0, 1.0, 3.0])
+def test_given_the_label_empty_cells_still_tie(label_ratio: float) -> None:
+    """The ratio given the label: at or below the floor (an empty cell, or bilinear
+    rounding under it) it stays the floor, whatever the label's own ratio, so a star
+    further out in an empty region never ranks as more typical; well above the floor it
+    is the pair's ratio minus the label's; it never falls as the pair's ratio rises."""
+    from mendis_ray.science.structure import _FLOOR, _given_label
+
+    floor = np.log(_FLOOR)
+    ratio = np.r_[floor - 5.0, floor - 1e-9, floor, np.linspace(floor + 1e-6, 20.0, 400)]
+    out = _given_label(ratio, np.full(ratio.size, label_ratio))
+    np.testing.assert_array_equal(out[:3], floor)
+    assert np.all(np.diff(out) >= 0) and np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[-50:], ratio[-50:] - label_ratio, rtol=0, atol=1e-9)
+
+
 def test_further_out_never_ranks_as_more_typical() -> None:
     """Along a component and along a label, from the populated region's edge to far beyond
     the grid, the statistic does not fall (by more than the kernel density's wiggles) and

@@ -271,7 +271,9 @@ class SignalScorer:
 
     def _tests(self) -> StructureTests | None:
         """The reference's structure tests (loaded once), or None."""
-        key = (self.ref.get("structure.unmix"), self.ref.get("structure.label_density"))
+        key = tuple(
+            self.ref.get(f"structure.{f}") for f in ("unmix", "label_density", "label_ratio")
+        )
         cached = self._structure  # keyed on the arrays themselves (held, so never reused)
         if cached is None or any(a is not b for a, b in zip(cached[0], key, strict=True)):
             cached = self._structure = (key, StructureTests.from_arrays(self.ref))
