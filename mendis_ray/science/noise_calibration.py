@@ -9,6 +9,7 @@ uniform in every S/N bin.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -69,7 +70,7 @@ class NoiseCalibration:
         n_bins = max(1, min(n_bins, len(t) // 60))
         order = np.argsort(t, kind="stable")
         parts = np.array_split(order, n_bins)  # equal-count bins of t
-        probs = np.linspace(0, 1, n_q)
+        probs = _probs(n_q)
         centers = np.array([np.median(t[i]) for i in parts])
         quantiles = np.stack([np.quantile(u[i], probs) for i in parts])
         scale = np.array([max(1.4826 * np.median(np.abs(u[i] - np.median(u[i]))), _MIN_SCALE)
@@ -164,9 +165,18 @@ _FIELDS = ("centers", "quantiles", "scale", "count")
 _TAIL_FIELDS = ("tail_thr", "tail_q", "tail_count")
 
 
+@lru_cache(maxsize=8)
+def _probs(n_q: int) -> np.ndarray:
+    """linspace(0, 1, n_q), read-only: built once, not on each of a score call's ~1,000
+    tail reads."""
+    probs = np.linspace(0, 1, n_q)
+    probs.flags.writeable = False
+    return probs
+
+
 def _empirical_log_tail(q: np.ndarray, m: float, u: np.ndarray, scale: float) -> np.ndarray:
     """log P(U >= u) (n,) from the quantiles ``q`` (n_q,) at linspace(0, 1, n_q) of m
     values: resolved to 1 / (m + 1), exponential with scale ``scale`` beyond the largest."""
     p_min = 1.0 / (m + 1)
-    tail = np.maximum(1.0 - np.interp(u, q, np.linspace(0, 1, len(q))), p_min)
+    tail = np.maximum(1.0 - np.interp(u, q, _probs(len(q))), p_min)
     return np.where(u > q[-1], np.log(p_min) - (u - q[-1]) / scale, np.log(tail))

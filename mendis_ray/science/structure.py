@@ -193,10 +193,9 @@ class StructureTests:
         ev, vec = np.linalg.eigh(np.atleast_2d(np.cov(rest, rowvar=False)))  # (k,), (k, k)
         white = vec / np.sqrt(np.maximum(ev, 1e-12 * ev.max()))  # (k, k)
         unmix = white @ fastica(rest @ white, seed=ica_start).T
-        out = cls(pred, weight, coef, unmix, label_mean, label_scale,
-                  *_empty(np.flatnonzero(varies), k, n_grid), *_empty_labels(),
-                  np.zeros((0, 0)))  # fmt: skip
-        out.label_ratio = np.zeros((len(out.pairs), n_grid))
+        pairs = _empty(np.flatnonzero(varies), k, n_grid)
+        out = cls(pred, weight, coef, unmix, label_mean, label_scale, *pairs, *_empty_labels(),
+                  np.zeros((len(pairs[0]), n_grid)))  # fmt: skip
         cols = out.columns(y)  # (n, 3 + k), unit variance
         bw = bw_factor * len(y) ** (-1 / 6)
         for p, (a, b) in enumerate(out.pairs):
@@ -355,10 +354,10 @@ class StructureTests:
         k = np.shape(ref[PREFIX + "unmix"])[0]
         ref.setdefault(PREFIX + "label_pred", np.zeros((k + 1, 3)))
         ref.setdefault(PREFIX + "label_weight", np.zeros(1))
-        present = [PREFIX + f in ref for f in _FIELDS[-5:-1]]
+        present = [PREFIX + f in ref for f in _LABEL_DENSITY]
         if any(present) and not all(present):  # a table on a default grid would be wrong
-            raise ValueError(f"{PREFIX}label_*: all four of {_FIELDS[-5:-1]} or none")
-        for f, v in zip(_FIELDS[-5:-1], _empty_labels(), strict=True):  # before the label density
+            raise ValueError(f"{PREFIX}label_*: all four of {_LABEL_DENSITY} or none")
+        for f, v in zip(_LABEL_DENSITY, _empty_labels(), strict=True):  # before the label density
             ref.setdefault(PREFIX + f, v)
         ref.setdefault(PREFIX + "label_ratio", np.zeros((0, 0)))  # before the conditional ratio
         out = cls(*(np.asarray(ref[PREFIX + f], np.float64) for f in _FIELDS))
@@ -366,9 +365,10 @@ class StructureTests:
         return out
 
 
+_LABEL_DENSITY = ("label_lo", "label_step", "label_bandwidth", "label_density")
 _FIELDS = ("label_pred", "label_weight", "coef", "unmix", "label_mean", "label_scale", "pairs",
            "lo", "step", "bandwidth", "log_density", "gauss",
-           "label_lo", "label_step", "label_bandwidth", "label_density", "label_ratio")  # fmt: skip
+           *_LABEL_DENSITY, "label_ratio")  # fmt: skip
 
 
 def _denoised(y: np.ndarray, pred: np.ndarray, weight: np.ndarray) -> np.ndarray:
