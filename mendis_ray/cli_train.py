@@ -21,9 +21,11 @@ def _ray_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-units", type=int, default=None, help="flow units (default: preset's)")
     p.add_argument("--hidden", type=int, default=None, help="conditioner width (preset's)")
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
-    p.add_argument("--lr", type=float, default=None, help="default: the preset's")
+    p.add_argument("--lr", type=float, default=None, help="default: the preset's (signal model: "
+                   "2e-3, x1.5 for a set of 16,384+ rows; given, exactly this)")  # fmt: skip
     p.add_argument("--linear-lr-scale", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="rows per step (signal model: "
+                   "256, 512 for a set of 16,384+ rows; given, exactly this)")  # fmt: skip
     p.add_argument("--workers", type=int, default=2, help="TorchTrainer workers (DDP ranks)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -47,6 +49,12 @@ def _given(args: argparse.Namespace, **fields: str) -> dict:
     """{config field: option value} for the options the user gave (``fields`` maps a
     config field to its argparse attribute; options left at None are not overrides)."""
     return {f: getattr(args, a) for f, a in fields.items() if getattr(args, a) is not None}
+
+
+def _as_given(changes: dict) -> dict:
+    """Signal-model ``changes`` with the large-set steps off where the user gave the lr or
+    the batch size (``SignalConfig.large_set``): the settings as given, any set size."""
+    return changes | {"large_set": 0} if {"lr", "batch_size"} & changes.keys() else changes
 
 
 def _ray_train_configs(args: argparse.Namespace):
@@ -136,7 +144,7 @@ def cmd_train_signal(args: argparse.Namespace) -> int:
     changes = _given(args, n_signal="k", n_units="n_units", hidden="hidden", epochs="epochs",
                      lr="lr", batch_size="batch_size", seed="seed",
                      min_snr="min_snr")  # fmt: skip
-    cfg = SignalConfig().replace(**changes)
+    cfg = SignalConfig().replace(**_as_given(changes))
     minutes = args.minutes
     s = train_signal_checkpoint(
         args.data if isinstance(args.data, list) else [args.data], args.out, cfg,
@@ -190,7 +198,7 @@ def cmd_tune_signal(args: argparse.Namespace) -> int:
     from mendis_ray.distributed.tune import SignalTuneConfig, tune_signal
 
     changes = _given(args, hidden="hidden", epochs="epochs", lr="lr", batch_size="batch_size")
-    cfg = SignalConfig().replace(**changes)
+    cfg = SignalConfig().replace(**_as_given(changes))
     tune_cfg = SignalTuneConfig(
         ks=_csv(args.ks, int), n_units=_csv(args.units, int, "4,6"), lr=_csv(args.lrs, float),
         cpus_per_trial=args.cpus_per_trial, max_concurrent_trials=args.concurrent,

@@ -713,6 +713,34 @@ def test_noise_augmentation_matches_noising_the_spectrum() -> None:
     assert np.all(y[:, 3:] == c.y[star, 3:])  # labels untouched
 
 
+@pytest.mark.parametrize("batch_size", [64, 256])
+def test_a_large_training_set_takes_larger_steps(batch_size: int, monkeypatch, tmp_path) -> None:
+    """From ``large_set`` rows on: twice the rows per step at 1.5x the lr, the weight
+    average's horizon the same in rows, 2/3 of the patience; below it, and with
+    ``large_set = 0`` or ``mendis train --batch-size`` / ``--lr``, the settings as given."""
+    cfg = SignalConfig(batch_size=batch_size)
+    small, big = cfg.train_config(n_rows=cfg.large_set - 1), cfg.train_config(cfg.large_set)
+    given = (cfg.batch_size, cfg.lr, cfg.patience, cfg.ema_decay)
+    assert (small.batch_size, small.lr, small.patience, small.ema_decay) == given
+    assert (big.batch_size, big.patience) == (2 * batch_size, 8)
+    assert big.lr == pytest.approx(1.5 * cfg.lr)
+    horizon = lambda t: t.batch_size / (1 - t.ema_decay)  # noqa: E731 rows averaged over
+    assert horizon(big) == pytest.approx(horizon(small), rel=0.01)  # d^2 ~ 1 - 2 (1 - d)
+    assert cfg.replace(large_set=0).train_config(n_rows=10**7) == small
+    seen = []
+
+    def fake_train(paths, out, cfg, **kwargs):  # only what the CLI hands on is checked
+        seen.append(cfg)
+        keys = ("k", "train_rows", "val_rows", "epochs", "best_epoch", "seconds",
+                "initial_val_log_q", "best_val_log_q", "val_log_p")  # fmt: skip
+        return dict.fromkeys(keys, 1) | {"checkpoint": "c"}
+
+    monkeypatch.setattr("mendis_ray.train.signal.train_signal_checkpoint", fake_train)
+    for opts in ([], ["--batch-size", str(batch_size)], ["--lr", "1e-3"]):
+        assert main(["train", str(tmp_path), "--out", str(tmp_path / "o"), *opts]) == 0
+    assert [c.large_set for c in seen] == [SignalConfig().large_set, 0, 0]
+
+
 def test_label_free_score_is_per_row_not_per_batch(trained) -> None:
     """The label-free signal scores (labels integrated out by importance sampling with
     common draws, clean spectra noised with their own seed) of a spectrum are the same

@@ -312,8 +312,8 @@ def _signal_trainable(config: dict, *, data: dict, base: dict) -> None:
     torch.set_num_threads(base["threads"])
     flux, ivar, labels = ray.get(data["arrays"])  # (n, p), (n, p), (n, 3): read-only views
     changes = {"n_signal": int(config["k"]), "n_units": int(config["n_units"])}
-    if "lr" in config:
-        changes["lr"] = float(config["lr"])
+    if "lr" in config:  # a searched lr is used as it is, whatever the set's size
+        changes |= {"lr": float(config["lr"]), "large_set": 0}
     cfg = SignalConfig.from_dict({**base["signal"], **changes})
     res = train_signal_model(flux, ivar, labels, cfg, time_limit_s=base["time_limit_s"],
                              show_progress=False)  # fmt: skip

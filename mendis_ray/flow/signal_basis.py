@@ -285,13 +285,8 @@ class SignalBasis:
         z, lam, good = self._weights(flux, ivar, clean)
         k = self.k
         u32 = self._float32("basis")
-        a = self._normal_matrix(lam)  # (n, k, k) U^T L U
-        # (n, k) U^T L z summed in float64: at high S/N it cancels over thousands of
-        # pixels, and float32 sums moved s_hat by 6e-5 with the row's place in a batch
-        b = (lam * z).astype(np.float64) @ self.basis  # (n, k)
+        s, cov, a = self._gls(z, lam)  # (n, k), (n, k, k), (n, k, k)
         chol = np.linalg.cholesky(a)  # (n, k, k)
-        cov = np.linalg.inv(a)  # (n, k, k)
-        s = (cov @ b[:, :, None])[:, :, 0]  # (n, k)
         root_lam = np.sqrt(lam)
         wres = (z - (s.astype(np.float32) @ u32.T)) * root_lam  # (n, p), 0 where masked
         chi2 = np.einsum("ij,ij->i", wres, wres, dtype=np.float64)
@@ -311,6 +306,16 @@ class SignalBasis:
         if templates is not None:
             proj.template_z = self.template_statistics(templates, wres * root_lam, lam, cov)
         return proj
+
+    def _gls(self, z: np.ndarray, lam: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The weighted least-squares coordinates s_hat (n, k) of standardized flux ``z``
+        with weights ``lam`` (n, p), their covariance (U^T L U)^-1 and U^T L U (n, k, k)."""
+        a = self._normal_matrix(lam)  # (n, k, k) U^T L U
+        # (n, k) U^T L z summed in float64: at high S/N it cancels over thousands of
+        # pixels, and float32 sums moved s_hat by 6e-5 with the row's place in a batch
+        b = (lam * z).astype(np.float64) @ self.basis  # (n, k)
+        cov = np.linalg.inv(a)  # (n, k, k)
+        return (cov @ b[:, :, None])[:, :, 0], cov, a
 
     def template_statistics(
         self, templates: np.ndarray, lres: np.ndarray, lam: np.ndarray, cov: np.ndarray
@@ -358,8 +363,8 @@ class SignalBasis:
 
     def residuals(self, flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
         """Standardized residuals z - U s_hat (n, p) (0 at masked pixels)."""
-        z, _, good = self._weights(flux, ivar)
-        s = self.project(flux, ivar).s
+        z, lam, good = self._weights(flux, ivar)
+        s = self._gls(z, lam)[0]  # (n, k)
         return np.where(good, z - s @ self.basis.T, 0.0)
 
     def reconstruct(self, s: np.ndarray) -> np.ndarray:

@@ -176,11 +176,14 @@ def train_signal_model(
     torch.manual_seed(cfg.seed)
     model.flow.initialize(x_tr)
     gen = torch.Generator().manual_seed(cfg.seed)
+    steps = cfg.train_config(n_rows=len(x_tr))  # a large set: larger steps (SignalConfig)
+    if steps.batch_size != cfg.batch_size:
+        log.info("%d training rows: %d per step at lr %g", len(x_tr), steps.batch_size, steps.lr)
     hist = fit(
         model.flow,
-        lambda epoch: array_batches(model.packed(aug(epoch)), cfg.batch_size, generator=gen),
+        lambda epoch: array_batches(model.packed(aug(epoch)), steps.batch_size, generator=gen),
         lambda: array_batches(x_va, 4096, shuffle=False),
-        cfg.train_config(),
+        steps,
         show_progress=show_progress,
         time_limit_s=time_limit_s,
     )
@@ -264,8 +267,11 @@ def train_signal_checkpoint(
     res = train_signal_model(flux, ivar, labels, cfg, time_limit_s=time_limit_s,
                              show_progress=show_progress)  # fmt: skip
     va, tr = res.val_rows, slice(0, res.val_rows.start)
+    t1 = time.perf_counter()
     scorer = SignalScorer.fit(res.model, flux[va], ivar[va], labels[va], res.train_coords,
                               grid=grid, train=(flux[tr], ivar[tr], labels[tr]))  # fmt: skip
+    log.info("scores calibrated on the %d validation and %d training spectra in %.1f s",
+             len(flux) - tr.stop, tr.stop, time.perf_counter() - t1)  # fmt: skip
     hist = res.history
     val_log_p = scorer.score(flux[va], ivar[va], labels[va])["log_p"]
     gain = hist.best_val_log_prob - hist.initial_val_log_prob
