@@ -16,6 +16,7 @@ simulates the 20,000 training stars alone).  Writes ``bench/results/train_signal
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -37,7 +38,8 @@ SUMMARY = re.compile(
 
 
 def ensure_data(path: Path) -> Path:
-    """``path`` if it holds shards, else 20,000 survey training stars simulated beside it."""
+    """``path`` if it holds shards, else 20,000 survey training stars simulated beside it
+    (with a few test and outlier stars: `mendis simulate` writes every set)."""
     if any(path.glob("*.parquet")):
         return path
     out = path.parent
@@ -59,11 +61,12 @@ def one_run(data: Path, extra: list[str], scratch: Path) -> dict:
     m = SUMMARY.search(done.stdout)
     if m is None:
         sys.exit(f"no summary in the output of {' '.join(cmd)}:\n{done.stdout[-2000:]}")
-    batch = re.search(r"training rows: (\d+) per step", done.stderr)
+    steps = json.loads((scratch / "checkpoint" / "config.json").read_text())["metrics"]
     return {
-        "rows": int(m["train"]) + int(m["val"]), "batch": int(batch[1]) if batch else 256,
+        "rows": int(m["train"]) + int(m["val"]), "batch": steps["batch_size"],
+        "lr": steps["lr"],
         "epochs": int(m["epochs"]), "best_epoch": int(m["best"]),
-        "val_log_q": float(m["val_log_q"]), "train_s": float(m["seconds"]),
+        "val_log_q": float(m["val_log_q"]), "command_s": float(m["seconds"]),
         "wall_s": round(wall, 1),
     }  # fmt: skip
 

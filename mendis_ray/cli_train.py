@@ -22,10 +22,10 @@ def _ray_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=None, help="conditioner width (preset's)")
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
     p.add_argument("--lr", type=float, default=None, help="default: the preset's (signal model: "
-                   "2e-3, x1.5 for a set of 16,384+ rows; given, exactly this)")  # fmt: skip
+                   "2e-3, x1.5 from 16,384 training rows; given, exactly this)")  # fmt: skip
     p.add_argument("--linear-lr-scale", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="rows per step (signal model: "
-                   "256, 512 for a set of 16,384+ rows; given, exactly this)")  # fmt: skip
+                   "256, 512 from 16,384 training rows; given, exactly this)")  # fmt: skip
     p.add_argument("--workers", type=int, default=2, help="TorchTrainer workers (DDP ranks)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)

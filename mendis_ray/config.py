@@ -153,9 +153,9 @@ class SignalConfig(_DictConfig):
     batch_size: int = 256
     epochs: int = 200
     patience: int = 12
-    # back to the best state at lr x 0.3 on a plateau of 6 epochs (at most twice): validation
-    # log q on the survey benchmark +0.25 nats per star (-4.07 -> -3.82), and +0.13 / +0.19
-    # with one residual block (two seeds)
+    # back to the best state at lr x 0.3 on a plateau of patience // 2 epochs (6; 4 with the
+    # large-set steps below; at most twice): validation log q on the survey benchmark +0.25
+    # nats per star (-4.07 -> -3.82), and +0.13 / +0.19 with one residual block (two seeds)
     lr_drop: float = 0.3
     # validate and keep an exponential moving average of the weights (decay per step): the
     # validation log q on the survey benchmark -3.82 -> -3.72 nats per star (0.99: -3.73,
@@ -164,14 +164,15 @@ class SignalConfig(_DictConfig):
     weight_decay: float = 1e-5
     grad_clip: float = 10.0
     seed: int = 0
-    # a training set of at least this many rows takes steps of 2 x batch_size rows at
-    # 1.5 x lr, with the weight average's decay squared (the same horizon in rows) and 2/3
-    # of the patience.  On a CPU a step's fixed cost dominates (512 rows cost 1.2x 256), so
-    # an epoch takes 0.6x as long: `mendis train` on 20,000 survey spectra 245 -> 171 s
-    # end to end, validation log q -3.52 -> -3.55 (bench/bench_train_signal.py, one run
-    # each); on the survey benchmark's split -3.50 -> -3.50 and every AUROC within 0.001.
-    # Smaller sets keep the settings above (at 512 rows an epoch of theirs would be under
-    # 32 steps).  0: never; `mendis train --batch-size` or `--lr` turn it off (the
+    # a set of at least this many training rows (the 90% that do not validate: 16,384 of
+    # about 18,200 spectra) takes steps of 2 x batch_size rows at 1.5 x lr, with the weight
+    # average's decay squared (the same horizon in rows) and 2/3 of the patience.  On a CPU
+    # a step's fixed cost dominates (512 rows cost 1.2x 256), so an epoch takes 0.6x as
+    # long: `mendis train` on 20,000 survey spectra 245 -> 171 s end to end, validation
+    # log q -3.52 -> -3.55 (bench/bench_train_signal.py, one run each); on the survey
+    # benchmark's split -3.50 -> -3.50 and every AUROC within 0.001.  Smaller sets keep the
+    # settings above (at 512 rows an epoch of theirs would be under 32 steps).  0: never;
+    # `mendis train --batch-size` or `--lr` and a lr searched by Tune turn it off (the
     # settings as given)
     large_set: int = 16384
 

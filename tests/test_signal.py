@@ -741,6 +741,23 @@ def test_a_large_training_set_takes_larger_steps(batch_size: int, monkeypatch, t
     assert [c.large_set for c in seen] == [SignalConfig().large_set, 0, 0]
 
 
+def test_training_uses_the_large_set_steps_from_its_training_rows() -> None:
+    """train_signal_model trains with ``train_config`` of its training rows (the 90% that
+    do not validate): 216 of 240 here, so ``large_set`` 216 doubles the batch, 217 not."""
+    from mendis_ray.train.signal import train_signal_model
+
+    rng = np.random.default_rng(0)
+    n, p = 240, 40
+    signal = rng.standard_normal((n, 3)) @ rng.standard_normal((3, p))  # (n, p), rank 3
+    flux = (1 + 0.05 * signal + 0.01 * rng.standard_normal((n, p))).astype(np.float32)
+    ivar = np.full((n, p), 1e4, np.float32)
+    for large_set, batch in ((217, 16), (216, 32)):
+        cfg = SignalConfig(n_signal=2, n_units=1, hidden=8, epochs=1, batch_size=16,
+                           large_set=large_set)  # fmt: skip
+        res = train_signal_model(flux, ivar, rng.standard_normal((n, 3)), cfg, show_progress=False)
+        assert res.steps == cfg.train_config(n_rows=216) and res.steps.batch_size == batch
+
+
 def test_label_free_score_is_per_row_not_per_batch(trained) -> None:
     """The label-free signal scores (labels integrated out by importance sampling with
     common draws, clean spectra noised with their own seed) of a spectrum are the same

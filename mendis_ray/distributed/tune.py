@@ -322,7 +322,8 @@ def _signal_trainable(config: dict, *, data: dict, base: dict) -> None:
     metrics = {
         SIGNAL_METRIC: val_log_p, "val_finite": finite, "val_log_q": hist.best_val_log_prob,
         "k_used": int(res.model.basis.k), "epochs": len(hist.epochs),
-        "best_epoch": hist.best_epoch, "train_seconds": res.seconds,
+        "best_epoch": hist.best_epoch, "train_seconds": res.seconds, "lr": res.steps.lr,
+        "batch_size": res.steps.batch_size,
     }  # fmt: skip
     va, tr = res.val_rows, slice(0, res.val_rows.start)
     scorer = SignalScorer.fit(
@@ -385,7 +386,7 @@ def tune_signal(
         ),
     )
     trials = [_signal_trial_row(r, cfg.lr) for r in tuner.fit()]
-    return _finish_signal(out, trials, cfg, t0)
+    return _finish_signal(out, trials, cfg, t0, searched_lr=bool(tune_cfg.lr))
 
 
 def _signal_trial_row(r, lr: float) -> dict:
@@ -396,7 +397,7 @@ def _signal_trial_row(r, lr: float) -> dict:
         "trial": Path(r.path).name if r.path else "?",
         "k": r.config["k"],
         "n_units": r.config["n_units"],
-        "lr": float(r.config.get("lr", lr)),
+        "lr": float(m.get("lr", r.config.get("lr", lr))),  # as trained (SignalConfig.large_set)
         SIGNAL_METRIC: float(m.get(SIGNAL_METRIC, math.nan)),
         "val_finite": float(m.get("val_finite", math.nan)),
         "val_log_q": float(m.get("val_log_q", math.nan)),
@@ -411,8 +412,11 @@ def _signal_trial_row(r, lr: float) -> dict:
     }
 
 
-def _finish_signal(out: Path, trials: list[dict], cfg: SignalConfig, t0: float) -> TuneResult:
-    """Write the trial table and best_config.json, copy the best trial's checkpoint to
+def _finish_signal(
+    out: Path, trials: list[dict], cfg: SignalConfig, t0: float, searched_lr: bool = False
+) -> TuneResult:
+    """Write the trial table and best_config.json (the best trial's settings: a searched
+    lr as it was used, without the large-set steps), copy the best trial's checkpoint to
     ``out``/best_checkpoint (from Tune's storage, local or remote)."""
     handles = [t.pop("_checkpoint") for t in trials]
     write_json_atomic(trials, out / "trials.json")
@@ -423,7 +427,9 @@ def _finish_signal(out: Path, trials: list[dict], cfg: SignalConfig, t0: float) 
         raise RuntimeError(f"Tune: no trial produced a checkpoint; see {out / 'trials.json'}")
     i = max(ok, key=lambda j: trials[j][SIGNAL_METRIC])
     best = trials[i]
-    changes = {"n_signal": best["k"], "n_units": best["n_units"], "lr": best["lr"]}
+    changes = {"n_signal": best["k"], "n_units": best["n_units"]}
+    if searched_lr:  # as _signal_trainable trained it
+        changes |= {"lr": best["lr"], "large_set": 0}
     write_json_atomic({"signal_config": cfg.replace(**changes).to_dict(), "trial": best},
                       out / "best_config.json")  # fmt: skip
     dst = out / "best_checkpoint"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mendis_ray.config import SignalConfig
+from mendis_ray.config import SignalConfig, TrainConfig
 from mendis_ray.flow.signal import SignalCoordinates, SignalSpaceModel
 from mendis_ray.flow.signal_basis import MIN_GOOD_FRACTION, SignalBasis
 from mendis_ray.train.loop import History, array_batches, fit
@@ -40,6 +40,7 @@ class SignalTrainResult:
     val_coords: SignalCoordinates
     train_coords: SignalCoordinates
     seconds: float
+    steps: TrainConfig  # the optimiser's settings used (SignalConfig.train_config)
 
 
 def _check_inputs(flux: np.ndarray, ivar: np.ndarray, labels: np.ndarray) -> None:
@@ -176,7 +177,7 @@ def train_signal_model(
     torch.manual_seed(cfg.seed)
     model.flow.initialize(x_tr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    steps = cfg.train_config(n_rows=len(x_tr))  # a large set: larger steps (SignalConfig)
+    steps = cfg.train_config(n_rows=len(x_tr))  # many training rows: larger steps
     if steps.batch_size != cfg.batch_size:
         log.info("%d training rows: %d per step at lr %g", len(x_tr), steps.batch_size, steps.lr)
     hist = fit(
@@ -190,7 +191,7 @@ def train_signal_model(
     model.eval()
     dt = time.perf_counter() - t0
     log.info("signal model: best val log q %.2f in %.1f s", hist.best_val_log_prob, dt)
-    return SignalTrainResult(model, hist, va, c_va, c_tr, dt)
+    return SignalTrainResult(model, hist, va, c_va, c_tr, dt, steps)
 
 
 def load_training_shards(paths: Sequence[str | os.PathLike], seed: int = 0):
@@ -279,6 +280,7 @@ def train_signal_checkpoint(
         "model": "signal", "rows": len(flux), "train_rows": tr.stop,
         "val_rows": len(flux) - tr.stop,
         "k": res.model.basis.k, "epochs": len(hist.epochs), "best_epoch": hist.best_epoch,
+        "batch_size": res.steps.batch_size, "lr": res.steps.lr,
         "initial_val_log_q": hist.initial_val_log_prob, "best_val_log_q": hist.best_val_log_prob,
         "val_log_p": float(np.mean(val_log_p[np.isfinite(val_log_p)])),
         "seconds": time.perf_counter() - t0, "signal_config": cfg.to_dict(),
