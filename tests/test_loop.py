@@ -71,3 +71,17 @@ def test_weight_average_is_validated_and_kept() -> None:
     assert hist.best_epoch == epochs - 1
     assert model.mu.item() == pytest.approx(avg, rel=1e-6)
     assert hist.epochs[-1]["val_log_prob"] == pytest.approx(-0.5 * (1 - avg) ** 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("show_progress", [False, True])
+def test_one_progress_line_per_epoch(show_progress: bool, caplog) -> None:
+    """With the progress bar, which shows each epoch's log p, the epochs' log lines are
+    debug-level (the console gets the bar alone); without it they are the progress."""
+    if show_progress:
+        pytest.importorskip("tqdm")
+    data = torch.ones(8, 1)
+    cfg = TrainConfig(lr=0.1, epochs=3, patience=10)
+    with caplog.at_level("INFO", logger="mendis_ray.train.loop"):
+        fit(_Mean(), lambda e: [data], lambda: [data], cfg, show_progress=show_progress)
+    epochs = [r for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(epochs) == (0 if show_progress else 3)

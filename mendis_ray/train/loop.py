@@ -237,7 +237,8 @@ def fit(
             bar.set_postfix(
                 train=f"{metrics['train_log_prob']:.1f}", val=f"{metrics['val_log_prob']:.1f}"
             )
-        log.info(
+        log.log(
+            logging.INFO if bar is None else logging.DEBUG,  # the bar shows it: one line
             "epoch %d: train log p %.2f, val log p %.2f (%.1f s)",
             epoch, metrics["train_log_prob"], metrics["val_log_prob"], metrics["seconds"],
         )  # fmt: skip
