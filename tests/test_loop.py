@@ -73,15 +73,18 @@ def test_weight_average_is_validated_and_kept() -> None:
     assert hist.epochs[-1]["val_log_prob"] == pytest.approx(-0.5 * (1 - avg) ** 2, rel=1e-5)
 
 
-@pytest.mark.parametrize("show_progress", [False, True])
-def test_one_progress_line_per_epoch(show_progress: bool, caplog) -> None:
+@pytest.mark.parametrize(("show_progress", "every", "shown"), [(True, 0.0, 0), (False, 0.0, 3),
+                                                                (False, 1e9, 1)])  # fmt: skip
+def test_one_progress_line_per_stage(show_progress, every, shown, caplog, monkeypatch) -> None:
     """With the progress bar, which shows each epoch's log p, the epochs' log lines are
-    debug-level (the console gets the bar alone); without it they are the progress."""
+    debug-level (the console gets the bar alone); without it an epoch's line is
+    info-level once ``LOG_EVERY_S`` has passed since the last one (the first always)."""
     if show_progress:
         pytest.importorskip("tqdm")
+    monkeypatch.setattr("mendis_ray.train.loop.LOG_EVERY_S", every)
     data = torch.ones(8, 1)
     cfg = TrainConfig(lr=0.1, epochs=3, patience=10)
     with caplog.at_level("INFO", logger="mendis_ray.train.loop"):
         fit(_Mean(), lambda e: [data], lambda: [data], cfg, show_progress=show_progress)
-    epochs = [r for r in caplog.records if r.getMessage().startswith("epoch ")]
-    assert len(epochs) == (0 if show_progress else 3)
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(epochs) == shown and (shown == 0 or epochs[0].startswith("epoch 0:"))

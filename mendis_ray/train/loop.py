@@ -215,7 +215,7 @@ def fit(
     stopper = EarlyStopping(cfg.patience)
     hist = History()
     bar = _progress_bar(cfg.epochs, show_progress)
-    t_start = time.perf_counter()
+    t_start = t_shown = time.perf_counter()
     # The starting point competes too: a flow initialised at a Gaussian (see
     # mendis_ray.flow.gaussian_init) is kept if training never improves on it.
     hist.initial_val_log_prob = evaluate(model, val_batches())["val_log_prob"]
@@ -237,8 +237,10 @@ def fit(
             bar.set_postfix(
                 train=f"{metrics['train_log_prob']:.1f}", val=f"{metrics['val_log_prob']:.1f}"
             )
+        shown = bar is None and (epoch == 0 or time.perf_counter() - t_shown >= LOG_EVERY_S)
+        t_shown = time.perf_counter() if shown else t_shown
         log.log(
-            logging.INFO if bar is None else logging.DEBUG,  # the bar shows it: one line
+            logging.INFO if shown else logging.DEBUG,  # the bar, or a line now and then
             "epoch %d: train log p %.2f, val log p %.2f (%.1f s)",
             epoch, metrics["train_log_prob"], metrics["val_log_prob"], metrics["seconds"],
         )  # fmt: skip
@@ -267,6 +269,9 @@ def fit(
 
 
 MAX_LR_DROPS = 2
+#: without a progress bar, an epoch's log line is info-level at most this often (the first
+#: epoch's always; the others debug-level): a 1-second epoch does not flood the console
+LOG_EVERY_S = 10.0
 
 
 def _plateau(stopper: EarlyStopping, cfg: TrainConfig, drops: int) -> bool:
