@@ -168,12 +168,12 @@ class SignalConfig(_DictConfig):
     # about 18,200 spectra) takes steps of 2 x batch_size rows at 1.5 x lr, with the weight
     # average's decay squared (the same horizon in rows) and 2/3 of the patience.  On a CPU
     # a step's fixed cost dominates (512 rows cost 1.2x 256), so an epoch takes 0.6x as
-    # long: `mendis train` on 20,000 survey spectra 245 -> 171 s end to end, validation
-    # log q -3.52 -> -3.55 (bench/bench_train_signal.py, one run each); on the survey
-    # benchmark's split -3.50 -> -3.50 and every AUROC within 0.001.  Smaller sets keep the
-    # settings above (at 512 rows an epoch of theirs would be under 32 steps).  0: never;
-    # `mendis train --batch-size` or `--lr` and a lr searched by Tune turn it off (the
-    # settings as given)
+    # long: `mendis train` on 20,000 survey spectra 245 -> 171 s end to end (286 -> 227 s
+    # on a busier host), validation log q -3.52 -> -3.55 (bench/bench_train_signal.py);
+    # on the survey benchmark's split -3.50 -> -3.50 and every AUROC within 0.001.
+    # Smaller sets keep the settings above (at 512 rows an epoch of theirs would be under
+    # 32 steps).  0: never; `mendis train --batch-size` or `--lr` and a lr searched by Tune
+    # turn it off (the settings as given)
     large_set: int = 16384
 
     def train_config(self, n_rows: int = 0) -> TrainConfig:
