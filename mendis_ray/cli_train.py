@@ -51,12 +51,6 @@ def _given(args: argparse.Namespace, **fields: str) -> dict:
     return {f: getattr(args, a) for f, a in fields.items() if getattr(args, a) is not None}
 
 
-def _as_given(changes: dict) -> dict:
-    """Signal-model ``changes`` with the large-set steps off where the user gave the lr or
-    the batch size (``SignalConfig.large_set``): the settings as given, any set size."""
-    return changes | {"large_set": 0} if {"lr", "batch_size"} & changes.keys() else changes
-
-
 def _ray_train_configs(args: argparse.Namespace):
     from mendis_ray.config import get_preset
     from mendis_ray.distributed.data import DegradeConfig
@@ -144,7 +138,7 @@ def cmd_train_signal(args: argparse.Namespace) -> int:
     changes = _given(args, n_signal="k", n_units="n_units", hidden="hidden", epochs="epochs",
                      lr="lr", batch_size="batch_size", seed="seed",
                      min_snr="min_snr")  # fmt: skip
-    cfg = SignalConfig().replace(**_as_given(changes))
+    cfg = SignalConfig().with_given(**changes)
     minutes = args.minutes
     s = train_signal_checkpoint(
         args.data if isinstance(args.data, list) else [args.data], args.out, cfg,
@@ -198,7 +192,7 @@ def cmd_tune_signal(args: argparse.Namespace) -> int:
     from mendis_ray.distributed.tune import SignalTuneConfig, tune_signal
 
     changes = _given(args, hidden="hidden", epochs="epochs", lr="lr", batch_size="batch_size")
-    cfg = SignalConfig().replace(**_as_given(changes))
+    cfg = SignalConfig().with_given(**changes)
     tune_cfg = SignalTuneConfig(
         ks=_csv(args.ks, int), n_units=_csv(args.units, int, "4,6"), lr=_csv(args.lrs, float),
         cpus_per_trial=args.cpus_per_trial, max_concurrent_trials=args.concurrent,

@@ -178,14 +178,24 @@ class SignalConfig(_DictConfig):
 
     def train_config(self, n_rows: int = 0) -> TrainConfig:
         """The optimiser's settings for ``n_rows`` training rows (see ``large_set``)."""
-        big = 0 < self.large_set <= n_rows
-        return TrainConfig(
-            lr=self.lr * (1.5 if big else 1.0), batch_size=self.batch_size * (2 if big else 1),
-            epochs=self.epochs, grad_clip=self.grad_clip, weight_decay=self.weight_decay,
-            patience=max(1, round(self.patience * 2 / 3)) if big else self.patience,
-            seed=self.seed, lr_drop=self.lr_drop,
-            ema_decay=self.ema_decay**2 if big else self.ema_decay,
+        steps = TrainConfig(
+            lr=self.lr, batch_size=self.batch_size, epochs=self.epochs, grad_clip=self.grad_clip,
+            weight_decay=self.weight_decay, patience=self.patience, seed=self.seed,
+            lr_drop=self.lr_drop, ema_decay=self.ema_decay,
         )  # fmt: skip
+        if not 0 < self.large_set <= n_rows:
+            return steps
+        return dataclasses.replace(
+            steps, lr=1.5 * self.lr, batch_size=2 * self.batch_size,
+            patience=max(1, round(self.patience * 2 / 3)), ema_decay=self.ema_decay**2,
+        )  # fmt: skip
+
+    def with_given(self, **changes: object) -> SignalConfig:
+        """``replace(**changes)``, with the large-set steps off where ``changes`` sets the lr
+        or the batch size (a user's or a search's): those are used as given, any set size."""
+        if {"lr", "batch_size"} & changes.keys():
+            changes["large_set"] = 0
+        return self.replace(**changes)
 
 
 #: which rows get the label-free score: those without labels, every row, or none

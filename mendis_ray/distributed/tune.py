@@ -312,9 +312,9 @@ def _signal_trainable(config: dict, *, data: dict, base: dict) -> None:
     torch.set_num_threads(base["threads"])
     flux, ivar, labels = ray.get(data["arrays"])  # (n, p), (n, p), (n, 3): read-only views
     changes = {"n_signal": int(config["k"]), "n_units": int(config["n_units"])}
-    if "lr" in config:  # a searched lr is used as it is, whatever the set's size
-        changes |= {"lr": float(config["lr"]), "large_set": 0}
-    cfg = SignalConfig.from_dict({**base["signal"], **changes})
+    if "lr" in config:
+        changes["lr"] = float(config["lr"])
+    cfg = SignalConfig.from_dict(base["signal"]).with_given(**changes)
     res = train_signal_model(flux, ivar, labels, cfg, time_limit_s=base["time_limit_s"],
                              show_progress=False)  # fmt: skip
     val_log_p, finite = validation_log_p(res.model, res.val_coords)
@@ -429,8 +429,8 @@ def _finish_signal(
     best = trials[i]
     changes = {"n_signal": best["k"], "n_units": best["n_units"]}
     if searched_lr:  # as _signal_trainable trained it
-        changes |= {"lr": best["lr"], "large_set": 0}
-    write_json_atomic({"signal_config": cfg.replace(**changes).to_dict(), "trial": best},
+        changes["lr"] = best["lr"]
+    write_json_atomic({"signal_config": cfg.with_given(**changes).to_dict(), "trial": best},
                       out / "best_config.json")  # fmt: skip
     dst = out / "best_checkpoint"
     tmp = temp_beside(dst)
