@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "check_out_folder",
     "json_default",
     "remove_stale_dirs",
     "replace_dir",
@@ -37,6 +38,30 @@ def json_default(o: object) -> object:
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
+
+
+def check_out_folder(out: str | os.PathLike, option: str = "--out") -> None:
+    """A ValueError naming ``out`` unless it is a folder this process can write in, or
+    could make: checked before a command's work, not when its results are written.  A
+    folder it makes here is removed again (the command makes it when it writes)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{option} {str(out)!r} exists and is not a folder")
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-check.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{option} {str(out)!r} is not writable: {err.strerror}") from err
+    finally:
+        for p in made:  # innermost first
+            if p.is_dir():
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
 
 
 def temp_beside(path: Path) -> Path:

@@ -9,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+from mendis_ray.atomic import check_out_folder
 from mendis_ray.cli_data import print_table
 
 __all__ = ["add_train_parser", "add_tune_parser"]
@@ -82,6 +83,7 @@ def _ray_train_configs(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    check_out_folder(args.out)  # before the training, not when the checkpoint is written
     if args.model == "signal":
         return cmd_train_signal(args)
     from mendis_ray.distributed.session import ensure_ray
@@ -164,6 +166,7 @@ def _csv(text: str | None, kind: type, default: str | None = None) -> tuple | No
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    check_out_folder(args.out)
     if args.model == "signal":
         return cmd_tune_signal(args)
     from mendis_ray.distributed.session import ensure_ray

@@ -132,6 +132,10 @@ def test_response_maps_only_on_the_simulator_grids(sim):
     maps = response_maps(g, np.array([[4500.0, 2.3, 0.0], [np.nan, 2.0, 0.0]]))
     assert maps.shape == (2, len(ELEMENTS), sim.grid.n_pix)
     assert np.isfinite(maps[0]).all() and np.isnan(maps[1]).all()
+    kk = response_maps(g, np.array([[4.5, 2.3, 0.0]]))  # Teff in kK: none, and no overflow
+    assert np.isnan(kk).all()
+    r, w = np.ones(sim.grid.n_pix) * 0.1, np.full(sim.grid.n_pix, 1e4)
+    assert element_totals(r, w, kk[0], chi2_total=1.0) == []  # no element, not a NaN "C"
     assert response_maps({**g, "hash": "0" * 16}, np.zeros((1, 3))) is None
     assert response_maps({**g, "name": "custom"}, np.zeros((1, 3))) is None
 

@@ -194,3 +194,16 @@ def test_matrix_column_and_list_matrix_round_trip_and_name_bad_rows():
         shards.list_matrix(ragged, 2)
     with pytest.raises(ShardError, match="expected float values"):
         shards.list_matrix(pa.array([[1, 2]], pa.list_(pa.int32(), 2)), 2)
+
+
+def test_a_shard_given_twice_is_read_once(tmp_path, caplog):
+    """A folder given twice, or with one of its own files: each file once, with a warning
+    (before: "id 's0' occurs twice", as if two different spectra shared an id)."""
+    from mendis_ray.distributed.data import list_shards
+
+    t = _table()
+    files = shards.write_dataset(tmp_path / "d", [t.slice(0, 3), t.slice(3)], 2, paper_grid(), {})
+    with caplog.at_level("WARNING", logger="mendis_ray"):
+        got = list_shards([tmp_path / "d", files[1], tmp_path / "d"])
+    assert got == [f.resolve() for f in files]
+    assert "2 shard file(s) given more than once" in caplog.text

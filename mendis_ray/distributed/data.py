@@ -67,7 +67,9 @@ MAP_NUM_CPUS = 0.5
 
 
 def list_shards(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """The Parquet shards of one or more dataset folders or files, in a stable order."""
+    """The Parquet shards of one or more dataset folders or files, in a stable order; a
+    file reached twice (a folder given twice, or with one of its own files) once, with a
+    warning."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     files: list[Path] = []
@@ -75,7 +77,12 @@ def list_shards(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
         files += [f.resolve() for f in dataset_files(p)]
     if not files:
         raise ShardError(f"no Parquet shards under {[str(p) for p in paths]}")
-    return files
+    unique = list(dict.fromkeys(files))
+    if len(unique) < len(files):
+        twice = [f for f in unique if files.count(f) > 1]
+        log.warning("%d shard file(s) given more than once (first: %s): each is read once",
+                    len(twice), twice[0])  # fmt: skip
+    return unique
 
 
 @dataclass(frozen=True)

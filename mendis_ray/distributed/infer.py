@@ -60,7 +60,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mendis_ray import interrupt
-from mendis_ray.atomic import remove_stale_dirs, replace_dir
+from mendis_ray.atomic import check_out_folder, remove_stale_dirs, replace_dir
 from mendis_ray.config import MARGINAL_MODES, ScoreConfig
 from mendis_ray.distributed.actor_pool import (
     actor_pool_options,
@@ -295,6 +295,7 @@ def score_catalog(
 
     cfg = (config or ScoreConfig()).replace(**settings)  # validates
     checkpoint, out = Path(checkpoint), Path(out)
+    check_out_folder(out)
     with _removed_on_failure(out):
         t_start, timings = time.perf_counter(), {}
         ckpt = _prepare_out(checkpoint, out)
@@ -410,6 +411,9 @@ def _gather_shards(ckpt, inputs, out: Path, labels_path, ingest_shards, timings:
     if not files:
         raise ShardError(f"no input shards in {[str(p) for p in inputs]}")
     shards = check_shards(files, grid=ckpt.require_grid())  # the model's grid
+    if shards.n_rows == 0:
+        raise ShardError(f"no spectra to score: the {len(shards.files)} input shard(s) in "
+                         f"{[str(p) for p in inputs]} hold no rows")  # fmt: skip
     find_duplicate_ids(shards.files)  # the outputs are keyed by id: refuse ambiguity now
     return shards, fits_files
 

@@ -230,7 +230,7 @@ def element_totals(
     for e, name in enumerate(ELEMENTS):
         rr = response[e]
         den = float(np.sum(w * rr * rr))
-        if den <= 0:
+        if not den > 0:  # no response (or none computed: NaN)
             continue
         num = float(np.sum(w * rr * r))
         offset = float(np.clip(num / den, -max_offset, max_offset))
@@ -367,6 +367,12 @@ def explanation_tables(
     return ft, et, summ
 
 
+def _simulated_teff(teff: np.ndarray) -> np.ndarray:
+    """Where the simulator's line physics is used (2,500-10,000 K; outside it, e.g. a Teff
+    in kK, its Boltzmann factors overflow): no response map or line strength elsewhere."""
+    return (teff >= 2500.0) & (teff <= 10_000.0)
+
+
 def response_maps(grid: dict, labels: np.ndarray) -> np.ndarray | None:
     """The simulator's element-response maps (n, 19, n_pix) at ``labels`` (n, 3) (Teff,
     log g, [Fe/H]; solar-scaled abundances, vmacro 6 km/s), or None where the simulator
@@ -380,7 +386,7 @@ def response_maps(grid: dict, labels: np.ndarray) -> np.ndarray | None:
         return None
     labels = np.asarray(labels, np.float64).reshape(-1, 3)
     out = np.full((len(labels), len(ELEMENTS), int(grid["n_pix"])), np.nan)
-    ok = np.flatnonzero(np.all(np.isfinite(labels), axis=1) & (labels[:, 0] > 0))
+    ok = np.flatnonzero(np.all(np.isfinite(labels), axis=1) & _simulated_teff(labels[:, 0]))
     if ok.size:
         lab = labels[ok]
         stars = StellarLabels(
@@ -397,7 +403,7 @@ def line_strengths(lines: LineList, labels: np.ndarray) -> np.ndarray | None:
     from mendis_ray.spectra.linelist import log_tau0
 
     lab = np.asarray(labels, np.float64).reshape(3)
-    if not np.all(np.isfinite(lab)) or lab[0] <= 0:
+    if not np.all(np.isfinite(lab)) or not _simulated_teff(lab[0]):
         return None
     x_h = np.full((1, len(ELEMENTS)), lab[2])
     return log_tau0(lines, lab[:1], lab[1:2], x_h)[0][0]

@@ -162,8 +162,9 @@ def _title(row: dict, neighbour: str) -> str:
 
 
 def fmt(v: object, spec: str) -> str:
-    """``format(v, spec)``, or ``"nan"`` for None and non-finite values."""
-    return "nan" if v is None or not np.isfinite(float(v)) else format(float(v), spec)
+    """``format(v, spec)`` (an unscorable row's -inf prints as ``-inf``), or ``"nan"``
+    for None and NaN."""
+    return "nan" if v is None or np.isnan(float(v)) else format(float(v), spec)
 
 
 def _panel(ax, res, wavelength, flux, ivar, typ_flux, typ_ivar, j: int) -> bool:

@@ -40,13 +40,17 @@ def validate_batch(batch: pa.Table, n_pix: int, require_labels: bool = False) ->
     for name in ("id", "flux", "ivar", *LABEL_COLUMNS):
         if name not in batch.column_names:
             raise ShardError(f"batch is missing column {name!r} (columns: {batch.column_names})")
+    where = batch.column("path")[0].as_py() if "path" in batch.column_names else "batch"
     for name in ("flux", "ivar"):
         t = batch.schema.field(name).type
-        if not (pa.types.is_fixed_size_list(t) and t.list_size == n_pix):
-            where = batch.column("path")[0].as_py() if "path" in batch.column_names else "batch"
+        fixed = pa.types.is_fixed_size_list(t)
+        if not (fixed or pa.types.is_list(t) or pa.types.is_large_list(t)) or (
+            fixed and t.list_size != n_pix
+        ):
             raise ShardError(f"{where}: column {name!r} is {t}, expected {n_pix} values per row")
-    flux = list_matrix(batch.column("flux"), n_pix)
-    ivar = list_matrix(batch.column("ivar"), n_pix)
+    # a variable-length list is read as the shard reader reads it: each row's length checked
+    flux = list_matrix(batch.column("flux"), n_pix, f"{where}: column 'flux'", batch.column("id"))
+    ivar = list_matrix(batch.column("ivar"), n_pix, f"{where}: column 'ivar'", batch.column("id"))
     checks = (
         (~np.isfinite(flux), "non-finite flux (mark bad pixels with ivar 0 and a finite flux)"),
         (~np.isfinite(ivar) | (ivar < 0), "negative or non-finite ivar"),

@@ -195,12 +195,18 @@ def train_signal_model(
 
 
 def load_training_shards(paths: Sequence[str | os.PathLike], seed: int = 0):
-    """Rows of the dataset folders/files ``paths`` (validated by the shard reader), in a
-    seeded random order (the last rows validate, so an ordered catalog must be shuffled),
-    and the grid (``Grid.describe()`` dict plus ``wavelength``) they share."""
+    """Rows of the dataset folders/files ``paths`` (validated by the shard reader) that
+    pass the training set's screening (:mod:`mendis_ray.train.screen`: normalized flux,
+    possible labels, one row per id, all three labels), in a seeded random order (the
+    last rows validate, so an ordered catalog must be shuffled), and the grid
+    (``Grid.describe()`` dict plus ``wavelength``) they share."""
     from mendis_ray.spectra.shards import WAVE_KEY, read_dataset, table_arrays
+    from mendis_ray.train.screen import screen_training_set
 
     tables = [read_dataset(p) for p in paths]
+    empty = [str(p) for p, t in zip(paths, tables, strict=True) if t.num_rows == 0]
+    if len(empty) == len(tables):
+        raise ValueError(f"no training spectra in {', '.join(empty)}: no rows")
     grids = [_table_grid(t, WAVE_KEY) for t in tables]
     for p, g in zip(paths, grids, strict=True):
         if g["hash"] != grids[0]["hash"]:
@@ -209,7 +215,9 @@ def load_training_shards(paths: Sequence[str | os.PathLike], seed: int = 0):
     flux = np.concatenate([a.flux for a in arrays])
     ivar = np.concatenate([a.ivar for a in arrays])
     labels = np.concatenate([a.labels for a in arrays]).astype(np.float64)
-    order = np.random.default_rng(seed).permutation(len(flux))
+    ids = np.concatenate([a.ids for a in arrays])
+    keep, labels = screen_training_set(flux, ivar, labels, ids)
+    order = np.random.default_rng(seed).permutation(np.flatnonzero(keep))
     return flux[order], ivar[order], labels[order], grids[0]
 
 
@@ -246,18 +254,6 @@ def train_signal_checkpoint(
         )
     log.info("read %d training spectra (%d px) in %.1f s", len(flux), flux.shape[1],
              time.perf_counter() - t0)  # fmt: skip
-    unlabelled = ~np.isfinite(labels).all(axis=1)
-    if unlabelled.any():  # a survey's catalog: some stars have no labels
-        if unlabelled.sum() > len(flux) - 10:
-            raise ValueError(
-                f"{unlabelled.sum()} of the {len(flux)} training spectra have no finite Teff, "
-                "log g and [Fe/H]; the signal-space model learns the spectra with their "
-                "labels and needs at least 10 labelled spectra (columns teff, logg, feh)"
-            )
-        log.warning("%d of %d training spectra have no finite Teff, log g and [Fe/H]: left "
-                    "out of training (the joint model needs all three)",
-                    unlabelled.sum(), len(flux))  # fmt: skip
-        flux, ivar, labels = flux[~unlabelled], ivar[~unlabelled], labels[~unlabelled]
     if len(flux) < MIN_TRAINING:
         log.warning(
             "%d training spectra: the last 10%% (%d) calibrate the signal score per noise "

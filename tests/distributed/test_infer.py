@@ -202,6 +202,47 @@ def test_wrong_grid_is_named_before_scoring(checkpoint, sim_sets, tmp_path):
         infer.score_catalog(checkpoint, [wrong], tmp_path / "out")
 
 
+def test_no_rows_or_an_unwritable_out_is_named_before_scoring(checkpoint, sim_sets, tmp_path):
+    """An input of 0 rows and an --out that cannot be written: one clear error each, before
+    Ray is needed, and no folder left behind (before: a FileNotFoundError traceback from
+    renaming a result folder Ray never wrote)."""
+    import pyarrow.parquet as pq
+
+    first = sorted((sim_sets / "test").glob("*.parquet"))[0]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pq.write_table(pq.read_table(first).slice(0, 0), empty / "part-0.parquet")
+    with pytest.raises(ShardError, match=r"no spectra to score.*empty.*hold no rows"):
+        infer.score_catalog(checkpoint, [empty], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"file/sub' is not writable"):
+        infer.score_catalog(checkpoint, [sim_sets / "test"], tmp_path / "file" / "sub")
+
+
+def test_variable_length_lists_score_as_fixed_size_ones(scored, checkpoint, sim_sets, tmp_path):
+    """flux and ivar as variable-length lists (pyarrow's default for a list of arrays):
+    read as the shard reader reads them (``mendis train`` did; ``mendis score`` refused
+    them, saying that each row needed the 2,405 values it had)."""
+    cemp = tmp_path / "cemp"
+    cemp.mkdir()
+    for f in sorted((sim_sets / "cemp").glob("*.parquet")):
+        t = pq.read_table(f)
+        for name in ("flux", "ivar"):
+            col = t.column(name).combine_chunks()
+            flat = pa.ListArray.from_arrays(
+                pa.array(np.arange(len(col) + 1, dtype=np.int32) * col.type.list_size),
+                col.flatten(),
+            )
+            t = t.set_column(t.schema.get_field_index(name), name, flat)
+        pq.write_table(t, cemp / f.name)
+    got = infer.score_catalog(checkpoint, [cemp], tmp_path / "out", top_n=5, gallery_n=0, **RUN)
+    want = pq.read_table(scored.scores, columns=["id", "score"]).to_pandas().set_index("id")
+    mine = pq.read_table(got.scores, columns=["id", "score"]).to_pandas().set_index("id")
+    assert len(mine) == sum(pq.read_metadata(f).num_rows for f in cemp.glob("*.parquet"))
+    np.testing.assert_allclose(mine["score"], want.loc[mine.index, "score"], rtol=1e-6)
+
+
 def test_actor_pool_autoscaling_config(monkeypatch, checkpoint, sim_sets):
     import ray
 
