@@ -119,6 +119,11 @@ def main() -> None:
         "n_train": len(data.train.flux),
         "sets": {k: len(v.flux) for k, v in {"test": data.test, **data.sets}.items()},
         "signal_config": signal_cfg.to_dict(),
+        # the steps it trained with (a large training set's, SignalConfig.train_config)
+        "signal_steps": {
+            k: getattr(runs[0].extra["steps"], k)
+            for k in ("batch_size", "lr", "ema_decay", "patience")
+        },  # fmt: skip
         "signal_k": runs[0].extra["k"],
         "signal_epochs": len(hist.epochs),
         "signal_best_val_log_q": hist.best_val_log_prob,
