@@ -237,10 +237,10 @@ def test_variable_length_lists_score_as_fixed_size_ones(scored, checkpoint, sim_
             t = t.set_column(t.schema.get_field_index(name), name, flat)
         pq.write_table(t, cemp / f.name)
     got = infer.score_catalog(checkpoint, [cemp], tmp_path / "out", top_n=5, gallery_n=0, **RUN)
-    want = pq.read_table(scored.scores, columns=["id", "score"]).to_pandas().set_index("id")
-    mine = pq.read_table(got.scores, columns=["id", "score"]).to_pandas().set_index("id")
+    want = pq.read_table(scored.scores, columns=["id", "log_p"]).to_pandas().set_index("id")
+    mine = pq.read_table(got.scores, columns=["id", "log_p"]).to_pandas().set_index("id")
     assert len(mine) == sum(pq.read_metadata(f).num_rows for f in cemp.glob("*.parquet"))
-    np.testing.assert_allclose(mine["score"], want.loc[mine.index, "score"], rtol=1e-6)
+    np.testing.assert_allclose(mine["log_p"], want.loc[mine.index, "log_p"], rtol=1e-6)
 
 
 def test_actor_pool_autoscaling_config(monkeypatch, checkpoint, sim_sets):
