@@ -71,3 +71,13 @@ def test_figure_and_npz_writes_leave_exactly_the_target(tmp_path):
     save_npz(tmp_path / "sub" / "a.npz", x=np.arange(3))
     assert np.load(tmp_path / "sub" / "a.npz")["x"].tolist() == [0, 1, 2]
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["a.npz", "f.pdf", "f.png"]
+
+
+def test_out_folder_is_checked_before_the_work(tmp_path) -> None:
+    atomic.check_out_folder(tmp_path / "a" / "b")  # makeable: fine, and nothing left behind
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"file' exists and is not a folder"):
+        atomic.check_out_folder(tmp_path / "file")
+    with pytest.raises(ValueError, match=r"file/sub' is not writable"):
+        atomic.check_out_folder(tmp_path / "file" / "sub")

@@ -231,3 +231,10 @@ def test_remove_stale_dirs_keeps_live_processes(tmp_path):
         p.mkdir()
     assert remove_stale_dirs(tmp_path, pattern) == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+def test_an_unscorable_rows_minus_infinity_prints_as_such() -> None:
+    from mendis_ray.science.gallery import fmt
+
+    assert fmt(float("-inf"), ".2f") == "-inf" and fmt(-1.234, ".2f") == "-1.23"
+    assert fmt(None, ".1f") == "nan" and fmt(float("nan"), ".1f") == "nan"

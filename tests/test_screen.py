@@ -9,8 +9,6 @@ import logging
 import numpy as np
 import pytest
 
-from mendis_ray.atomic import check_out_folder
-from mendis_ray.science.gallery import fmt
 from mendis_ray.train.screen import screen_training_set
 
 
@@ -89,18 +87,3 @@ def test_a_set_wrong_as_a_whole_stops_with_what_to_fix(change, message) -> None:
     change(flux, ivar, labels)
     with pytest.raises(ValueError, match=message):
         screen_training_set(flux, ivar, labels, ids)
-
-
-def test_out_folder_is_checked_before_the_work(tmp_path) -> None:
-    check_out_folder(tmp_path / "a" / "b")  # makeable: fine, and nothing left behind
-    assert list(tmp_path.iterdir()) == []
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(ValueError, match=r"file' exists and is not a folder"):
-        check_out_folder(tmp_path / "file")
-    with pytest.raises(ValueError, match=r"file/sub' is not writable"):
-        check_out_folder(tmp_path / "file" / "sub")
-
-
-def test_an_unscorable_rows_minus_infinity_prints_as_such() -> None:
-    assert fmt(float("-inf"), ".2f") == "-inf" and fmt(-1.234, ".2f") == "-1.23"
-    assert fmt(None, ".1f") == "nan" and fmt(float("nan"), ".1f") == "nan"

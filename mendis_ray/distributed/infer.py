@@ -328,9 +328,7 @@ def _removed_on_failure(out: Path) -> Iterator[None]:
     interrupted, remove ``out`` where this run made it (a rerun into an existing folder
     keeps the earlier results: every write there is atomic), and on Ctrl-C stop the
     embedded Ray now."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
-    created = not out.exists()
+    created = not out.exists()  # a file there: refused before, by check_out_folder
     try:
         yield
         if interrupt.pending():  # Ctrl-C swallowed on the way: the run does not count
