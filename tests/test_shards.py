@@ -160,22 +160,63 @@ def test_bad_values_name_file_and_row(tmp_path, column, value, match):
     assert not (tmp_path / "w.parquet").exists()
 
 
-def test_missing_column_and_metadata(tmp_path):
+def test_missing_columns_and_unreadable_files(tmp_path):
     g = paper_grid()
-    t = _table().drop_columns(["snr", "feh"])
-    p = _write_raw(tmp_path / "m.parquet", t, g)
-    with pytest.raises(
-        ShardError, match=r"m\.parquet: missing required column\(s\) \['feh', 'snr'\]"
-    ):
+    p = _write_raw(tmp_path / "m.parquet", _table().drop_columns(["snr", "feh"]), g)
+    a = shards.table_arrays(shards.read_shard(p))  # optional columns read as unknown
+    assert np.isnan(a.snr).all() and np.isnan(a.labels[:, 2]).all()
+    assert a.labels[0, 0] == 4300
+    p = _write_raw(tmp_path / "f.parquet", _table().drop_columns(["flux"]), g)
+    with pytest.raises(ShardError, match=r"f\.parquet: missing required column\(s\) \['flux'\]"):
         shards.read_shard(p)
-    pq.write_table(_table(), tmp_path / "plain.parquet")
-    with pytest.raises(ShardError, match=r"plain\.parquet: no 'mendis_ray' file metadata"):
-        shards.read_shard(tmp_path / "plain.parquet")
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(ShardError, match=r"junk\.parquet: not a readable Parquet"):
         shards.read_shard(tmp_path / "junk.parquet")
     with pytest.raises(ShardError, match="no such file"):
         shards.dataset_files(tmp_path / "nowhere")
+
+
+def _plain(table, variable):
+    """``table`` as a user's plain file: no metadata, float64 labels, integer ids, and
+    (``variable``) flux and ivar as variable-length lists."""
+    t = table.replace_schema_metadata(None).drop_columns(["snr"])
+    t = t.set_column(0, "id", pa.array(np.arange(t.num_rows) + 10**15))
+    t = t.set_column(t.schema.get_field_index("teff"), "teff", t["teff"].cast(pa.float64()))
+    if variable:
+        for name in ("flux", "ivar"):
+            col = t[name].combine_chunks()
+            offsets = pa.array(np.arange(len(col) + 1, dtype=np.int32) * col.type.list_size)
+            t = t.set_column(
+                t.schema.get_field_index(name), name,
+                pa.ListArray.from_arrays(offsets, col.flatten()),
+            )  # fmt: skip
+    return t
+
+
+@pytest.mark.parametrize("variable", [False, True])
+@pytest.mark.parametrize("grid", [paper_grid(), aspcap_grid()], ids=lambda g: g.name)
+def test_plain_parquet_is_read_as_the_grid_of_its_row_length(tmp_path, grid, variable):
+    t = _table(n_pix=grid.n_pix)
+    p = tmp_path / "plain.parquet"
+    pq.write_table(_plain(t, variable), p)
+    assert shards.shard_metadata(p)["grid"] == grid.describe()
+    back = shards.read_shard(p, grid)
+    a, want = shards.table_arrays(back), shards.table_arrays(shards._with_metadata(t, grid, {}))
+    np.testing.assert_array_equal(a.flux, want.flux)
+    np.testing.assert_array_equal(a.labels, want.labels)
+    assert a.ids[0] == str(10**15) and np.isnan(a.snr).all()
+    assert shards.schema_metadata(back.schema, "read")["grid"]["hash"] == grid.hash
+    with pytest.raises(ShardError, match=r"plain\.parquet.*grid 'paper'"):
+        shards.read_shard(p, paper_grid() if grid.n_pix != 2405 else aspcap_grid())
+
+
+def test_plain_parquet_of_an_unknown_length_is_refused_naming_the_file(tmp_path):
+    p = tmp_path / "odd.parquet"
+    pq.write_table(_plain(_table(n_pix=1000), variable=True), p)
+    for read in (shards.shard_metadata, shards.read_shard):
+        with pytest.raises(ShardError, match=r"odd\.parquet: no 'mendis_ray' file metadata.*"
+                           r"rows of 1000 pixels match no grid"):  # fmt: skip
+            read(p)
 
 
 def test_matrix_column_and_list_matrix_round_trip_and_name_bad_rows():

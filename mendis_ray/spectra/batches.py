@@ -16,7 +16,13 @@ import numpy as np
 import pyarrow as pa
 
 from mendis_ray.spectra.degrade import LABEL_SCATTER, degrade_to_snr
-from mendis_ray.spectra.shards import LABEL_COLUMNS, ShardError, list_matrix, matrix_column
+from mendis_ray.spectra.shards import (
+    LABEL_COLUMNS,
+    ShardError,
+    fill_optional_columns,
+    list_matrix,
+    matrix_column,
+)
 
 __all__ = [
     "DegradeConfig",
@@ -35,11 +41,14 @@ def _where(batch: pa.Table, row: int) -> str:
 
 
 def validate_batch(batch: pa.Table, n_pix: int, require_labels: bool = False) -> pa.Table:
-    """Check every row of ``batch``; return it unchanged or raise :class:`ShardError`
-    naming the file (``path`` column), the spectrum id, the pixel and what was expected."""
-    for name in ("id", "flux", "ivar", *LABEL_COLUMNS):
+    """Check every row of ``batch``; return it (absent label/``snr`` columns filled with
+    nulls, as :func:`~mendis_ray.spectra.shards.fill_optional_columns` does) or raise
+    :class:`ShardError` naming the file (``path`` column), the spectrum id, the pixel and
+    what was expected."""
+    for name in ("id", "flux", "ivar"):
         if name not in batch.column_names:
             raise ShardError(f"batch is missing column {name!r} (columns: {batch.column_names})")
+    batch = fill_optional_columns(batch)
     where = batch.column("path")[0].as_py() if "path" in batch.column_names else "batch"
     for name in ("flux", "ivar"):
         t = batch.schema.field(name).type

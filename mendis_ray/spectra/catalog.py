@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mendis_ray.spectra.grid import Grid
-from mendis_ray.spectra.shards import REQUIRED_COLUMNS, ShardError
+from mendis_ray.spectra.shards import SHARD_COLUMNS, ShardError
 
 __all__ = [
     "FITS_SUFFIXES",
@@ -101,10 +101,10 @@ def _is_list(t: pa.DataType) -> bool:
 
 
 def common_scalar_columns(files: Sequence[Path]) -> list[str]:
-    """Non-list columns present in every shard, other than the required ones and
-    ``path`` (read from the footers only)."""
+    """Non-list columns present in every shard, other than the shard columns (id,
+    labels, snr) and ``path`` (read from the footers only)."""
     common: list[str] | None = None
     for f in files:
         names = [fld.name for fld in pq.read_schema(f) if not _is_list(fld.type)]
         common = names if common is None else [c for c in common if c in names]
-    return [c for c in common or [] if c not in REQUIRED_COLUMNS and c != "path"]
+    return [c for c in common or [] if c not in SHARD_COLUMNS and c != "path"]

@@ -8,10 +8,10 @@ column                  type                                        meaning
 ``id``                  string (not null, unique within a shard)    spectrum identifier
 ``flux``                fixed_size_list<float32>[n_pix]             normalized flux
 ``ivar``                fixed_size_list<float32>[n_pix]             inverse variance, 0 = bad
-``teff``                float32, nullable                           observed Teff (K)
-``logg``                float32, nullable                           observed log g (cgs)
-``feh``                 float32, nullable                           observed [Fe/H]
-``snr``                 float32, nullable                           signal-to-noise ratio
+``teff``                float32, nullable (optional)                observed Teff (K)
+``logg``                float32, nullable (optional)                observed log g (cgs)
+``feh``                 float32, nullable (optional)                observed [Fe/H]
+``snr``                 float32, nullable (optional)                signal-to-noise ratio
 ``source``              string                                      simulator / emulator /
                                                                     apStar / aspcapStar ...
 ``truth_*``             float32 / string (optional)                 simulated ground truth
@@ -23,6 +23,10 @@ File metadata (key ``mendis_ray``, JSON): ``schema_version``, ``grid`` (name, n_
 wavelength range), ``generator`` (what made the rows and with which parameters), and the
 full pixel wavelengths under the key ``mendis_ray.wavelength`` (float64 bytes), so a shard
 is self-describing for any Arrow tool (pyarrow, pandas, DuckDB) without this package.
+
+A plain Parquet file (no ``mendis_ray`` metadata) is read too when its rows hold as many
+pixels as a grid this package knows (2405: paper, 7214: ASPCAP, 8575: apStar), with a
+warning; a label or ``snr`` column it lacks reads as null (unknown).
 
 Writes are atomic: every file is written under a temporary name in the target folder and
 renamed into place; a dataset's ``_manifest.json`` is written last.  Rewriting a dataset
@@ -44,15 +48,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mendis_ray.atomic import json_default, write_atomic, write_json_atomic
-from mendis_ray.spectra.grid import Grid, grid_text, same_grid
+from mendis_ray.spectra.grid import GRID_NAMES, Grid, grid_text, same_grid
 
 __all__ = [
     "LABEL_COLUMNS",
+    "OPTIONAL_COLUMNS",
     "REQUIRED_COLUMNS",
     "SCHEMA_VERSION",
+    "SHARD_COLUMNS",
     "ShardError",
     "SpectraArrays",
     "dataset_files",
+    "file_metadata",
+    "fill_optional_columns",
     "list_matrix",
     "make_table",
     "matrix_column",
@@ -71,7 +79,9 @@ SCHEMA_VERSION = 1
 META_KEY = b"mendis_ray"
 WAVE_KEY = b"mendis_ray.wavelength"
 LABEL_COLUMNS = ("teff", "logg", "feh")
-REQUIRED_COLUMNS = ("id", "flux", "ivar", *LABEL_COLUMNS, "snr")
+REQUIRED_COLUMNS = ("id", "flux", "ivar")
+OPTIONAL_COLUMNS = (*LABEL_COLUMNS, "snr")  # float32; null (unknown) where a file lacks them
+SHARD_COLUMNS = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
 MANIFEST = "_manifest.json"
 WRITING = "_writing"  # present while write_dataset runs; left behind if it is interrupted
 _SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.parquet$")
@@ -285,25 +295,34 @@ def _check_complete(folder: Path, files: list[Path]) -> None:
 
 
 def shard_metadata(path: str | os.PathLike) -> dict:
-    """The ``mendis_ray`` metadata of a shard, read from the footer only."""
+    """The ``mendis_ray`` metadata of a shard, read from the footer only (and, for a plain
+    Parquet file of variable-length lists, the first row's length)."""
     path = Path(path)
     try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as err:
+        return file_metadata(pq.ParquetFile(path), str(path))
+    except ShardError:
+        raise
+    except Exception as err:  # pyarrow raises several types for broken files
         raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
-    return schema_metadata(schema, str(path))
 
 
-def schema_metadata(schema: pa.Schema, where: str) -> dict:
+def file_metadata(pf: pq.ParquetFile, where: str) -> dict:
+    """The metadata of an open Parquet file; see :func:`schema_metadata`."""
+    schema = pf.schema_arrow
+    if META_KEY in (schema.metadata or {}) or "flux" not in schema.names:
+        return schema_metadata(schema, where)
+    first = next(pf.iter_batches(batch_size=1, columns=["flux"]), None)
+    n_pix = None if first is None or first.num_rows == 0 else _first_length(first.column(0))
+    return schema_metadata(schema, where, n_pix)
+
+
+def schema_metadata(schema: pa.Schema, where: str, n_pix: int | None = None) -> dict:
+    """The ``mendis_ray`` metadata of a schema.  A plain Parquet schema (no such key) gets
+    the known grid whose size is its ``flux`` rows' length: the fixed list size, else
+    ``n_pix`` (the first row's length, which the caller reads)."""
     kv = schema.metadata or {}
     if META_KEY not in kv:
-        raise ShardError(
-            f"{where}: no 'mendis_ray' file metadata (the pixel grid); write shards with "
-            "mendis_ray.spectra.shards.write_dataset(folder, [make_table(ids, flux, ivar, "
-            "teff=..., logg=..., feh=...)], 1, grid_from_wavelength(wavelength)) (grid_from_"
-            "wavelength from mendis_ray.spectra.grid; README: 'Your own spectra'), or read "
-            "APOGEE FITS files with mendis ingest apogee"
-        )
+        return _plain_metadata(schema, where, n_pix)
     try:
         meta = json.loads(kv[META_KEY])
     except json.JSONDecodeError as err:
@@ -314,21 +333,98 @@ def schema_metadata(schema: pa.Schema, where: str) -> dict:
     return meta
 
 
+GRIDS_BY_SIZE = {get().n_pix: name for name, get in GRID_NAMES.items()}
+_warned_plain: set[str] = set()
+
+
+def _plain_metadata(schema: pa.Schema, where: str, n_pix: int | None) -> dict:
+    """Metadata for a file without ours: the grid is the known grid of its row length."""
+    if "flux" not in schema.names:
+        raise ShardError(f"{where}: missing required column(s) ['flux']")
+    t = schema.field("flux").type
+    n_pix = t.list_size if pa.types.is_fixed_size_list(t) else n_pix
+    if n_pix not in GRIDS_BY_SIZE:
+        known = ", ".join(f"{n} ({name})" for n, name in GRIDS_BY_SIZE.items())
+        rows = "no rows" if n_pix is None else f"rows of {n_pix} pixels"
+        raise ShardError(
+            f"{where}: no 'mendis_ray' file metadata (the pixel grid), and {rows} match no "
+            f"grid this package knows ({known} pixels); write shards with "
+            "mendis_ray.spectra.shards.write_dataset(folder, [make_table(ids, flux, ivar, "
+            "teff=..., logg=..., feh=...)], 1, grid_from_wavelength(wavelength)) (grid_from_"
+            "wavelength from mendis_ray.spectra.grid; README: 'Your own spectra'), or read "
+            "APOGEE FITS files with mendis ingest apogee"
+        )
+    grid = GRID_NAMES[GRIDS_BY_SIZE[n_pix]]()
+    if grid.name not in _warned_plain:  # once per process: a catalog has many such files
+        _warned_plain.add(grid.name)
+        log.warning(
+            "%s: a plain Parquet file (no 'mendis_ray' metadata): its rows of %d pixels are "
+            "read as the %s grid (%s); if they are not, write shards with their "
+            "wavelengths (README: 'Your own spectra')",
+            where,
+            n_pix,
+            grid.name,
+            grid_text(grid),
+        )
+    return {"schema_version": SCHEMA_VERSION, "grid": grid.describe(), "generator": {}}
+
+
+def _first_length(col: pa.ChunkedArray | pa.Array) -> int | None:
+    """Length of a list column's first row (None if it has none or it is null)."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if len(col) == 0 or not (_is_list_type(col.type)) or not col[0].is_valid:
+        return None
+    return len(col[0])
+
+
+def _is_list_type(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def table_metadata(table: pa.Table, where: str) -> dict:
+    """:func:`schema_metadata` of a table (its first row gives a plain table's length)."""
+    has_flux = "flux" in table.column_names
+    return schema_metadata(
+        table.schema, where, _first_length(table.column("flux")) if has_flux else None
+    )
+
+
+def fill_optional_columns(table: pa.Table) -> pa.Table:
+    """``table`` as a shard holds it: a null column for each of :data:`OPTIONAL_COLUMNS`
+    it lacks, numeric ones as float32, integer ids as text, the shard columns first (what
+    a plain file may differ in; tables from several files then concatenate)."""
+    for name in OPTIONAL_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, type=pa.float32()))
+        elif _is_number(t := table.schema.field(name).type) and t != pa.float32():
+            i = table.column_names.index(name)
+            table = table.set_column(i, name, table.column(name).cast(pa.float32()))
+    if "id" in table.column_names and pa.types.is_integer(table.schema.field("id").type):
+        i = table.column_names.index("id")
+        table = table.set_column(i, "id", table.column("id").cast(pa.string()))
+    first = [c for c in SHARD_COLUMNS if c in table.column_names]
+    return table.select(first + [c for c in table.column_names if c not in first])
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
 def validate_table(table: pa.Table, where: str, grid: Grid | None = None) -> dict:
     """Check a table against schema v1 (and ``grid`` if given); return its metadata.
 
     Raises:
         ShardError naming ``where`` and, for per-row problems, the first bad row and id.
     """
-    meta = schema_metadata(table.schema, where)
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ShardError(f"{where}: missing required column(s) {missing}")
+    meta = table_metadata(table, where)
     g = meta.get("grid", {})
     if grid is not None and not same_grid(g, grid):
         raise ShardError(
             f"{where}: shard grid {grid_text(g)} does not match the expected grid {grid_text(grid)}"
         )
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ShardError(f"{where}: missing required column(s) {missing}")
     n_pix = int(g.get("n_pix", -1))
     ids = table.column("id")
     for name in ("flux", "ivar"):
@@ -347,8 +443,8 @@ def validate_table(table: pa.Table, where: str, grid: Grid | None = None) -> dic
                 f"{where}: row {r} (id {ids[r].as_py()!r}) has {what} at pixel {pix} "
                 f"({rows.size} bad row(s) in all)"
             )
-    for name in (*LABEL_COLUMNS, "snr"):
-        if not pa.types.is_floating(table.schema.field(name).type):
+    for name in OPTIONAL_COLUMNS:
+        if name in table.column_names and not pa.types.is_floating(table.schema.field(name).type):
             raise ShardError(
                 f"{where}: column {name!r} must be float, is {table.schema.field(name).type}"
             )
@@ -399,24 +495,29 @@ def read_shard(
     path: str | os.PathLike, grid: Grid | None = None, columns: list[str] | None = None
 ) -> pa.Table:
     """Read and validate one shard.  ``columns`` restricts the columns read (the required
-    ones are always read, so validation is complete)."""
+    ones are always read, so validation is complete).  A plain Parquet file comes back as
+    a shard would: its grid in the metadata, absent label/``snr`` columns null."""
     path = Path(path)
-    cols = None
-    if columns is not None:
-        cols = list(dict.fromkeys([*REQUIRED_COLUMNS, *columns]))
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
-    if cols is not None:
-        missing = [c for c in cols if c not in schema.names]
+    cols = None
+    if columns is not None:
+        cols = list(dict.fromkeys([*REQUIRED_COLUMNS, *columns]))
+        missing = [c for c in cols if c not in schema.names and c not in OPTIONAL_COLUMNS]
         if missing:
             raise ShardError(f"{path}: missing column(s) {missing}")
+        cols = [c for c in cols if c in schema.names]
     try:
         table = pq.read_table(path, columns=cols)
     except (pa.ArrowInvalid, OSError) as err:
         raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
-    validate_table(table, str(path), grid)
+    table = fill_optional_columns(table)
+    meta = validate_table(table, str(path), grid)
+    if META_KEY not in (table.schema.metadata or {}):
+        g = GRID_NAMES[meta["grid"]["name"]]()
+        table = _with_metadata(table, g, {"name": "plain Parquet", "path": str(path)})
     return table
 
 
@@ -449,7 +550,7 @@ class SpectraArrays:
 
 def table_arrays(table: pa.Table) -> SpectraArrays:
     """Convert a validated table to numpy arrays."""
-    meta = schema_metadata(table.schema, "table")
+    meta = table_metadata(table, "table")
     n_pix = int(meta["grid"]["n_pix"])
     ids = table.column("id")
 
@@ -457,6 +558,8 @@ def table_arrays(table: pa.Table) -> SpectraArrays:
         return list_matrix(table.column(name), n_pix, f"column {name!r}", ids)
 
     def vec(name: str) -> np.ndarray:
+        if name not in table.column_names:  # an optional column: unknown
+            return np.full(table.num_rows, np.nan, np.float32)
         return table.column(name).to_numpy().astype(np.float32)  # nulls -> NaN
 
     labels = (

@@ -243,6 +243,36 @@ def test_variable_length_lists_score_as_fixed_size_ones(scored, checkpoint, sim_
     np.testing.assert_allclose(mine["log_p"], want.loc[mine.index, "log_p"], rtol=1e-6)
 
 
+def test_plain_parquet_files_score_as_shards(scored, checkpoint, sim_sets, tmp_path):
+    """Plain Parquet (no mendis_ray metadata, no snr column, float64 labels) is read as
+    the grid of its row length, and a set without label columns beside it reads them as
+    unknown: one run over both, the labelled rows scored as their shards are."""
+    plain, unlabelled = tmp_path / "plain", tmp_path / "unlabelled"
+    for folder in (plain, unlabelled):
+        folder.mkdir()
+    for f in sorted((sim_sets / "cemp").glob("*.parquet")):
+        t = pq.read_table(f).replace_schema_metadata(None).drop_columns(["snr"])
+        for name in ("teff", "logg", "feh"):
+            t = t.set_column(t.schema.get_field_index(name), name, t[name].cast(pa.float64()))
+        pq.write_table(t, plain / f.name)
+    for f in sorted((sim_sets / "test").glob("*.parquet"))[:1]:
+        t = pq.read_table(f).replace_schema_metadata(None)
+        pq.write_table(t.drop_columns(["teff", "logg", "feh", "snr"]), unlabelled / "a.parquet")
+    assert pq.read_schema(next(plain.glob("*.parquet"))).metadata is None
+    got = infer.score_catalog(
+        checkpoint, [plain, unlabelled], tmp_path / "out", top_n=5, gallery_n=0, **RUN
+    )
+    mine = pq.read_table(got.scores).to_pandas().set_index("id")
+    n_plain = sum(pq.read_metadata(f).num_rows for f in plain.glob("*.parquet"))
+    n_unlab = sum(pq.read_metadata(f).num_rows for f in unlabelled.glob("*.parquet"))
+    assert len(mine) == n_plain + n_unlab
+    want = pq.read_table(scored.scores, columns=["id", "log_p"]).to_pandas().set_index("id")
+    cemp = [i for i in mine.index if i in want.index and mine.loc[i, "teff"] == mine.loc[i, "teff"]]
+    assert len(cemp) == n_plain
+    np.testing.assert_allclose(mine.loc[cemp, "log_p"], want.loc[cemp, "log_p"], rtol=1e-6)
+    assert mine.drop(index=cemp)[["teff", "logg", "feh", "snr"]].isna().all().all()
+
+
 def test_actor_pool_autoscaling_config(monkeypatch, checkpoint, sim_sets):
     import ray
 
