@@ -160,6 +160,30 @@ def test_bad_values_name_file_and_row(tmp_path, column, value, match):
     assert not (tmp_path / "w.parquet").exists()
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_nonfinite_flux_at_a_masked_pixel_reads_and_writes_as_a_placeholder(tmp_path, value):
+    """NaN is a common mark of a bad pixel: at ivar 0 it carries no information, so the
+    readers and the writer take it (as 1); at a good pixel it is still refused."""
+    g = paper_grid()
+    t = shards._with_metadata(_table(), g, {})
+    a = shards.table_arrays(t)
+    flux, ivar = a.flux.copy(), a.ivar.copy()
+    flux[2, [7, 9]], ivar[2, [7, 9]] = value, 0.0
+    t = t.set_column(t.column_names.index("flux"), "flux", shards.matrix_column(flux))
+    t = t.set_column(t.column_names.index("ivar"), "ivar", shards.matrix_column(ivar))
+    want = np.where(ivar == 0, 1.0, flux)
+    raw = _write_raw(tmp_path / "raw.parquet", t, g)
+    for p in (raw, shards.write_shard(tmp_path / "w.parquet", t, g)):
+        back = shards.table_arrays(shards.read_shard(p))
+        np.testing.assert_array_equal(back.flux, want)
+        np.testing.assert_array_equal(back.ivar, ivar)
+    assert np.isfinite(shards.table_arrays(pq.read_table(tmp_path / "w.parquet")).flux).all()
+    ivar[2, 9] = 1.0
+    t = t.set_column(t.column_names.index("ivar"), "ivar", shards.matrix_column(ivar))
+    with pytest.raises(ShardError, match=r"bad\.parquet: row 2 \(id 's2'\) has non-finite"):
+        shards.read_shard(_write_raw(tmp_path / "bad.parquet", t, g))
+
+
 def test_missing_columns_and_unreadable_files(tmp_path):
     g = paper_grid()
     p = _write_raw(tmp_path / "m.parquet", _table().drop_columns(["snr", "feh"]), g)

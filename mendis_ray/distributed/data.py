@@ -158,10 +158,13 @@ def read_spectra(
     require_labels: bool = False,
     override_num_blocks: int | None = None,
     extra_columns: Sequence[str] = (),
+    strict: bool = True,
 ):
     """A Ray Dataset of the spectra in ``shards`` (already checked by :func:`check_shards`),
     every row validated as it streams (a bad row stops the pipeline with a
-    :class:`ShardError` naming the file, the id and the pixel).
+    :class:`ShardError` naming the file, the id and the pixel; ``strict=False``, for
+    scoring, lets non-finite flux or ivar at good pixels through to the scorer's
+    ``nonfinite`` flag).
 
     Columns: the shard columns, ``extra_columns`` and ``path``."""
 
@@ -178,7 +181,7 @@ def read_spectra(
             validate_batch,
             batch_format="pyarrow",
             batch_size=None,
-            fn_kwargs={"n_pix": shards.n_pix, "require_labels": require_labels},
+            fn_kwargs={"n_pix": shards.n_pix, "require_labels": require_labels, "strict": strict},
             num_cpus=MAP_NUM_CPUS,
         ))  # fmt: skip
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])

@@ -220,7 +220,8 @@ def build_pipeline(
         num_gpus_per_actor=num_gpus_per_actor,
         batch_size=batch_size,
     )
-    ds = read_spectra(shards, extra_columns=tuple(carry_columns))
+    # one bad pixel must not stop a catalog: the scorer flags it (nonfinite)
+    ds = read_spectra(shards, extra_columns=tuple(carry_columns), strict=False)
     if max(shards.rows, default=0) > batch_size:
         # One block per shard file otherwise: a 1,000-row shard would go to a single actor.
         # Shards that fit in a batch need no split, and the repartition costs: its tasks

@@ -19,6 +19,7 @@ from mendis_ray.spectra.degrade import LABEL_SCATTER, degrade_to_snr
 from mendis_ray.spectra.shards import (
     LABEL_COLUMNS,
     ShardError,
+    fill_masked_nonfinite,
     fill_optional_columns,
     list_matrix,
     matrix_column,
@@ -40,11 +41,16 @@ def _where(batch: pa.Table, row: int) -> str:
     return f"spectrum id {rid!r}"
 
 
-def validate_batch(batch: pa.Table, n_pix: int, require_labels: bool = False) -> pa.Table:
-    """Check every row of ``batch``; return it (absent label/``snr`` columns filled with
-    nulls, as :func:`~mendis_ray.spectra.shards.fill_optional_columns` does) or raise
-    :class:`ShardError` naming the file (``path`` column), the spectrum id, the pixel and
-    what was expected."""
+def validate_batch(
+    batch: pa.Table, n_pix: int, require_labels: bool = False, strict: bool = True
+) -> pa.Table:
+    """Check every row of ``batch``; return it as a shard holds it (absent label/``snr``
+    columns null, see :func:`~mendis_ray.spectra.shards.fill_optional_columns`; a
+    non-finite flux at a masked pixel, ivar 0, replaced by 1) or raise :class:`ShardError`
+    naming the file (``path`` column), the spectrum id, the pixel and what was expected.
+
+    ``strict=False`` (scoring) lets non-finite flux or ivar at good pixels through: the
+    scorers flag such spectra ``nonfinite`` instead of one bad pixel stopping a catalog."""
     for name in ("id", "flux", "ivar"):
         if name not in batch.column_names:
             raise ShardError(f"batch is missing column {name!r} (columns: {batch.column_names})")
@@ -58,12 +64,15 @@ def validate_batch(batch: pa.Table, n_pix: int, require_labels: bool = False) ->
         ):
             raise ShardError(f"{where}: column {name!r} is {t}, expected {n_pix} values per row")
     # a variable-length list is read as the shard reader reads it: each row's length checked
-    flux = list_matrix(batch.column("flux"), n_pix, f"{where}: column 'flux'", batch.column("id"))
     ivar = list_matrix(batch.column("ivar"), n_pix, f"{where}: column 'ivar'", batch.column("id"))
-    checks = (
-        (~np.isfinite(flux), "non-finite flux (mark bad pixels with ivar 0 and a finite flux)"),
-        (~np.isfinite(ivar) | (ivar < 0), "negative or non-finite ivar"),
-    )
+    batch = fill_masked_nonfinite(batch, ivar, n_pix, f"{where}: column 'flux'")
+    flux = list_matrix(batch.column("flux"), n_pix)
+    checks = [(ivar < 0, "negative ivar")]
+    if strict:
+        checks += [
+            (~np.isfinite(flux), "non-finite flux (mark bad pixels with ivar 0)"),
+            (~np.isfinite(ivar), "non-finite ivar"),
+        ]
     for bad, what in checks:
         rows = np.flatnonzero(bad.any(axis=1))
         if rows.size:

@@ -60,6 +60,7 @@ __all__ = [
     "SpectraArrays",
     "dataset_files",
     "file_metadata",
+    "fill_masked_nonfinite",
     "fill_optional_columns",
     "list_matrix",
     "make_table",
@@ -188,6 +189,9 @@ def write_shard(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = _with_metadata(table, grid, generator)
+    if all(c in table.column_names for c in REQUIRED_COLUMNS):  # else validate_table says so
+        ivar = list_matrix(table.column("ivar"), grid.n_pix, f"{path}: column 'ivar'", table["id"])
+        table = fill_masked_nonfinite(table, ivar, grid.n_pix, f"{path}: column 'flux'")
     validate_table(table, str(path), grid)
     dictionary = ["id", "source"]
     return write_atomic(
@@ -406,6 +410,22 @@ def fill_optional_columns(table: pa.Table) -> pa.Table:
     return table.select(first + [c for c in table.column_names if c not in first])
 
 
+def fill_masked_nonfinite(
+    table: pa.Table, ivar: np.ndarray, n_pix: int, where: str = "column 'flux'"
+) -> pa.Table:
+    """``table`` with a non-finite flux at a masked pixel (``ivar`` (n, n_pix) == 0)
+    replaced by 1 (NaN is a common mark of a bad pixel; its flux carries no information).
+    One pass over the flux when every value is finite; the column is rebuilt otherwise."""
+    flux = list_matrix(table.column("flux"), n_pix, where, table.column("id"))
+    if np.isfinite(flux).all():
+        return table
+    fill = ~np.isfinite(flux) & (ivar == 0)
+    if not fill.any():
+        return table
+    i = table.column_names.index("flux")
+    return table.set_column(i, "flux", matrix_column(np.where(fill, np.float32(1), flux)))
+
+
 def _is_number(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t)
 
@@ -431,7 +451,7 @@ def validate_table(table: pa.Table, where: str, grid: Grid | None = None) -> dic
         arr = list_matrix(table.column(name), n_pix, f"{where}: column {name!r}", ids)
         if name == "flux":
             bad = ~np.isfinite(arr)
-            what = "non-finite (NaN or inf) flux; mark bad pixels with ivar = 0 and a finite flux"
+            what = "non-finite (NaN or inf) flux at a good pixel; mark bad pixels with ivar = 0"
         else:
             bad = ~np.isfinite(arr) | (arr < 0)
             what = "negative or non-finite ivar"
@@ -514,6 +534,10 @@ def read_shard(
     except (pa.ArrowInvalid, OSError) as err:
         raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
     table = fill_optional_columns(table)
+    if all(c in table.column_names for c in REQUIRED_COLUMNS):
+        n_pix = int(table_metadata(table, str(path))["grid"]["n_pix"])
+        ivar = list_matrix(table.column("ivar"), n_pix, f"{path}: column 'ivar'", table["id"])
+        table = fill_masked_nonfinite(table, ivar, n_pix, f"{path}: column 'flux'")
     meta = validate_table(table, str(path), grid)
     if META_KEY not in (table.schema.metadata or {}):
         g = GRID_NAMES[meta["grid"]["name"]]()

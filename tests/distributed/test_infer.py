@@ -167,21 +167,44 @@ def test_rerun_into_same_out_replaces_cleanly(scored, checkpoint, sim_sets, tmp_
     ]  # fmt: skip
 
 
-def test_bad_row_names_file_and_id(ray_session, checkpoint, sim_sets, tmp_path):
-    """A shard with a NaN flux (valid footer, copied schema metadata) fails on its row."""
+def _set_pixels(table: pa.Table, name: str, cells: dict[tuple[int, int], float]) -> pa.Table:
+    col = table.column(name).combine_chunks()
+    values = col.flatten().to_numpy(zero_copy_only=False).copy()
+    for (row, pix), v in cells.items():
+        values[row * col.type.list_size + pix] = v
+    new = pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float32()), col.type.list_size)
+    return table.set_column(table.column_names.index(name), name, new)
+
+
+def test_a_bad_pixel_is_flagged_not_fatal_and_a_negative_ivar_names_its_row(
+    scored, checkpoint, sim_sets, tmp_path
+):
+    """NaN flux at a good pixel (row 5): the spectrum is scored and flagged ``nonfinite``,
+    the run goes on (one bad pixel stopped a whole catalog); NaN flux at a masked pixel
+    (row 6, ivar 0; a common mark of a bad pixel): nothing changes; a negative ivar is a
+    broken file: the run stops naming the file, the row's id and the pixel."""
     good = sorted((sim_sets / "test").glob("*.parquet"))[0]
-    table = pq.read_table(good)
-    flux = table.column("flux").combine_chunks()
-    values = flux.flatten().to_numpy(zero_copy_only=False).copy()
-    n_pix = flux.type.list_size
-    values[5 * n_pix + 100] = np.nan
-    bad_flux = pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float32()), n_pix)
-    table = table.set_column(table.column_names.index("flux"), "flux", bad_flux)
+    table = pq.read_table(good)  # keeps the schema metadata: check_shards passes
+    table = _set_pixels(table, "flux", {(5, 100): np.nan, (6, 200): np.nan})
+    table = _set_pixels(table, "ivar", {(6, 200): 0.0})
+    (tmp_path / "nan").mkdir()
+    pq.write_table(table, tmp_path / "nan" / "a.parquet")
+    got = infer.score_catalog(checkpoint, [tmp_path / "nan"], tmp_path / "o1", top_n=5,
+                              gallery_n=0, **RUN)  # fmt: skip
+    mine = pq.read_table(got.scores).to_pandas().set_index("id")
+    ids = table.column("id").to_pylist()
+    assert len(mine) == table.num_rows and mine.loc[ids[5], "flag_nonfinite"]
+    assert mine["flag_nonfinite"].sum() == 1
+    assert np.isfinite(mine.loc[ids[5], "log_p"])  # the rest of its pixels are scored
+    want = pq.read_table(scored.scores, columns=["id", "log_p"]).to_pandas().set_index("id")
+    others = [i for k, i in enumerate(ids) if k not in (5, 6)]
+    np.testing.assert_allclose(mine.loc[others, "log_p"], want.loc[others, "log_p"], rtol=1e-6)
+    assert np.isfinite(mine.loc[ids[6], "log_p"])  # one masked pixel more than in `scored`
+
     bad = tmp_path / "bad.parquet"
-    pq.write_table(table, bad)  # keeps table.schema.metadata: check_shards passes
-    bad_id = table.column("id")[5].as_py()
+    pq.write_table(_set_pixels(pq.read_table(good), "ivar", {(5, 100): -1.0}), bad)
     out = tmp_path / "out"
-    with pytest.raises(ShardError, match=rf"bad\.parquet.*{bad_id}.*pixel 100"):
+    with pytest.raises(ShardError, match=rf"bad\.parquet.*{ids[5]}.*negative ivar at pixel 100"):
         infer.score_catalog(checkpoint, [bad], out, top_n=5, gallery_n=0, **RUN)
     assert not (out / "scores").exists() and not _hidden(out)
 
