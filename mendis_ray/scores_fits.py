@@ -16,6 +16,7 @@ Files are written atomically (temporary name, then rename).
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,8 @@ from astropy.table import MaskedColumn, Table
 
 from mendis_ray.atomic import write_atomic
 from mendis_ray.science.flags import Flag
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FLAG_DOC", "flag_header_cards", "to_fits_hdu", "write_fits_tables"]
 
@@ -94,18 +97,24 @@ def to_fits_hdu(
     table: pa.Table, extname: str, cards: Sequence[tuple[str, object, str]] = ()
 ) -> fits.BinTableHDU:
     """A binary-table HDU of ``table`` (columns upper-cased; nested columns left out)
-    with ``cards`` (key, value, comment) in its header.
-
-    Raises:
-        ValueError: two columns that differ only in case."""
+    with ``cards`` (key, value, comment) in its header.  A column whose upper-case name
+    an earlier one has (``TEFF`` carried from the input beside ``teff``) becomes
+    ``TEFF_2``, with a warning."""
     cols: dict[str, object] = {}
+    first: dict[str, str] = {}
     for name in table.column_names:
         col = _column(name, table.column(name))
         if col is None:
             continue
         key = name.upper()
         if key in cols:
-            raise ValueError(f"columns {name!r} and another one are both {key!r} in FITS")
+            n = 2
+            while f"{key}_{n}" in cols or f"{key}_{n}" in map(str.upper, table.column_names):
+                n += 1
+            log.warning("%s: columns %r and %r are both %r in FITS; the second is %s_%d",
+                        extname, first[key], name, key, key, n)  # fmt: skip
+            key = f"{key}_{n}"
+        first[key] = name
         cols[key] = col
     t = Table(cols) if cols else Table()
     hdu = fits.table_to_hdu(t)

@@ -87,6 +87,23 @@ def test_all_masked_spectrum_is_not_typical_label_free_too(scorer):
     assert np.isfinite(out["log_p_marginal"][1:]).all()
 
 
+def test_catalogue_marks_of_missing_data_are_missing_for_the_flow_too(scorer):
+    """-9999 labels score as missing labels; NaN ivar as a masked pixel (no flag)."""
+    sc, flux, labels = scorer
+    f, lab = flux[:4].copy(), labels[:4].copy()
+    ivar = np.ones_like(f)
+    lab[1, 0] = -9999.0
+    missing = lab.copy()
+    missing[1, 0] = np.nan
+    ivar[2, 10:20], f[2, 10:20] = np.nan, np.nan
+    zero = np.where(np.isnan(ivar), 0.0, ivar)
+    got = sc.score(f, ivar, lab, marginal="unlabelled")
+    want = sc.score(f, zero, missing, marginal="unlabelled")
+    for key in ("log_p", "percentile", "flags"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert not got["flag_nonfinite"].any()
+
+
 def test_scores_do_not_depend_on_batch_companions_beyond_the_tolerance(scorer):
     sc, flux, labels = scorer
     alone = np.array(

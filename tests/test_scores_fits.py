@@ -82,10 +82,15 @@ def test_long_path_card_is_kept_whole_without_warning(tmp_path):
         assert h["CHECKPT2"] == long and h.comments["GRID"] == "grid"
 
 
-def test_case_clash_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="'ID'"):
-        write_fits_tables(tmp_path / "s.fits", {"S": pa.table({"id": [1], "ID": [2]})})
-    assert not list(tmp_path.iterdir())
+def test_a_case_clash_gets_a_suffix_not_a_lost_run(tmp_path, caplog):
+    """An input's ``TEFF`` carried beside our ``teff`` (and its ``TEFF_2``): both kept,
+    the run does not die at its last step."""
+    t = pa.table({"id": [1], "ID": [2], "ID_2": [3], "teff": [4.0], "TEFF": [5.0]})
+    write_fits_tables(tmp_path / "s.fits", {"S": t})
+    with fits.open(tmp_path / "s.fits") as hdul:
+        got = {c.name: hdul["S"].data[c.name][0] for c in hdul["S"].columns}
+    assert got == {"ID": 1, "ID_3": 2, "ID_2": 3, "TEFF": 4.0, "TEFF_2": 5.0}
+    assert "'TEFF' and 'teff'" in caplog.text or "'teff' and 'TEFF'" in caplog.text
 
 
 @pytest.mark.shared

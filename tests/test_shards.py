@@ -143,7 +143,11 @@ def test_variable_length_list_names_row(tmp_path):
 
 @pytest.mark.parametrize(
     ("column", "value", "match"),
-    [("flux", np.nan, "non-finite"), ("flux", np.inf, "non-finite"), ("ivar", -1.0, "negative")],
+    [
+        ("flux", np.nan, "a non-finite"),
+        ("flux", np.inf, "a non-finite"),
+        ("ivar", -1.0, "a negative"),
+    ],
 )
 def test_bad_values_name_file_and_row(tmp_path, column, value, match):
     g = paper_grid()
@@ -180,7 +184,7 @@ def test_nonfinite_flux_at_a_masked_pixel_reads_and_writes_as_a_placeholder(tmp_
     assert np.isfinite(shards.table_arrays(pq.read_table(tmp_path / "w.parquet")).flux).all()
     ivar[2, 9] = 1.0
     t = t.set_column(t.column_names.index("ivar"), "ivar", shards.matrix_column(ivar))
-    with pytest.raises(ShardError, match=r"bad\.parquet: row 2 \(id 's2'\) has non-finite"):
+    with pytest.raises(ShardError, match=r"bad\.parquet: row 2 \(id 's2'\) has a non-finite"):
         shards.read_shard(_write_raw(tmp_path / "bad.parquet", t, g))
 
 

@@ -777,6 +777,25 @@ def test_label_free_score_is_per_row_not_per_batch(trained) -> None:
         np.testing.assert_allclose(batch["labels_used"][:4], want, rtol=1e-5)
 
 
+def test_catalogue_marks_of_missing_data_score_as_missing(trained) -> None:
+    """A -9999 label (a catalogue's 'missing') scores as a missing label, not as a star
+    9,999 K cold; a NaN ivar as a masked pixel (ivar 0), not as a broken spectrum."""
+    data, ckpt = trained
+    scorer = load_scorer(ckpt)
+    te = _arrays(data, "test")
+    f, iv, lab = te.flux[:6].copy(), te.ivar[:6].copy(), te.labels[:6].copy()
+    lab[[1, 2], 0], lab[3, 2] = -9999.0, -9999.0
+    missing = lab.copy()
+    missing[lab == -9999.0] = np.nan
+    iv[4, 100:130], f[4, 100:130] = np.nan, np.nan
+    zero_iv = iv.copy()
+    zero_iv[4, 100:130] = 0.0
+    got, want = scorer.score(f, iv, lab), scorer.score(f, zero_iv, missing)
+    for key in ("score", "percentile", "labelled", "flags"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert not got["flag_nonfinite"].any() and not got["labelled"][1:4].any()
+
+
 def test_fast_pixel_statistics_equal_their_definitions() -> None:
     """The blocked residual scan (window sums by doubling; float32 against float64), the
     partitioned S/N and match_noise's counting pre-filter give what their plain

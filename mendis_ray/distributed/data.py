@@ -38,9 +38,10 @@ from mendis_ray.spectra.batches import (
     validate_batch,
 )
 from mendis_ray.spectra.grid import Grid, grid_text, same_grid
+from mendis_ray.spectra.plain import column_map, is_empty_plain
 from mendis_ray.spectra.shards import (
-    OPTIONAL_COLUMNS,
     REQUIRED_COLUMNS,
+    SHARD_COLUMNS,
     ShardError,
     dataset_files,
     file_metadata,
@@ -89,12 +90,13 @@ def list_shards(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
 @dataclass(frozen=True)
 class ShardSet:
     """Shards checked against one grid: ``files``, rows per file, the grid description,
-    and per file the optional columns (labels, ``snr``) it holds (the others read as null)."""
+    and per file its names of the shard columns it holds (``TEFF`` for ``teff`` in a plain
+    file, :func:`~mendis_ray.spectra.plain.column_map`; absent labels/``snr`` read as null)."""
 
     files: tuple[Path, ...]
     rows: tuple[int, ...]
     grid: dict = field(hash=False)
-    optional: tuple[tuple[str, ...], ...] = field(hash=False)
+    columns: tuple[tuple[str, ...], ...] = field(hash=False)
 
     @property
     def n_pix(self) -> int:
@@ -114,17 +116,22 @@ def check_shards(files: Sequence[str | os.PathLike], grid: Grid | dict | None = 
     only): readable Parquet, schema version, the required columns, one grid for all (and
     ``grid`` if given).  Raises :class:`ShardError` naming the bad shard."""
     want = grid.describe() if isinstance(grid, Grid) else grid
-    rows, first, optional = [], None, []
+    rows, first, columns, kept = [], None, [], []
     for f in map(Path, files):
         try:
             pf = pq.ParquetFile(f)
         except Exception as err:  # pyarrow raises several types for broken files
             raise ShardError(f"{f}: not a readable Parquet file ({err})") from err
-        missing = [c for c in REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
+        if is_empty_plain(pf):  # no rows, and none to tell its grid from
+            log.warning("%s: a plain Parquet file without rows; left out", f)
+            continue
+        kept.append(f)
+        have = column_map(pf.schema_arrow.names)  # shard column -> the file's name for it
+        missing = [c for c in REQUIRED_COLUMNS if c not in have]
         if missing:
             raise ShardError(f"{f}: missing required column(s) {missing}")
         meta = file_metadata(pf, str(f))
-        optional.append(tuple(c for c in OPTIONAL_COLUMNS if c in pf.schema_arrow.names))
+        columns.append(tuple(have[c] for c in SHARD_COLUMNS if c in have))
         g = meta.get("grid", {})
         ref = want or first
         if ref is not None and not same_grid(g, ref):
@@ -135,8 +142,12 @@ def check_shards(files: Sequence[str | os.PathLike], grid: Grid | dict | None = 
         first = first or g
         rows.append(pf.metadata.num_rows)
     if first is None:
-        raise ShardError("check_shards: no files given")
-    return ShardSet(tuple(map(Path, files)), tuple(rows), want or first, tuple(optional))
+        named = ", ".join(map(str, files[:3]))
+        raise ShardError(
+            f"no spectra: the {len(files)} input file(s) hold no rows ({named})"
+            if files else "check_shards: no files given"
+        )  # fmt: skip
+    return ShardSet(tuple(kept), tuple(rows), want or first, tuple(columns))
 
 
 def split_files(files: Sequence[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
@@ -168,15 +179,15 @@ def read_spectra(
 
     Columns: the shard columns, ``extra_columns`` and ``path``."""
 
-    groups: dict[tuple[str, ...], list[Path]] = {}  # files by the optional columns they hold
-    for f, opt in zip(shards.files, shards.optional, strict=True):
-        groups.setdefault(opt, []).append(f)
+    groups: dict[tuple[str, ...], list[Path]] = {}  # files by their shard columns' names
+    for f, names in zip(shards.files, shards.columns, strict=True):
+        groups.setdefault(names, []).append(f)
     parts = []
-    for opt, files in groups.items():
+    for names, files in groups.items():
         blocks = len(files)
         if override_num_blocks:
             blocks = max(1, round(override_num_blocks * len(files) / len(shards.files)))
-        cols = [*REQUIRED_COLUMNS, *opt, *extra_columns, "path"]
+        cols = [*names, *extra_columns, "path"]
         parts.append(_read_parquet(files, cols, blocks).map_batches(
             validate_batch,
             batch_format="pyarrow",

@@ -17,7 +17,8 @@ __all__ = ["FLAG_COLUMNS", "Flag", "flag_columns", "flag_list", "flag_names"]
 class Flag(enum.IntFlag):
     """Bits of the ``flags`` column (see :mod:`mendis_ray.science.ood` for their tests)."""
 
-    #: NaN/inf flux at pixels with ivar > 0, non-finite ivar, or non-finite labels.
+    #: NaN/inf flux at pixels with ivar > 0, infinite ivar, or infinite labels (NaN ivar is a
+    #: masked pixel).
     NONFINITE = 1
     #: more than ``max_masked_fraction`` of the pixels masked.
     MASKED = 2

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from mendis_ray.atomic import save_figure_atomic
 from mendis_ray.science.explained import ExplainedTop, explain_top
 from mendis_ray.science.ranking import USED_COLUMNS
-from mendis_ray.spectra.shards import list_matrix
+from mendis_ray.spectra.plain import column_map, matrices
 
 __all__ = [
     "ShardSpectra",
@@ -48,10 +48,16 @@ def read_spectra(rows: pa.Table, files: Sequence[Path], n_pix: int) -> tuple[np.
     ivar = np.zeros((rows.num_rows, n_pix), np.float32)
     for p, ks in by_path.items():
         f = resolved.get(str(Path(p).resolve()), Path(p))
-        want = [ids[k] for k in ks]
-        t = pq.read_table(f, columns=["id", "flux", "ivar"], filters=pc.field("id").isin(want))
+        have = column_map(pq.read_schema(f).names)  # a plain file's names for the columns
+        t = pq.read_table(f, columns=[have[c] for c in ("id", "flux", "ivar")])
+        t = t.rename_columns(["id", "flux", "ivar"])
+        t = t.set_column(0, "id", t.column("id").cast(pa.string()))  # as the scores hold it
+        keep = pc.is_in(t.column("id"), value_set=pa.array([str(ids[k]) for k in ks]))
+        t = t.filter(keep)
         where = {i: j for j, i in enumerate(t.column("id").to_pylist())}
-        fl, iv = list_matrix(t.column("flux"), n_pix), list_matrix(t.column("ivar"), n_pix)
+        _, fl, iv = matrices(t, n_pix, str(f))  # null rows, NaN marks: masked pixels
+        fl = np.where(np.isfinite(fl) & np.isfinite(iv), fl, np.nan)  # the scorer's bad pixels
+        iv = np.where(np.isfinite(fl), iv, 0)
         for k in ks:
             j = where.get(ids[k])
             if j is not None:
@@ -118,15 +124,18 @@ def nearest_typical(
 
 
 def shard_wavelength(files: Sequence[Path], n_pix: int) -> tuple[np.ndarray, str]:
-    """Pixel wavelengths from a shard's metadata, else the pixel index."""
-    from mendis_ray.spectra.shards import WAVE_KEY
+    """Pixel wavelengths from the first shard's metadata (a plain file's: the known grid of
+    its length), else the pixel index."""
+    from mendis_ray.spectra.grid import GRID_NAMES
+    from mendis_ray.spectra.shards import WAVE_KEY, shard_metadata
 
     for f in files[:1]:
         kv = pq.read_schema(f).metadata or {}
-        if WAVE_KEY in kv:
-            wl = np.frombuffer(kv[WAVE_KEY], dtype="<f8")
-            if wl.size == n_pix:
-                return wl, "wavelength (Angstrom, vacuum)"
+        wl = np.frombuffer(kv[WAVE_KEY], dtype="<f8") if WAVE_KEY in kv else None
+        if wl is None and (name := shard_metadata(f)["grid"]["name"]) in GRID_NAMES:
+            wl = GRID_NAMES[name]().wavelength
+        if wl is not None and wl.size == n_pix:
+            return wl, "wavelength (Angstrom, vacuum)"
     return np.arange(n_pix, dtype=np.float64), "pixel"
 
 

@@ -93,6 +93,7 @@ from mendis_ray.science.score_reference import (
     fill_masked,
     signal_subspace,
 )
+from mendis_ray.spectra.schema import possible_labels
 
 __all__ = [
     "ScoreReference",
@@ -295,13 +296,13 @@ class Scorer:
         std, ref = self.density.standardizer, self.reference
         n_pix = flux.shape[1]
         flags = np.zeros(len(flux), dtype=np.int64)
-        bad_value = (~np.isfinite(flux) & (ivar > 0)) | ~np.isfinite(ivar)
+        bad_value = (~np.isfinite(flux) & (ivar > 0)) | np.isinf(ivar)  # NaN ivar: masked
         bad_label = np.isinf(labels).any(axis=1)
         flags[bad_value.any(axis=1) | bad_label] |= Flag.NONFINITE
         filled, masked = fill_masked(flux, ivar, std.mean[:n_pix])
         masked_fraction = masked.mean(axis=1)
         flags[masked_fraction > self.max_masked_fraction] |= Flag.MASKED
-        labels = np.where(np.isinf(labels), np.nan, labels)
+        labels = possible_labels(labels)  # inf, -9999: missing
         has_labels = np.isfinite(labels).all(axis=1)
         if ref is not None:
             width = self.range_sigma * std.std[:n_pix]

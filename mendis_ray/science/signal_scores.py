@@ -129,6 +129,7 @@ from mendis_ray.science.signal_tails import (
     structure_calibration,
 )
 from mendis_ray.science.structure import StructureTests
+from mendis_ray.spectra.schema import possible_labels
 
 __all__ = ["NoiseCalibration", "SignalScorer", "load_scorer", "match_noise",
            "residual_statistics", "star_snr"]  # fmt: skip
@@ -325,7 +326,8 @@ class SignalScorer:
     # -- scoring ------------------------------------------------------------------------------
 
     def _clean(self, flux, ivar, labels):
-        """Masks for non-finite input: bad pixels become masked, inf labels missing.  The
+        """Masks for non-finite input: bad pixels become masked (NaN ivar is one), inf and
+        impossible labels missing.  The
         usual all-finite chunk skips the repairs (each is a pass over (n, p))."""
         flux = np.asarray(flux, np.float32)  # the projection works in float32
         n = len(flux)
@@ -333,17 +335,16 @@ class SignalScorer:
         labels = np.full((n, 3), np.nan) if labels is None else np.asarray(labels, np.float64)
         nonfinite = np.isinf(labels).any(axis=1)
         if not (np.isfinite(flux).all() and np.isfinite(ivar).all()):
-            bad_pix = (~np.isfinite(flux) | ~np.isfinite(ivar)) & (
-                np.nan_to_num(ivar, nan=1.0) != 0
-            )
+            ivar = np.where(np.isnan(ivar), np.float32(0), ivar)  # NaN ivar marks a masked pixel
+            bad_pix = (~np.isfinite(flux) & (ivar != 0)) | np.isinf(ivar)
             nonfinite |= bad_pix.any(axis=1)
-            ivar = np.where(bad_pix | ~np.isfinite(ivar) | (ivar < 0), 0.0, ivar)
+            ivar = np.where(bad_pix | (ivar < 0), 0.0, ivar)
         elif (ivar < 0).any():
             ivar = np.where(ivar < 0, 0.0, ivar)
         ivar = self.model.basis.drop_unmodelled(ivar)  # pixels the training set never saw
         if not (ivar > 0).all():
             flux = np.where(ivar > 0, flux, self.model.basis._float32("mean"))
-        labels = np.where(np.isinf(labels), np.nan, labels)
+        labels = possible_labels(labels)  # inf, -9999: missing
         return flux, ivar, labels, nonfinite
 
     def _pixel_pass(self, flux, ivar, labels) -> _Pixels:

@@ -15,15 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from mendis_ray.spectra import plain
 from mendis_ray.spectra.degrade import LABEL_SCATTER, degrade_to_snr
-from mendis_ray.spectra.shards import (
-    LABEL_COLUMNS,
-    ShardError,
-    fill_masked_nonfinite,
-    fill_optional_columns,
-    list_matrix,
-    matrix_column,
-)
+from mendis_ray.spectra.schema import LABEL_COLUMNS, ShardError, list_matrix, matrix_column
 
 __all__ = [
     "DegradeConfig",
@@ -44,17 +38,19 @@ def _where(batch: pa.Table, row: int) -> str:
 def validate_batch(
     batch: pa.Table, n_pix: int, require_labels: bool = False, strict: bool = True
 ) -> pa.Table:
-    """Check every row of ``batch``; return it as a shard holds it (absent label/``snr``
-    columns null, see :func:`~mendis_ray.spectra.shards.fill_optional_columns`; a
-    non-finite flux at a masked pixel, ivar 0, replaced by 1) or raise :class:`ShardError`
-    naming the file (``path`` column), the spectrum id, the pixel and what was expected.
+    """Check every row of ``batch``; return it in the shard schema
+    (:func:`~mendis_ray.spectra.plain.normalize_columns`, masked pixels marked with NaN
+    made ivar 0 and flux 1: :func:`~mendis_ray.spectra.plain.clean_masked`) or raise
+    :class:`ShardError` naming the file (``path`` column), the spectrum id, the pixel and
+    what was expected.
 
-    ``strict=False`` (scoring) lets non-finite flux or ivar at good pixels through: the
-    scorers flag such spectra ``nonfinite`` instead of one bad pixel stopping a catalog."""
+    ``strict=False`` (scoring) lets non-finite flux or infinite ivar at good pixels
+    through: the scorers flag such spectra ``nonfinite`` instead of one bad pixel stopping
+    a catalog.  A negative ivar or a null id stops it either way."""
+    batch = plain.normalize_columns(batch, "batch")
     for name in ("id", "flux", "ivar"):
         if name not in batch.column_names:
             raise ShardError(f"batch is missing column {name!r} (columns: {batch.column_names})")
-    batch = fill_optional_columns(batch)
     where = batch.column("path")[0].as_py() if "path" in batch.column_names else "batch"
     for name in ("flux", "ivar"):
         t = batch.schema.field(name).type
@@ -63,15 +59,15 @@ def validate_batch(
             fixed and t.list_size != n_pix
         ):
             raise ShardError(f"{where}: column {name!r} is {t}, expected {n_pix} values per row")
+    if n_null := batch.column("id").null_count:
+        raise ShardError(f"{where}: {n_null} spectra without an id (null); give every row one")
     # a variable-length list is read as the shard reader reads it: each row's length checked
-    ivar = list_matrix(batch.column("ivar"), n_pix, f"{where}: column 'ivar'", batch.column("id"))
-    batch = fill_masked_nonfinite(batch, ivar, n_pix, f"{where}: column 'flux'")
-    flux = list_matrix(batch.column("flux"), n_pix)
+    batch, flux, ivar = plain.matrices(batch, n_pix, where)
     checks = [(ivar < 0, "negative ivar")]
     if strict:
         checks += [
-            (~np.isfinite(flux), "non-finite flux (mark bad pixels with ivar 0)"),
-            (~np.isfinite(ivar), "non-finite ivar"),
+            (~np.isfinite(ivar), "infinite ivar"),
+            (~np.isfinite(flux), "non-finite flux at a good pixel (mark bad pixels with ivar 0)"),
         ]
     for bad, what in checks:
         rows = np.flatnonzero(bad.any(axis=1))

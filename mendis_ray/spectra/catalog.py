@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mendis_ray.spectra.grid import Grid
+from mendis_ray.spectra.plain import column_map
 from mendis_ray.spectra.shards import SHARD_COLUMNS, ShardError
 
 __all__ = [
@@ -107,4 +108,5 @@ def common_scalar_columns(files: Sequence[Path]) -> list[str]:
     for f in files:
         names = [fld.name for fld in pq.read_schema(f) if not _is_list(fld.type)]
         common = names if common is None else [c for c in common if c in names]
-    return [c for c in common or [] if c not in SHARD_COLUMNS and c != "path"]
+    shard = set(SHARD_COLUMNS) | set(column_map(common or []).values())  # TEFF for teff
+    return [c for c in common or [] if c not in shard and c != "path"]

@@ -48,7 +48,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mendis_ray.atomic import json_default, write_atomic, write_json_atomic
+from mendis_ray.spectra import plain
 from mendis_ray.spectra.grid import GRID_NAMES, Grid, grid_text, same_grid
+from mendis_ray.spectra.schema import (
+    LABEL_COLUMNS,
+    META_KEY,
+    OPTIONAL_COLUMNS,
+    REQUIRED_COLUMNS,
+    SCHEMA_VERSION,
+    SHARD_COLUMNS,
+    WAVE_KEY,
+    ShardError,
+    list_matrix,
+    matrix_column,
+)
 
 __all__ = [
     "LABEL_COLUMNS",
@@ -58,10 +71,9 @@ __all__ = [
     "SHARD_COLUMNS",
     "ShardError",
     "SpectraArrays",
+    "check_values",
     "dataset_files",
     "file_metadata",
-    "fill_masked_nonfinite",
-    "fill_optional_columns",
     "list_matrix",
     "make_table",
     "matrix_column",
@@ -76,27 +88,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-META_KEY = b"mendis_ray"
-WAVE_KEY = b"mendis_ray.wavelength"
-LABEL_COLUMNS = ("teff", "logg", "feh")
-REQUIRED_COLUMNS = ("id", "flux", "ivar")
-OPTIONAL_COLUMNS = (*LABEL_COLUMNS, "snr")  # float32; null (unknown) where a file lacks them
-SHARD_COLUMNS = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
 MANIFEST = "_manifest.json"
 WRITING = "_writing"  # present while write_dataset runs; left behind if it is interrupted
 _SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.parquet$")
-
-
-class ShardError(ValueError):
-    """A shard that is not what the reader expects; the message names the file (and row)."""
-
-
-def matrix_column(m: np.ndarray) -> pa.FixedSizeListArray:
-    """(n, k) array -> ``fixed_size_list<float32>[k]`` column (the inverse of
-    :func:`list_matrix`)."""
-    m = np.ascontiguousarray(m, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), m.shape[1])
 
 
 def make_table(
@@ -189,10 +183,9 @@ def write_shard(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = _with_metadata(table, grid, generator)
-    if all(c in table.column_names for c in REQUIRED_COLUMNS):  # else validate_table says so
-        ivar = list_matrix(table.column("ivar"), grid.n_pix, f"{path}: column 'ivar'", table["id"])
-        table = fill_masked_nonfinite(table, ivar, grid.n_pix, f"{path}: column 'flux'")
-    validate_table(table, str(path), grid)
+    meta = _check_schema(table, str(path), grid)
+    table, flux, ivar = plain.matrices(table, int(meta["grid"]["n_pix"]), str(path))
+    check_values(table.column("id"), flux, ivar, str(path))
     dictionary = ["id", "source"]
     return write_atomic(
         path, lambda t: pq.write_table(table, t, compression=compression, use_dictionary=dictionary)
@@ -313,11 +306,10 @@ def shard_metadata(path: str | os.PathLike) -> dict:
 def file_metadata(pf: pq.ParquetFile, where: str) -> dict:
     """The metadata of an open Parquet file; see :func:`schema_metadata`."""
     schema = pf.schema_arrow
-    if META_KEY in (schema.metadata or {}) or "flux" not in schema.names:
+    flux = plain.column_map(schema.names).get("flux")
+    if META_KEY in (schema.metadata or {}) or flux is None:
         return schema_metadata(schema, where)
-    first = next(pf.iter_batches(batch_size=1, columns=["flux"]), None)
-    n_pix = None if first is None or first.num_rows == 0 else _first_length(first.column(0))
-    return schema_metadata(schema, where, n_pix)
+    return schema_metadata(schema, where, plain.first_length(pf, flux))
 
 
 def schema_metadata(schema: pa.Schema, where: str, n_pix: int | None = None) -> dict:
@@ -326,7 +318,8 @@ def schema_metadata(schema: pa.Schema, where: str, n_pix: int | None = None) -> 
     ``n_pix`` (the first row's length, which the caller reads)."""
     kv = schema.metadata or {}
     if META_KEY not in kv:
-        return _plain_metadata(schema, where, n_pix)
+        grid = plain.plain_grid(schema, where, n_pix)
+        return {"schema_version": SCHEMA_VERSION, "grid": grid.describe(), "generator": {}}
     try:
         meta = json.loads(kv[META_KEY])
     except json.JSONDecodeError as err:
@@ -337,97 +330,11 @@ def schema_metadata(schema: pa.Schema, where: str, n_pix: int | None = None) -> 
     return meta
 
 
-GRIDS_BY_SIZE = {get().n_pix: name for name, get in GRID_NAMES.items()}
-_warned_plain: set[str] = set()
-
-
-def _plain_metadata(schema: pa.Schema, where: str, n_pix: int | None) -> dict:
-    """Metadata for a file without ours: the grid is the known grid of its row length."""
-    if "flux" not in schema.names:
-        raise ShardError(f"{where}: missing required column(s) ['flux']")
-    t = schema.field("flux").type
-    n_pix = t.list_size if pa.types.is_fixed_size_list(t) else n_pix
-    if n_pix not in GRIDS_BY_SIZE:
-        known = ", ".join(f"{n} ({name})" for n, name in GRIDS_BY_SIZE.items())
-        rows = "no rows" if n_pix is None else f"rows of {n_pix} pixels"
-        raise ShardError(
-            f"{where}: no 'mendis_ray' file metadata (the pixel grid), and {rows} match no "
-            f"grid this package knows ({known} pixels); write shards with "
-            "mendis_ray.spectra.shards.write_dataset(folder, [make_table(ids, flux, ivar, "
-            "teff=..., logg=..., feh=...)], 1, grid_from_wavelength(wavelength)) (grid_from_"
-            "wavelength from mendis_ray.spectra.grid; README: 'Your own spectra'), or read "
-            "APOGEE FITS files with mendis ingest apogee"
-        )
-    grid = GRID_NAMES[GRIDS_BY_SIZE[n_pix]]()
-    if grid.name not in _warned_plain:  # once per process: a catalog has many such files
-        _warned_plain.add(grid.name)
-        log.warning(
-            "%s: a plain Parquet file (no 'mendis_ray' metadata): its rows of %d pixels are "
-            "read as the %s grid (%s); if they are not, write shards with their "
-            "wavelengths (README: 'Your own spectra')",
-            where,
-            n_pix,
-            grid.name,
-            grid_text(grid),
-        )
-    return {"schema_version": SCHEMA_VERSION, "grid": grid.describe(), "generator": {}}
-
-
-def _first_length(col: pa.ChunkedArray | pa.Array) -> int | None:
-    """Length of a list column's first row (None if it has none or it is null)."""
-    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if len(col) == 0 or not (_is_list_type(col.type)) or not col[0].is_valid:
-        return None
-    return len(col[0])
-
-
-def _is_list_type(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-
-
 def table_metadata(table: pa.Table, where: str) -> dict:
     """:func:`schema_metadata` of a table (its first row gives a plain table's length)."""
-    has_flux = "flux" in table.column_names
-    return schema_metadata(
-        table.schema, where, _first_length(table.column("flux")) if has_flux else None
-    )
-
-
-def fill_optional_columns(table: pa.Table) -> pa.Table:
-    """``table`` as a shard holds it: a null column for each of :data:`OPTIONAL_COLUMNS`
-    it lacks, numeric ones as float32, integer ids as text, the shard columns first (what
-    a plain file may differ in; tables from several files then concatenate)."""
-    for name in OPTIONAL_COLUMNS:
-        if name not in table.column_names:
-            table = table.append_column(name, pa.nulls(table.num_rows, type=pa.float32()))
-        elif _is_number(t := table.schema.field(name).type) and t != pa.float32():
-            i = table.column_names.index(name)
-            table = table.set_column(i, name, table.column(name).cast(pa.float32()))
-    if "id" in table.column_names and pa.types.is_integer(table.schema.field("id").type):
-        i = table.column_names.index("id")
-        table = table.set_column(i, "id", table.column("id").cast(pa.string()))
-    first = [c for c in SHARD_COLUMNS if c in table.column_names]
-    return table.select(first + [c for c in table.column_names if c not in first])
-
-
-def fill_masked_nonfinite(
-    table: pa.Table, ivar: np.ndarray, n_pix: int, where: str = "column 'flux'"
-) -> pa.Table:
-    """``table`` with a non-finite flux at a masked pixel (``ivar`` (n, n_pix) == 0)
-    replaced by 1 (NaN is a common mark of a bad pixel; its flux carries no information).
-    One pass over the flux when every value is finite; the column is rebuilt otherwise."""
-    flux = list_matrix(table.column("flux"), n_pix, where, table.column("id"))
-    if np.isfinite(flux).all():
-        return table
-    fill = ~np.isfinite(flux) & (ivar == 0)
-    if not fill.any():
-        return table
-    i = table.column_names.index("flux")
-    return table.set_column(i, "flux", matrix_column(np.where(fill, np.float32(1), flux)))
-
-
-def _is_number(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t)
+    flux = plain.column_map(table.column_names).get("flux")
+    n_pix = None if flux is None else plain.table_first_length(table.column(flux))
+    return schema_metadata(table.schema, where, n_pix)
 
 
 def validate_table(table: pa.Table, where: str, grid: Grid | None = None) -> dict:
@@ -436,6 +343,14 @@ def validate_table(table: pa.Table, where: str, grid: Grid | None = None) -> dic
     Raises:
         ShardError naming ``where`` and, for per-row problems, the first bad row and id.
     """
+    meta = _check_schema(table, where, grid)
+    _, flux, ivar = plain.matrices(table, int(meta["grid"]["n_pix"]), where)
+    check_values(table.column("id"), flux, ivar, where)
+    return meta
+
+
+def _check_schema(table: pa.Table, where: str, grid: Grid | Mapping | None) -> dict:
+    """The required columns, the grid (and ``grid`` if given), the column types."""
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise ShardError(f"{where}: missing required column(s) {missing}")
@@ -445,118 +360,104 @@ def validate_table(table: pa.Table, where: str, grid: Grid | None = None) -> dic
         raise ShardError(
             f"{where}: shard grid {grid_text(g)} does not match the expected grid {grid_text(grid)}"
         )
-    n_pix = int(g.get("n_pix", -1))
-    ids = table.column("id")
-    for name in ("flux", "ivar"):
-        arr = list_matrix(table.column(name), n_pix, f"{where}: column {name!r}", ids)
-        if name == "flux":
-            bad = ~np.isfinite(arr)
-            what = "non-finite (NaN or inf) flux at a good pixel; mark bad pixels with ivar = 0"
-        else:
-            bad = ~np.isfinite(arr) | (arr < 0)
-            what = "negative or non-finite ivar"
-        rows = np.flatnonzero(bad.any(axis=1))
-        if rows.size:
-            r = int(rows[0])
-            pix = int(np.flatnonzero(bad[r])[0])
-            raise ShardError(
-                f"{where}: row {r} (id {ids[r].as_py()!r}) has {what} at pixel {pix} "
-                f"({rows.size} bad row(s) in all)"
-            )
     for name in OPTIONAL_COLUMNS:
         if name in table.column_names and not pa.types.is_floating(table.schema.field(name).type):
             raise ShardError(
                 f"{where}: column {name!r} must be float, is {table.schema.field(name).type}"
             )
+    ids = table.column("id")
     if ids.null_count:
         raise ShardError(f"{where}: column 'id' has {ids.null_count} null value(s)")
     return meta
 
 
-def _row(r: int, ids: pa.ChunkedArray | pa.Array | None) -> str:
-    return f"row {r}" if ids is None else f"row {r} (id {ids[r].as_py()!r})"
-
-
-def list_matrix(
-    col: pa.ChunkedArray | pa.Array,
-    n_pix: int,
-    where: str = "list column",
-    ids: pa.ChunkedArray | pa.Array | None = None,
-) -> np.ndarray:
-    """(n, n_pix) float32 of a list column (zero-copy where Arrow allows), checking that
-    every row holds ``n_pix`` float values; a ShardError names ``where`` and the first bad
-    row (and its id from ``ids``).  The inverse of :func:`matrix_column`."""
-    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    t = col.type
-    if pa.types.is_fixed_size_list(t):
-        if t.list_size != n_pix:
-            raise ShardError(f"{where}: rows have {t.list_size} pixels, the grid has {n_pix}")
-        if col.null_count:
-            r = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise ShardError(f"{where}: {_row(r, ids)} is null")
-        values = col.flatten()
-    elif pa.types.is_list(t) or pa.types.is_large_list(t):
-        lengths = col.value_lengths().to_numpy(zero_copy_only=False)
-        bad = np.flatnonzero(np.isnan(lengths.astype(float)) | (lengths != n_pix))
-        if bad.size:
-            r = int(bad[0])
+def check_values(ids: pa.ChunkedArray, flux: np.ndarray, ivar: np.ndarray, where: str) -> None:
+    """No negative or infinite ivar, no non-finite flux where ivar > 0 (flux, ivar (n, p);
+    NaN ivar and NaN flux at ivar 0 were made masked pixels by :func:`plain.clean_masked`)."""
+    checks = (
+        (~np.isfinite(ivar) | (ivar < 0), "a negative or infinite ivar", ""),
+        (~np.isfinite(flux), "a non-finite (NaN or inf) flux", ", where ivar > 0"),
+    )
+    for bad, what, at in checks:
+        rows = np.flatnonzero(bad.any(axis=1))
+        if rows.size:
+            r = int(rows[0])
+            pix = int(np.flatnonzero(bad[r])[0])
             raise ShardError(
-                f"{where}: {_row(r, ids)} has {lengths[r]} pixels, the grid has {n_pix}"
+                f"{where}: row {r} (id {ids[r].as_py()!r}) has {what} at pixel {pix}{at} "
+                f"({rows.size} bad row(s) in all); a bad pixel is marked with ivar = 0"
             )
-        values = col.flatten()
-    else:
-        raise ShardError(f"{where}: expected a list of float32, found {t}")
-    if not pa.types.is_floating(values.type):
-        raise ShardError(f"{where}: expected float values, found {values.type}")
-    return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, n_pix)
 
 
 def read_shard(
-    path: str | os.PathLike, grid: Grid | None = None, columns: list[str] | None = None
+    path: str | os.PathLike, grid: Grid | Mapping | None = None, columns: list[str] | None = None
 ) -> pa.Table:
     """Read and validate one shard.  ``columns`` restricts the columns read (the required
     ones are always read, so validation is complete).  A plain Parquet file comes back as
-    a shard would: its grid in the metadata, absent label/``snr`` columns null."""
-    path = Path(path)
+    a shard would (:mod:`mendis_ray.spectra.plain`): its grid in the metadata, columns in
+    the shard schema, flux and ivar fixed-size float32 lists."""
+    path, where = Path(path), str(path)
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
     cols = None
     if columns is not None:
-        cols = list(dict.fromkeys([*REQUIRED_COLUMNS, *columns]))
-        missing = [c for c in cols if c not in schema.names and c not in OPTIONAL_COLUMNS]
+        have = plain.column_map(schema.names)
+        want = list(dict.fromkeys([*REQUIRED_COLUMNS, *columns]))
+        missing = [c for c in want if c not in have and c not in schema.names
+                   and c not in OPTIONAL_COLUMNS]  # fmt: skip
         if missing:
             raise ShardError(f"{path}: missing column(s) {missing}")
-        cols = [c for c in cols if c in schema.names]
+        cols = [have.get(c, c) for c in want if c in have or c in schema.names]
     try:
         table = pq.read_table(path, columns=cols)
     except (pa.ArrowInvalid, OSError) as err:
         raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
-    table = fill_optional_columns(table)
-    if all(c in table.column_names for c in REQUIRED_COLUMNS):
-        n_pix = int(table_metadata(table, str(path))["grid"]["n_pix"])
-        ivar = list_matrix(table.column("ivar"), n_pix, f"{path}: column 'ivar'", table["id"])
-        table = fill_masked_nonfinite(table, ivar, n_pix, f"{path}: column 'flux'")
-    meta = validate_table(table, str(path), grid)
-    if META_KEY not in (table.schema.metadata or {}):
+    is_plain = META_KEY not in (table.schema.metadata or {})
+    table = plain.normalize_columns(table, where)
+    meta = _check_schema(table, where, grid)
+    table, flux, ivar = plain.matrices(table, int(meta["grid"]["n_pix"]), where)
+    check_values(table.column("id"), flux, ivar, where)
+    if is_plain:
+        for name, m in (("flux", flux), ("ivar", ivar)):
+            if table.schema.field(name).type != pa.list_(pa.float32(), m.shape[1]):
+                table = table.set_column(table.column_names.index(name), name, matrix_column(m))
         g = GRID_NAMES[meta["grid"]["name"]]()
-        table = _with_metadata(table, g, {"name": "plain Parquet", "path": str(path)})
+        table = _with_metadata(table, g, {"name": "plain Parquet", "path": where})
     return table
 
 
 def iter_dataset(path: str | os.PathLike, grid: Grid | None = None) -> Iterator[pa.Table]:
-    """Validated tables of a dataset (file or folder), one shard at a time."""
+    """Validated tables of a dataset (file or folder), one shard at a time, all on
+    ``grid`` (if given, else the first file's)."""
+    want: Grid | Mapping | None = grid
     for f in dataset_files(path):
-        yield read_shard(f, grid)
+        if _skip_empty_plain(f):
+            continue
+        table = read_shard(f, want)
+        want = want or json.loads(table.schema.metadata[META_KEY])["grid"]
+        yield table
+
+
+def _skip_empty_plain(path: Path) -> bool:
+    try:
+        empty = plain.is_empty_plain(pq.ParquetFile(path))
+    except Exception:  # unreadable: read_shard says so, naming the file
+        return False
+    if empty:
+        log.warning("%s: a plain Parquet file without rows; left out", path)
+    return empty
 
 
 def read_dataset(path: str | os.PathLike, grid: Grid | None = None) -> pa.Table:
     """All rows of a dataset (file or folder) as one validated table."""
     tables = list(iter_dataset(path, grid))
+    if not tables:
+        raise ShardError(f"{path}: no rows (every file is an empty plain Parquet file)")
     meta = tables[0].schema.metadata
-    return pa.concat_tables(
-        [t.replace_schema_metadata(meta) for t in tables], promote_options="default"
+    return pa.concat_tables(  # permissive: files may differ in their other columns' types
+        [t.replace_schema_metadata(meta) for t in tables], promote_options="permissive"
     )
 
 

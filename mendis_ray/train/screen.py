@@ -22,14 +22,12 @@ import warnings
 
 import numpy as np
 
+from mendis_ray.spectra.schema import LABEL_LIMITS
+
 __all__ = ["FLUX_MEDIAN_LIMITS", "LABEL_LIMITS", "MIN_LABELLED", "screen_training_set"]
 
 log = logging.getLogger(__name__)
 
-#: physically possible values of each label (column, unit, low, high); a value outside is
-#: a sentinel (-9999) or another unit and counts as missing
-LABEL_LIMITS = (("teff", "K", 1000.0, 100_000.0), ("logg", "dex", -2.0, 10.0),
-                ("feh", "dex", -10.0, 5.0))  # fmt: skip
 #: a continuum-normalized spectrum's median flux over its good pixels lies in this range
 #: (strong molecular bands or emission move it by tens of percent, not by x3)
 FLUX_MEDIAN_LIMITS = (0.3, 3.0)
