@@ -207,6 +207,7 @@ def test_training_is_deterministic_and_keeps_the_best_state():
             lambda: array_batches(x[1000:], 200, shuffle=False),
             cfg,
             show_progress=False,
+            adapt_threads=False,  # the thread count would follow the load
         )
         return flow, hist
 

@@ -21,6 +21,7 @@ from torch import nn
 from mendis_ray.config import TrainConfig
 from mendis_ray.flow.actnorm import ActNorm
 from mendis_ray.flow.lu import LUInvertibleLinear
+from mendis_ray.train.threads import ThreadGovernor
 
 __all__ = [
     "EarlyStopping",
@@ -88,9 +89,11 @@ def train_epoch(
     grad_clip: float | None = None,
     progress: Callable[[int, float], None] | None = None,
     after_step: Callable[[], None] | None = None,
+    governor: ThreadGovernor | None = None,
 ) -> dict[str, float]:
     """One pass of maximum likelihood over ``batches`` (``after_step``: called after each
-    optimizer step, e.g. :meth:`WeightAverage.update`).
+    optimizer step, e.g. :meth:`WeightAverage.update`; ``governor`` sets torch's threads
+    for each step, :class:`~mendis_ray.train.threads.ThreadGovernor`).
 
     Returns:
         ``{"train_log_prob": mean log p per row, "rows": n, "seconds": wall time}``.
@@ -100,6 +103,8 @@ def train_epoch(
     model.train()
     total, rows, t0 = 0.0, 0, time.perf_counter()
     for step, x in enumerate(batches):
+        if governor is not None:
+            governor.before_step()
         log_p = model(x)  # (batch,)
         loss = -log_p.mean()
         if not torch.isfinite(loss):
@@ -111,6 +116,8 @@ def train_epoch(
         optimizer.step()
         if after_step is not None:
             after_step()
+        if governor is not None:
+            governor.after_step()
         total += float(log_p.detach().sum())
         rows += x.shape[0]
         if progress is not None:
@@ -196,6 +203,7 @@ def fit(
     show_progress: bool = True,
     restore_best: bool = True,
     time_limit_s: float | None = None,
+    adapt_threads: bool = True,
 ) -> History:
     """Train for ``cfg.epochs`` epochs with early stopping on the validation log p.
 
@@ -209,6 +217,10 @@ def fit(
             reporting to Ray).
         restore_best: load the best validation state into ``model`` at the end.
         time_limit_s: stop after the epoch during which this wall time is exceeded.
+        adapt_threads: run each step with the faster of 1 and torch's threads, measured
+            as it trains (:class:`~mendis_ray.train.threads.ThreadGovernor`: another
+            process on the CPUs made an epoch 50x slower with 2 spinning threads); False
+            keeps torch's setting, for bit-identical reruns.
     """
     torch.manual_seed(cfg.seed)
     optimizer = optimizer or make_optimizer(model, cfg)
@@ -226,43 +238,53 @@ def fit(
     stopper.bad_epochs = 0
     log.info("initial val log p %.2f", hist.initial_val_log_prob)
     drops = 0
-    for epoch in range(cfg.epochs):
-        metrics = {
-            "epoch": epoch,
-            **train_epoch(
-                model, train_batches(epoch), optimizer, cfg.grad_clip, after_step=step_hook
-            ),
-        }
-        metrics |= evaluate(judged, val_batches())
-        hist.epochs.append(metrics)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(
-                train=f"{metrics['train_log_prob']:.1f}", val=f"{metrics['val_log_prob']:.1f}"
-            )
-        shown = bar is None and (epoch == 0 or time.perf_counter() - t_shown >= LOG_EVERY_S)
-        t_shown = time.perf_counter() if shown else t_shown
-        log.log(
-            logging.INFO if shown else logging.DEBUG,  # the bar, or a line now and then
-            "epoch %d: train log p %.2f, val log p %.2f (%.1f s)",
-            epoch, metrics["train_log_prob"], metrics["val_log_prob"], metrics["seconds"],
-        )  # fmt: skip
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-        if stopper.step(epoch, metrics["val_log_prob"], judged):
-            hist.stopped_early = True
-            break
-        if _plateau(stopper, cfg, drops):
-            drops += 1
-            _drop_lr(model, optimizer, stopper, cfg.lr_drop)
-            if average is not None:
-                average.shadow.load_state_dict(stopper.best_state)
-            log.info("epoch %d: plateau, back to epoch %d at lr x %g", epoch,
-                     stopper.best_epoch, cfg.lr_drop ** drops)  # fmt: skip
-        if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s:
-            log.info("time limit %.0f s reached after epoch %d", time_limit_s, epoch)
-            hist.stopped_early = True
-            break
+    governor = ThreadGovernor() if adapt_threads else None
+    try:
+        for epoch in range(cfg.epochs):
+            metrics = {
+                "epoch": epoch,
+                **train_epoch(
+                    model,
+                    train_batches(epoch),
+                    optimizer,
+                    cfg.grad_clip,
+                    after_step=step_hook,
+                    governor=governor,
+                ),
+            }
+            metrics |= evaluate(judged, val_batches())
+            hist.epochs.append(metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    train=f"{metrics['train_log_prob']:.1f}", val=f"{metrics['val_log_prob']:.1f}"
+                )
+            shown = bar is None and (epoch == 0 or time.perf_counter() - t_shown >= LOG_EVERY_S)
+            t_shown = time.perf_counter() if shown else t_shown
+            log.log(
+                logging.INFO if shown else logging.DEBUG,  # the bar, or a line now and then
+                "epoch %d: train log p %.2f, val log p %.2f (%.1f s)",
+                epoch, metrics["train_log_prob"], metrics["val_log_prob"], metrics["seconds"],
+            )  # fmt: skip
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+            if stopper.step(epoch, metrics["val_log_prob"], judged):
+                hist.stopped_early = True
+                break
+            if _plateau(stopper, cfg, drops):
+                drops += 1
+                _drop_lr(model, optimizer, stopper, cfg.lr_drop)
+                if average is not None:
+                    average.shadow.load_state_dict(stopper.best_state)
+                log.info("epoch %d: plateau, back to epoch %d at lr x %g", epoch,
+                         stopper.best_epoch, cfg.lr_drop ** drops)  # fmt: skip
+            if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s:
+                log.info("time limit %.0f s reached after epoch %d", time_limit_s, epoch)
+                hist.stopped_early = True
+                break
+    finally:
+        if governor is not None:
+            governor.restore()
     if bar is not None:
         bar.close()
     hist.best_epoch, hist.best_val_log_prob = stopper.best_epoch, stopper.best
