@@ -38,7 +38,7 @@ from mendis_ray.spectra.batches import (
     validate_batch,
 )
 from mendis_ray.spectra.grid import Grid, grid_text, same_grid
-from mendis_ray.spectra.plain import column_map, is_empty_plain
+from mendis_ray.spectra.plain import column_map, is_empty_plain, warn_renames
 from mendis_ray.spectra.shards import (
     REQUIRED_COLUMNS,
     SHARD_COLUMNS,
@@ -127,6 +127,7 @@ def check_shards(files: Sequence[str | os.PathLike], grid: Grid | dict | None = 
             continue
         kept.append(f)
         have = column_map(pf.schema_arrow.names)  # shard column -> the file's name for it
+        warn_renames(pf.schema_arrow.names, str(f))
         missing = [c for c in REQUIRED_COLUMNS if c not in have]
         if missing:
             raise ShardError(f"{f}: missing required column(s) {missing}")

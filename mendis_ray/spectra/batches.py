@@ -47,7 +47,7 @@ def validate_batch(
     ``strict=False`` (scoring) lets non-finite flux or infinite ivar at good pixels
     through: the scorers flag such spectra ``nonfinite`` instead of one bad pixel stopping
     a catalog.  A negative ivar or a null id stops it either way."""
-    batch = plain.normalize_columns(batch, "batch")
+    batch = plain.normalize_columns(batch, "batch", warn=False)  # the driver warned
     for name in ("id", "flux", "ivar"):
         if name not in batch.column_names:
             raise ShardError(f"batch is missing column {name!r} (columns: {batch.column_names})")

@@ -41,6 +41,7 @@ __all__ = [
     "matrices",
     "normalize_columns",
     "plain_grid",
+    "warn_renames",
 ]
 
 log = logging.getLogger(__name__)
@@ -126,14 +127,14 @@ def column_map(names: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def normalize_columns(table: pa.Table, where: str = "table") -> pa.Table:
-    """``table`` in the shard schema (see the module docstring): columns renamed, absent
-    optional ones null, labels float32, ids text, shard columns first, pandas' schema
-    metadata dropped (it describes the columns before these changes)."""
-    mapping = column_map(table.column_names)
-    renames = {actual: want for want, actual in mapping.items() if actual != want}
+def normalize_columns(table: pa.Table, where: str = "table", warn: bool = True) -> pa.Table:
+    """``table`` in the shard schema (see the module docstring): columns renamed (a
+    warning once per process unless ``warn`` is False: Ray workers leave it to the
+    driver, :func:`warn_renames`), absent optional ones null, labels float32, ids text,
+    shard columns first, pandas' schema metadata dropped (it describes the columns
+    before these changes)."""
+    renames = warn_renames(table.column_names, where) if warn else _renames(table.column_names)
     if renames:
-        _warn_once(f"rename {sorted(renames.items())}", f"{where}: column(s) read as {renames}")
         table = table.rename_columns([renames.get(n, n) for n in table.column_names])
     for name in OPTIONAL_COLUMNS:
         if name not in table.column_names:
@@ -149,6 +150,19 @@ def normalize_columns(table: pa.Table, where: str = "table") -> pa.Table:
     first = [c for c in SHARD_COLUMNS if c in table.column_names]
     table = table.select(first + [c for c in table.column_names if c not in first])
     return table.replace_schema_metadata(kv or None)
+
+
+def _renames(names: Iterable[str]) -> dict[str, str]:
+    return {actual: want for want, actual in column_map(names).items() if actual != want}
+
+
+def warn_renames(names: Iterable[str], where: str) -> dict[str, str]:
+    """The renames :func:`normalize_columns` makes (file name -> shard name), with a
+    warning once per process for each set of them."""
+    renames = _renames(names)
+    if renames:
+        _warn_once(f"rename {sorted(renames.items())}", f"{where}: column(s) read as {renames}")
+    return renames
 
 
 def _as_float32(col: pa.ChunkedArray, where: str) -> pa.ChunkedArray:
