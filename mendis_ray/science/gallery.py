@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from mendis_ray.atomic import save_figure_atomic
 from mendis_ray.science.explained import ExplainedTop, explain_top
 from mendis_ray.science.ranking import USED_COLUMNS
-from mendis_ray.spectra.plain import column_map, matrices
+from mendis_ray.spectra.plain import column_map, known_grid, matrices, normalize_columns
 
 __all__ = [
     "ShardSpectra",
@@ -50,8 +50,7 @@ def read_spectra(rows: pa.Table, files: Sequence[Path], n_pix: int) -> tuple[np.
         f = resolved.get(str(Path(p).resolve()), Path(p))
         have = column_map(pq.read_schema(f).names)  # a plain file's names for the columns
         t = pq.read_table(f, columns=[have[c] for c in ("id", "flux", "ivar")])
-        t = t.rename_columns(["id", "flux", "ivar"])
-        t = t.set_column(0, "id", t.column("id").cast(pa.string()))  # as the scores hold it
+        t = normalize_columns(t, str(f), warn=False)  # ids as text, as the scores hold them
         keep = pc.is_in(t.column("id"), value_set=pa.array([str(ids[k]) for k in ks]))
         t = t.filter(keep)
         where = {i: j for j, i in enumerate(t.column("id").to_pylist())}
@@ -125,15 +124,14 @@ def nearest_typical(
 
 def shard_wavelength(files: Sequence[Path], n_pix: int) -> tuple[np.ndarray, str]:
     """Pixel wavelengths from the first shard's metadata (a plain file's: the known grid of
-    its length), else the pixel index."""
-    from mendis_ray.spectra.grid import GRID_NAMES
-    from mendis_ray.spectra.shards import WAVE_KEY, shard_metadata
+    ``n_pix`` pixels), else the pixel index."""
+    from mendis_ray.spectra.shards import WAVE_KEY
 
     for f in files[:1]:
         kv = pq.read_schema(f).metadata or {}
+        grid = known_grid(n_pix)
         wl = np.frombuffer(kv[WAVE_KEY], dtype="<f8") if WAVE_KEY in kv else None
-        if wl is None and (name := shard_metadata(f)["grid"]["name"]) in GRID_NAMES:
-            wl = GRID_NAMES[name]().wavelength
+        wl = grid.wavelength if wl is None and grid is not None else wl
         if wl is not None and wl.size == n_pix:
             return wl, "wavelength (Angstrom, vacuum)"
     return np.arange(n_pix, dtype=np.float64), "pixel"

@@ -327,8 +327,8 @@ class SignalScorer:
 
     def _clean(self, flux, ivar, labels):
         """Masks for non-finite input: bad pixels become masked (NaN ivar is one), inf and
-        impossible labels missing.  The
-        usual all-finite chunk skips the repairs (each is a pass over (n, p))."""
+        impossible labels missing.  The usual all-finite chunk skips the repairs (each is a
+        pass over (n, p))."""
         flux = np.asarray(flux, np.float32)  # the projection works in float32
         n = len(flux)
         ivar = np.ones_like(flux) if ivar is None else np.asarray(ivar, np.float32)

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from mendis_ray.spectra.grid import GRID_NAMES, Grid, grid_text
 from mendis_ray.spectra.schema import (
+    META_KEY,
     OPTIONAL_COLUMNS,
     SHARD_COLUMNS,
     ShardError,
@@ -38,6 +39,7 @@ __all__ = [
     "column_map",
     "first_length",
     "is_empty_plain",
+    "known_grid",
     "matrices",
     "normalize_columns",
     "plain_grid",
@@ -55,6 +57,12 @@ def _grids_by_size() -> dict[int, str]:
     return {get().n_pix: name for name, get in GRID_NAMES.items()}
 
 
+def known_grid(n_pix: int | None) -> Grid | None:
+    """The grid this package knows with ``n_pix`` pixels, or None."""
+    name = _grids_by_size().get(n_pix)
+    return None if name is None else GRID_NAMES[name]()
+
+
 def plain_grid(schema: pa.Schema, where: str, n_pix: int | None) -> Grid:
     """The known grid of a plain file's rows: the fixed list size of its ``flux`` column,
     else ``n_pix`` (its first row's length, :func:`first_length`)."""
@@ -68,7 +76,8 @@ def plain_grid(schema: pa.Schema, where: str, n_pix: int | None) -> Grid:
             f"{where}: a plain Parquet file (no 'mendis_ray' metadata) with no flux row to "
             "tell its pixel grid from (no rows, or every flux null); leave it out"
         )
-    if n_pix not in _grids_by_size():
+    grid = known_grid(n_pix)
+    if grid is None:
         known = ", ".join(f"{n} ({g})" for n, g in _grids_by_size().items())
         raise ShardError(
             f"{where}: no 'mendis_ray' file metadata (the pixel grid), and rows of {n_pix} "
@@ -77,7 +86,6 @@ def plain_grid(schema: pa.Schema, where: str, n_pix: int | None) -> Grid:
             "teff=..., logg=..., feh=...)], 1, grid_from_wavelength(wavelength)) (README: "
             "'Your own spectra'), or read APOGEE FITS files with mendis ingest apogee"
         )
-    grid = GRID_NAMES[_grids_by_size()[n_pix]]()
     _warn_once(
         f"grid {grid.name}",
         f"{where}: a plain Parquet file (no 'mendis_ray' metadata): its rows of {n_pix} pixels "
@@ -90,25 +98,26 @@ def plain_grid(schema: pa.Schema, where: str, n_pix: int | None) -> Grid:
 def is_empty_plain(pf: pq.ParquetFile) -> bool:
     """A plain file (no ``mendis_ray`` metadata) without rows: nothing to read, and no row
     to tell its grid from; readers leave it out with a warning."""
-    return pf.metadata.num_rows == 0 and b"mendis_ray" not in (pf.schema_arrow.metadata or {})
+    return pf.metadata.num_rows == 0 and META_KEY not in (pf.schema_arrow.metadata or {})
 
 
 def first_length(pf: pq.ParquetFile, column: str) -> int | None:
     """Length of the first non-null row of a list column (None: no such row), reading
     row groups until one has it."""
     for i in range(pf.num_row_groups):
-        col = pf.read_row_group(i, columns=[column]).column(0).combine_chunks()
-        valid = np.flatnonzero(col.is_valid().to_numpy(zero_copy_only=False))
-        if valid.size:
-            return len(col[int(valid[0])])
+        n = table_first_length(pf.read_row_group(i, columns=[column]).column(0))
+        if n is not None:
+            return n
     return None
 
 
 def table_first_length(col: pa.ChunkedArray) -> int | None:
-    """:func:`first_length` of a table's list column."""
-    col = col.combine_chunks()
-    valid = np.flatnonzero(col.is_valid().to_numpy(zero_copy_only=False))
-    return len(col[int(valid[0])]) if valid.size else None
+    """:func:`first_length` of a table's list column (its chunks as they are: no copy)."""
+    for chunk in col.chunks:
+        valid = np.flatnonzero(chunk.is_valid().to_numpy(zero_copy_only=False))
+        if valid.size:
+            return len(chunk[int(valid[0])])
+    return None
 
 
 def column_map(names: Iterable[str]) -> dict[str, str]:

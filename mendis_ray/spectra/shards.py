@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from mendis_ray.atomic import json_default, write_atomic, write_json_atomic
 from mendis_ray.spectra import plain
-from mendis_ray.spectra.grid import GRID_NAMES, Grid, grid_text, same_grid
+from mendis_ray.spectra.grid import Grid, grid_text, same_grid
 from mendis_ray.spectra.schema import (
     LABEL_COLUMNS,
     META_KEY,
@@ -333,8 +333,9 @@ def schema_metadata(schema: pa.Schema, where: str, n_pix: int | None = None) -> 
 def table_metadata(table: pa.Table, where: str) -> dict:
     """:func:`schema_metadata` of a table (its first row gives a plain table's length)."""
     flux = plain.column_map(table.column_names).get("flux")
-    n_pix = None if flux is None else plain.table_first_length(table.column(flux))
-    return schema_metadata(table.schema, where, n_pix)
+    if META_KEY in (table.schema.metadata or {}) or flux is None:  # a shard: no data read
+        return schema_metadata(table.schema, where)
+    return schema_metadata(table.schema, where, plain.table_first_length(table.column(flux)))
 
 
 def validate_table(table: pa.Table, where: str, grid: Grid | None = None) -> dict:
@@ -423,7 +424,7 @@ def read_shard(
         for name, m in (("flux", flux), ("ivar", ivar)):
             if table.schema.field(name).type != pa.list_(pa.float32(), m.shape[1]):
                 table = table.set_column(table.column_names.index(name), name, matrix_column(m))
-        g = GRID_NAMES[meta["grid"]["name"]]()
+        g = plain.known_grid(flux.shape[1])  # the grid plain_grid gave the metadata
         table = _with_metadata(table, g, {"name": "plain Parquet", "path": where})
     return table
 
