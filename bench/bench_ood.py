@@ -123,7 +123,7 @@ def main() -> None:
         "signal_steps": {
             k: getattr(runs[0].extra["steps"], k)
             for k in ("batch_size", "lr", "ema_decay", "patience")
-        },  # fmt: skip
+        },
         "signal_k": runs[0].extra["k"],
         "signal_epochs": len(hist.epochs),
         "signal_best_val_log_q": hist.best_val_log_prob,

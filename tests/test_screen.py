@@ -87,3 +87,47 @@ def test_a_set_wrong_as_a_whole_stops_with_what_to_fix(change, message) -> None:
     change(flux, ivar, labels)
     with pytest.raises(ValueError, match=message):
         screen_training_set(flux, ivar, labels, ids)
+
+
+@pytest.mark.parametrize("kind", ["identity", "one cycle", "random", "swaps"])
+def test_rows_permuted_in_place_are_the_gathered_rows(kind) -> None:
+    """``_permute_rows`` (the loader's shuffle without a copy) gives what ``a[perm]``
+    gives, for every shape of permutation, on every array it is handed."""
+    from mendis_ray.train.signal import _permute_rows
+
+    n, rng = 97, np.random.default_rng(1)
+    perm = {"identity": np.arange(n), "one cycle": np.roll(np.arange(n), 1),
+            "random": rng.permutation(n),
+            "swaps": np.arange(n).reshape(-1, 1)[::-1].ravel() if n % 2 == 0
+            else np.r_[np.arange(n - 1).reshape(-1, 2)[:, ::-1].ravel(), n - 1]}[kind]  # fmt: skip
+    a, b = rng.standard_normal((n, 5)).astype(np.float32), rng.standard_normal((n, 3))
+    want = a[perm], b[perm]
+    _permute_rows((a, b), perm)
+    np.testing.assert_array_equal(a, want[0])
+    np.testing.assert_array_equal(b, want[1])
+
+
+def test_training_rows_read_a_file_at_a_time_are_the_screened_shuffled_set(tmp_path) -> None:
+    """``load_training_shards`` on two folders (three files, ids repeated across files,
+    rows a model must not learn, masked pixels) returns exactly the rows, order and labels
+    of the whole set read at once, screened, then shuffled with the same seed."""
+    from mendis_ray.spectra import shards
+    from mendis_ray.spectra.grid import paper_grid
+    from mendis_ray.train.signal import load_training_shards
+
+    flux, ivar, labels, ids = _clean(n=90, p=2405, seed=3)
+    ivar[4, 100:140] = 0.0  # a masked run
+    flux[10:12] = 0.0  # dead fibres: left out
+    labels[20, 0] = -9999.0  # a sentinel: missing, so the row is left out
+    ids[60] = ids[5]  # a repeat across files: the first is kept
+    for folder, rows in (("a", [slice(0, 30), slice(30, 50)]), ("b", [slice(50, 90)])):
+        tables = [shards.make_table(ids[r], flux[r], ivar[r], teff=labels[r, 0],
+                                    logg=labels[r, 1], feh=labels[r, 2]) for r in rows]  # fmt: skip
+        shards.write_dataset(tmp_path / folder, tables, len(tables), paper_grid())
+    f, v, lab, grid = load_training_shards([tmp_path / "a", tmp_path / "b"], seed=7)
+    keep, screened = screen_training_set(flux, ivar, labels.astype(np.float32), ids)
+    order = np.random.default_rng(7).permutation(np.flatnonzero(keep))
+    assert len(order) == 90 - 4 and grid["n_pix"] == 2405
+    np.testing.assert_array_equal(f, flux[order])
+    np.testing.assert_array_equal(v, ivar[order])
+    np.testing.assert_array_equal(lab, screened[order])

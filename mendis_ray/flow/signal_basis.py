@@ -81,6 +81,13 @@ class Projection:
         return cls(**out)
 
 
+def chunk_rows(n_pix: int) -> int:
+    """Rows per block of a pass over (n, ``n_pix``) spectra: 4,096 at 2,405 pixels, fewer
+    on longer grids (1,365 at 7,214), so that a block's float64 temporaries stay near
+    80 MB each (a fit on 30,000 x 7,214 pixels: +2.3 GB at 4,096 rows)."""
+    return int(np.clip(4096 * 2405 // max(n_pix, 1), 256, 4096))
+
+
 @dataclass
 class SignalBasis:
     """Standardization, signal directions and intrinsic residual variance (all float64)."""
@@ -122,10 +129,12 @@ class SignalBasis:
         min_variance: float = 1e-4,
         min_good_fraction: float = MIN_GOOD_FRACTION,
         noise_factors: np.ndarray | None = None,
-        chunk: int = 4096,
+        chunk: int | None = None,
     ) -> SignalBasis:
         """Fit from training spectra ``flux``, ``ivar`` (n, p); ``k`` None chooses it (with
-        each star's noise variance times ``noise_factors`` (n,), if given)."""
+        each star's noise variance times ``noise_factors`` (n,), if given); ``chunk`` rows
+        at a time (default :func:`chunk_rows`)."""
+        chunk = chunk or chunk_rows(flux.shape[1])
 
         def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
             for a in range(0, len(flux), chunk):
@@ -187,7 +196,9 @@ class SignalBasis:
             zz = _add(zz, z.T @ z)
             noise_sum = _add(noise_sum, _noise_var(iv, scale, g).sum(0))
             n += len(z)
-        cov = zz / n - np.diag(noise_sum / n)
+        cov, zz = zz, None  # in place: cov = zz / n - diag(noise_sum / n)
+        cov /= n
+        cov[np.diag_indices_from(cov)] -= noise_sum / n
         m = min(k_max, len(cov) - 1)
         # the top m eigenpairs by Lanczos (4x faster than a full eigh at p = 2405), from a
         # fixed start vector so that a fit is reproducible
@@ -412,8 +423,8 @@ def choose_k(
 
 
 def _add(acc: np.ndarray | None, x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return x if acc is None else acc + x
+    """``acc + x`` in float64, into ``acc`` (a (p, p) sum is 416 MB at 7,214 pixels)."""
+    return np.array(x, np.float64) if acc is None else np.add(acc, x, out=acc)
 
 
 def _good(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:

@@ -95,7 +95,11 @@ def _snr_pixels(ivar: np.ndarray) -> np.ndarray:
 def star_snr(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     """Each continuum-normalized spectrum's S/N at the continuum, the median of sqrt(ivar)
     over its good pixels, (n,) (from the noise alone: an absurd flux must not make a
-    spectrum look noisy; 0 for a row with no good pixel)."""
+    spectrum look noisy; 0 for a row with no good pixel).  Blocks of 4,096 rows: it sorts
+    a copy of what it reads."""
+    if len(ivar) > 4096:
+        return np.concatenate([star_snr(flux[a : a + 4096], ivar[a : a + 4096])
+                               for a in range(0, len(ivar), 4096)])  # fmt: skip
     good = _snr_pixels(ivar)
     v = np.where(good, ivar, np.inf).astype(np.float32)  # (n, p); masked last
     cnt, rows = good.sum(axis=1), np.arange(len(v))
@@ -152,9 +156,11 @@ def noised(
 def flux_range_limits(model: SignalSpaceModel, flux: np.ndarray, ivar: np.ndarray) -> dict:
     """``flux_lo``, ``flux_hi`` (p,): the range of the good flux of these stars, 5 training
     standard deviations wider (+-inf at a pixel none of them has good)."""
-    good = model.basis.drop_unmodelled(ivar) > 0
-    lo = np.where(good, flux, np.inf).min(0)  # (p,)
-    hi = np.where(good, flux, -np.inf).max(0)
+    lo, hi = np.full(flux.shape[1], np.inf), np.full(flux.shape[1], -np.inf)  # (p,)
+    for a in range(0, len(flux), 1024):  # a block of rows at a time: no (n, p) copies
+        f, good = flux[a : a + 1024], model.basis.drop_unmodelled(ivar[a : a + 1024]) > 0
+        lo = np.minimum(lo, np.where(good, f, np.inf).min(0, initial=np.inf))
+        hi = np.maximum(hi, np.where(good, f, -np.inf).max(0, initial=-np.inf))
     scale = model.basis.scale
     return {"flux_lo": np.where(np.isfinite(lo), lo - 5 * scale, -np.inf),
             "flux_hi": np.where(np.isfinite(hi), hi + 5 * scale, np.inf)}  # fmt: skip

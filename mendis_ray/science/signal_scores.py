@@ -114,7 +114,7 @@ from mendis_ray.science.signal_noise import (
 from mendis_ray.science.signal_tails import (
     LABELS_CAL,
     copula_correlation,
-    cross_fitted,
+    cross_fitted_parts,
     element_templates,
     flow_statistic,
     flow_tail,
@@ -232,23 +232,26 @@ class SignalScorer:
             ref |= {"elements.templates": found[0], "elements.index": found[1]}
         scorer = cls(model, ref, grid or {})
         folds = model.cfg.residual_folds if train is not None else 0  # held-out: as they are
-        cc = cross_fitted(model, cal_flux, cal_ivar, cal_labels, scorer._templates(), folds)
+        parts = cross_fitted_parts(model, cal_flux, cal_ivar, cal_labels, scorer._templates(),
+                                   folds)  # fmt: skip
         # the held-out stars, and noised copies of them out to the noisiest level the flow
         # was trained on (beyond the real stars' noise: calibrated, not extrapolated)
         m = len(flux)
-        real = cc if train is None else model.coordinates(flux, ivar, labels)
+        real = SignalCoordinates.concat(parts) if train is None else model.coordinates(
+            flux, ivar, labels
+        )  # fmt: skip
         t_max = model.t_range[1] + BEYOND  # past the flow's range: the edge is not extrapolated
         flux, ivar, labels = with_noised_copies(flux, ivar, labels, real.t, t_max)
-        c, parts = real, [cc]
+        c, noised = real, []
         if len(flux) > m:  # the copies calibrate the residual too (the basis never saw them)
-            parts.append(model.coordinates(flux[m:], ivar[m:], labels[m:], keep_residual=True,
-                                           templates=scorer._templates()))  # fmt: skip
-        ref |= residual_calibration(ref, parts)
-        for part in parts:  # the signal side needs no (n, p) residuals
+            noised = [model.coordinates(flux[m:], ivar[m:], labels[m:], keep_residual=True,
+                                        templates=scorer._templates())]  # fmt: skip
+        ref |= residual_calibration(ref, parts + noised)
+        for part in (real, *parts, *noised):  # the signal side needs no (n, p) residuals
             part.proj.wres = part.proj.template_z = None
-        if len(parts) > 1:
-            c = SignalCoordinates.concat([real, parts[1]])
-        del cc, parts
+        if noised:
+            c = SignalCoordinates.concat([real, *noised])
+        del parts, noised
         rho, lq = rho_sig(c, model), model.flow_log_prob(c)
         ref |= NoiseCalibration.fit(rho, -scorer._label_free(c)[0]).arrays("cal.signal_free")
         tests = None

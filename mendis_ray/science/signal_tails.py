@@ -19,7 +19,7 @@ from scipy import stats
 from scipy.special import log_ndtr, ndtri, owens_t
 
 from mendis_ray.flow.signal import SignalCoordinates, SignalSpaceModel
-from mendis_ray.flow.signal_basis import SignalBasis
+from mendis_ray.flow.signal_basis import SignalBasis, chunk_rows
 from mendis_ray.science.noise_calibration import NoiseCalibration
 from mendis_ray.science.signal_noise import SCALES, residual_statistics
 from mendis_ray.science.structure import StructureTests
@@ -94,7 +94,14 @@ def cross_fitted(
 ) -> SignalCoordinates:
     """Coordinates with residuals (n rows, in order) of the stars that calibrate the
     residual score, each of ``folds`` folds projected on a basis of the same k fitted to
-    the other folds (0 or 1: the model's own basis).
+    the other folds (0 or 1: the model's own basis): :func:`cross_fitted_parts` in one."""
+    return SignalCoordinates.concat(cross_fitted_parts(model, flux, ivar, labels, templates, folds))
+
+
+def cross_fitted_parts(
+    model: SignalSpaceModel, flux, ivar, labels, templates, folds: int
+) -> list[SignalCoordinates]:
+    """:func:`cross_fitted`, fold by fold (its residuals, (n, p), are then held once).
 
     The model's basis was fitted to these stars and has absorbed part of each one's noise
     (its directions, and its intrinsic variance, estimated from their residuals), so their
@@ -108,13 +115,15 @@ def cross_fitted(
     few such pixels), all keep the model's own basis, with a warning."""
     own = lambda: model.coordinates(flux, ivar, labels, keep_residual=True, templates=templates)  # noqa: E731
     if folds < 2 or len(flux) < 4 * folds:
-        return own()
+        return [own()]
     k, cfg, rows = model.basis.k, model.cfg, np.arange(len(flux))
     parts = []
+    step = chunk_rows(flux.shape[1])
     for held in np.array_split(rows, folds):
         rest = np.setdiff1d(rows, held)
+        held = slice(held[0], held[-1] + 1)  # a fold is a run of rows: a view, not a copy
 
-        def batches(rest=rest, step=4096):  # the other folds, a chunk at a time (no copy)
+        def batches(rest=rest, step=step):  # the other folds, a chunk at a time
             for a in range(0, len(rest), step):
                 yield flux[rest[a : a + step]], ivar[rest[a : a + step]]
 
@@ -126,11 +135,11 @@ def cross_fitted(
         except ValueError as err:  # too few pixels good in 2 stars outside this fold
             log.warning("residual calibration in sample (the model's own basis): a basis "
                         "without %d of the training stars cannot be fitted (%s)",
-                        len(held), err)  # fmt: skip
-            return own()
+                        held.stop - held.start, err)  # fmt: skip
+            return [own()]
         parts.append(fold.coordinates(flux[held], ivar[held], labels[held],
                                       keep_residual=True, templates=templates))  # fmt: skip
-    return SignalCoordinates.concat(parts)
+    return parts
 
 
 def residual_calibration(ref: dict, parts: list[SignalCoordinates]) -> dict[str, np.ndarray]:
