@@ -202,7 +202,7 @@ def load_training_shards(paths: Sequence[str | os.PathLike], seed: int = 0):
 
     The spectra are held once: each file is read into its rows of one array, which is
     then screened and shuffled in place (30,000 x 7,214 pixels, 1.7 GB of flux and ivar:
-    peak memory 7.2 -> 2.2 GB against a table, its arrays, their concatenation and
+    peak memory 7.2 -> 2.4 GB against a table, its arrays, their concatenation and
     their shuffle, each a copy)."""
     from mendis_ray.train.screen import row_medians, screen_rows
 
