@@ -84,7 +84,7 @@ class Projection:
 def chunk_rows(n_pix: int) -> int:
     """Rows per block of a pass over (n, ``n_pix``) spectra: 4,096 at 2,405 pixels, fewer
     on longer grids (1,365 at 7,214), so that a block's float64 temporaries stay near
-    80 MB each (a fit on 30,000 x 7,214 pixels: +2.3 GB at 4,096 rows)."""
+    80 MB each (236 MB at 4,096 rows of 7,214 pixels)."""
     return int(np.clip(4096 * 2405 // max(n_pix, 1), 256, 4096))
 
 
