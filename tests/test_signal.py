@@ -78,6 +78,14 @@ def test_total_log_p_is_the_exact_gaussian_marginal() -> None:
         assert proj.n_good[i] == good.sum()
 
 
+def crossed_fit(*args, **kw):
+    """:func:`~mendis_ray.science.signal_tails.cross_fitted`'s folds as one projection."""
+    from mendis_ray.flow.signal import SignalCoordinates
+    from mendis_ray.science.signal_tails import cross_fitted
+
+    return SignalCoordinates.concat(cross_fitted(*args, **kw))
+
+
 def test_cross_fitted_residuals_see_the_calibration_stars_as_new_ones() -> None:
     """A basis fitted to few noisy stars (n = 240, p = 600, k = 24) absorbs part of each
     one's noise: their in-sample chi^2/dof runs below that of new stars from the same
@@ -85,7 +93,6 @@ def test_cross_fitted_residuals_see_the_calibration_stars_as_new_ones() -> None:
     stars again (to within the small, conservative excess of a basis from 2/3 of them);
     0 folds is the model's own projection."""
     from mendis_ray.flow.signal import SignalSpaceModel
-    from mendis_ray.science.signal_tails import cross_fitted
 
     rng = np.random.default_rng(4)
     p, k, n = 600, 24, 240
@@ -103,8 +110,8 @@ def test_cross_fitted_residuals_see_the_calibration_stars_as_new_ones() -> None:
     model = SignalSpaceModel(basis, labels.mean(0), labels.std(0), np.zeros(2), cfg)
     chi = lambda c: float(np.median(c.proj.chi2 / c.proj.dof))  # noqa: E731
     fresh = chi(model.coordinates(new_f, new_iv, rng.standard_normal((2000, 3))))
-    inside = cross_fitted(model, flux, ivar, labels, None, folds=0)
-    crossed = cross_fitted(model, flux, ivar, labels, None, folds=3)
+    inside = crossed_fit(model, flux, ivar, labels, None, folds=0)
+    crossed = crossed_fit(model, flux, ivar, labels, None, folds=3)
     own = model.coordinates(flux, ivar, labels, keep_residual=True)
     np.testing.assert_array_equal(inside.proj.chi2, own.proj.chi2)
     assert chi(inside) < 0.97 * fresh, (chi(inside), fresh)
@@ -119,7 +126,6 @@ def test_cross_fitting_falls_back_to_the_own_basis_where_a_fold_cannot_fit(caplo
     stars keep the model's own projection, with a warning, instead of the training run
     failing at its end."""
     from mendis_ray.flow.signal import SignalSpaceModel
-    from mendis_ray.science.signal_tails import cross_fitted
 
     rng = np.random.default_rng(5)
     flux, labels = rng.standard_normal((30, 40)), np.zeros((30, 3))
@@ -130,7 +136,7 @@ def test_cross_fitting_falls_back_to_the_own_basis_where_a_fold_cannot_fit(caplo
         model = SignalSpaceModel(basis, labels.mean(0), np.ones(3), np.zeros(2), SignalConfig())
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="mendis_ray"):
-            got = cross_fitted(model, flux, ivar, labels, None, folds=3)
+            got = crossed_fit(model, flux, ivar, labels, None, folds=3)
         own = model.coordinates(flux, ivar, labels, keep_residual=True)
         assert ("in sample" in caplog.text) == expect_fallback
         assert np.array_equal(got.proj.chi2, own.proj.chi2) == expect_fallback

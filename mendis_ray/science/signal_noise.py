@@ -15,6 +15,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from mendis_ray.flow.signal import SignalCoordinates, SignalSpaceModel
+from mendis_ray.flow.signal_basis import chunk_rows
 
 SCALES = (1, 4, 16, 64)  # powers of two: the window sums double in width (_window_maxima)
 assert all(s & (s - 1) == 0 for s in SCALES), "SCALES must be powers of two"
@@ -95,11 +96,12 @@ def _snr_pixels(ivar: np.ndarray) -> np.ndarray:
 def star_snr(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     """Each continuum-normalized spectrum's S/N at the continuum, the median of sqrt(ivar)
     over its good pixels, (n,) (from the noise alone: an absurd flux must not make a
-    spectrum look noisy; 0 for a row with no good pixel).  Blocks of 4,096 rows: it sorts
-    a copy of what it reads."""
-    if len(ivar) > 4096:
-        return np.concatenate([star_snr(flux[a : a + 4096], ivar[a : a + 4096])
-                               for a in range(0, len(ivar), 4096)])  # fmt: skip
+    spectrum look noisy; 0 for a row with no good pixel).  Blocks of :func:`chunk_rows`
+    rows: it sorts a copy of what it reads."""
+    step = chunk_rows(ivar.shape[1])
+    if len(ivar) > step:
+        return np.concatenate([star_snr(flux[a : a + step], ivar[a : a + step])
+                               for a in range(0, len(ivar), step)])  # fmt: skip
     good = _snr_pixels(ivar)
     v = np.where(good, ivar, np.inf).astype(np.float32)  # (n, p); masked last
     cnt, rows = good.sum(axis=1), np.arange(len(v))
@@ -157,8 +159,9 @@ def flux_range_limits(model: SignalSpaceModel, flux: np.ndarray, ivar: np.ndarra
     """``flux_lo``, ``flux_hi`` (p,): the range of the good flux of these stars, 5 training
     standard deviations wider (+-inf at a pixel none of them has good)."""
     lo, hi = np.full(flux.shape[1], np.inf), np.full(flux.shape[1], -np.inf)  # (p,)
-    for a in range(0, len(flux), 1024):  # a block of rows at a time: no (n, p) copies
-        f, good = flux[a : a + 1024], model.basis.drop_unmodelled(ivar[a : a + 1024]) > 0
+    step = chunk_rows(flux.shape[1])  # a block of rows at a time: no (n, p) copies
+    for a in range(0, len(flux), step):
+        f, good = flux[a : a + step], model.basis.drop_unmodelled(ivar[a : a + step]) > 0
         lo = np.minimum(lo, np.where(good, f, np.inf).min(0, initial=np.inf))
         hi = np.maximum(hi, np.where(good, f, -np.inf).max(0, initial=-np.inf))
     scale = model.basis.scale

@@ -114,7 +114,7 @@ from mendis_ray.science.signal_noise import (
 from mendis_ray.science.signal_tails import (
     LABELS_CAL,
     copula_correlation,
-    cross_fitted_parts,
+    cross_fitted,
     element_templates,
     flow_statistic,
     flow_tail,
@@ -232,8 +232,7 @@ class SignalScorer:
             ref |= {"elements.templates": found[0], "elements.index": found[1]}
         scorer = cls(model, ref, grid or {})
         folds = model.cfg.residual_folds if train is not None else 0  # held-out: as they are
-        parts = cross_fitted_parts(model, cal_flux, cal_ivar, cal_labels, scorer._templates(),
-                                   folds)  # fmt: skip
+        parts = cross_fitted(model, cal_flux, cal_ivar, cal_labels, scorer._templates(), folds)
         # the held-out stars, and noised copies of them out to the noisiest level the flow
         # was trained on (beyond the real stars' noise: calibrated, not extrapolated)
         m = len(flux)

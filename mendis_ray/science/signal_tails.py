@@ -91,17 +91,11 @@ def residual_test(ref: dict, tails: list[np.ndarray], each: list[np.ndarray]) ->
 
 def cross_fitted(
     model: SignalSpaceModel, flux, ivar, labels, templates, folds: int
-) -> SignalCoordinates:
-    """Coordinates with residuals (n rows, in order) of the stars that calibrate the
-    residual score, each of ``folds`` folds projected on a basis of the same k fitted to
-    the other folds (0 or 1: the model's own basis): :func:`cross_fitted_parts` in one."""
-    return SignalCoordinates.concat(cross_fitted_parts(model, flux, ivar, labels, templates, folds))
-
-
-def cross_fitted_parts(
-    model: SignalSpaceModel, flux, ivar, labels, templates, folds: int
 ) -> list[SignalCoordinates]:
-    """:func:`cross_fitted`, fold by fold (its residuals, (n, p), are then held once).
+    """Coordinates with residuals of the stars that calibrate the residual score, fold by
+    fold (n rows in all, in order; one part when not cross-fitted), each of ``folds`` folds
+    projected on a basis of the same k fitted to the other folds (0 or 1: the model's own
+    basis).  Kept as parts: their (n, p) residuals are then held once, not concatenated.
 
     The model's basis was fitted to these stars and has absorbed part of each one's noise
     (its directions, and its intrinsic variance, estimated from their residuals), so their

@@ -22,6 +22,7 @@ import warnings
 
 import numpy as np
 
+from mendis_ray.flow.signal_basis import chunk_rows
 from mendis_ray.spectra.schema import LABEL_LIMITS
 
 __all__ = [
@@ -68,10 +69,11 @@ def _screen_labels(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return labels
 
 
-def row_medians(flux: np.ndarray, ivar: np.ndarray, chunk: int = 2048) -> np.ndarray:
+def row_medians(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     """(n,) float64: each row's median flux over its good pixels (ivar > 0; NaN where a
-    row has none), ``chunk`` rows at a time (nanmedian copies what it reads)."""
-    med = np.empty(len(flux))
+    row has none), a block of :func:`chunk_rows` rows at a time (nanmedian copies what it
+    reads)."""
+    med, chunk = np.empty(len(flux)), chunk_rows(flux.shape[1])
     for a in range(0, len(flux), chunk):
         f, v = flux[a : a + chunk], ivar[a : a + chunk]
         m, masked = med[a : a + chunk], (v <= 0).any(axis=1)  # nanmedian only where needed
