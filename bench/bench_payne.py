@@ -1,7 +1,8 @@
 """Independent data through the CLI: dwarfs from The Payne's 2018 emulator, not our simulator.
 
     python bench/bench_payne.py                      # 8,000 training stars, 2,405 pixels
-    python bench/bench_payne.py --step 1 --n-train 600 --out mendis_out/payne_7214
+    python bench/bench_payne.py --step 1 --out mendis_out/payne_7214   # 7,214 pixels
+    python bench/bench_payne.py --step 1 --n-train 600 --out mendis_out/payne_7214_600
 
 The emulator (``../shared/data/the_payne/NN_normalized_spectra_2018.npz``, trained on real
 APOGEE dwarfs; labels Teff, log g, [Fe/H], [Mg/Fe], vmacro) makes a population our
@@ -25,7 +26,8 @@ AUROC against the held-out inliers (``test``, 1,000) for ``score`` / ``signal_sc
 ``residual_score``, the inliers' percentiles (mean, fraction below 1 and 5, mean per S/N
 quartile) and which test fired (``strongest_test``) for the stars below percentile 5.
 ``--train-snr 300 300`` trains at one S/N and scores at 50-500.  Writes
-``bench/results/payne[_step<step>][_train_snr<lo>-<hi>].json``.  Needs ``../shared``
+``bench/results/payne[_step<step>][_n<n-train>][_train_snr<lo>-<hi>].json`` (``_n`` where
+``--n-train`` is not 8,000).  Needs ``../shared``
 (exits with a message without it).
 """
 
@@ -201,10 +203,14 @@ def main() -> None:
         print(f"inliers {c:15s} {result[c]}")
     print(timings)
     RESULTS.mkdir(exist_ok=True)
-    tag = ("" if args.step == 3 else f"_step{args.step}") + (
-        ""
-        if tuple(args.train_snr) == (50.0, 500.0)
-        else "_train_snr{:g}-{:g}".format(*args.train_snr)
+    tag = (
+        ("" if args.step == 3 else f"_step{args.step}")
+        + ("" if args.n_train == 8000 else f"_n{args.n_train}")
+        + (
+            ""
+            if tuple(args.train_snr) == (50.0, 500.0)
+            else "_train_snr{:g}-{:g}".format(*args.train_snr)
+        )
     )
     path = RESULTS / f"payne{tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

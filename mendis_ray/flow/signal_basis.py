@@ -170,7 +170,7 @@ class SignalBasis:
         n = 0
         for f, iv in batches():  # pass 1: mean and scale over good pixels
             g = _good(f, iv)
-            fz = np.where(g, f, 0.0)
+            fz = np.where(g, np.asarray(f, np.float64), 0.0)  # float64: a one-pass variance
             w, s1, s2 = _add(w, g.sum(0)), _add(s1, fz.sum(0)), _add(s2, (fz**2).sum(0))
             n += len(f)
         if w is None:

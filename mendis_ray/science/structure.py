@@ -13,7 +13,10 @@ have to be found without labels of the anomaly:
 2. the signal coordinates' linear dependence on those labels is removed (least squares on
    [1, Teff, log g, [Fe/H]]), the remainder whitened and rotated by FastICA into k
    components as non-Gaussian (independent) as a rotation makes them: a bimodal direction
-   such as the alpha sequences at fixed labels becomes one component;
+   such as the alpha sequences at fixed labels becomes one component.  FastICA can be
+   drawn to heavy-tailed directions instead, so the rotation with the most sub-Gaussian
+   direction first (two peaks; :func:`platykurtic_first`) is a candidate too, and the
+   held-out stars choose (as they choose the label weight in 1);
 3. each (label, component) pair gets a two-dimensional kernel density on a grid and the
    Gaussian with the same mean and covariance;
 4. a star's statistic is the lowest log density ratio (kernel / Gaussian) over the 3 k
@@ -47,6 +50,7 @@ calibrated on).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +71,9 @@ MIN_HELD_OUT = 100  # fewer labelled held-out stars: the catalogue's labels (w =
 # the statistic's AUROC for stars between the sequences 0.92 against 0.67-0.68), and the
 # start 0 used before did not.  Each start costs one fit (0.1-1 s).
 ICA_STARTS = 6
+# the most sub-Gaussian direction first (:func:`platykurtic_first`): its restarts find the
+# direction; the starts seed the FastICA of the rest
+PLATYKURTIC_STARTS = 2
 LABEL_RATIO_CLIP = 3.0  # nats: the most a label's own (un)commonness moves a pair's ratio
 LABEL_NAMES = ("teff", "logg", "feh")  # the label columns, in order
 
@@ -87,6 +94,48 @@ def fastica(x: np.ndarray, seed: int = 0, max_iter: int = 1000, tol: float = 1e-
         if converged:
             break
     return w
+
+
+def platykurtic_first(x: np.ndarray, seed: int = 0, restarts: int = 4,
+                      max_iter: int = 300, tol: float = 1e-8) -> np.ndarray:  # fmt: skip
+    """Orthogonal unmixing W (d, d) of whitened data ``x`` (n, d) whose first row is the
+    most sub-Gaussian direction found, the others :func:`fastica` of its orthogonal
+    complement.  Two peaks (a gap) make a direction sub-Gaussian, heavy tails
+    super-Gaussian, and symmetric FastICA's rotation can be drawn to the latter: on 8,000
+    emulated dwarfs at 7,214 pixels (k = 10, three components of kurtosis 4.5-8) none of
+    24 starts isolated the two [Mg/Fe] sequences (kurtosis -1.3), which this finds.
+    The direction maximises E log cosh(w^T x) (larger than a Gaussian's where
+    sub-Gaussian; bounded, so robust to the heavy tails), by projected gradient ascent
+    on the sphere from ``restarts`` random starts at once, the best kept (FastICA's
+    one-unit fixed point, 3x faster, converged to heavy-tailed directions from 15 and 16
+    of 16 starts on those dwarfs and on the survey benchmark; the ascent from all 16 to
+    the same sub-Gaussian one).  Deterministic for a given ``seed``."""
+    n, d = x.shape
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((d, restarts))
+    v /= np.linalg.norm(v, axis=0)  # (d, R) unit columns
+    for _ in range(max_iter):
+        g = x.T @ np.tanh(x @ v) / n  # (d, R) gradient of E log cosh(y)
+        v_new = v + g - v * (g * v).sum(0)  # a step along the sphere's tangent
+        v_new /= np.linalg.norm(v_new, axis=0)
+        done = np.max(1.0 - np.abs((v_new * v).sum(0))) < tol
+        v = v_new
+        if done:
+            break
+    best = v[:, np.argmax(np.log(np.cosh(x @ v)).mean(0))]  # (d,)
+    if d == 1:
+        return best[None, :]
+    q = np.linalg.qr(np.c_[best, rng.standard_normal((d, d - 1))])[0]  # q[:, 0] = +-best
+    rest = q[:, 1:]  # (d, d - 1) orthonormal complement
+    return np.vstack([best, fastica(x @ rest, seed=seed) @ rest.T])
+
+
+#: the rotations of the whitened remainder, and the (rotation, seed) pairs that
+#: ``StructureTests.select`` tries at each label weight
+ROTATIONS = {"fastica": fastica, "platykurtic": platykurtic_first}
+_CANDIDATES = [("fastica", s) for s in range(ICA_STARTS)] + [
+    ("platykurtic", s) for s in range(PLATYKURTIC_STARTS)
+]
 
 
 def _bilinear(table: np.ndarray, f: np.ndarray) -> np.ndarray:
@@ -154,33 +203,37 @@ class StructureTests:
         the held-out stars ``held_out`` (m, k + 3): the largest mean log ratio (kernel /
         Gaussian) summed over the pairs, a held-out estimate of how far the pairs are from
         Gaussian (noise in the labels blurs that structure; a rotation that mixes a
-        bimodal direction with others dilutes it).  Under ``MIN_HELD_OUT`` labelled
-        held-out stars: w = 0, start 0.  Measured: the criterion picks the largest weight
+        bimodal direction with others dilutes it).  The rotations tried at each weight:
+        ``ICA_STARTS`` FastICA starts and ``PLATYKURTIC_STARTS`` of the most sub-Gaussian
+        direction first (``_CANDIDATES``).  Under ``MIN_HELD_OUT`` labelled held-out
+        stars: w = 0, FastICA start 0.  Measured: the criterion picks the largest weight
         on the survey benchmark (where it helps) and also on a toy with exact labels
-        (where it does no harm), and FastICA's isolating start (``ICA_STARTS``)."""
+        (where it does no harm), FastICA's isolating start (``ICA_STARTS``), and on 8,000
+        emulated dwarfs at 7,214 pixels (k = 10), where no FastICA start isolated the
+        [Mg/Fe] sequences, the sub-Gaussian-first rotation (held-out criterion 7.47-7.79
+        against at most 7.34; stars between the sequences 0.56 -> 0.92 at ``score``)."""
         held_out = held_out[np.isfinite(held_out).all(axis=1)]  # label-free rows: no say
         if len(held_out) < MIN_HELD_OUT:
             return cls.fit(y, k, **kwargs)
         best, best_kl = None, -np.inf
-        for w in LABEL_WEIGHTS:
-            for start in range(ICA_STARTS):
-                tests = cls.fit(y, k, label_weight=w, ica_start=start, **kwargs)
-                with np.errstate(all="ignore"):
-                    kl = np.nan_to_num(tests.log_ratios(held_out).mean(0), nan=-np.inf).sum()
-                if best is None or kl > best_kl:
-                    best, best_kl = tests, kl
+        for w, (rotation, start) in itertools.product(LABEL_WEIGHTS, _CANDIDATES):
+            tests = cls.fit(y, k, label_weight=w, ica_start=start, rotation=rotation, **kwargs)
+            with np.errstate(all="ignore"):
+                kl = np.nan_to_num(tests.log_ratios(held_out).mean(0), nan=-np.inf).sum()
+            if best is None or kl > best_kl:
+                best, best_kl = tests, kl
         return best
 
     @classmethod
     def fit(
         cls, y: np.ndarray, k: int, n_grid: int = 64, bw_factor: float = 0.6,
-        label_weight: float = 0.0, ica_start: int = 0,
+        label_weight: float = 0.0, ica_start: int = 0, rotation: str = "fastica",
     ) -> StructureTests:  # fmt: skip
         """From the training stars' coordinates ``y`` (n, k + 3): k signal coordinates, then
         the 3 labels.  Kernel sd: ``bw_factor`` times Scott's rule, n^(-1/6) for the pairs
         and n^(-1/7) for the label density (3-D), both on ``n_grid`` points a side.
         ``label_weight``: the weight of the labels' prediction from the coordinates;
-        ``ica_start``: FastICA's seed."""
+        ``ica_start``: FastICA's seed; ``rotation``: a key of ``ROTATIONS``."""
         pred = np.linalg.lstsq(np.c_[y[:, :k], np.ones(len(y))], y[:, k:], rcond=None)[0]
         weight = np.array([label_weight], np.float64)
         labels = _denoised(y, pred, weight)  # (n, 3)
@@ -192,7 +245,7 @@ class StructureTests:
         rest = y[:, :k] - design @ coef  # (n, k)
         ev, vec = np.linalg.eigh(np.atleast_2d(np.cov(rest, rowvar=False)))  # (k,), (k, k)
         white = vec / np.sqrt(np.maximum(ev, 1e-12 * ev.max()))  # (k, k)
-        unmix = white @ fastica(rest @ white, seed=ica_start).T
+        unmix = white @ ROTATIONS[rotation](rest @ white, seed=ica_start).T
         pairs = _empty(np.flatnonzero(varies), k, n_grid)
         out = cls(pred, weight, coef, unmix, label_mean, label_scale, *pairs, *_empty_labels(),
                   np.zeros((len(pairs[0]), n_grid)))  # fmt: skip
