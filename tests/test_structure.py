@@ -44,6 +44,10 @@ def test_platykurtic_first_finds_the_two_peaked_direction(seed: int) -> None:
     np.testing.assert_allclose(w @ w.T, np.eye(d), atol=1e-9)
     assert abs(np.corrcoef(x @ w[0], s[:, 0])[0, 1]) > 0.98
     np.testing.assert_array_equal(w, platykurtic_first(x, seed=seed))  # deterministic
+    x[0] *= 1e4  # a star far out: log cosh stays finite (np.cosh overflowed to inf there)
+    with np.errstate(over="raise"):
+        far = platykurtic_first(x, seed=seed)
+    np.testing.assert_allclose(far @ far.T, np.eye(d), atol=1e-9)
 
 
 def _population(n: int, rng, gap: bool = False) -> np.ndarray:
