@@ -623,6 +623,49 @@ def test_label_weight_is_the_ratio_of_robust_spreads() -> None:
     assert label_weight(a, np.zeros(20000)) == 1.0 and label_weight(np.zeros(3), b[:3]) == 1.0
 
 
+def test_far_out_is_far_below_the_median_in_interquartile_ranges() -> None:
+    """``far_out``: more than 6 IQRs below the median, or not finite; never on a Gaussian
+    sample of 20,000 (6 IQRs is 8 sd), never where the quartiles coincide."""
+    from mendis_ray.science.signal_tails import far_out
+
+    rng = np.random.default_rng(14)
+    lq = rng.standard_normal(20000)
+    assert not far_out(lq).any()
+    q1, med, q3 = np.quantile(lq, [0.25, 0.5, 0.75])
+    lq[:4] = [med - 6.5 * (q3 - q1), np.nan, -np.inf, med - 5.5 * (q3 - q1)]
+    np.testing.assert_array_equal(np.flatnonzero(far_out(lq)), [0, 1, 2])
+    assert not far_out(np.r_[np.zeros(100), -1e9 * np.ones(3)]).any()
+
+
+def test_far_out_held_out_stars_leave_the_reference_as_it_was(trained, caplog) -> None:
+    """Held-out stars far outside the rest (a catalogue's stripped and CEMP stars among
+    the rows that calibrate) are left out of the scorer's reference: with six of them
+    appended, every array of the reference equals the one fitted without them (so every
+    score is the same); a log line counts them."""
+    from mendis_ray.science.signal_tails import far_out
+
+    data, ckpt = trained
+    model = load_scorer(ckpt).model
+    tr, te = _arrays(data, "train"), _arrays(data, "test")
+    # a short training leaves a tail: the test stars that are far out among themselves
+    # (1-2 of 200 here) are not what this test adds
+    ok = ~far_out(model.flow_log_prob(model.coordinates(te.flux, te.ivar, te.labels)))
+    clean_rows = [te.flux[ok], te.ivar[ok], te.labels[ok]]
+    far = [_arrays(data, name) for name in ("stripped", "cemp")]  # log q below -100
+    held = [
+        np.concatenate([a] + [getattr(o, f)[:3] for o in far])
+        for a, f in zip(clean_rows, ("flux", "ivar", "labels"), strict=True)
+    ]
+    coords = model.coordinates(tr.flux, tr.ivar, tr.labels)
+    clean = SignalScorer.fit(model, *clean_rows, coords)
+    with caplog.at_level(logging.INFO, logger="mendis_ray.science.signal_scores"):
+        mixed = SignalScorer.fit(model, *held, coords)
+    assert f"6 of {ok.sum() + 6} held-out spectra lie far outside the rest" in caplog.text
+    assert sorted(mixed.ref) == sorted(clean.ref)
+    for key, value in clean.ref.items():
+        np.testing.assert_array_equal(mixed.ref[key], value, err_msg=key)
+
+
 def test_log_tails_of_many_statistics_equal_their_own_log_tail() -> None:
     """``NoiseCalibration.log_tails`` (the bins grouped once for calibrations fit on the
     same reference stars) gives each calibration's own ``log_tail``, also where the

@@ -261,7 +261,7 @@ def signal_run(data: BenchData, cfg=None, time_limit_s: float | None = None) -> 
     rate = n / max(time.perf_counter() - t1, 1e-9)
     name = f"signal-space flow (k={res.model.basis.k})"
     extra = {"history": res.history, "scorer": scorer, "k": res.model.basis.k,
-             "steps": res.steps}  # fmt: skip
+             "steps": res.steps, "train_result": res}  # fmt: skip
     return ModelRun(name, scores, ref, log_p, dt, rate, extra, test_percentiles=pct)
 
 

@@ -112,10 +112,12 @@ from mendis_ray.science.signal_noise import (
     with_noised_copies,
 )
 from mendis_ray.science.signal_tails import (
+    FAR_IQR,
     LABELS_CAL,
     copula_correlation,
     cross_fitted,
     element_templates,
+    far_out,
     flow_statistic,
     flow_tail,
     label_weight,
@@ -202,18 +204,28 @@ class SignalScorer:
         train_coords: SignalCoordinates,
         grid: dict | None = None,
         train: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        far_iqr: float | None = FAR_IQR,
     ) -> SignalScorer:
         """Reference from held-out training stars ``flux``, ``ivar`` (m, p), ``labels``
         (m, 3): percentiles, the flow's noise calibration, flux and label ranges; the label
         regression (label-free scores) from ``train_coords``; the residual calibration and
         the flux ranges from ``train`` = (flux, ivar, labels) of the training stars when
         given (else from the held-out ones); the structure tests' densities from
-        ``train_coords``, their calibration from the held-out stars.  Noised copies of the
-        held-out stars (:func:`with_noised_copies`) join every calibration (signal,
-        label-free, structure, residual, the two tails' dependence), out to the noisiest
-        level the flow was trained on; the choice of the structure tests and the label
-        density's weight use the real held-out stars.  The flux range is the stars' own
-        (:func:`outside_flux_range` allows each pixel its noise)."""
+        ``train_coords``, their calibration from the held-out stars.  Held-out stars far
+        outside the rest (:func:`far_out` with ``far_iqr``; None: none) are left out.
+        Noised copies of the held-out stars (:func:`with_noised_copies`) join every
+        calibration (signal, label-free, structure, residual, the two tails' dependence),
+        out to the noisiest level the flow was trained on; the choice of the structure
+        tests and the label density's weight use the real held-out stars.  The flux range
+        is the stars' own (:func:`outside_flux_range` allows each pixel its noise)."""
+        far = np.zeros(len(flux), bool)
+        if far_iqr is not None:
+            far = far_out(model.flow_log_prob(model.coordinates(flux, ivar, labels)), far_iqr)
+        if far.any():  # a catalogue's CEMP stars, stripped stars ...: not an inlier's tail
+            log.info("%d of %d held-out spectra lie far outside the rest (flow log q more "
+                     "than %g interquartile ranges below the median): left out of the "
+                     "scores' reference", far.sum(), len(far), far_iqr)  # fmt: skip
+            flux, ivar, labels = flux[~far], ivar[~far], labels[~far]
         # the training stars when given: the linear stage has k << n parameters, so they
         # are as good as held-out ones for the residual, and many more
         cal_flux, cal_ivar, cal_labels = (flux, ivar, labels) if train is None else train
