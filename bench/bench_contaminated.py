@@ -86,14 +86,21 @@ def mixed(train: SpectraArrays, extra: dict[str, SpectraArrays], seed: int) -> S
                          snr=cat(lambda a: a.snr))  # fmt: skip
 
 
-def keep_all(run: ModelRun, train: SpectraArrays, data: BenchData) -> SignalScorer:
-    """``run``'s scorer refitted on the same held-out rows, none left out (``far_iqr``)."""
-    res = run.extra["train_result"]
-    va, tr = res.val_rows, slice(0, res.val_rows.start)
-    held = (train.flux[va], train.ivar[va], train.labels[va])
-    return SignalScorer.fit(res.model, *held, res.train_coords, grid=data.grid,
+def refit(res, held: tuple[np.ndarray, ...], train: SpectraArrays, grid: dict) -> SignalScorer:
+    """A scorer for the trained model ``res`` (a ``SignalTrainResult`` of ``train``'s rows)
+    with the held-out stars ``held`` = (flux, ivar, labels) as its reference, every one
+    kept (``far_iqr=None``)."""
+    tr = slice(0, res.val_rows.start)
+    return SignalScorer.fit(res.model, *held, res.train_coords, grid=grid,
                             train=(train.flux[tr], train.ivar[tr], train.labels[tr]),
                             far_iqr=None)  # fmt: skip
+
+
+def keep_all(run: ModelRun, train: SpectraArrays, data: BenchData) -> SignalScorer:
+    """``run``'s scorer refitted on the same held-out rows, none left out."""
+    va = run.extra["train_result"].val_rows
+    held = (train.flux[va], train.ivar[va], train.labels[va])
+    return refit(run.extra["train_result"], held, train, data.grid)
 
 
 def summary(
@@ -158,13 +165,9 @@ def decompose(data: BenchData, extra: dict[str, SpectraArrays], sets: list[str])
     for name, train in (("clean_model", data.train), ("contaminated_model", dirty)):
         res = train_signal_model(train.flux, train.ivar, train.labels, SignalConfig(seed=0),
                                  show_progress=False)  # fmt: skip
-        tr = slice(0, res.val_rows.start)
         for ref_name, rows in refs.items():  # the reference: always the contaminated split
-            held = [a[va][rows] for a in (dirty.flux, dirty.ivar, dirty.labels)]
-            scorers[f"{name}+{ref_name}"] = SignalScorer.fit(
-                res.model, *held, res.train_coords, grid=data.grid,
-                train=(train.flux[tr], train.ivar[tr], train.labels[tr]), far_iqr=None,
-            )  # fmt: skip
+            held = tuple(a[va][rows] for a in (dirty.flux, dirty.ivar, dirty.labels))
+            scorers[f"{name}+{ref_name}"] = refit(res, held, train, data.grid)
             log.info("decompose: %s + %s", name, ref_name)
 
     def aurocs(sc: SignalScorer) -> dict[str, float]:
