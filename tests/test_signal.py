@@ -638,11 +638,11 @@ def test_far_out_is_far_below_the_median_in_interquartile_ranges() -> None:
 
 
 def test_far_out_held_out_stars_leave_the_reference_as_it_was(trained, caplog) -> None:
-    """Held-out stars far outside the rest (a catalogue's stripped and CEMP stars among
-    the rows that calibrate) are left out of the scorer's reference: with six of them
+    """With ``far_iqr``, held-out stars far outside the rest (a catalogue's stripped and
+    CEMP stars among the rows that calibrate) are left out of the reference: with six of them
     appended, every array of the reference equals the one fitted without them (so every
     score is the same); a log line counts them."""
-    from mendis_ray.science.signal_tails import far_out
+    from mendis_ray.science.signal_tails import FAR_IQR, far_out
 
     data, ckpt = trained
     model = load_scorer(ckpt).model
@@ -657,9 +657,9 @@ def test_far_out_held_out_stars_leave_the_reference_as_it_was(trained, caplog) -
         for a, f in zip(clean_rows, ("flux", "ivar", "labels"), strict=True)
     ]
     coords = model.coordinates(tr.flux, tr.ivar, tr.labels)
-    clean = SignalScorer.fit(model, *clean_rows, coords)
+    clean = SignalScorer.fit(model, *clean_rows, coords, far_iqr=FAR_IQR)
     with caplog.at_level(logging.INFO, logger="mendis_ray.science.signal_scores"):
-        mixed = SignalScorer.fit(model, *held, coords)
+        mixed = SignalScorer.fit(model, *held, coords, far_iqr=FAR_IQR)
     assert f"6 of {ok.sum() + 6} held-out spectra lie far outside the rest" in caplog.text
     assert sorted(mixed.ref) == sorted(clean.ref)
     for key, value in clean.ref.items():

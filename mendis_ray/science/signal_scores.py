@@ -112,7 +112,6 @@ from mendis_ray.science.signal_noise import (
     with_noised_copies,
 )
 from mendis_ray.science.signal_tails import (
-    FAR_IQR,
     LABELS_CAL,
     copula_correlation,
     cross_fitted,
@@ -204,7 +203,7 @@ class SignalScorer:
         train_coords: SignalCoordinates,
         grid: dict | None = None,
         train: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-        far_iqr: float | None = FAR_IQR,
+        far_iqr: float | None = None,
     ) -> SignalScorer:
         """Reference from held-out training stars ``flux``, ``ivar`` (m, p), ``labels``
         (m, 3): percentiles, the flow's noise calibration, flux and label ranges; the label
@@ -212,7 +211,10 @@ class SignalScorer:
         the flux ranges from ``train`` = (flux, ivar, labels) of the training stars when
         given (else from the held-out ones); the structure tests' densities from
         ``train_coords``, their calibration from the held-out stars.  Held-out stars far
-        outside the rest (:func:`far_out` with ``far_iqr``; None: none) are left out.
+        outside the rest (:func:`far_out` with ``far_iqr``, e.g. ``FAR_IQR``) are left out;
+        by default (None) none is: after a short training (the README's walk: 3,000 stars, 5
+        epochs) it left out 4 of 300 clean held-out stars, and the test inliers below the
+        1st percentile went 1.3% -> 2.7%.
         Noised copies of the held-out stars (:func:`with_noised_copies`) join every
         calibration (signal, label-free, structure, residual, the two tails' dependence),
         out to the noisiest level the flow was trained on; the choice of the structure
