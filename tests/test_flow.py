@@ -209,6 +209,69 @@ def test_lu_training_path_matches_dense_and_gradients() -> None:
     )
 
 
+def test_lu_training_path_keeps_the_input_dtype_when_exp_runs_in_float32() -> None:
+    """CUDA's bf16 autocast runs ``exp`` in float32, so the diagonal of U arrived in
+    float32 beside bfloat16 products (a GPU training step raised "Float and BFloat16").
+    A float32 ``log_s`` beside bfloat16 ``x`` and ``lu`` stands for that on any machine:
+    values in bfloat16 close to the dense product, gradients in each input's dtype."""
+    from mendis_ray.flow.lu import _LUFunction
+
+    lu = LUInvertibleLinear(7, generator=torch.Generator().manual_seed(1), block_size=3)
+    _perturb(lu, 0.2, seed=3)
+    x = torch.randn(4, 7)
+    xb = x.bfloat16().requires_grad_()
+    a = lu.lu.detach().bfloat16().requires_grad_()
+    s = lu.log_s.detach().clone().requires_grad_()  # float32
+    y = _LUFunction.apply(xb, a, s, lu.perm, torch.argsort(lu.perm), 3)  # (4, 7)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), (x @ lu.weight().T).detach(), atol=0.06, rtol=0.03)
+    y.float().square().sum().backward()
+    assert (xb.grad.dtype, a.grad.dtype, s.grad.dtype) == (
+        torch.bfloat16, torch.bfloat16, torch.float32,
+    )  # fmt: skip
+    assert all(bool(torch.isfinite(g).all()) for g in (xb.grad, a.grad, s.grad))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flow_trains_under_cuda_bf16_autocast() -> None:
+    """A training step of a small flow under CUDA bf16 autocast: finite loss and
+    gradients, log p within bf16 precision of float32 (bench_gpu.py's bf16 rows)."""
+    flow = _flow(6).cuda()
+    x = torch.randn(32, flow.cfg.n_features, device="cuda")  # (32, 9)
+    flow.initialize(x)
+    flow.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        lp = flow(x)  # (32,)
+    exact = flow(x)
+    torch.testing.assert_close(lp.float(), exact, atol=0.2, rtol=0.05)
+    (-lp.mean()).backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in flow.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spline_on_cuda_matches_the_cpu(dtype) -> None:
+    """rq_spline on a GPU (knots summed through the first axis there) equals the CPU's
+    values, log-derivatives and gradients to rounding.  float32 on an H200: at most
+    1.8e-5 (values), 1.0e-4 (log-derivatives up to 8.6) and 4e-3 relative (gradients up to
+    500, from these deliberately extreme random bins); float64 to 1e-11."""
+    g = torch.Generator().manual_seed(4)
+    x = 4 * torch.rand(256, 30, generator=g, dtype=dtype) - 2
+    w, h = (torch.randn(256, 30, 8, generator=g, dtype=dtype) for _ in range(2))
+    d = torch.randn(256, 30, 7, generator=g, dtype=dtype)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        ws = w.to(dev).detach().requires_grad_()  # a leaf on each device
+        y, lad = rq_spline(x.to(dev), ws, h.to(dev), d.to(dev), 3.0)
+        (y.sum() + lad.sum()).backward()
+        out[dev] = [t.detach().cpu() for t in (y, lad, ws.grad)]
+    tol = {"rtol": 1e-2, "atol": 1e-3} if dtype == torch.float32 else {}
+    for a, b in zip(out["cpu"], out["cuda"], strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_actnorm_initialize_is_explicit_and_deterministic() -> None:
     x = torch.randn(64, 8) * 3 + 2
     a, b = _flow(5), _flow(5)

@@ -114,8 +114,9 @@ class RQSplineCoupling(nn.Module):
 
     Spline: :func:`~mendis_ray.flow.spline.rq_spline` (nflows' math with linear tails,
     no data-dependent check, so :func:`compiled_splines` fuses it whole), evaluated on
-    batch chunks of about ``chunk_elements`` parameters per (chunk, n_tr, K) tensor so
-    that its many elementwise passes stay in cache.  It runs with autocast disabled, in
+    batch chunks of about ``chunk_elements`` parameters per (chunk, n_tr, K) tensor on a
+    CPU so that its many elementwise passes stay in cache (on a GPU in one call:
+    ``device_chunk_elements``).  It runs with autocast disabled, in
     float32 (float64 for float64 inputs); under bf16/fp16 autocast the conditioner's
     outputs are cast up first.
 
@@ -130,7 +131,12 @@ class RQSplineCoupling(nn.Module):
             (0: unconditional; the signal-space model conditions on the noise level).
     """
 
+    #: on a CPU, spline calls cover about this many (row, n_tr, K) elements (cache-sized)
     chunk_elements: int = 1 << 18
+    #: the same on other devices; None: the whole batch in one call.  Each call is ~50
+    #: kernel launches, and the GPU waited on them: the paper preset's training step on
+    #: an H200 was bound by launches, 3 chunks per coupling at batch 64 (bench_gpu.py)
+    device_chunk_elements: int | None = None
 
     def __init__(
         self,
@@ -236,7 +242,8 @@ class RQSplineCoupling(nn.Module):
         with torch.autocast(device_type=x_tr.device.type, enabled=False):
             if fn is not spline_rows:
                 return self._spline_padded(fn, x_tr, w, h, d, inverse)
-            rows = max(1, self.chunk_elements // (self.n_transform * self.n_bins))
+            cap = self.chunk_elements if x_tr.device.type == "cpu" else self.device_chunk_elements
+            rows = x_tr.shape[0] if cap is None else max(1, cap // (self.n_transform * self.n_bins))
             if x_tr.shape[0] <= rows:
                 return self._rows(fn, x_tr, w, h, d, inverse)
             parts = [

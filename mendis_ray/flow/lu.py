@@ -101,9 +101,12 @@ class _LUFunction(torch.autograd.Function):
         block_size: int,
     ):
         blocks = _blocks(lu.shape[0], block_size)
-        s = log_s.exp()  # (n,)
-        z1 = _mm_ut(x, lu, s, blocks)  # (b, n) = x U^T
-        z2 = _mm_lt(z1, lu, blocks)  # (b, n) = z1 L^T
+        # In x's dtype: CUDA's autocast runs exp in float32, and the in-place products
+        # below need one dtype (bf16 training on a GPU raised "Float and BFloat16").
+        with torch.autocast(x.device.type, enabled=False):
+            s = log_s.exp().to(x.dtype)  # (n,)
+            z1 = _mm_ut(x, lu, s, blocks)  # (b, n) = x U^T
+            z2 = _mm_lt(z1, lu, blocks)  # (b, n) = z1 L^T
         ctx.save_for_backward(x, z1, lu, s, inv_perm)
         ctx.blocks = blocks
         return z2[:, perm]  # (b, n)
