@@ -5,8 +5,9 @@ training step and scoring, and the signal-space model's flow, in spectra per sec
 
 (a) the preset's flow (``paper``: 20 units on 2408 dimensions, ~1.19e9 parameters):
     - the training step as the product runs it (:func:`mendis_ray.train.loop.train_epoch`
-      with :func:`~mendis_ray.train.loop.make_optimizer`'s fused Adam, float32, TF32 off,
-      the preset's batch), which is what a Ray Train worker with ``--gpu`` executes;
+      with :func:`~mendis_ray.train.loop.make_optimizer`'s fused Adam and the preset's
+      gradient clipping, float32, TF32 off, the preset's batch), which is what a Ray Train
+      worker with ``--gpu`` executes (without DDP's all-reduce);
     - the same step with the splines in CPU-sized chunks (the code before
       ``RQSplineCoupling.device_chunk_elements``: side by side), with TF32 matrix
       products, with the splines through ``torch.compile`` (``compiled_splines``; the
@@ -135,9 +136,26 @@ def product_train_rows(flow, n: int, tcfg, dev: torch.device, steps: int = 10) -
         torch.backends.cuda.matmul.allow_tf32 = tf32
         reset_peak(dev)
         with cpu_chunks(chunks):
-            dt = timed(lambda: train_epoch(flow, xs, opt), dev, warmup=1, repeats=3) / steps
+            dt = (
+                timed(lambda: train_epoch(flow, xs, opt, tcfg.grad_clip), dev, warmup=1, repeats=3)
+                / steps
+            )
         rows.append(row("preset flow", f"train step, product ({what})", tcfg.batch_size, dt, dev))
     torch.backends.cuda.matmul.allow_tf32 = False
+    return rows
+
+
+def bf16_rows(flow, n: int, tcfg, dev: torch.device) -> list[dict]:
+    """Adam steps under bf16 autocast at the preset's batch and at 256 (its own
+    optimizer, freed on return, so later rows' peak memory does not hold its state)."""
+    opt = torch.optim.Adam(flow.parameters(), lr=tcfg.lr, fused=True)
+    flow.train()
+    rows = []
+    for batch in sorted({tcfg.batch_size, 256}):
+        x = torch.randn(batch, n, device=dev)
+        reset_peak(dev)
+        dt = timed(lambda x=x: train_step(flow, x, opt, True), dev)
+        rows.append(row("preset flow", "train step (bf16 autocast)", batch, dt, dev))
     return rows
 
 
@@ -146,13 +164,17 @@ def compiled_row(flow, n: int, tcfg, dev: torch.device, steps: int = 10) -> dict
     (:func:`compiled_splines`); the first epoch (which compiles) is timed apart."""
     xs = [torch.randn(tcfg.batch_size, n, device=dev) for _ in range(steps)]
     opt = make_optimizer(flow, tcfg)
+    reset_peak(dev)
     try:
         with compiled_splines():
             t0 = time.perf_counter()
-            train_epoch(flow, xs, opt)
+            train_epoch(flow, xs, opt, tcfg.grad_clip)
             sync(dev)
             first = time.perf_counter() - t0
-            dt = timed(lambda: train_epoch(flow, xs, opt), dev, warmup=0, repeats=3) / steps
+            dt = (
+                timed(lambda: train_epoch(flow, xs, opt, tcfg.grad_clip), dev, warmup=0, repeats=3)
+                / steps
+            )
     except Exception as exc:  # a compiler missing or failing: say so, keep the other rows
         print(f"compiled splines failed: {exc!r}", flush=True)
         return {"model": "preset flow", "what": "train step, compiled splines", "error": repr(exc)}
@@ -163,20 +185,21 @@ def compiled_row(flow, n: int, tcfg, dev: torch.device, steps: int = 10) -> dict
 def profile_step(flow, n: int, tcfg, dev: torch.device, out: Path) -> str:
     """torch.profiler's table of one product training step, splines in one call (top 25
     ops by own time on the device, or on the CPU for a dry run); also written to
-    ``out/profile_step.txt``."""
+    ``out/gpu_profile_step.txt`` (a dry run: ``gpu_dry_run_profile_step.txt``)."""
     from torch.profiler import ProfilerActivity, profile
 
     xs = [torch.randn(tcfg.batch_size, n, device=dev)]
     opt = make_optimizer(flow, tcfg)
-    train_epoch(flow, xs, opt)  # warm-up
+    train_epoch(flow, xs, opt, tcfg.grad_clip)  # warm-up
     sync(dev)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        train_epoch(flow, xs, opt)
+        train_epoch(flow, xs, opt, tcfg.grad_clip)
         sync(dev)
     key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=25)
-    (out / "profile_step.txt").write_text(table)
+    name = "gpu_profile_step.txt" if dev.type == "cuda" else "gpu_dry_run_profile_step.txt"
+    (out / name).write_text(table)
     print(table, flush=True)
     return table
 
@@ -203,6 +226,7 @@ def cumsum_rows(dev: torch.device, shape: tuple[int, int, int] = (1024, 1204, 8)
     """The knots' cumulative sum over K bins, one spline's (rows, n_tr, K) tensor at the
     paper preset's log p batch: ``torch.cumsum`` over the innermost axis (before) against
     :func:`~mendis_ray.flow.spline._cumsum_last` (through the first axis on a GPU)."""
+    reset_peak(dev)
     t = torch.rand(shape, device=dev)
     ref = torch.cumsum(t, dim=-1)
     rows = []
@@ -225,13 +249,7 @@ def preset_rows(dev: torch.device, preset: str, out: Path) -> list[dict]:
     print(f"{preset}: {flow.n_parameters():,} parameters, built in {build_s:.1f} s", flush=True)
     rows = product_train_rows(flow, n, tcfg, dev)
     profile_step(flow, n, tcfg, dev, out)
-    opt = torch.optim.Adam(flow.parameters(), lr=tcfg.lr, fused=True)
-    flow.train()
-    for batch in sorted({tcfg.batch_size, 256}):
-        x = torch.randn(batch, n, device=dev)
-        reset_peak(dev)
-        dt = timed(lambda x=x: train_step(flow, x, opt, True), dev)
-        rows.append(row("preset flow", "train step (bf16 autocast)", batch, dt, dev))
+    rows += bf16_rows(flow, n, tcfg, dev)
     flow.eval()
     x = torch.randn(1024, n, device=dev)
     for what, chunks in (("log p (fp32, eval, splines in CPU chunks)", True),
@@ -249,6 +267,7 @@ def preset_rows(dev: torch.device, preset: str, out: Path) -> list[dict]:
 
 
 def signal_rows(dev: torch.device) -> list[dict]:
+    reset_peak(dev)
     cfg = SignalConfig()
     flow = ConditionalFlow(13, 1, cfg, seed=0).to(dev)
     flow.initialize(torch.randn(1024, 14, device=dev))

@@ -108,7 +108,7 @@ class _LUFunction(torch.autograd.Function):
             z1 = _mm_ut(x, lu, s, blocks)  # (b, n) = x U^T
             z2 = _mm_lt(z1, lu, blocks)  # (b, n) = z1 L^T
         ctx.save_for_backward(x, z1, lu, s, inv_perm)
-        ctx.blocks = blocks
+        ctx.blocks, ctx.log_s_dtype = blocks, log_s.dtype
         return z2[:, perm]  # (b, n)
 
     @staticmethod
@@ -133,7 +133,7 @@ class _LUFunction(torch.autograd.Function):
                 glu[a:e, a:e] = diag
         if ctx.needs_input_grad[2]:
             acc = torch.promote_types(x.dtype, torch.float32)
-            gls = ((g1 * x).sum(dim=0, dtype=acc) * s.to(acc)).to(s.dtype)  # (n,)
+            gls = ((g1 * x).sum(dim=0, dtype=acc) * s.to(acc)).to(ctx.log_s_dtype)  # (n,)
         return gx, glu, gls, None, None, None
 
 
