@@ -49,6 +49,7 @@ from mendis_ray.flow.model import MendisFlow
 from mendis_ray.flow.signal import ConditionalFlow
 from mendis_ray.flow.spline import _cumsum_last
 from mendis_ray.science.ood import Scorer
+from mendis_ray.spectra.degrade import add_noise
 from mendis_ray.spectra.grid import get_grid
 from mendis_ray.spectra.simulate import Simulator, paper_training_labels
 from mendis_ray.train.loop import make_optimizer, train_epoch
@@ -105,11 +106,9 @@ def simulated(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """``n`` paper-set spectra at S/N 300: flux (n, 2405), ivar (n, 2405), labels (n, 3)."""
     rng = np.random.default_rng(seed)
     lab = paper_training_labels(n, rng)
-    clean = Simulator()(lab).astype(np.float64)  # (n, 2405)
-    sigma = np.maximum(clean, 1e-3) / SNR
-    flux = clean + sigma * rng.standard_normal(clean.shape)
+    flux, ivar = add_noise(Simulator()(lab), SNR, rng)  # (n, 2405) each
     labels = np.stack([lab.teff, lab.logg, lab.feh], axis=1)  # (n, 3)
-    return flux, 1.0 / sigma**2, labels
+    return flux, ivar, labels
 
 
 @contextlib.contextmanager
