@@ -23,9 +23,10 @@ machine the best round is the least disturbed); medians are reported too, and ev
 round is in the JSON.
 Ray runs its workers at niceness 15 by default: on a machine shared with other work they
 then get a small fraction of the CPU that a niceness-0 process (the in-process baseline)
-gets.  The benchmark's local Ray starts its workers at niceness 0
-(``RAY_worker_niceness=0``, a RayConfig override) so both sides compete alike; the
-actors' niceness is recorded (``actor_niceness``) to check.
+gets.  The package's embedded Ray starts its workers at niceness 0
+(``RAY_worker_niceness=0``, a RayConfig override, in ``session.quiet_ray_env``; before
+2026-11-30 only this benchmark set it) so both sides compete alike; the actors' niceness
+is recorded (``actor_niceness``) to check.
 
 The model is the ``compact`` preset (38M parameters) at its Gaussian start (0 epochs;
 scoring cost does not depend on the weights), standardized on simulated S/N 300 spectra,
@@ -263,7 +264,7 @@ def run_cli(ckpt: Path, catalog: Path, out: Path, options: tuple[str, ...] = ())
     cmd = [sys.executable, "-m", "mendis_ray.cli", "score", str(ckpt), str(catalog), "--out",
            str(out), *options]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-    env.pop("RAY_worker_niceness", None)  # the user's default
+    env.pop("RAY_worker_niceness", None)  # the package's default, as a user gets it
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -31,3 +32,18 @@ def test_with_its_own_auth_mode_the_caller_is_warned(monkeypatch, shutdowns, cap
     with caplog.at_level(logging.WARNING, logger="mendis_ray"):
         session._refuse_open_cluster("10.1.2.3")
     assert shutdowns == [] and "reachable from the network" in caplog.text
+
+
+@pytest.mark.parametrize("given", [None, "7"])
+def test_embedded_cluster_workers_get_a_fair_share_unless_told_otherwise(monkeypatch, given):
+    """Workers of the embedded cluster at niceness 0 (Ray's default, 15, left them a few
+    percent of a shared machine); the caller's own RAY_worker_niceness wins; a joined
+    cluster keeps its own setting."""
+    for key in ("RAY_worker_niceness", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    if given is not None:
+        monkeypatch.setenv("RAY_worker_niceness", given)
+    session.quiet_ray_env(local=False)
+    assert os.environ.get("RAY_worker_niceness") == given
+    session.quiet_ray_env(local=True)
+    assert os.environ["RAY_worker_niceness"] == (given or "0")
