@@ -139,7 +139,7 @@ def cmd_train_signal(args: argparse.Namespace) -> int:
 
     changes = _given(args, n_signal="k", n_units="n_units", hidden="hidden", epochs="epochs",
                      lr="lr", batch_size="batch_size", seed="seed",
-                     min_snr="min_snr")  # fmt: skip
+                     min_snr="min_snr", far_iqr="far_iqr")  # fmt: skip
     cfg = SignalConfig().with_given(**changes)
     minutes = args.minutes
     s = train_signal_checkpoint(
@@ -155,8 +155,29 @@ def cmd_train_signal(args: argparse.Namespace) -> int:
         f"validation log q (flow coordinates): {s['initial_val_log_q']:.2f} at the start -> "
         f"{s['best_val_log_q']:.2f}; mean total log p {s['val_log_p']:.1f} nats per spectrum"
     )
+    if s.get("val_far_out"):
+        print(_far_out_line(s))
     print(f"checkpoint: {s['checkpoint']}")
     return 0
+
+
+def _far_out_line(s: dict) -> str:
+    """What ``mendis train`` says of validation spectra far outside the rest."""
+    from mendis_ray.science.signal_tails import FAR_IQR
+
+    n, m = s["val_far_out"], s["val_rows"]
+    if s["far_iqr"] is not None:
+        return (
+            f"{n} of {m} validation spectra lie more than {s['far_iqr']:g} interquartile "
+            "ranges below the rest in log q: left out of the scores' reference"
+        )
+    return (
+        f"{n} of {m} validation spectra lie more than {FAR_IQR:g} interquartile "
+        "ranges below the rest in log q (peculiar stars in the catalogue, or the edges "
+        "of a short training): kept in the scores' reference; --far-iqr "
+        f"{FAR_IQR:g} leaves such stars out (README: 'A catalogue that holds "
+        "the stars you search for')"
+    )
 
 
 def _csv(text: str | None, kind: type, default: str | None = None) -> tuple | None:
@@ -234,6 +255,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="signal model: train and calibrate it down to at least this S/N, "
                    "whatever the training S/N (noise augmentation, noised copies of held-out "
                    "stars); noisier spectra are flagged noise_range (default 25)")  # fmt: skip
+    t.add_argument("--far-iqr", type=float, default=None, metavar="IQRS",
+                   help="signal model: leave out of the scores' reference the validation "
+                   "spectra whose log q lies more than IQRS interquartile ranges below the "
+                   "median (a catalogue's CEMP stars, rotators; e.g. 6); default: keep "
+                   "every one")  # fmt: skip
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _ray_train_args(t)
     t.set_defaults(func=cmd_train)

@@ -661,9 +661,54 @@ def test_far_out_held_out_stars_leave_the_reference_as_it_was(trained, caplog) -
     with caplog.at_level(logging.INFO, logger="mendis_ray.science.signal_scores"):
         mixed = SignalScorer.fit(model, *held, coords, far_iqr=FAR_IQR)
     assert f"6 of {ok.sum() + 6} held-out spectra lie far outside the rest" in caplog.text
+    assert "left out of the scores' reference" in caplog.text
+    assert (clean.held_out_far, mixed.held_out_far) == (0, 6)
     assert sorted(mixed.ref) == sorted(clean.ref)
     for key, value in clean.ref.items():
         np.testing.assert_array_equal(mixed.ref[key], value, err_msg=key)
+
+
+def test_mendis_train_far_iqr_reaches_the_scorer_and_its_summary(
+    trained, monkeypatch, tmp_path, capsys
+) -> None:
+    """``mendis train --far-iqr`` sets ``SignalConfig.far_iqr``, which every scorer fitted
+    from a training result uses; without it the far-out validation spectra are counted,
+    kept, and the summary says how to leave them out."""
+    from mendis_ray.train import signal as train_signal
+
+    seen, fits = [], []
+    real_fit = SignalScorer.fit
+
+    def spy_fit(*args, **kwargs):
+        fits.append(kwargs.get("far_iqr", "not given"))
+        return real_fit(*args, **kwargs)
+
+    def fake_train(paths, out, cfg, **kwargs):  # what the CLI hands on and prints
+        seen.append(cfg)
+        keys = ("k", "train_rows", "epochs", "best_epoch", "seconds", "initial_val_log_q",
+                "best_val_log_q", "val_log_p")  # fmt: skip
+        return dict.fromkeys(keys, 1) | {"checkpoint": "c", "val_rows": 200, "val_far_out": 3,
+                                         "far_iqr": cfg.far_iqr}  # fmt: skip
+
+    monkeypatch.setattr(train_signal, "train_signal_checkpoint", fake_train)
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "a"), "--far-iqr", "6"]) == 0
+    assert "3 of 200 validation spectra lie more than 6 interquartile ranges" in (
+        capsys.readouterr().out
+    )
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "b")]) == 0
+    assert "kept in the scores' reference; --far-iqr 6 leaves" in capsys.readouterr().out
+    assert [c.far_iqr for c in seen] == [6.0, None]
+    monkeypatch.undo()  # the real training function, with a spy on the scorer's fit
+    monkeypatch.setattr(SignalScorer, "fit", spy_fit)
+    data, _ = trained
+    cfg = SignalConfig(n_units=1, hidden=16, epochs=1, far_iqr=9.0, residual_folds=0,
+                       structure_tests=False, element_tests=False)  # fmt: skip
+    summary = train_signal.train_signal_checkpoint([data / "train"], tmp_path / "c", cfg,
+                                                   show_progress=False)  # fmt: skip
+    assert fits == [9.0] and summary["far_iqr"] == 9.0
+    assert isinstance(summary["val_far_out"], int)
+    saved = json.loads((tmp_path / "c" / "checkpoint" / "config.json").read_text())
+    assert saved["signal_config"]["far_iqr"] == 9.0
 
 
 def test_log_tails_of_many_statistics_equal_their_own_log_tail() -> None:

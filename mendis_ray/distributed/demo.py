@@ -335,7 +335,8 @@ def _signal_model(train: ex.Arrays, sets: dict, pairs: dict, out: Path, rows: li
     va, tr = res.val_rows, slice(0, res.val_rows.start)
     scorer = SignalScorer.fit(res.model, train.flux[va], train.ivar[va], train.labels[va],
                               res.train_coords, grid=grid, train=(train.flux[tr],
-                              train.ivar[tr], train.labels[tr]))  # fmt: skip
+                              train.ivar[tr], train.labels[tr]),
+                              far_iqr=res.model.cfg.far_iqr)  # fmt: skip
     names = {"score": "signal_model", "signal_score": "signal_model_signal",
              "residual_score": "signal_model_residual"}  # fmt: skip
     for name, arr in sets.items():

@@ -328,7 +328,7 @@ def _signal_trainable(config: dict, *, data: dict, base: dict) -> None:
     va, tr = res.val_rows, slice(0, res.val_rows.start)
     scorer = SignalScorer.fit(
         res.model, flux[va], ivar[va], labels[va], res.train_coords, grid=base["grid"],
-        train=(flux[tr], ivar[tr], labels[tr]),
+        train=(flux[tr], ivar[tr], labels[tr]), far_iqr=res.model.cfg.far_iqr,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
         scorer.save(Path(d) / "checkpoint", metrics={**metrics, "signal_config": cfg.to_dict()})

@@ -244,6 +244,7 @@ def signal_run(data: BenchData, cfg=None, time_limit_s: float | None = None) -> 
     scorer = SignalScorer.fit(
         res.model, tr.flux[va], tr.ivar[va], tr.labels[va], res.train_coords, grid=data.grid,
         train=(tr.flux[: va.start], tr.ivar[: va.start], tr.labels[: va.start]),
+        far_iqr=res.model.cfg.far_iqr,
     )  # fmt: skip
     dt = time.perf_counter() - t0
     keys = ("score", "signal_score", "residual_score")

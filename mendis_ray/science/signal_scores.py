@@ -112,6 +112,7 @@ from mendis_ray.science.signal_noise import (
     with_noised_copies,
 )
 from mendis_ray.science.signal_tails import (
+    FAR_IQR,
     LABELS_CAL,
     copula_correlation,
     cross_fitted,
@@ -177,6 +178,7 @@ class SignalScorer:
     grid: dict = field(default_factory=dict)
     max_masked_fraction: float = 0.2
     n_importance: int = 32
+    held_out_far: int = 0  # held-out stars far out when the reference was fitted (not saved)
     _a32: tuple | None = field(default=None, init=False, repr=False, compare=False)
     _structure: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -219,14 +221,19 @@ class SignalScorer:
         calibration (signal, label-free, structure, residual, the two tails' dependence),
         out to the noisiest level the flow was trained on; the choice of the structure
         tests and the label density's weight use the real held-out stars.  The flux range
-        is the stars' own (:func:`outside_flux_range` allows each pixel its noise)."""
-        far = np.zeros(len(flux), bool)
-        if far_iqr is not None:
-            far = far_out(model.flow_log_prob(model.coordinates(flux, ivar, labels)), far_iqr)
-        if far.any():  # a catalogue's CEMP stars, stripped stars ...: not an inlier's tail
-            log.info("%d of %d held-out spectra lie far outside the rest (flow log q more "
-                     "than %g interquartile ranges below the median): left out of the "
-                     "scores' reference", far.sum(), len(far), far_iqr)  # fmt: skip
+        is the stars' own (:func:`outside_flux_range` allows each pixel its noise).
+        Without ``far_iqr`` the stars beyond ``FAR_IQR`` are counted (``held_out_far``) and
+        kept."""
+        cut = FAR_IQR if far_iqr is None else far_iqr
+        far = far_out(model.flow_log_prob(model.coordinates(flux, ivar, labels)), cut)
+        n_far = int(far.sum())
+        if n_far:  # kept: said once, by the caller (mendis train's summary), at debug here
+            kept = far_iqr is None
+            log.log(logging.DEBUG if kept else logging.INFO, "%d of %d held-out spectra lie "
+                    "far outside the rest (flow log q more than %g interquartile ranges below "
+                    "the median): %s the scores' reference", n_far, len(far), cut,
+                    "kept in" if kept else "left out of")  # fmt: skip
+        if far_iqr is not None and n_far:  # a catalogue's CEMP stars ...: not an inlier's tail
             flux, ivar, labels = flux[~far], ivar[~far], labels[~far]
         # the training stars when given: the linear stage has k << n parameters, so they
         # are as good as held-out ones for the residual, and many more
@@ -244,7 +251,7 @@ class SignalScorer:
         found = element_templates(grid or {}, cal_labels) if model.cfg.element_tests else None
         if found is not None:
             ref |= {"elements.templates": found[0], "elements.index": found[1]}
-        scorer = cls(model, ref, grid or {})
+        scorer = cls(model, ref, grid or {}, held_out_far=n_far)
         folds = model.cfg.residual_folds if train is not None else 0  # held-out: as they are
         parts = cross_fitted(model, cal_flux, cal_ivar, cal_labels, scorer._templates(), folds)
         # the held-out stars, and noised copies of them out to the noisiest level the flow

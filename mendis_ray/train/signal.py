@@ -319,7 +319,8 @@ def train_signal_checkpoint(
     va, tr = res.val_rows, slice(0, res.val_rows.start)
     t1 = time.perf_counter()
     scorer = SignalScorer.fit(res.model, flux[va], ivar[va], labels[va], res.train_coords,
-                              grid=grid, train=(flux[tr], ivar[tr], labels[tr]))  # fmt: skip
+                              grid=grid, train=(flux[tr], ivar[tr], labels[tr]),
+                              far_iqr=cfg.far_iqr)  # fmt: skip
     log.info("scores calibrated on the %d validation and %d training spectra in %.1f s",
              len(flux) - tr.stop, tr.stop, time.perf_counter() - t1)  # fmt: skip
     hist = res.history
@@ -332,6 +333,7 @@ def train_signal_checkpoint(
         "batch_size": res.steps.batch_size, "lr": res.steps.lr,
         "initial_val_log_q": hist.initial_val_log_prob, "best_val_log_q": hist.best_val_log_prob,
         "val_log_p": float(np.mean(val_log_p[np.isfinite(val_log_p)])),
+        "val_far_out": scorer.held_out_far, "far_iqr": cfg.far_iqr,
         "seconds": time.perf_counter() - t0, "signal_config": cfg.to_dict(),
     }  # fmt: skip
     if not np.isfinite(hist.best_val_log_prob) or gain <= 0:
