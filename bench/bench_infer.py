@@ -21,12 +21,12 @@ wind down for seconds after it; the seconds waited are in the JSON).
 The headline ratio is best round over best round (as ``_common.best_of``: on a shared
 machine the best round is the least disturbed); medians are reported too, and every
 round is in the JSON.
-Ray runs its workers at niceness 15 by default: on a machine shared with other work they
-then get a small fraction of the CPU that a niceness-0 process (the in-process baseline)
-gets.  The package's embedded Ray starts its workers at niceness 0
-(``RAY_worker_niceness=0``, a RayConfig override, in ``session.quiet_ray_env``; before
-2026-11-30 only this benchmark set it) so both sides compete alike; the actors' niceness
-is recorded (``actor_niceness``) to check.
+Ray runs its workers 15 nicer than itself by default: on a machine shared with other work
+they then get a small fraction of the CPU that the in-process baseline gets.  The
+package's embedded Ray starts them at its own niceness (``RAY_worker_niceness=0``, a
+RayConfig override and an increment, in ``session.quiet_ray_env``; before 2026-11-30 only
+this benchmark set it) so both sides compete alike; the actors' niceness is recorded
+(``actor_niceness``) to check.
 
 The model is the ``compact`` preset (38M parameters) at its Gaussian start (0 epochs;
 scoring cost does not depend on the weights), standardized on simulated S/N 300 spectra,

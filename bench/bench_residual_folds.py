@@ -47,7 +47,8 @@ def main() -> None:
         model.cfg = model.cfg.replace(residual_folds=folds)
         t0 = time.perf_counter()
         sc = SignalScorer.fit(model, flux[n:], ivar[n:], labels[n:], coords, grid=grid,
-                              train=(flux[:n], ivar[:n], labels[:n]))  # fmt: skip
+                              train=(flux[:n], ivar[:n], labels[:n]),
+                              far_iqr=model.cfg.far_iqr)  # fmt: skip
         row: dict = {"folds": folds, "fit_s": round(time.perf_counter() - t0, 1)}
         outs = {k: sc.score(a.flux, a.ivar, a.labels) for k, a in sets.items()}
         te = outs["test"]

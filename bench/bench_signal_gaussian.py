@@ -45,7 +45,7 @@ def scorer_for(data, checkpoint: Path | None) -> SignalScorer:
     va = res.val_rows
     sc = SignalScorer.fit(res.model, tr.flux[va], tr.ivar[va], tr.labels[va], res.train_coords,
                           train=(tr.flux[: va.start], tr.ivar[: va.start],
-                                 tr.labels[: va.start]))  # fmt: skip
+                                 tr.labels[: va.start]), far_iqr=res.model.cfg.far_iqr)  # fmt: skip
     if checkpoint is not None:
         sc.save(checkpoint)
     return sc

@@ -39,7 +39,8 @@ def run(cfg: SignalConfig, flux, ivar, labels, sets, grid: dict) -> dict:
     res = train_signal_model(flux, ivar, labels, cfg, show_progress=False)
     va, tr = res.val_rows, slice(0, res.val_rows.start)
     scorer = SignalScorer.fit(res.model, flux[va], ivar[va], labels[va], res.train_coords,
-                              grid=grid, train=(flux[tr], ivar[tr], labels[tr]))  # fmt: skip
+                              grid=grid, train=(flux[tr], ivar[tr], labels[tr]),
+                              far_iqr=cfg.far_iqr)  # fmt: skip
     out = {k: scorer.score(v.flux, v.ivar, v.labels) for k, v in sets.items()}
     row = {"noise_augment": cfg.noise_augment,  # the factor reaches S/N min_snr at least
            "max_factor": augment_factor(flux[tr], ivar[tr], cfg), "k": res.model.basis.k,

@@ -169,14 +169,14 @@ def _far_out_line(s: dict) -> str:
     if s["far_iqr"] is not None:
         return (
             f"{n} of {m} validation spectra lie more than {s['far_iqr']:g} interquartile "
-            "ranges below the rest in log q: left out of the scores' reference"
+            "ranges below the rest in log q, or have none: left out of the scores' reference"
         )
     return (
-        f"{n} of {m} validation spectra lie more than {FAR_IQR:g} interquartile "
-        "ranges below the rest in log q (peculiar stars in the catalogue, or the edges "
-        "of a short training): kept in the scores' reference; --far-iqr "
-        f"{FAR_IQR:g} leaves such stars out (README: 'A catalogue that holds "
-        "the stars you search for')"
+        f"{n} of {m} validation spectra lie more than {FAR_IQR:g} interquartile ranges "
+        "below the rest in log q, or have none: kept in the scores' reference. If they are "
+        f"peculiar stars of the catalogue, --far-iqr {FAR_IQR:g} leaves them out; after a "
+        "short training they can be clean stars at the population's edges, which it "
+        "should keep (README: 'A catalogue that holds the stars you search for')"
     )
 
 
@@ -215,7 +215,8 @@ def cmd_tune_signal(args: argparse.Namespace) -> int:
     from mendis_ray.distributed.session import ensure_ray
     from mendis_ray.distributed.tune import SignalTuneConfig, tune_signal
 
-    changes = _given(args, hidden="hidden", epochs="epochs", lr="lr", batch_size="batch_size")
+    changes = _given(args, hidden="hidden", epochs="epochs", lr="lr", batch_size="batch_size",
+                     far_iqr="far_iqr")  # fmt: skip
     cfg = SignalConfig().with_given(**changes)
     tune_cfg = SignalTuneConfig(
         ks=_csv(args.ks, int), n_units=_csv(args.units, int, "4,6"), lr=_csv(args.lrs, float),
@@ -255,11 +256,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="signal model: train and calibrate it down to at least this S/N, "
                    "whatever the training S/N (noise augmentation, noised copies of held-out "
                    "stars); noisier spectra are flagged noise_range (default 25)")  # fmt: skip
-    t.add_argument("--far-iqr", type=float, default=None, metavar="IQRS",
-                   help="signal model: leave out of the scores' reference the validation "
-                   "spectra whose log q lies more than IQRS interquartile ranges below the "
-                   "median (a catalogue's CEMP stars, rotators; e.g. 6); default: keep "
-                   "every one")  # fmt: skip
+    _far_iqr_arg(t)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _ray_train_args(t)
     t.set_defaults(func=cmd_train)
@@ -287,4 +284,21 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> None:
                    "(default: flow 2,4; signal 4,6)")  # fmt: skip
     u.add_argument("--cpus-per-trial", type=float, default=0.5, help="signal: CPUs per trial")
     u.add_argument("--concurrent", type=int, default=1, help="trials at once")
+    _far_iqr_arg(u)
     u.set_defaults(func=cmd_tune)
+
+
+def _at_least_one(text: str) -> float:
+    """A finite number >= 1 (argparse type of ``--far-iqr``)."""
+    value = float(text)
+    if not value >= 1 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a finite number of at least 1 (e.g. 6)")
+    return value
+
+
+def _far_iqr_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--far-iqr", type=_at_least_one, default=None, metavar="IQRS",
+                   help="signal model: leave out of the scores' reference the validation "
+                   "spectra whose log q lies more than IQRS interquartile ranges below the "
+                   "median (a catalogue's CEMP stars, rotators; e.g. 6); default: keep "
+                   "every one")  # fmt: skip

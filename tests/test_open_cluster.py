@@ -36,13 +36,14 @@ def test_with_its_own_auth_mode_the_caller_is_warned(monkeypatch, shutdowns, cap
 
 @pytest.mark.parametrize("given", [None, "7"])
 def test_embedded_cluster_workers_get_a_fair_share_unless_told_otherwise(monkeypatch, given):
-    """Workers of the embedded cluster at niceness 0 (Ray's default, 15, left them a few
-    percent of a shared machine); the caller's own RAY_worker_niceness wins; a joined
-    cluster keeps its own setting."""
+    """Workers of the embedded cluster at the command's own niceness (Ray's default, 15
+    more, left them a few percent of a shared machine); the caller's own
+    RAY_worker_niceness wins; a joined cluster keeps its own setting."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # nothing set here outlives the test
     for key in ("RAY_worker_niceness", "RAY_AUTH_MODE"):
-        monkeypatch.delenv(key, raising=False)
+        os.environ.pop(key, None)
     if given is not None:
-        monkeypatch.setenv("RAY_worker_niceness", given)
+        os.environ["RAY_worker_niceness"] = given
     session.quiet_ray_env(local=False)
     assert os.environ.get("RAY_worker_niceness") == given
     session.quiet_ray_env(local=True)

@@ -666,6 +666,12 @@ def test_far_out_held_out_stars_leave_the_reference_as_it_was(trained, caplog) -
     assert sorted(mixed.ref) == sorted(clean.ref)
     for key, value in clean.ref.items():
         np.testing.assert_array_equal(mixed.ref[key], value, err_msg=key)
+    kept = SignalScorer.fit(model, *held, coords)  # the default: counted, and kept
+    assert kept.held_out_far == 6
+    assert kept.ref["sorted.score"].shape == (ok.sum() + 6,)
+    assert any(not np.array_equal(kept.ref[k], v) for k, v in clean.ref.items())
+    with pytest.raises(ValueError, match="at least 1"):
+        SignalScorer.fit(model, *held, coords, far_iqr=0.5)
 
 
 def test_mendis_train_far_iqr_reaches_the_scorer_and_its_summary(
@@ -696,8 +702,17 @@ def test_mendis_train_far_iqr_reaches_the_scorer_and_its_summary(
         capsys.readouterr().out
     )
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "b")]) == 0
-    assert "kept in the scores' reference; --far-iqr 6 leaves" in capsys.readouterr().out
+    assert "kept in the scores' reference. If they are peculiar stars of the catalogue, " \
+        "--far-iqr 6 leaves them out" in capsys.readouterr().out  # fmt: skip
     assert [c.far_iqr for c in seen] == [6.0, None]
+    for bad in ("0", "0.5", "nan", "inf", "-3"):  # inside the IQR, or no cut: refused
+        with pytest.raises(SystemExit):
+            main(["train", str(tmp_path), "--out", str(tmp_path / "d"), "--far-iqr", bad])
+    assert "a finite number of at least 1" in capsys.readouterr().err and len(seen) == 2
+    monkeypatch.setattr(train_signal, "train_signal_checkpoint",
+                        lambda *a, **k: fake_train(*a, **k) | {"val_far_out": 0})  # fmt: skip
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "e")]) == 0
+    assert "validation spectra lie" not in capsys.readouterr().out
     monkeypatch.undo()  # the real training function, with a spy on the scorer's fit
     monkeypatch.setattr(SignalScorer, "fit", spy_fit)
     data, _ = trained
@@ -705,8 +720,7 @@ def test_mendis_train_far_iqr_reaches_the_scorer_and_its_summary(
                        structure_tests=False, element_tests=False)  # fmt: skip
     summary = train_signal.train_signal_checkpoint([data / "train"], tmp_path / "c", cfg,
                                                    show_progress=False)  # fmt: skip
-    assert fits == [9.0] and summary["far_iqr"] == 9.0
-    assert isinstance(summary["val_far_out"], int)
+    assert fits == [9.0] and summary["far_iqr"] == 9.0 and summary["val_far_out"] >= 0
     saved = json.loads((tmp_path / "c" / "checkpoint" / "config.json").read_text())
     assert saved["signal_config"]["far_iqr"] == 9.0
 

@@ -124,11 +124,11 @@ def quiet_ray_env(local: bool) -> None:
         # cluster down and raises (_refuse_open_cluster).  A joined cluster (address given)
         # keeps its own auth setting.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # Ray starts its workers at niceness 15, for a cluster whose machines are its own.
-        # The embedded cluster runs one user's command on a machine shared with their other
-        # work, where that left our workers a few percent of the CPU: `mendis score` of
-        # 10,000 spectra beside two busy processes on 2 cores took 337 s instead of 33 s
-        # alone.  Workers at niceness 0 (as the command's own process) take their fair share.
+        # Ray starts its workers 15 nicer than itself, for a cluster whose machines are its
+        # own.  The embedded cluster runs one user's command on a machine shared with their
+        # other work, where that left our workers a few percent of the CPU: `mendis score`
+        # of 10,000 spectra beside two busy processes on 2 cores took 337 s instead of 33 s
+        # alone.  At +0 (the command's own niceness) they take their fair share (61 s).
         os.environ.setdefault("RAY_worker_niceness", "0")
 
 

@@ -178,7 +178,9 @@ class SignalScorer:
     grid: dict = field(default_factory=dict)
     max_masked_fraction: float = 0.2
     n_importance: int = 32
-    held_out_far: int = 0  # held-out stars far out when the reference was fitted (not saved)
+    # held-out stars far out when the reference was fitted (not saved: the checkpoint's
+    # metrics hold mendis train's val_far_out)
+    held_out_far: int = field(default=0, compare=False, repr=False)
     _a32: tuple | None = field(default=None, init=False, repr=False, compare=False)
     _structure: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -224,6 +226,8 @@ class SignalScorer:
         is the stars' own (:func:`outside_flux_range` allows each pixel its noise).
         Without ``far_iqr`` the stars beyond ``FAR_IQR`` are counted (``held_out_far``) and
         kept."""
+        if far_iqr is not None and not 1 <= far_iqr < np.inf:  # inside the IQR: inliers
+            raise ValueError(f"far_iqr {far_iqr!r}: a finite number of at least 1, or None")
         cut = FAR_IQR if far_iqr is None else far_iqr
         far = far_out(model.flow_log_prob(model.coordinates(flux, ivar, labels)), cut)
         n_far = int(far.sum())
@@ -231,7 +235,7 @@ class SignalScorer:
             kept = far_iqr is None
             log.log(logging.DEBUG if kept else logging.INFO, "%d of %d held-out spectra lie "
                     "far outside the rest (flow log q more than %g interquartile ranges below "
-                    "the median): %s the scores' reference", n_far, len(far), cut,
+                    "the median, or none): %s the scores' reference", n_far, len(far), cut,
                     "kept in" if kept else "left out of")  # fmt: skip
         if far_iqr is not None and n_far:  # a catalogue's CEMP stars ...: not an inlier's tail
             flux, ivar, labels = flux[~far], ivar[~far], labels[~far]

@@ -1,4 +1,5 @@
-"""The embedded cluster's worker setup hook runs in Ray's worker processes."""
+"""The embedded cluster's workers: its setup hook runs in them; they run at the driver's
+niceness."""
 
 import logging
 
@@ -16,8 +17,8 @@ def test_worker_setup_hook_quiets_the_placement_group_cleaner(ray_session):
 
 
 def test_embedded_cluster_workers_run_at_the_callers_niceness(ray_session):
-    """Not at Ray's default 15, where a busy machine left them a few percent of the CPU
-    (``quiet_ray_env``); skipped where the caller chose a niceness of their own."""
+    """Not 15 nicer (Ray's default), where a busy machine left them a few percent of the
+    CPU (``quiet_ray_env``); skipped where the caller chose a niceness of their own."""
     import os
 
     import pytest
