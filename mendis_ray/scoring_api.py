@@ -284,7 +284,7 @@ class ScoreResult(BaseModel):
     )
     strongest_test: str | None = Field(
         None, description="signal model: the test with the smallest tail, the one behind "
-        "score (signal:flow, signal:structure:<label>,ic<j>, residual:chi2, "
+        "score (signal:flow, signal:structure:<label>,ic<j>, signal:compression, residual:chi2, "
         "residual:scan<pixels>, residual:elem.<element>, unscorable); flow: null"
     )  # fmt: skip
     labels_used: dict[str, float | None] = Field(description="given labels, or the best-fit")

@@ -48,6 +48,43 @@ def test_conditional_flow_inverse_and_logdet(n: int) -> None:
     assert not torch.allclose(flow.log_prob(y, ctx), flow.log_prob(y, -ctx))
 
 
+@pytest.mark.parametrize("n", [2, 5])
+def test_steepest_compression_is_the_smallest_spline_derivative(n: int) -> None:
+    """``log_prob_and_compression``: log q as ``log_prob`` (to rounding), and the smallest
+    log|dy_j/dx_j| of any coupling's spline at each point, each coupling's diagonal taken by
+    autograd with its conditioning half held; a coupling's elementwise log-derivatives sum
+    to its logabsdet."""
+    from mendis_ray.flow.coupling import RQSplineCoupling
+
+    torch.manual_seed(0)
+    cfg = SignalConfig(n_units=3, hidden=16, n_blocks=1, n_bins=4)
+    flow = ConditionalFlow(n, 1, cfg, seed=1).double()
+    y = torch.randn(64, n, dtype=torch.float64) * 1.5
+    ctx = torch.rand(64, 1, dtype=torch.float64) * 2 - 1
+    flow.initialize(torch.cat([y, ctx], 1))
+    with torch.no_grad():  # move the couplings off the identity
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    flow.eval()
+    log_q, steepest = flow.log_prob_and_compression(y, ctx)
+    torch.testing.assert_close(log_q, flow.log_prob(y, ctx), atol=1e-10, rtol=1e-10)
+    x, mins = y, []
+    for layer in flow.layers:
+        if isinstance(layer, RQSplineCoupling):
+            x_id, x_tr = layer._split(x)
+            x_tr = x_tr.detach().requires_grad_(True)
+            out, lad = layer(layer._merge(x_id, x_tr), ctx)
+            each = layer.forward_elementwise(layer._merge(x_id, x_tr), ctx)[1]
+            torch.testing.assert_close(each.sum(1), lad, atol=1e-10, rtol=1e-10)
+            diag = torch.autograd.grad(layer._split(out)[1].sum(), x_tr)[0]  # (b, n_tr)
+            mins.append(diag.abs().log().min(1).values)
+            x = out.detach()
+        else:
+            x = layer(x)[0]
+    torch.testing.assert_close(steepest, torch.stack(mins).min(0).values, atol=1e-8, rtol=1e-8)
+    assert steepest.std() > 0.05  # off the identity: the points differ
+
+
 def _dense_case(seed: int = 0, p: int = 40, k: int = 3):
     rng = np.random.default_rng(seed)
     u = np.linalg.qr(rng.standard_normal((p, k)))[0]
@@ -428,9 +465,14 @@ def test_structure_tests_see_stars_between_the_alpha_sequences(trained) -> None:
     assert np.isfinite(rho_sig(ct, scorer.model)).all()
 
 
-def test_signal_score_is_the_more_significant_of_flow_and_structure(trained) -> None:
-    """With the structure tests, ``signal_score`` is min_tail of the flow's and the tests'
-    tails for their held-out correlation per noise bin; a reference written before (an
+COMPRESSION_KEYS = ("cal.compression.", "signal_compression.")
+
+
+def test_signal_score_is_the_more_significant_of_flow_structure_and_compression(trained):
+    """With the structure tests, the signal tail is min_tail of the flow's and the tests'
+    tails for their held-out correlation per noise bin, and ``signal_score`` min_tail of
+    that and the flow's steepest compression's tail, the same way; a reference written
+    before the compression test scores without it; one written before the copula (an
     empirical calibration ``cal.signal_tests`` of the minimum) keeps that calibration."""
     from mendis_ray.science.signal_tails import flow_tail, min_tail, rho_sig
 
@@ -439,20 +481,45 @@ def test_signal_score_is_the_more_significant_of_flow_and_structure(trained) -> 
     r = scorer.ref
     assert "signal_tests.corr" in r and "cal.signal_tests.centers" not in r
     assert np.all((r["signal_tests.corr"] > 0) & (r["signal_tests.corr"] < 1))
+    assert np.all(np.abs(r["signal_compression.corr"]) < 1)
     te = _arrays(data, "test")
     out = scorer.score(te.flux, te.ivar, te.labels)
     c = scorer._pixel_pass(te.flux, te.ivar, te.labels).c
     rho, tests = rho_sig(c, scorer.model), scorer._tests()
-    flow = flow_tail(r, scorer.model.flow_log_prob(c), c.y, rho, tests)
+    lq, steepest = scorer.model.flow_log_prob_and_compression(c)
+    flow = flow_tail(r, lq, c.y, rho, tests)
     struct = NoiseCalibration.from_arrays(r, "cal.structure").log_tail(rho, tests.statistic(c.y))
     both = np.minimum(flow, struct)
     corr = np.interp(rho, r["signal_tests.centers"], r["signal_tests.corr"])
-    np.testing.assert_allclose(out["signal_score"], min_tail(both, corr), rtol=1e-4, atol=1e-4)
-    old = {k: v for k, v in r.items() if not k.startswith("signal_tests.")}
+    squeezed = NoiseCalibration.from_arrays(r, "cal.compression").log_tail(rho, -steepest)
+    corr_c = np.interp(rho, r["signal_compression.centers"], r["signal_compression.corr"])
+    want = min_tail(np.minimum(min_tail(both, corr), squeezed), corr_c)
+    np.testing.assert_allclose(out["signal_score"], want, rtol=1e-4, atol=1e-4)
+    kept = {k: v for k, v in r.items() if not k.startswith(COMPRESSION_KEYS)}
+    before = SignalScorer(scorer.model, kept, scorer.grid)
+    got = before.score(te.flux, te.ivar, te.labels)
+    np.testing.assert_allclose(got["signal_score"], min_tail(both, corr), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got["residual_score"], out["residual_score"])
+    assert "signal:compression" not in set(got["strongest_test"])
+    old = {k: v for k, v in before.ref.items() if not k.startswith("signal_tests.")}
     old |= NoiseCalibration.fit(rho, -both).arrays("cal.signal_tests")
     got = SignalScorer(scorer.model, old, scorer.grid).score(te.flux, te.ivar, te.labels)
     want = NoiseCalibration.from_arrays(old, "cal.signal_tests").log_tail(rho, -both)
     np.testing.assert_allclose(got["signal_score"], want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_compression_test_can_be_turned_off(trained) -> None:
+    """``SignalConfig.compression_test = False``: the reference has none of its arrays,
+    and no star's strongest test is the compression."""
+    data, ckpt = trained
+    model = load_scorer(ckpt).model
+    model.cfg = model.cfg.replace(compression_test=False, residual_folds=0)
+    tr, te = _arrays(data, "train"), _arrays(data, "test")
+    coords = model.coordinates(tr.flux, tr.ivar, tr.labels)
+    scorer = SignalScorer.fit(model, te.flux, te.ivar, te.labels, coords)
+    assert not [k for k in scorer.ref if k.startswith(COMPRESSION_KEYS)]
+    tests = set(scorer.score(te.flux, te.ivar, te.labels)["strongest_test"])
+    assert "signal:compression" not in tests
 
 
 def test_impossible_spectra_rank_first_never_nan(trained) -> None:
@@ -1013,7 +1080,8 @@ def test_label_density_sees_stars_off_the_giant_branch(trained) -> None:
     assert "cal.signal_labels.centers" in scorer.ref
     before = scorer.score(te.flux, te.ivar, te.labels)["signal_score"]
     # a reference written before the label density: the flow's log q alone, on cal.signal
-    new = ("cal.signal_labels.", *(f"structure.label_{f}" for f in ("lo", "step", "ban", "den")))
+    new = ("cal.signal_labels.", *(f"structure.label_{f}" for f in ("lo", "step", "ban", "den")),
+           *COMPRESSION_KEYS)  # fmt: skip
     scorer.ref = {k: v for k, v in scorer.ref.items() if not k.startswith(new)}
     np.testing.assert_array_equal(flow_statistic(lt, ct.y, scorer._tests()), -lt)
     out = scorer.score(te.flux, te.ivar, te.labels)
@@ -1088,7 +1156,8 @@ def test_strongest_test_names_the_kind_of_anomaly(trained) -> None:
     data, ckpt = trained
     scorer = load_scorer(ckpt)
     pattern = re.compile(
-        r"signal:flow|signal:structure:(teff|logg|feh),ic\d+|residual:(chi2|scan\d+|elem\.\w+)"
+        r"signal:(flow|compression)|signal:structure:(teff|logg|feh),ic\d+"
+        r"|residual:(chi2|scan\d+|elem\.\w+)"
     )
     for name, expect in (("artefact_bump", "residual:scan64"), ("artefact_sky", "residual:scan1")):
         o = _arrays(data, name)

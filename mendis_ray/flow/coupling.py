@@ -233,11 +233,7 @@ class RQSplineCoupling(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """x_tr (b, n_tr) conditioned on x_id (b, n_id) and ``context`` (b, n_context) ->
         y_tr (b, n_tr), logabsdet (b,)."""
-        if self.n_context:
-            if context is None or context.shape != (x_id.shape[0], self.n_context):
-                raise ValueError(f"RQSplineCoupling: needs a context (batch, {self.n_context})")
-            x_id = torch.cat([x_id, context.to(x_id.dtype)], dim=1)  # (b, n_id + n_context)
-        w, h, d = self.spline_params(x_id)
+        w, h, d = self.spline_params(self._conditioner_input(x_id, context))
         fn = spline_function()
         with torch.autocast(device_type=x_tr.device.type, enabled=False):
             if fn is not spline_rows:
@@ -255,6 +251,14 @@ class RQSplineCoupling(nn.Module):
             y = torch.cat([p[0] for p in parts])  # (b, n_tr)
             lad = torch.cat([p[1] for p in parts])  # (b,)
             return y, lad
+
+    def _conditioner_input(self, x_id: Tensor, context: Tensor | None) -> Tensor:
+        """x_id (b, n_id) and the context (b, n_context), if the coupling takes one."""
+        if not self.n_context:
+            return x_id
+        if context is None or context.shape != (x_id.shape[0], self.n_context):
+            raise ValueError(f"RQSplineCoupling: needs a context (batch, {self.n_context})")
+        return torch.cat([x_id, context.to(x_id.dtype)], dim=1)  # (b, n_id + n_context)
 
     def _rows(
         self, fn: Callable, x: Tensor, w: Tensor, h: Tensor, d: Tensor, inverse: bool
@@ -286,6 +290,22 @@ class RQSplineCoupling(nn.Module):
         x_id, x_tr = self._split(x)
         y_tr, logabsdet = self._spline(x_tr, x_id, inverse=False, context=context)
         return self._merge(x_id, y_tr), logabsdet
+
+    def forward_elementwise(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """x (batch, n) [, context] -> y (batch, n) and log|dy_j / dx_j| of each transformed
+        feature (batch, n_transform), whose row sums are :meth:`forward`'s logabsdet.  Eager
+        and in one call (for scoring the small flows of the signal-space model)."""
+        x_id, x_tr = self._split(x)
+        w, h, d = self.spline_params(self._conditioner_input(x_id, context))
+        c, k = x_tr.shape[0], self.n_bins
+        y_tr, lad = rq_spline(
+            x_tr, w.view(c, -1, k), h.view(c, -1, k), d.view(c, -1, k - 1), self.tail_bound,
+            min_bin_width=self.min_bin_width, min_bin_height=self.min_bin_height,
+            min_derivative=self.min_derivative,
+        )  # fmt: skip
+        return self._merge(x_id, y_tr), lad
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """y (batch, n) [, context] -> x (batch, n), logabsdet (batch,) of the inverse."""

@@ -89,6 +89,26 @@ class ConditionalFlow(nn.Module):
         z, lad = self.transform(y, ctx)
         return -0.5 * (z * z).sum(dim=1) - 0.5 * self.n * _LOG_2PI + lad  # (b,)
 
+    def log_prob_and_compression(self, y: Tensor, ctx: Tensor) -> tuple[Tensor, Tensor]:
+        """y (b, n), ctx (b, n_context) -> log q(y | ctx) (b,), and the flow's steepest
+        compression at y (b,): the smallest log-derivative of any coupling's spline there.
+        Where the flow has learned a gap (the valley between two sequences), it squeezes
+        the gap's few training stars into a thin slab of its base: a star in the gap sits
+        where one spline is flat, which the sum in log q (over every feature and layer)
+        hides.  A Gaussian's map has the same derivatives everywhere."""
+        lad = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
+        steepest = torch.full_like(lad, torch.inf)
+        for layer in self.layers:
+            if isinstance(layer, RQSplineCoupling):
+                y, each = layer.forward_elementwise(y, ctx)  # each (b, n_transform)
+                lad = lad + each.sum(dim=1)
+                steepest = torch.minimum(steepest, each.min(dim=1).values.to(lad.dtype))
+            else:
+                y, d = layer(y)
+                lad = lad + d
+        log_q = -0.5 * (y * y).sum(dim=1) - 0.5 * self.n * _LOG_2PI + lad
+        return log_q, steepest
+
     def forward(self, packed: Tensor) -> Tensor:
         """log q(y | ctx) of ``packed = cat(y, ctx)`` (b, n + n_context) -> (b,)."""
         return self.log_prob(packed[:, : self.n], packed[:, self.n :])
@@ -194,6 +214,20 @@ class SignalSpaceModel(nn.Module):
         x = self.packed(c)
         out = [self.flow(x[a : a + batch]).double().numpy() for a in range(0, len(x), batch)]
         return np.concatenate(out) if out else np.zeros(0)
+
+    @torch.no_grad()
+    def flow_log_prob_and_compression(
+        self, c: SignalCoordinates, batch: int = 4096
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """log q(y | t) (n,) as :meth:`flow_log_prob`, and the flow's steepest compression
+        (n,) (:meth:`ConditionalFlow.log_prob_and_compression`), in one pass."""
+        x = self.packed(c)
+        n = self.flow.n
+        parts = [self.flow.log_prob_and_compression(x[a : a + batch, :n], x[a : a + batch, n:])
+                 for a in range(0, len(x), batch)]  # fmt: skip
+        if not parts:
+            return np.zeros(0), np.zeros(0)
+        return tuple(torch.cat(p).double().numpy() for p in zip(*parts, strict=True))
 
     def log_jacobian(self) -> float:
         """log |d y / d (s, labels)|: y = s / sqrt(eigenvalue), labels standardized."""

@@ -12,12 +12,16 @@ logs of tail probabilities, 0 = perfectly typical, -inf = impossible):
     diagram at its metallicity; each of the two scaled by its spread among held-out
     stars), and the more significant of that tail and the tests'
     (a gap in one of the 2-D projections label x independent component, which a joint
-    density dilutes), for their dependence (:func:`min_tail`, as ``score`` below).
+    density dilutes), for their dependence (:func:`min_tail`, as ``score`` below).  Then,
+    the same way, the more significant of that and the flow's steepest compression at the
+    star (the smallest log-derivative of any of its splines there: where the flow has
+    learned a gap, a star in it sits on a flat stretch of one spline, which log q's sum
+    over every feature and layer hides; a Gaussian's map has no such stretch).
     Finds unusual combinations: between
     the alpha sequences, off the giant branch, odd abundance patterns, labels that do not
     match the spectrum.  Without labels (NaN), the labels are integrated out by importance
     sampling (32 draws from a linear regression of labels on the signal coordinates), and
-    the structure tests, which need the labels, are left out.
+    the structure and compression tests, which need the labels, are left out.
 ``residual_score``
     Is there anything *outside* the signal space?  The residual after the star's own
     noise-weighted projection, scanned at 1, 4, 16 and 64 pixels (the largest |window sum|
@@ -56,7 +60,8 @@ logs of tail probabilities, 0 = perfectly typical, -inf = impossible):
     side ``signal:flow`` (the flow's density with the label density; always for
     label-free rows) or ``signal:structure:<label>,ic<j>`` (a gap in the 2-D projection
     of a denoised label against the j-th independent component of the signal
-    coordinates); on the residual side ``residual:chi2`` (the whole residual),
+    coordinates) or ``signal:compression`` (the flow's steepest compression); on the
+    residual side ``residual:chi2`` (the whole residual),
     ``residual:scan<s>`` (the largest window sum over s pixels: 1 a spike or narrow
     line, 4 a line, 16 a blend or band, 64 a bump or continuum error) or
     ``residual:elem.<X>`` (element X's line pattern); ``unscorable``.  For an outlier it
@@ -114,6 +119,7 @@ from mendis_ray.science.signal_noise import (
 from mendis_ray.science.signal_tails import (
     FAR_IQR,
     LABELS_CAL,
+    compression_calibration,
     copula_correlation,
     cross_fitted,
     element_templates,
@@ -276,7 +282,7 @@ class SignalScorer:
         if noised:
             c = SignalCoordinates.concat([real, *noised])
         del parts, noised
-        rho, lq = rho_sig(c, model), model.flow_log_prob(c)
+        rho, (lq, steepest) = rho_sig(c, model), model.flow_log_prob_and_compression(c)
         ref |= NoiseCalibration.fit(rho, -scorer._label_free(c)[0]).arrays("cal.signal_free")
         tests = None
         if model.cfg.structure_tests:  # densities of training stars; the choice: held-out
@@ -290,6 +296,11 @@ class SignalScorer:
                 ref |= NoiseCalibration.fit(rho, u).arrays(LABELS_CAL)
                 ref[f"{LABELS_CAL}.weight"] = np.array([weight])
             ref |= structure_calibration(tests, c.y, rho, flow_tail(ref, lq, c.y, rho, tests))
+        if model.cfg.compression_test:  # after the tests: its dependence on their tail
+            signal = flow_tail(ref, lq, c.y, rho, tests)
+            if tests is not None:
+                signal = scorer._with_structure(c, rho, signal)[0]
+            ref |= compression_calibration(rho, signal, steepest)
         first = scorer.score(flux, ivar, labels)  # the two tails' dependence, per noise level
         ref |= copula_correlation(rho, first["signal_score"], first["residual_score"])
         out = scorer.score(flux[:m], ivar[:m], labels[:m])  # the real held-out stars
@@ -332,6 +343,19 @@ class SignalScorer:
             corr = np.interp(rho, r["signal_tests.centers"], r["signal_tests.corr"])
             return min_tail(both, corr), which
         return NoiseCalibration.from_arrays(r, "cal.signal_tests").log_tail(rho, -both), which
+
+    def _with_compression(
+        self, rho: np.ndarray, signal: np.ndarray, which: np.ndarray, steepest: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The signal tail (n,) with the compression test: the more significant of
+        ``signal`` and the calibrated tail of the flow's steepest compression ``steepest``
+        (n,), for their dependence (:func:`min_tail`, like the structure tests), and which
+        test set it (n,): ``which`` or ``"compression"``."""
+        r = self.ref
+        tail = NoiseCalibration.from_arrays(r, "cal.compression").log_tail(rho, -steepest)
+        corr = np.interp(rho, r["signal_compression.centers"], r["signal_compression.corr"])
+        which = np.where(tail < signal, "compression", which)
+        return min_tail(np.minimum(signal, tail), corr), which
 
     def _label_free(self, c: SignalCoordinates, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """log q(signal coordinates | t) with the labels integrated out (importance
@@ -410,7 +434,9 @@ class SignalScorer:
     def _tails(self, px: _Pixels) -> tuple[np.ndarray, ...]:
         """log q, label estimates (label-free rows), signal / residual / combined tails."""
         m, r, c, labelled = self.model, self.ref, px.c, px.labelled
-        lq = m.flow_log_prob(c)
+        compression = "signal_compression.corr" in r
+        lq, steepest = m.flow_log_prob_and_compression(c) if compression else (
+            m.flow_log_prob(c), None)  # fmt: skip
         est = np.zeros((len(lq), 3))  # standardized label estimates (label-free rows)
         if (~labelled).any():
             sub = SignalCoordinates(c.y[~labelled], c.t[~labelled], c.proj)
@@ -422,6 +448,8 @@ class SignalScorer:
         sig_test = np.full(len(lq), "flow", dtype=object)
         if tests is not None:  # with the structure tests (labelled rows)
             flow, sig_test = self._with_structure(c, rho, flow)
+        if steepest is not None:  # with the compression test (labelled rows)
+            flow, sig_test = self._with_compression(rho, flow, sig_test, steepest)
         sig = np.where(
             labelled, flow, NoiseCalibration.from_arrays(r, "cal.signal_free").log_tail(rho, -lq)
         )

@@ -239,6 +239,19 @@ def structure_calibration(
     return out | copula_correlation(rho, flow, tail, prefix="signal_tests")
 
 
+def compression_calibration(
+    rho: np.ndarray, signal: np.ndarray, steepest: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The compression test's arrays from held-out stars (noise levels ``rho``, the signal
+    tail without the test ``signal``, the flow's steepest compression ``steepest``, all
+    (n,)): the calibration of -steepest (``cal.compression``) and the Gaussian-copula
+    correlation of its tail with ``signal`` per noise level (``signal_compression.*``),
+    for the more significant of the two (:meth:`SignalScorer._with_compression`)."""
+    out = NoiseCalibration.fit(rho, -steepest).arrays("cal.compression")
+    tail = NoiseCalibration.from_arrays(out, "cal.compression").log_tail(rho, -steepest)
+    return out | copula_correlation(rho, signal, tail, prefix="signal_compression")
+
+
 def min_tail(m: np.ndarray, corr: np.ndarray) -> np.ndarray:
     """log P(min(U1, U2) <= exp(m)) (n,) for two uniform tail probabilities whose normal
     scores are bivariate normal with correlation ``corr`` (n,): ``1 - Phi2(-c, -c; r)`` =
