@@ -509,17 +509,21 @@ def test_signal_score_is_the_more_significant_of_flow_structure_and_compression(
 
 
 def test_the_compression_test_can_be_turned_off(trained) -> None:
-    """``SignalConfig.compression_test = False``: the reference has none of its arrays,
-    and no star's strongest test is the compression."""
+    """``SignalConfig.compression_test`` on (the default, as ``mendis train`` fitted the
+    checkpoint): it sets some stars' strongest test and moves their signal scores; off: the
+    reference has none of its arrays, and no star's strongest test is the compression."""
     data, ckpt = trained
+    on = load_scorer(ckpt)
+    assert on.model.cfg.compression_test and "signal_compression.corr" in on.ref
+    tr, te, odd = _arrays(data, "train"), _arrays(data, "test"), _arrays(data, "between_alpha")
     model = load_scorer(ckpt).model
     model.cfg = model.cfg.replace(compression_test=False, residual_folds=0)
-    tr, te = _arrays(data, "train"), _arrays(data, "test")
     coords = model.coordinates(tr.flux, tr.ivar, tr.labels)
-    scorer = SignalScorer.fit(model, te.flux, te.ivar, te.labels, coords)
-    assert not [k for k in scorer.ref if k.startswith(COMPRESSION_KEYS)]
-    tests = set(scorer.score(te.flux, te.ivar, te.labels)["strongest_test"])
-    assert "signal:compression" not in tests
+    off = SignalScorer.fit(model, te.flux, te.ivar, te.labels, coords)
+    assert not [k for k in off.ref if k.startswith(COMPRESSION_KEYS)]
+    for scorer, fires in ((on, True), (off, False)):
+        tests = [scorer.score(a.flux, a.ivar, a.labels)["strongest_test"] for a in (te, odd)]
+        assert ("signal:compression" in set(np.concatenate(tests))) is fires
 
 
 def test_impossible_spectra_rank_first_never_nan(trained) -> None:

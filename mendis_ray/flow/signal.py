@@ -95,7 +95,9 @@ class ConditionalFlow(nn.Module):
         Where the flow has learned a gap (the valley between two sequences), it squeezes
         the gap's few training stars into a thin slab of its base: a star in the gap sits
         where one spline is flat, which the sum in log q (over every feature and layer)
-        hides.  A Gaussian's map has the same derivatives everywhere."""
+        hides.  A Gaussian's map has the same derivatives everywhere.  Beyond the splines'
+        ``tail_bound`` they are the identity (log-derivative 0): a star that far out is
+        not compressed, and its log q finds it.  NaN where log q is (a NaN or infinite y)."""
         lad = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
         steepest = torch.full_like(lad, torch.inf)
         for layer in self.layers:
@@ -107,7 +109,7 @@ class ConditionalFlow(nn.Module):
                 y, d = layer(y)
                 lad = lad + d
         log_q = -0.5 * (y * y).sum(dim=1) - 0.5 * self.n * _LOG_2PI + lad
-        return log_q, steepest
+        return log_q, torch.where(torch.isnan(log_q), torch.nan, steepest)
 
     def forward(self, packed: Tensor) -> Tensor:
         """log q(y | ctx) of ``packed = cat(y, ctx)`` (b, n + n_context) -> (b,)."""
