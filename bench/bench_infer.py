@@ -420,7 +420,6 @@ def main(argv: list[str] | None = None) -> int:
     from mendis_ray.distributed.session import ensure_ray
 
     catalog, ckpt, shards, arrays, scorer, startup, n_params = _setup(args)
-    os.environ.setdefault("RAY_worker_niceness", "0")  # see the module doc
     t0 = time.perf_counter()
     resources = ensure_ray(num_cpus=max(4, os.cpu_count() or 1))
     init_s = time.perf_counter() - t0

@@ -25,18 +25,24 @@ from mendis_ray.spectra.shards import read_dataset, table_arrays
 # --- invariants ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [2, 5])
-def test_conditional_flow_inverse_and_logdet(n: int) -> None:
+def _off_identity_flow(n: int, scale: float):
+    """A float64 ConditionalFlow (3 units, context 1) initialised on 64 points y (64, n),
+    ctx (64, 1), its parameters then moved by ``scale`` sd off the identity; eval mode."""
     torch.manual_seed(0)
     cfg = SignalConfig(n_units=3, hidden=16, n_blocks=1, n_bins=4)
     flow = ConditionalFlow(n, 1, cfg, seed=1).double()
     y = torch.randn(64, n, dtype=torch.float64) * 1.5
     ctx = torch.rand(64, 1, dtype=torch.float64) * 2 - 1
     flow.initialize(torch.cat([y, ctx], 1))
-    with torch.no_grad():  # move the couplings off the identity
+    with torch.no_grad():
         for p in flow.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    flow.eval()
+            p.add_(scale * torch.randn_like(p))
+    return flow.eval(), y, ctx
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_conditional_flow_inverse_and_logdet(n: int) -> None:
+    flow, y, ctx = _off_identity_flow(n, 0.1)
     z, lad = flow.transform(y, ctx)
     torch.testing.assert_close(flow.inverse(z, ctx), y, atol=1e-8, rtol=1e-8)
     for i in range(3):  # log|det| against the autograd Jacobian, row by row
@@ -56,16 +62,7 @@ def test_steepest_compression_is_the_smallest_spline_derivative(n: int) -> None:
     to its logabsdet."""
     from mendis_ray.flow.coupling import RQSplineCoupling
 
-    torch.manual_seed(0)
-    cfg = SignalConfig(n_units=3, hidden=16, n_blocks=1, n_bins=4)
-    flow = ConditionalFlow(n, 1, cfg, seed=1).double()
-    y = torch.randn(64, n, dtype=torch.float64) * 1.5
-    ctx = torch.rand(64, 1, dtype=torch.float64) * 2 - 1
-    flow.initialize(torch.cat([y, ctx], 1))
-    with torch.no_grad():  # move the couplings off the identity
-        for p in flow.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    flow.eval()
+    flow, y, ctx = _off_identity_flow(n, 0.3)
     log_q, steepest = flow.log_prob_and_compression(y, ctx)
     torch.testing.assert_close(log_q, flow.log_prob(y, ctx), atol=1e-10, rtol=1e-10)
     x, mins = y, []

@@ -38,18 +38,28 @@ _COMPILE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
 )
 
 
-def spline_rows(
+def spline_elements(
     x: Tensor, w: Tensor, h: Tensor, d: Tensor, inverse: bool, k: int, bound: float,
     min_bin_width: float, min_bin_height: float, min_derivative: float,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The coupling's spline on rows: x (c, n_tr); w, h (c, n_tr * K); d (c, n_tr * (K-1))
-    -> y (c, n_tr), logabsdet (c,) summed over the row (what is compiled)."""
+    -> y (c, n_tr), log|dy/dx| of each element (c, n_tr)."""
     c = x.shape[0]
-    y, lad = rq_spline(
+    return rq_spline(
         x, w.view(c, -1, k), h.view(c, -1, k), d.view(c, -1, k - 1), bound, inverse=inverse,
         min_bin_width=min_bin_width, min_bin_height=min_bin_height,
         min_derivative=min_derivative,
     )  # fmt: skip
+
+
+def spline_rows(
+    x: Tensor, w: Tensor, h: Tensor, d: Tensor, inverse: bool, k: int, bound: float,
+    min_bin_width: float, min_bin_height: float, min_derivative: float,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """:func:`spline_elements` with logabsdet (c,) summed over the row (what is compiled)."""
+    y, lad = spline_elements(
+        x, w, h, d, inverse, k, bound, min_bin_width, min_bin_height, min_derivative
+    )
     return y, lad.sum(dim=1)
 
 
@@ -263,7 +273,8 @@ class RQSplineCoupling(nn.Module):
     def _rows(
         self, fn: Callable, x: Tensor, w: Tensor, h: Tensor, d: Tensor, inverse: bool
     ) -> tuple[Tensor, Tensor]:
-        """x (c, n_tr); w, h (c, n_tr * K); d (c, n_tr * (K-1)) -> y (c, n_tr), lad (c,)."""
+        """x (c, n_tr); w, h (c, n_tr * K); d (c, n_tr * (K-1)) -> y (c, n_tr) and ``fn``'s
+        lad: (c,) from :func:`spline_rows`, (c, n_tr) from :func:`spline_elements`."""
         return fn(
             x, w, h, d, inverse, self.n_bins, self.tail_bound, self.min_bin_width,
             self.min_bin_height, self.min_derivative,
@@ -299,12 +310,7 @@ class RQSplineCoupling(nn.Module):
         and in one call (for scoring the small flows of the signal-space model)."""
         x_id, x_tr = self._split(x)
         w, h, d = self.spline_params(self._conditioner_input(x_id, context))
-        c, k = x_tr.shape[0], self.n_bins
-        y_tr, lad = rq_spline(
-            x_tr, w.view(c, -1, k), h.view(c, -1, k), d.view(c, -1, k - 1), self.tail_bound,
-            min_bin_width=self.min_bin_width, min_bin_height=self.min_bin_height,
-            min_derivative=self.min_derivative,
-        )  # fmt: skip
+        y_tr, lad = self._rows(spline_elements, x_tr, w, h, d, inverse=False)
         return self._merge(x_id, y_tr), lad
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:

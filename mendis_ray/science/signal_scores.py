@@ -289,17 +289,16 @@ class SignalScorer:
             tests = StructureTests.select(train_coords.y, c.y[:m], k)
         ref |= NoiseCalibration.fit(rho, -lq).arrays("cal.signal")  # the flow alone
         ref["noise_rho_min"] = ref["cal.signal.centers"][:1]  # noisier: extrapolated
+        if tests is not None and tests.label_density.size:  # log q + weighted label density
+            weight = label_weight(lq[:m], tests.label_log_density(c.y[:m]))
+            u = flow_statistic(lq, c.y, tests, weight)
+            ref |= NoiseCalibration.fit(rho, u).arrays(LABELS_CAL)
+            ref[f"{LABELS_CAL}.weight"] = np.array([weight])
+        signal = flow_tail(ref, lq, c.y, rho, tests)
         if tests is not None:
-            if tests.label_density.size:  # log q plus the weighted label density
-                weight = label_weight(lq[:m], tests.label_log_density(c.y[:m]))
-                u = flow_statistic(lq, c.y, tests, weight)
-                ref |= NoiseCalibration.fit(rho, u).arrays(LABELS_CAL)
-                ref[f"{LABELS_CAL}.weight"] = np.array([weight])
-            ref |= structure_calibration(tests, c.y, rho, flow_tail(ref, lq, c.y, rho, tests))
+            ref |= structure_calibration(tests, c.y, rho, signal)
+            signal = scorer._with_structure(c, rho, signal)[0]
         if model.cfg.compression_test:  # after the tests: its dependence on their tail
-            signal = flow_tail(ref, lq, c.y, rho, tests)
-            if tests is not None:
-                signal = scorer._with_structure(c, rho, signal)[0]
             ref |= compression_calibration(rho, signal, steepest)
         first = scorer.score(flux, ivar, labels)  # the two tails' dependence, per noise level
         ref |= copula_correlation(rho, first["signal_score"], first["residual_score"])
