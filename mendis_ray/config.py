@@ -126,11 +126,11 @@ class SignalConfig(_DictConfig):
     # (signal_score AUROC, survey benchmark), the other sets within 0.01
     structure_tests: bool = True
     # the signal score also tests the flow's steepest compression at the star (the smallest
-    # log-derivative of any coupling's spline: a star in a gap the flow has learned sits
-    # where one spline is flat; mendis_ray.flow.signal.ConditionalFlow): survey benchmark,
-    # between the alpha sequences 0.935 -> 0.956 (signal_score), 0.902 -> 0.929 (score); off
-    # the giant branch 0.983 -> 0.976 (score); The Payne's dwarfs between the [Mg/Fe]
-    # sequences 0.913 -> 0.941
+    # log-derivative of any coupling's spline, each in units of its spread among held-out
+    # stars: a star in a gap the flow has learned sits where one spline is flat;
+    # mendis_ray.flow.signal.ConditionalFlow): survey benchmark, between the alpha
+    # sequences 0.935 -> 0.973 (signal_score), 0.902 -> 0.955 (score); off the giant branch
+    # 0.983 -> 0.977 (score); The Payne's dwarfs between the [Mg/Fe] sequences 0.913 -> 0.935
     compression_test: bool = True
     # the residual score is calibrated on the training stars, each projected on a basis
     # fitted without it (this many folds; 0 or 1: on the full basis, in-sample).  In

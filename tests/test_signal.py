@@ -20,6 +20,7 @@ from mendis_ray.flow.signal import ConditionalFlow
 from mendis_ray.flow.signal_basis import SignalBasis
 from mendis_ray.science.metrics import auroc, percentile_rank
 from mendis_ray.science.signal_scores import NoiseCalibration, SignalScorer, load_scorer
+from mendis_ray.science.signal_tails import SLOPE_FLOOR, derivative_scales
 from mendis_ray.spectra.shards import read_dataset, table_arrays
 
 # --- invariants ------------------------------------------------------------------------
@@ -58,14 +59,15 @@ def test_conditional_flow_inverse_and_logdet(n: int) -> None:
 def test_steepest_compression_is_the_smallest_spline_derivative(n: int) -> None:
     """``log_prob_and_compression``: log q as ``log_prob`` (to rounding), and the smallest
     log|dy_j/dx_j| of any coupling's spline at each point, each coupling's diagonal taken by
-    autograd with its conditioning half held; a coupling's elementwise log-derivatives sum
-    to its logabsdet."""
+    autograd with its conditioning half held; with ``loc`` and ``scale``, the smallest of
+    (log|dy_j/dx_j| - loc) / scale, feature by feature (``log_prob_and_derivatives``'
+    columns); a coupling's elementwise log-derivatives sum to its logabsdet."""
     from mendis_ray.flow.coupling import RQSplineCoupling
 
     flow, y, ctx = _off_identity_flow(n, 0.3)
     log_q, steepest = flow.log_prob_and_compression(y, ctx)
     torch.testing.assert_close(log_q, flow.log_prob(y, ctx), atol=1e-10, rtol=1e-10)
-    x, mins = y, []
+    x, diags = y, []
     for layer in flow.layers:
         if isinstance(layer, RQSplineCoupling):
             x_id, x_tr = layer._split(x)
@@ -74,12 +76,19 @@ def test_steepest_compression_is_the_smallest_spline_derivative(n: int) -> None:
             each = layer.forward_elementwise(layer._merge(x_id, x_tr), ctx)[1]
             torch.testing.assert_close(each.sum(1), lad, atol=1e-10, rtol=1e-10)
             diag = torch.autograd.grad(layer._split(out)[1].sum(), x_tr)[0]  # (b, n_tr)
-            mins.append(diag.abs().log().min(1).values)
+            diags.append(diag.abs().log())
             x = out.detach()
         else:
             x = layer(x)[0]
-    torch.testing.assert_close(steepest, torch.stack(mins).min(0).values, atol=1e-8, rtol=1e-8)
+    logd = torch.cat(diags, 1)  # (b, n_couplings x n_transform)
+    torch.testing.assert_close(steepest, logd.min(1).values, atol=1e-8, rtol=1e-8)
     assert steepest.std() > 0.05  # off the identity: the points differ
+    torch.testing.assert_close(flow.log_prob_and_derivatives(y, ctx)[1], logd, atol=1e-8, rtol=0)
+    loc = torch.linspace(-0.2, 0.3, logd.shape[1], dtype=logd.dtype)
+    scale = torch.linspace(0.05, 0.6, logd.shape[1], dtype=logd.dtype)
+    std = flow.log_prob_and_compression(y, ctx, loc, scale)[1]
+    torch.testing.assert_close(std, ((logd - loc) / scale).min(1).values, atol=1e-7, rtol=1e-7)
+    assert not torch.allclose(std, steepest)
 
 
 def _dense_case(seed: int = 0, p: int = 40, k: int = 3):
@@ -462,7 +471,7 @@ def test_structure_tests_see_stars_between_the_alpha_sequences(trained) -> None:
     assert np.isfinite(rho_sig(ct, scorer.model)).all()
 
 
-COMPRESSION_KEYS = ("cal.compression.", "signal_compression.")
+COMPRESSION_KEYS = ("cal.compression.", "signal_compression.", "compression.")
 
 
 def test_signal_score_is_the_more_significant_of_flow_structure_and_compression(trained):
@@ -483,7 +492,8 @@ def test_signal_score_is_the_more_significant_of_flow_structure_and_compression(
     out = scorer.score(te.flux, te.ivar, te.labels)
     c = scorer._pixel_pass(te.flux, te.ivar, te.labels).c
     rho, tests = rho_sig(c, scorer.model), scorer._tests()
-    lq, steepest = scorer.model.flow_log_prob_and_compression(c)
+    loc, scale = r["compression.loc"], r["compression.scale"]
+    lq, steepest = scorer.model.flow_log_prob_and_compression(c, loc=loc, scale=scale)
     flow = flow_tail(r, lq, c.y, rho, tests)
     struct = NoiseCalibration.from_arrays(r, "cal.structure").log_tail(rho, tests.statistic(c.y))
     both = np.minimum(flow, struct)
@@ -492,6 +502,12 @@ def test_signal_score_is_the_more_significant_of_flow_structure_and_compression(
     corr_c = np.interp(rho, r["signal_compression.centers"], r["signal_compression.corr"])
     want = min_tail(np.minimum(min_tail(both, corr), squeezed), corr_c)
     np.testing.assert_allclose(out["signal_score"], want, rtol=1e-4, atol=1e-4)
+    raw_ref = {k: v for k, v in r.items() if not k.startswith("compression.")}
+    got = SignalScorer(scorer.model, raw_ref, scorer.grid).score(te.flux, te.ivar, te.labels)
+    raw = scorer.model.flow_log_prob_and_compression(c)[1]  # written before: the raw minimum
+    squeezed = NoiseCalibration.from_arrays(r, "cal.compression").log_tail(rho, -raw)
+    want = min_tail(np.minimum(min_tail(both, corr), squeezed), corr_c)
+    np.testing.assert_allclose(got["signal_score"], want, rtol=1e-4, atol=1e-4)
     kept = {k: v for k, v in r.items() if not k.startswith(COMPRESSION_KEYS)}
     before = SignalScorer(scorer.model, kept, scorer.grid)
     got = before.score(te.flux, te.ivar, te.labels)
@@ -518,6 +534,19 @@ def test_the_compression_test_can_be_turned_off(trained) -> None:
     coords = model.coordinates(tr.flux, tr.ivar, tr.labels)
     off = SignalScorer.fit(model, te.flux, te.ivar, te.labels, coords)
     assert not [k for k in off.ref if k.startswith(COMPRESSION_KEYS)]
+    model.cfg = model.cfg.replace(compression_test=True)  # the spreads: the held-out stars'
+    again = SignalScorer.fit(model, te.flux, te.ivar, te.labels, coords)
+    deriv = model.flow_log_prob_and_derivatives(model.coordinates(te.flux, te.ivar, te.labels))[1]
+    want = derivative_scales(deriv)
+    for key in ("compression.loc", "compression.scale"):
+        np.testing.assert_allclose(again.ref[key], want[key], rtol=1e-5, atol=1e-6)
+    c = model.coordinates(te.flux, te.ivar, te.labels)  # calibrated: the standardized minimum
+    std = model.flow_log_prob_and_compression(c, loc=want["compression.loc"],
+                                              scale=want["compression.scale"])[1]  # fmt: skip
+    raw = model.flow_log_prob_and_compression(c)[1]
+    q = again.ref["cal.compression.quantiles"]
+    mid = np.median(q[:, q.shape[1] // 2])  # the bins' medians of -steepest
+    assert abs(mid - np.median(-std)) < 0.3 * np.std(std) < abs(mid - np.median(-raw))
     for scorer, fires in ((on, True), (off, False)):
         tests = [scorer.score(a.flux, a.ivar, a.labels)["strongest_test"] for a in (te, odd)]
         assert ("signal:compression" in set(np.concatenate(tests))) is fires
@@ -676,6 +705,17 @@ def test_pooled_tail_with_ties_and_a_constant_bin() -> None:
     del part["cal.x.tail_q"]
     with pytest.raises(KeyError, match=r"cal\.x\.tail_q"):
         NoiseCalibration.from_arrays(part, "cal.x")
+
+
+def test_derivative_scales_are_robust_and_floored() -> None:
+    """``derivative_scales``: each column's median and 1.4826 x MAD (an outlying row moves
+    neither), at least the floor for a column that does not vary; rows with a non-finite
+    value are left out."""
+    rng = np.random.default_rng(0)
+    d = np.c_[rng.normal(0.2, 0.1, 4000), rng.normal(-0.1, 0.5, 4000), np.full(4000, 0.3)]
+    got = derivative_scales(np.r_[d, [[-50.0, 40.0, 0.3]], [[np.nan, 0.0, 0.0]]])
+    np.testing.assert_allclose(got["compression.loc"], [0.2, -0.1, 0.3], atol=0.03)
+    np.testing.assert_allclose(got["compression.scale"], [0.1, 0.5, SLOPE_FLOOR], rtol=0.06)
 
 
 def test_label_weight_is_the_ratio_of_robust_spreads() -> None:

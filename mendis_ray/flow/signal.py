@@ -89,26 +89,41 @@ class ConditionalFlow(nn.Module):
         z, lad = self.transform(y, ctx)
         return -0.5 * (z * z).sum(dim=1) - 0.5 * self.n * _LOG_2PI + lad  # (b,)
 
-    def log_prob_and_compression(self, y: Tensor, ctx: Tensor) -> tuple[Tensor, Tensor]:
-        """y (b, n), ctx (b, n_context) -> log q(y | ctx) (b,), and the flow's steepest
-        compression at y (b,): the smallest log-derivative of any coupling's spline there.
-        Where the flow has learned a gap (the valley between two sequences), it squeezes
-        the gap's few training stars into a thin slab of its base: a star in the gap sits
-        where one spline is flat, which the sum in log q (over every feature and layer)
-        hides.  A Gaussian's map has the same derivatives everywhere.  Beyond the splines'
-        ``tail_bound`` they are the identity (log-derivative 0): a star that far out is
-        not compressed, and its log q finds it.  NaN where log q is (a NaN or infinite y)."""
+    def log_prob_and_derivatives(self, y: Tensor, ctx: Tensor) -> tuple[Tensor, Tensor]:
+        """y (b, n), ctx (b, n_context) -> log q(y | ctx) (b,), and the log-derivative of
+        every coupling's spline at y, feature by feature (b, n_couplings x n_transform),
+        in one pass (log q sums them with the other layers' log-determinants)."""
         lad = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
-        steepest = torch.full_like(lad, torch.inf)
+        parts = []
         for layer in self.layers:
             if isinstance(layer, RQSplineCoupling):
                 y, each = layer.forward_elementwise(y, ctx)  # each (b, n_transform)
                 lad = lad + each.sum(dim=1)
-                steepest = torch.minimum(steepest, each.min(dim=1).values.to(lad.dtype))
+                parts.append(each)
             else:
                 y, d = layer(y)
                 lad = lad + d
         log_q = -0.5 * (y * y).sum(dim=1) - 0.5 * self.n * _LOG_2PI + lad
+        return log_q, torch.cat(parts, dim=1).to(lad.dtype)
+
+    def log_prob_and_compression(
+        self, y: Tensor, ctx: Tensor, loc: Tensor | None = None, scale: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """y (b, n), ctx (b, n_context) -> log q(y | ctx) (b,), and the flow's steepest
+        compression at y (b,): the smallest log-derivative of any coupling's spline there,
+        each feature's first standardized as ``(d - loc) / scale`` where given
+        (n_couplings x n_transform,), as :class:`SignalScorer` does with the held-out
+        stars' median and spread.  Where the flow has learned a gap (the valley between
+        two sequences), it squeezes the gap's few training stars into a thin slab of its
+        base: a star in the gap sits where one spline is flat, which the sum in log q
+        (over every feature and layer) hides.  A Gaussian's map has the same derivatives
+        everywhere.  Beyond the splines' ``tail_bound`` they are the identity
+        (log-derivative 0): a star that far out is not compressed, and its log q finds
+        it.  NaN where log q is (a NaN or infinite y)."""
+        log_q, each = self.log_prob_and_derivatives(y, ctx)  # each (b, m)
+        if loc is not None:
+            each = (each - loc) / scale
+        steepest = each.min(dim=1).values
         return log_q, torch.where(torch.isnan(log_q), torch.nan, steepest)
 
     def forward(self, packed: Tensor) -> Tensor:
@@ -219,16 +234,35 @@ class SignalSpaceModel(nn.Module):
 
     @torch.no_grad()
     def flow_log_prob_and_compression(
-        self, c: SignalCoordinates, batch: int = 4096
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, c: SignalCoordinates, batch: int = 4096, loc: np.ndarray | None = None,
+        scale: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """log q(y | t) (n,) as :meth:`flow_log_prob`, and the flow's steepest compression
-        (n,) (:meth:`ConditionalFlow.log_prob_and_compression`), in one pass."""
+        (n,) (:meth:`ConditionalFlow.log_prob_and_compression`, each spline's
+        log-derivative standardized by ``loc`` and ``scale`` (m,) where given), in one
+        pass."""
         x = self.packed(c)
         n = self.flow.n
-        parts = [self.flow.log_prob_and_compression(x[a : a + batch, :n], x[a : a + batch, n:])
+        std = None if loc is None else [torch.as_tensor(v, dtype=x.dtype) for v in (loc, scale)]
+        parts = [self.flow.log_prob_and_compression(x[a : a + batch, :n], x[a : a + batch, n:],
+                                                    *(std or ()))
                  for a in range(0, len(x), batch)]  # fmt: skip
         if not parts:
             return np.zeros(0), np.zeros(0)
+        return tuple(torch.cat(p).double().numpy() for p in zip(*parts, strict=True))
+
+    @torch.no_grad()
+    def flow_log_prob_and_derivatives(
+        self, c: SignalCoordinates, batch: int = 4096
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """log q(y | t) (n,) and every spline's log-derivative (n, m)
+        (:meth:`ConditionalFlow.log_prob_and_derivatives`), in one pass."""
+        x = self.packed(c)
+        n = self.flow.n
+        parts = [self.flow.log_prob_and_derivatives(x[a : a + batch, :n], x[a : a + batch, n:])
+                 for a in range(0, len(x), batch)]  # fmt: skip
+        if not parts:
+            return np.zeros(0), np.zeros((0, 0))
         return tuple(torch.cat(p).double().numpy() for p in zip(*parts, strict=True))
 
     def log_jacobian(self) -> float:

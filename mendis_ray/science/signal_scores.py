@@ -14,9 +14,10 @@ logs of tail probabilities, 0 = perfectly typical, -inf = impossible):
     (a gap in one of the 2-D projections label x independent component, which a joint
     density dilutes), for their dependence (:func:`min_tail`, as ``score`` below).  Then,
     the same way, the more significant of that and the flow's steepest compression at the
-    star (the smallest log-derivative of any of its splines there: where the flow has
-    learned a gap, a star in it sits on a flat stretch of one spline, which log q's sum
-    over every feature and layer hides; a Gaussian's map has no such stretch).
+    star (the smallest log-derivative of any of its splines there, each in units of its
+    spread among held-out stars: where the flow has learned a gap, a star in it sits on a
+    flat stretch of one spline, which log q's sum over every feature and layer hides; a
+    Gaussian's map has no such stretch).
     Finds unusual combinations: between
     the alpha sequences, off the giant branch, odd abundance patterns, labels that do not
     match the spectrum.  Without labels (NaN), the labels are integrated out by importance
@@ -122,6 +123,7 @@ from mendis_ray.science.signal_tails import (
     compression_calibration,
     copula_correlation,
     cross_fitted,
+    derivative_scales,
     element_templates,
     far_out,
     flow_statistic,
@@ -282,7 +284,11 @@ class SignalScorer:
         if noised:
             c = SignalCoordinates.concat([real, *noised])
         del parts, noised
-        rho, (lq, steepest) = rho_sig(c, model), model.flow_log_prob_and_compression(c)
+        rho, (lq, deriv) = rho_sig(c, model), model.flow_log_prob_and_derivatives(c)
+        if model.cfg.compression_test:  # each spline's log-derivative in units of its spread
+            ref |= derivative_scales(deriv[:m])  # among the real held-out stars
+            steepest = scorer._steepest(c)[1]  # as scoring computes it, to the bit
+        del deriv
         ref |= NoiseCalibration.fit(rho, -scorer._label_free(c)[0]).arrays("cal.signal_free")
         tests = None
         if model.cfg.structure_tests:  # densities of training stars; the choice: held-out
@@ -355,6 +361,14 @@ class SignalScorer:
         corr = np.interp(rho, r["signal_compression.centers"], r["signal_compression.corr"])
         which = np.where(tail < signal, "compression", which)
         return min_tail(np.minimum(signal, tail), corr), which
+
+    def _steepest(self, c: SignalCoordinates) -> tuple[np.ndarray, np.ndarray]:
+        """log q (n,) and the flow's steepest compression (n,), each spline's
+        log-derivative standardized by the reference's ``compression.loc`` and
+        ``.scale`` (:func:`derivative_scales`; references written before them: raw)."""
+        r = self.ref
+        std = {k: r[f"compression.{k}"] for k in ("loc", "scale") if f"compression.{k}" in r}
+        return self.model.flow_log_prob_and_compression(c, **std)
 
     def _label_free(self, c: SignalCoordinates, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """log q(signal coordinates | t) with the labels integrated out (importance
@@ -434,8 +448,7 @@ class SignalScorer:
         """log q, label estimates (label-free rows), signal / residual / combined tails."""
         m, r, c, labelled = self.model, self.ref, px.c, px.labelled
         compression = "signal_compression.corr" in r
-        lq, steepest = m.flow_log_prob_and_compression(c) if compression else (
-            m.flow_log_prob(c), None)  # fmt: skip
+        lq, steepest = self._steepest(c) if compression else (m.flow_log_prob(c), None)
         est = np.zeros((len(lq), 3))  # standardized label estimates (label-free rows)
         if (~labelled).any():
             sub = SignalCoordinates(c.y[~labelled], c.t[~labelled], c.proj)
