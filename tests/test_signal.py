@@ -89,6 +89,9 @@ def test_steepest_compression_is_the_smallest_spline_derivative(n: int) -> None:
     std = flow.log_prob_and_compression(y, ctx, loc, scale)[1]
     torch.testing.assert_close(std, ((logd - loc) / scale).min(1).values, atol=1e-7, rtol=1e-7)
     assert not torch.allclose(std, steepest)
+    far = torch.full((1, n), 1e4, dtype=y.dtype)  # beyond every spline's bound: the identity
+    assert flow.log_prob_and_derivatives(far, ctx[:1])[1].abs().max() == 0
+    assert flow.log_prob_and_compression(far, ctx[:1], loc, scale)[1].item() == 0  # neutral
 
 
 def _dense_case(seed: int = 0, p: int = 40, k: int = 3):
@@ -471,23 +474,32 @@ def test_structure_tests_see_stars_between_the_alpha_sequences(trained) -> None:
     assert np.isfinite(rho_sig(ct, scorer.model)).all()
 
 
-COMPRESSION_KEYS = ("cal.compression.", "signal_compression.", "compression.")
+COMPRESSION_KEYS = ("cal.compression", "signal_compression", "compression.")  # _z too
 
 
 def test_signal_score_is_the_more_significant_of_flow_structure_and_compression(trained):
     """With the structure tests, the signal tail is min_tail of the flow's and the tests'
     tails for their held-out correlation per noise bin, and ``signal_score`` min_tail of
-    that and the flow's steepest compression's tail, the same way; a reference written
+    that and the tail of the flow's steepest compression (each spline's log-derivative
+    standardized), the same way; a reference written before the standardization (the raw
+    minimum under the ``COMPRESSION_RAW`` keys) scores with the raw minimum; one written
     before the compression test scores without it; one written before the copula (an
     empirical calibration ``cal.signal_tests`` of the minimum) keeps that calibration."""
-    from mendis_ray.science.signal_tails import flow_tail, min_tail, rho_sig
+    from mendis_ray.science.signal_tails import (
+        COMPRESSION_RAW,
+        COMPRESSION_STANDARDIZED,
+        flow_tail,
+        min_tail,
+        rho_sig,
+    )
 
     data, ckpt = trained
     scorer = load_scorer(ckpt)
     r = scorer.ref
     assert "signal_tests.corr" in r and "cal.signal_tests.centers" not in r
     assert np.all((r["signal_tests.corr"] > 0) & (r["signal_tests.corr"] < 1))
-    assert np.all(np.abs(r["signal_compression.corr"]) < 1)
+    (cal, pre), (cal_raw, pre_raw) = COMPRESSION_STANDARDIZED, COMPRESSION_RAW
+    assert np.all(np.abs(r[f"{pre}.corr"]) < 1) and f"{pre_raw}.corr" not in r
     te = _arrays(data, "test")
     out = scorer.score(te.flux, te.ivar, te.labels)
     c = scorer._pixel_pass(te.flux, te.ivar, te.labels).c
@@ -498,16 +510,24 @@ def test_signal_score_is_the_more_significant_of_flow_structure_and_compression(
     struct = NoiseCalibration.from_arrays(r, "cal.structure").log_tail(rho, tests.statistic(c.y))
     both = np.minimum(flow, struct)
     corr = np.interp(rho, r["signal_tests.centers"], r["signal_tests.corr"])
-    squeezed = NoiseCalibration.from_arrays(r, "cal.compression").log_tail(rho, -steepest)
-    corr_c = np.interp(rho, r["signal_compression.centers"], r["signal_compression.corr"])
+    squeezed = NoiseCalibration.from_arrays(r, cal).log_tail(rho, -steepest)
+    corr_c = np.interp(rho, r[f"{pre}.centers"], r[f"{pre}.corr"])
     want = min_tail(np.minimum(min_tail(both, corr), squeezed), corr_c)
     np.testing.assert_allclose(out["signal_score"], want, rtol=1e-4, atol=1e-4)
-    raw_ref = {k: v for k, v in r.items() if not k.startswith("compression.")}
+
+    def as_before(key: str) -> str:  # the raw minimum's keys, written before
+        for new, old in ((cal, cal_raw), (pre, pre_raw)):
+            if key.startswith(new + "."):
+                return old + key[len(new) :]
+        return key
+
+    raw_ref = {as_before(k): v for k, v in r.items() if not k.startswith("compression.")}
     got = SignalScorer(scorer.model, raw_ref, scorer.grid).score(te.flux, te.ivar, te.labels)
-    raw = scorer.model.flow_log_prob_and_compression(c)[1]  # written before: the raw minimum
-    squeezed = NoiseCalibration.from_arrays(r, "cal.compression").log_tail(rho, -raw)
+    raw = scorer.model.flow_log_prob_and_compression(c)[1]
+    squeezed = NoiseCalibration.from_arrays(raw_ref, cal_raw).log_tail(rho, -raw)
     want = min_tail(np.minimum(min_tail(both, corr), squeezed), corr_c)
     np.testing.assert_allclose(got["signal_score"], want, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got["signal_score"], out["signal_score"], atol=1e-3)
     kept = {k: v for k, v in r.items() if not k.startswith(COMPRESSION_KEYS)}
     before = SignalScorer(scorer.model, kept, scorer.grid)
     got = before.score(te.flux, te.ivar, te.labels)
@@ -521,32 +541,39 @@ def test_signal_score_is_the_more_significant_of_flow_structure_and_compression(
     np.testing.assert_allclose(got["signal_score"], want, rtol=1e-4, atol=1e-4)
 
 
-def test_the_compression_test_can_be_turned_off(trained) -> None:
+def test_the_compression_test_can_be_turned_off(trained, monkeypatch) -> None:
     """``SignalConfig.compression_test`` on (the default, as ``mendis train`` fitted the
     checkpoint): it sets some stars' strongest test and moves their signal scores; off: the
-    reference has none of its arrays, and no star's strongest test is the compression."""
+    reference has none of its arrays, and no star's strongest test is the compression.  On,
+    ``SignalScorer.fit`` takes each spline's median and spread from the held-out stars and
+    calibrates the standardized minimum that scoring computes."""
+    import mendis_ray.science.signal_scores as signal_scores
+
     data, ckpt = trained
     on = load_scorer(ckpt)
-    assert on.model.cfg.compression_test and "signal_compression.corr" in on.ref
+    assert on.model.cfg.compression_test and on._compression_keys() is not None
     tr, te, odd = _arrays(data, "train"), _arrays(data, "test"), _arrays(data, "between_alpha")
     model = load_scorer(ckpt).model
     model.cfg = model.cfg.replace(compression_test=False, residual_folds=0)
     coords = model.coordinates(tr.flux, tr.ivar, tr.labels)
     off = SignalScorer.fit(model, te.flux, te.ivar, te.labels, coords)
     assert not [k for k in off.ref if k.startswith(COMPRESSION_KEYS)]
-    model.cfg = model.cfg.replace(compression_test=True)  # the spreads: the held-out stars'
+    seen, calibrate = {}, signal_scores.compression_calibration
+
+    def spy(rho, signal, steepest):  # what fit calibrates
+        seen["steepest"] = steepest
+        return calibrate(rho, signal, steepest)
+
+    monkeypatch.setattr(signal_scores, "compression_calibration", spy)
+    model.cfg = model.cfg.replace(compression_test=True)
     again = SignalScorer.fit(model, te.flux, te.ivar, te.labels, coords)
-    deriv = model.flow_log_prob_and_derivatives(model.coordinates(te.flux, te.ivar, te.labels))[1]
-    want = derivative_scales(deriv)
+    c = model.coordinates(te.flux, te.ivar, te.labels)  # the held-out stars, no copies
+    want = derivative_scales(model.flow_log_prob_and_derivatives(c)[1])
     for key in ("compression.loc", "compression.scale"):
         np.testing.assert_allclose(again.ref[key], want[key], rtol=1e-5, atol=1e-6)
-    c = model.coordinates(te.flux, te.ivar, te.labels)  # calibrated: the standardized minimum
-    std = model.flow_log_prob_and_compression(c, loc=want["compression.loc"],
-                                              scale=want["compression.scale"])[1]  # fmt: skip
-    raw = model.flow_log_prob_and_compression(c)[1]
-    q = again.ref["cal.compression.quantiles"]
-    mid = np.median(q[:, q.shape[1] // 2])  # the bins' medians of -steepest
-    assert abs(mid - np.median(-std)) < 0.3 * np.std(std) < abs(mid - np.median(-raw))
+    got = seen["steepest"][: len(te.flux)]  # the real held-out stars come first
+    np.testing.assert_allclose(got, again._steepest(c, standardized=True)[1], atol=1e-5)
+    assert not np.allclose(got, model.flow_log_prob_and_compression(c)[1], atol=1e-2)
     for scorer, fires in ((on, True), (off, False)):
         tests = [scorer.score(a.flux, a.ivar, a.labels)["strongest_test"] for a in (te, odd)]
         assert ("signal:compression" in set(np.concatenate(tests))) is fires
@@ -713,8 +740,9 @@ def test_derivative_scales_are_robust_and_floored() -> None:
     value are left out."""
     rng = np.random.default_rng(0)
     d = np.c_[rng.normal(0.2, 0.1, 4000), rng.normal(-0.1, 0.5, 4000), np.full(4000, 0.3)]
-    got = derivative_scales(np.r_[d, [[-50.0, 40.0, 0.3]], [[np.nan, 0.0, 0.0]]])
-    np.testing.assert_allclose(got["compression.loc"], [0.2, -0.1, 0.3], atol=0.03)
+    odd = np.tile([[-50.0, 40.0, 0.3]], (100, 1))  # 2.5% of the rows: the mean moves by ~1
+    got = derivative_scales(np.r_[d, odd, [[np.nan, 0.0, 0.0]]])
+    np.testing.assert_allclose(got["compression.loc"], [0.2, -0.1, 0.3], atol=0.05)
     np.testing.assert_allclose(got["compression.scale"], [0.1, 0.5, SLOPE_FLOOR], rtol=0.06)
 
 

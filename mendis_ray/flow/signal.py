@@ -118,11 +118,12 @@ class ConditionalFlow(nn.Module):
         base: a star in the gap sits where one spline is flat, which the sum in log q
         (over every feature and layer) hides.  A Gaussian's map has the same derivatives
         everywhere.  Beyond the splines' ``tail_bound`` they are the identity
-        (log-derivative 0): a star that far out is not compressed, and its log q finds
-        it.  NaN where log q is (a NaN or infinite y)."""
+        (log-derivative 0, which standardized stays 0, the median): a star that far out is
+        not compressed, and its log q finds it.  ``loc`` and ``scale`` on y's device.  NaN
+        where log q is (a NaN or infinite y)."""
         log_q, each = self.log_prob_and_derivatives(y, ctx)  # each (b, m)
-        if loc is not None:
-            each = (each - loc) / scale
+        if loc is not None:  # an identity stretch (exactly 0) stays neutral
+            each = torch.where(each == 0, 0.0, (each - loc) / scale)
         steepest = each.min(dim=1).values
         return log_q, torch.where(torch.isnan(log_q), torch.nan, steepest)
 
@@ -243,9 +244,10 @@ class SignalSpaceModel(nn.Module):
         pass."""
         x = self.packed(c)
         n = self.flow.n
-        std = None if loc is None else [torch.as_tensor(v, dtype=x.dtype) for v in (loc, scale)]
+        if loc is not None:  # the flow's dtype and device
+            loc, scale = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (loc, scale))
         parts = [self.flow.log_prob_and_compression(x[a : a + batch, :n], x[a : a + batch, n:],
-                                                    *(std or ()))
+                                                    loc=loc, scale=scale)
                  for a in range(0, len(x), batch)]  # fmt: skip
         if not parts:
             return np.zeros(0), np.zeros(0)

@@ -118,6 +118,8 @@ from mendis_ray.science.signal_noise import (
     with_noised_copies,
 )
 from mendis_ray.science.signal_tails import (
+    COMPRESSION_RAW,
+    COMPRESSION_STANDARDIZED,
     FAR_IQR,
     LABELS_CAL,
     compression_calibration,
@@ -284,11 +286,12 @@ class SignalScorer:
         if noised:
             c = SignalCoordinates.concat([real, *noised])
         del parts, noised
-        rho, (lq, deriv) = rho_sig(c, model), model.flow_log_prob_and_derivatives(c)
+        rho, lq = rho_sig(c, model), model.flow_log_prob(c)
         if model.cfg.compression_test:  # each spline's log-derivative in units of its spread
-            ref |= derivative_scales(deriv[:m])  # among the real held-out stars
-            steepest = scorer._steepest(c)[1]  # as scoring computes it, to the bit
-        del deriv
+            deriv = model.flow_log_prob_and_derivatives(c)[1]  # among the real held-out stars
+            ref |= derivative_scales(deriv[:m])
+            steepest = scorer._steepest(c, standardized=True)[1]  # as scoring computes it
+            del deriv
         ref |= NoiseCalibration.fit(rho, -scorer._label_free(c)[0]).arrays("cal.signal_free")
         tests = None
         if model.cfg.structure_tests:  # densities of training stars; the choice: held-out
@@ -357,17 +360,27 @@ class SignalScorer:
         (n,), for their dependence (:func:`min_tail`, like the structure tests), and which
         test set it (n,): ``which`` or ``"compression"``."""
         r = self.ref
-        tail = NoiseCalibration.from_arrays(r, "cal.compression").log_tail(rho, -steepest)
-        corr = np.interp(rho, r["signal_compression.centers"], r["signal_compression.corr"])
+        cal, pre = self._compression_keys()
+        tail = NoiseCalibration.from_arrays(r, cal).log_tail(rho, -steepest)
+        corr = np.interp(rho, r[f"{pre}.centers"], r[f"{pre}.corr"])
         which = np.where(tail < signal, "compression", which)
         return min_tail(np.minimum(signal, tail), corr), which
 
-    def _steepest(self, c: SignalCoordinates) -> tuple[np.ndarray, np.ndarray]:
-        """log q (n,) and the flow's steepest compression (n,), each spline's
-        log-derivative standardized by the reference's ``compression.loc`` and
-        ``.scale`` (:func:`derivative_scales`; references written before them: raw)."""
+    def _compression_keys(self) -> tuple[str, str] | None:
+        """The reference's compression-test key prefixes (calibration, correlation):
+        ``COMPRESSION_STANDARDIZED``, ``COMPRESSION_RAW`` (written before the
+        standardization), or None (no test)."""
+        for keys in (COMPRESSION_STANDARDIZED, COMPRESSION_RAW):
+            if f"{keys[1]}.corr" in self.ref:
+                return keys
+        return None
+
+    def _steepest(self, c: SignalCoordinates, standardized: bool) -> tuple[np.ndarray, ...]:
+        """log q (n,) and the flow's steepest compression (n,): each spline's
+        log-derivative standardized by the reference's ``compression.loc`` and ``.scale``
+        (:func:`derivative_scales`), or the raw minimum (references written before)."""
         r = self.ref
-        std = {k: r[f"compression.{k}"] for k in ("loc", "scale") if f"compression.{k}" in r}
+        std = {k: r[f"compression.{k}"] for k in ("loc", "scale")} if standardized else {}
         return self.model.flow_log_prob_and_compression(c, **std)
 
     def _label_free(self, c: SignalCoordinates, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -447,8 +460,9 @@ class SignalScorer:
     def _tails(self, px: _Pixels) -> tuple[np.ndarray, ...]:
         """log q, label estimates (label-free rows), signal / residual / combined tails."""
         m, r, c, labelled = self.model, self.ref, px.c, px.labelled
-        compression = "signal_compression.corr" in r
-        lq, steepest = self._steepest(c) if compression else (m.flow_log_prob(c), None)
+        keys = self._compression_keys()
+        lq, steepest = (m.flow_log_prob(c), None) if keys is None else self._steepest(
+            c, standardized=keys == COMPRESSION_STANDARDIZED)  # fmt: skip
         est = np.zeros((len(lq), 3))  # standardized label estimates (label-free rows)
         if (~labelled).any():
             sub = SignalCoordinates(c.y[~labelled], c.t[~labelled], c.proj)

@@ -257,17 +257,27 @@ def derivative_scales(deriv: np.ndarray, floor: float = SLOPE_FLOOR) -> dict[str
     return {"compression.loc": loc, "compression.scale": scale}
 
 
+#: the compression test's (calibration, correlation) key prefixes: of the standardized
+#: statistic (derivative_scales), and of the raw minimum that references written before
+#: it carry (a copy of mendis_ray from before reads only the latter: a reference with the
+#: former scores there without the test, not with a calibration of another statistic)
+COMPRESSION_STANDARDIZED = ("cal.compression_z", "signal_compression_z")
+COMPRESSION_RAW = ("cal.compression", "signal_compression")
+
+
 def compression_calibration(
     rho: np.ndarray, signal: np.ndarray, steepest: np.ndarray
 ) -> dict[str, np.ndarray]:
     """The compression test's arrays from held-out stars (noise levels ``rho``, the signal
-    tail without the test ``signal``, the flow's steepest compression ``steepest``, all
-    (n,)): the calibration of -steepest (``cal.compression``) and the Gaussian-copula
-    correlation of its tail with ``signal`` per noise level (``signal_compression.*``),
-    for the more significant of the two (:meth:`SignalScorer._with_compression`)."""
-    out = NoiseCalibration.fit(rho, -steepest).arrays("cal.compression")
-    tail = NoiseCalibration.from_arrays(out, "cal.compression").log_tail(rho, -steepest)
-    return out | copula_correlation(rho, signal, tail, prefix="signal_compression")
+    tail without the test ``signal``, the flow's standardized steepest compression
+    ``steepest``, all (n,)): the calibration of -steepest and the Gaussian-copula
+    correlation of its tail with ``signal`` per noise level, under the
+    ``COMPRESSION_STANDARDIZED`` prefixes, for the more significant of the two
+    (:meth:`SignalScorer._with_compression`)."""
+    cal, corr = COMPRESSION_STANDARDIZED
+    out = NoiseCalibration.fit(rho, -steepest).arrays(cal)
+    tail = NoiseCalibration.from_arrays(out, cal).log_tail(rho, -steepest)
+    return out | copula_correlation(rho, signal, tail, prefix=corr)
 
 
 def min_tail(m: np.ndarray, corr: np.ndarray) -> np.ndarray:
