@@ -734,6 +734,24 @@ def test_pooled_tail_with_ties_and_a_constant_bin() -> None:
         NoiseCalibration.from_arrays(part, "cal.x")
 
 
+@pytest.mark.parametrize("fault", ["missing", "shape", "zero_scale"])
+def test_a_checkpoint_with_bad_derivative_scales_is_refused(trained, tmp_path, fault) -> None:
+    """A reference with the standardized compression test but no, misshapen or zero
+    spreads is refused at load, naming the file and the key."""
+    scorer = load_scorer(trained[1])
+    n = scorer.model.flow.n_spline_features
+    assert scorer.ref["compression.loc"].shape == (n,) and n > 0
+    if fault == "missing":
+        del scorer.ref["compression.scale"]
+    elif fault == "shape":
+        scorer.ref["compression.loc"] = scorer.ref["compression.loc"][:-1]
+    else:
+        scorer.ref["compression.scale"] = np.zeros(n)
+    path = scorer.save(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=r"compression\.(loc|scale)"):
+        load_scorer(path)
+
+
 def test_derivative_scales_are_robust_and_floored() -> None:
     """``derivative_scales``: each column's median and 1.4826 x MAD (an outlying row moves
     neither), at least the floor for a column that does not vary; rows with a non-finite

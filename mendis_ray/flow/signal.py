@@ -64,6 +64,12 @@ class ConditionalFlow(nn.Module):
             ]  # fmt: skip
         self.layers = nn.ModuleList(layers)
 
+    @property
+    def n_spline_features(self) -> int:
+        """How many features the couplings' splines transform, over all couplings: the
+        columns of :meth:`log_prob_and_derivatives`."""
+        return sum(la.n_transform for la in self.layers if isinstance(la, RQSplineCoupling))
+
     def transform(self, y: Tensor, ctx: Tensor) -> tuple[Tensor, Tensor]:
         """y (b, n), ctx (b, n_context) -> z (b, n), log|det dz/dy| (b,)."""
         lad = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)

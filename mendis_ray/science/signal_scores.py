@@ -627,7 +627,25 @@ class SignalScorer:
         if "grid.wavelength" in a:
             grid["wavelength"] = a["grid.wavelength"]
         ref = {k.removeprefix("score."): v for k, v in a.items() if k.startswith("score.")}
+        if f"{COMPRESSION_STANDARDIZED[1]}.corr" in ref:  # the standardized compression test
+            _check_derivative_scales(path, ref, model.flow.n_spline_features)
         return cls(model, ref, grid)
+
+
+def _check_derivative_scales(path: Path, ref: dict, n_features: int) -> None:
+    """A CheckpointError naming the file and key unless the reference's
+    ``compression.loc`` and ``.scale`` hold one finite value per spline feature (scales
+    > 0): a mismatch would otherwise surface at scoring, as a broadcasting error."""
+    from mendis_ray.flow.checkpoint import CheckpointError
+
+    for key in ("compression.loc", "compression.scale"):
+        v = ref.get(key)
+        ok = v is not None and v.shape == (n_features,) and np.all(np.isfinite(v))
+        if not (ok and (key.endswith("loc") or np.all(v > 0))):
+            raise CheckpointError(
+                f"{path}: {key} must hold {n_features} finite values (one per spline "
+                "feature; scales > 0) for the compression test"
+            )
 
 
 def load_scorer(path: str | os.PathLike, **kwargs: object):
