@@ -239,7 +239,6 @@ class SignalSpaceModel(nn.Module):
         out = [self.flow(x[a : a + batch]).double().numpy() for a in range(0, len(x), batch)]
         return np.concatenate(out) if out else np.zeros(0)
 
-    @torch.no_grad()
     def flow_log_prob_and_compression(
         self, c: SignalCoordinates, batch: int = 4096, loc: np.ndarray | None = None,
         scale: np.ndarray | None = None,
@@ -248,29 +247,33 @@ class SignalSpaceModel(nn.Module):
         (n,) (:meth:`ConditionalFlow.log_prob_and_compression`, each spline's
         log-derivative standardized by ``loc`` and ``scale`` (m,) where given), in one
         pass."""
-        x = self.packed(c)
-        n = self.flow.n
-        if loc is not None:  # the flow's dtype and device
-            loc, scale = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (loc, scale))
-        parts = [self.flow.log_prob_and_compression(x[a : a + batch, :n], x[a : a + batch, n:],
-                                                    loc=loc, scale=scale)
-                 for a in range(0, len(x), batch)]  # fmt: skip
-        if not parts:
-            return np.zeros(0), np.zeros(0)
-        return tuple(torch.cat(p).double().numpy() for p in zip(*parts, strict=True))
 
-    @torch.no_grad()
+        def fn(y: Tensor, ctx: Tensor) -> tuple[Tensor, Tensor]:
+            if loc is None:
+                return self.flow.log_prob_and_compression(y, ctx)
+            on = {"dtype": y.dtype, "device": y.device}  # the flow input's
+            std = torch.as_tensor(loc, **on), torch.as_tensor(scale, **on)
+            return self.flow.log_prob_and_compression(y, ctx, *std)
+
+        return self._flow_passes(c, batch, fn, empty=(0,))
+
     def flow_log_prob_and_derivatives(
         self, c: SignalCoordinates, batch: int = 4096
     ) -> tuple[np.ndarray, np.ndarray]:
         """log q(y | t) (n,) and every spline's log-derivative (n, m)
         (:meth:`ConditionalFlow.log_prob_and_derivatives`), in one pass."""
+        m = self.flow.n_spline_features
+        return self._flow_passes(c, batch, self.flow.log_prob_and_derivatives, empty=(0, m))
+
+    @torch.no_grad()
+    def _flow_passes(self, c: SignalCoordinates, batch: int, fn, empty: tuple) -> tuple:
+        """``fn(y, ctx)`` -> (log q (b,), other (b, ...)) over ``batch`` stars at a time,
+        concatenated as float64 arrays; for no star, zeros of shape (0,) and ``empty``."""
         x = self.packed(c)
         n = self.flow.n
-        parts = [self.flow.log_prob_and_derivatives(x[a : a + batch, :n], x[a : a + batch, n:])
-                 for a in range(0, len(x), batch)]  # fmt: skip
+        parts = [fn(x[a : a + batch, :n], x[a : a + batch, n:]) for a in range(0, len(x), batch)]
         if not parts:
-            return np.zeros(0), np.zeros((0, 0))
+            return np.zeros(0), np.zeros(empty)
         return tuple(torch.cat(p).double().numpy() for p in zip(*parts, strict=True))
 
     def log_jacobian(self) -> float:

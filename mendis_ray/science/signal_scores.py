@@ -286,12 +286,12 @@ class SignalScorer:
         if noised:
             c = SignalCoordinates.concat([real, *noised])
         del parts, noised
-        rho, lq = rho_sig(c, model), model.flow_log_prob(c)
+        rho = rho_sig(c, model)
         if model.cfg.compression_test:  # each spline's log-derivative in units of its spread
-            deriv = model.flow_log_prob_and_derivatives(c)[1]  # among the real held-out stars
-            ref |= derivative_scales(deriv[:m])
-            steepest = scorer._steepest(c, standardized=True)[1]  # as scoring computes it
-            del deriv
+            ref |= derivative_scales(model.flow_log_prob_and_derivatives(real)[1])  # (held out)
+            lq, steepest = scorer._steepest(c, standardized=True)  # as scoring computes them
+        else:
+            lq = model.flow_log_prob(c)
         ref |= NoiseCalibration.fit(rho, -scorer._label_free(c)[0]).arrays("cal.signal_free")
         tests = None
         if model.cfg.structure_tests:  # densities of training stars; the choice: held-out
