@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mendis_ray.science import structure
 from mendis_ray.science.metrics import auroc
 from mendis_ray.science.structure import StructureTests, fastica, platykurtic_first
 
@@ -270,6 +271,54 @@ def _sequence(n: int, rng, off: bool = False) -> np.ndarray:
     return np.c_[coords, teff, g, feh]
 
 
+def _tilted(n: int, rng, off: bool = False) -> np.ndarray:
+    """(n, 2 + 3): labels 0 and 1 on a narrow straight sequence at 45 degrees (label 0 =
+    label 1 + sd 0.1; ``off``: 2.5-3 sd to either side), and two signal coordinates."""
+    g, feh = rng.standard_normal(n), rng.standard_normal(n)
+    shift = rng.uniform(2.5, 3.0, n) * rng.choice([-1.0, 1.0], n) if off else rng.standard_normal(n)
+    teff = g + 0.1 * shift
+    coords = np.c_[teff, feh] + 0.05 * rng.standard_normal((n, 2))
+    return np.c_[coords, teff, g, feh]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_label_density_kernel_has_the_labels_covariance_shape(seed, monkeypatch) -> None:
+    """The label density's kernel is isotropic in the whitened labels, so it is narrow
+    across a tilted sequence (as the giant branch in Teff and log g), where an
+    axis-aligned kernel of the same width blurs it: stars 2.5-3 sd off the sequence
+    0.69 -> 0.96 (seeds 0-2).  A reference written before the whitening (no
+    ``label_white``) reads its table on the standardized labels' axes, as it was made."""
+    rng = np.random.default_rng(seed)
+    train, test, odd = _tilted(6000, rng), _tilted(500, rng), _tilted(100, rng, off=True)
+    tests = StructureTests.fit(train, k=2)
+    cov = np.cov((tests.labels(train) @ tests.label_white).T)
+    np.testing.assert_allclose(cov, np.eye(3), atol=1e-8)
+    assert auroc(tests.label_log_density(test), tests.label_log_density(odd)) > 0.93
+    monkeypatch.setattr(structure, "_whitening", lambda labels: np.eye(3))  # as before
+    axes = StructureTests.fit(train, k=2)
+    assert auroc(axes.label_log_density(test), axes.label_log_density(odd)) < 0.8
+    old = {key: a for key, a in axes.arrays().items() if key != "structure.label_white"}
+    np.testing.assert_array_equal(
+        StructureTests.from_arrays(old).label_log_density(test), axes.label_log_density(test)
+    )
+
+
+@pytest.mark.parametrize("constant", [[2], [0, 1, 2]])
+def test_a_constant_label_is_not_stretched_by_the_whitening(constant) -> None:
+    """A label constant in training (or all three, where the denoised labels' covariance
+    is rounding noise of ~1e-26) keeps unit scale in the whitening: the label density stays
+    a finite density, and a star off the constant value falls off as the kernel does."""
+    rng = np.random.default_rng(3)
+    train, test = _tilted(3000, rng), _tilted(200, rng)
+    train[:, [2 + c for c in constant]] = 0.5
+    test[:, [2 + c for c in constant]] = 0.5
+    for w in (0.0, 0.75):
+        tests = StructureTests.fit(train, k=2, label_weight=w)
+        assert np.all(np.isfinite(tests.label_white)) and np.abs(tests.label_white).max() < 1e3
+        v = tests.label_log_density(test)
+        assert np.all(np.isfinite(v)) and v.max() < 10.0
+
+
 def test_label_density_finds_stars_off_a_narrow_label_sequence() -> None:
     """The 3-D kernel density of the labels is normalised, survives the arrays, and finds
     stars moved off a narrow curved sequence, where the labels' joint Gaussian is blind;
@@ -279,8 +328,9 @@ def test_label_density_finds_stars_off_a_narrow_label_sequence() -> None:
     train, test, odd = _sequence(6000, rng), _sequence(500, rng), _sequence(100, rng, off=True)
     tests = StructureTests.fit(train, k=2)
     assert tests.label_density.shape == (64, 64, 64)
+    # a density of the standardized labels; the grid's cells are in the whitened ones
     mass = np.exp(tests.label_density).sum() * np.prod(tests.label_step)
-    assert mass == pytest.approx(1.0, abs=0.01)
+    assert mass / abs(np.linalg.det(tests.label_white)) == pytest.approx(1.0, abs=0.01)
     assert auroc(tests.label_log_density(test), tests.label_log_density(odd)) > 0.95
     lab = train[:, 2:]
     prec = np.linalg.inv(np.cov(lab.T))
@@ -297,7 +347,7 @@ def test_label_density_finds_stars_off_a_narrow_label_sequence() -> None:
     broken[0, 2], broken[1, 3], broken[2, 4] = np.nan, 1e200, -np.inf
     w = tests.label_log_density(broken)
     assert np.all(np.isfinite(w)) and np.all(w < v[-1])
-    new = ("label_lo", "label_step", "label_bandwidth", "label_density")
+    new = ("label_lo", "label_step", "label_bandwidth", "label_density", "label_white")
     old = {key: a for key, a in tests.arrays().items() if key.split(".")[1] not in new}
     assert StructureTests.from_arrays(old).label_log_density(test) is None
     partial = old | {"structure.label_density": tests.label_density}  # a table, no grid

@@ -319,7 +319,8 @@ class SignalScorer:
     def _tests(self) -> StructureTests | None:
         """The reference's structure tests (loaded once), or None."""
         key = tuple(
-            self.ref.get(f"structure.{f}") for f in ("unmix", "label_density", "label_ratio")
+            self.ref.get(f"structure.{f}")
+            for f in ("unmix", "label_density", "label_ratio", "label_white")
         )
         cached = self._structure  # keyed on the arrays themselves (held, so never reused)
         if cached is None or any(a is not b for a, b in zip(cached[0], key, strict=True)):
