@@ -104,11 +104,9 @@ def main() -> None:
     res["flow_minus_gaussian"] = res["val_log_q_flow"] - res["val_log_q_gaussian"]
     # per S/N bin: the flow's margin grows with S/N, as the stars' structure is resolved
     snr, margin = tr.snr[a0:], val["gaussian"] - val["flow"]
-    res["flow_minus_gaussian_by_snr"] = {
-        f"{lo:g}-{min(hi, 1000):g}": float(margin[(snr >= lo) & (snr < hi)].mean())
-        for lo, hi in SNR_BINS
-        if ((snr >= lo) & (snr < hi)).any()
-    }
+    bins = {f"{lo:g}-{min(hi, 1000):g}": (snr >= lo) & (snr < hi) for lo, hi in SNR_BINS}
+    by_snr = {k: float(margin[b].mean()) for k, b in bins.items() if b.any()}
+    res["flow_minus_gaussian_by_snr"] = by_snr
     kinds = ("flow", "gaussian", "ratio")
     cal = {s: NoiseCalibration.fit(val["rho"], val[s]) for s in kinds}
     tails = {n: {s: cal[s].log_tail(d["rho"], d[s]) for s in kinds} for n, d in stats.items()}
