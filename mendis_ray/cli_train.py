@@ -86,6 +86,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_out_folder(args.out)  # before the training, not when the checkpoint is written
     if args.model == "signal":
         return cmd_train_signal(args)
+    if args.reference:
+        print("mendis train: error: --reference calibrates the signal-space model's scores "
+              "(--model signal); the full-space flow's reference is its validation shards",
+              file=sys.stderr)  # fmt: skip
+        return 2
     from mendis_ray.distributed.session import ensure_ray
     from mendis_ray.distributed.train import fit_reference, train_distributed, training_verdict
     from mendis_ray.flow.checkpoint import save_checkpoint
@@ -144,7 +149,8 @@ def cmd_train_signal(args: argparse.Namespace) -> int:
     minutes = args.minutes
     s = train_signal_checkpoint(
         args.data if isinstance(args.data, list) else [args.data], args.out, cfg,
-        time_limit_s=None if minutes is None else 60 * minutes, show_progress=not args.quiet,
+        reference=args.reference, time_limit_s=None if minutes is None else 60 * minutes,
+        show_progress=not args.quiet,
     )  # fmt: skip
     print(
         f"\nsignal-space model: k = {s['k']} signal directions + 3 labels, {s['train_rows']} "
@@ -155,6 +161,9 @@ def cmd_train_signal(args: argparse.Namespace) -> int:
         f"validation log q (flow coordinates): {s['initial_val_log_q']:.2f} at the start -> "
         f"{s['best_val_log_q']:.2f}; mean total log p {s['val_log_p']:.1f} nats per spectrum"
     )
+    if s.get("reference_rows"):
+        print(f"scores' reference: the {s['val_rows']} validation spectra and "
+              f"{s['reference_rows']} from --reference")  # fmt: skip
     if s.get("val_far_out"):
         print(_far_out_line(s))
     print(f"checkpoint: {s['checkpoint']}")
@@ -165,14 +174,15 @@ def _far_out_line(s: dict) -> str:
     """What ``mendis train`` says of validation spectra far outside the rest."""
     from mendis_ray.science.signal_tails import FAR_IQR
 
-    n, m = s["val_far_out"], s["val_rows"]
+    n, m = s["val_far_out"], s["val_rows"] + s.get("reference_rows", 0)
+    held = "held-out (validation and --reference)" if s.get("reference_rows") else "validation"
     if s["far_iqr"] is not None:
         return (
-            f"{n} of {m} validation spectra lie more than {s['far_iqr']:g} interquartile "
+            f"{n} of {m} {held} spectra lie more than {s['far_iqr']:g} interquartile "
             "ranges below the rest in log q, or have none: left out of the scores' reference"
         )
     return (
-        f"{n} of {m} validation spectra lie more than {FAR_IQR:g} interquartile ranges "
+        f"{n} of {m} {held} spectra lie more than {FAR_IQR:g} interquartile ranges "
         "below the rest in log q, or have none: kept in the scores' reference. If they are "
         f"peculiar stars of the catalogue, --far-iqr {FAR_IQR:g} leaves them out; after a "
         "short training they can be clean stars at the population's edges, which it "
@@ -256,6 +266,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="signal model: train and calibrate it down to at least this S/N, "
                    "whatever the training S/N (noise augmentation, noised copies of held-out "
                    "stars); noisier spectra are flagged noise_range (default 25)")  # fmt: skip
+    t.add_argument("--reference", nargs="+", default=None, metavar="SHARDS",
+                   help="signal model: more spectra of the same population that the model "
+                   "does not learn (folders or files, not in DATA): they join the "
+                   "validation spectra in the scores' calibration, whose sampling sets how "
+                   "uniform an inlier's percentile is at each S/N")  # fmt: skip
     _far_iqr_arg(t)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _ray_train_args(t)

@@ -881,6 +881,59 @@ def test_mendis_train_far_iqr_reaches_the_scorer_and_its_summary(
     assert saved["signal_config"]["far_iqr"] == 9.0
 
 
+def test_reference_spectra_join_the_calibration_and_are_checked_first(
+    trained, tmp_path, monkeypatch, capsys
+) -> None:
+    """``mendis train --reference``: held-out spectra the model does not learn join the
+    validation rows in the scores' reference (``SignalScorer.fit``'s held-out stars, the
+    percentiles' sorted scores); a reference that shares ids with the training set or
+    lies on another grid stops the command before any training, naming it."""
+    from mendis_ray.spectra import shards
+    from mendis_ray.spectra.grid import aspcap_grid
+    from mendis_ray.train import signal as train_signal
+
+    data, _ = trained
+    held, real_fit = [], SignalScorer.fit
+
+    def spy_fit(model, flux, ivar, labels, *args, **kwargs):
+        held.append(np.asarray(labels).copy())
+        return real_fit(model, flux, ivar, labels, *args, **kwargs)
+
+    monkeypatch.setattr(SignalScorer, "fit", spy_fit)
+    cfg = SignalConfig(n_units=1, hidden=16, epochs=1, residual_folds=0,
+                       structure_tests=False, element_tests=False)  # fmt: skip
+    s = train_signal.train_signal_checkpoint(
+        [data / "train"], tmp_path / "a", cfg, reference=[data / "test"], show_progress=False
+    )
+    test = table_arrays(read_dataset(data / "test"))
+    assert s["reference_rows"] == len(test.flux) == 200 and len(held) == 1
+    got = held[0][s["val_rows"] :]  # the validation rows, then the reference's (shuffled)
+    np.testing.assert_array_equal(np.sort(got[:, 0]), np.sort(test.labels[:, 0]))
+    ref = load_scorer(s["checkpoint"]).ref
+    assert len(ref["sorted.score"]) == s["val_rows"] + 200  # far_iqr None: every one kept
+    monkeypatch.undo()
+
+    def stops(reference, message) -> None:
+        argv = ["train", str(data / "train"), "--out", str(tmp_path / "b"), "--reference",
+                *map(str, reference), "--epochs", "1", "--quiet"]  # fmt: skip
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+    stops([data / "test", data / "train"], "1500 of its 1700 spectra are in the training set")
+    wide = aspcap_grid()  # the same stars on all 7,214 pixels
+    n = 30
+    table = shards.make_table([f"w{i}" for i in range(n)], np.ones((n, wide.n_pix), np.float32),
+                              np.full((n, wide.n_pix), 1e4, np.float32), teff=test.labels[:n, 0],
+                              logg=test.labels[:n, 1], feh=test.labels[:n, 2])  # fmt: skip
+    shards.write_dataset(tmp_path / "wide", [table], 1, wide)
+    stops([tmp_path / "wide"], f"--reference {tmp_path / 'wide'}: grid 'aspcap' differs")
+    argv = ["train", str(data / "train"), "--out", str(tmp_path / "c"), "--model", "flow",
+            "--reference", str(data / "test")]  # fmt: skip
+    assert main(argv) == 2 and "--reference calibrates the signal-space model" in (
+        capsys.readouterr().err
+    )
+
+
 def test_log_tails_of_many_statistics_equal_their_own_log_tail() -> None:
     """``NoiseCalibration.log_tails`` (the bins grouped once for calibrations fit on the
     same reference stars) gives each calibration's own ``log_tail``, also where the

@@ -24,6 +24,7 @@ __all__ = [
     "SignalTrainResult",
     "augment_draws",
     "augment_factor",
+    "load_reference_shards",
     "load_training_shards",
     "train_signal_checkpoint",
     "train_signal_model",
@@ -193,12 +194,15 @@ def train_signal_model(
     return SignalTrainResult(model, hist, va, c_va, c_tr, dt, steps)
 
 
-def load_training_shards(paths: Sequence[str | os.PathLike], seed: int = 0):
+def load_training_shards(
+    paths: Sequence[str | os.PathLike], seed: int = 0, *, with_ids: bool = False
+):
     """Rows of the dataset folders/files ``paths`` (validated by the shard reader) that
     pass the training set's screening (:mod:`mendis_ray.train.screen`: normalized flux,
     possible labels, one row per id, all three labels), in a seeded random order (the
     last rows validate, so an ordered catalog must be shuffled), and the grid
-    (``Grid.describe()`` dict plus ``wavelength``) they share.
+    (``Grid.describe()`` dict plus ``wavelength``) they share: ``(flux, ivar, labels,
+    grid)``, and the rows' ids (n,) after them with ``with_ids``.
 
     The spectra are held once: each file is read into its rows of one array, which is
     then screened and shuffled in place (30,000 x 7,214 pixels, 1.7 GB of flux and ivar:
@@ -210,7 +214,44 @@ def load_training_shards(paths: Sequence[str | os.PathLike], seed: int = 0):
     keep, labels = screen_rows(row_medians(flux, ivar), labels, ids)
     order = np.random.default_rng(seed).permutation(np.flatnonzero(keep))  # new row -> old
     _permute_rows((flux, ivar), np.concatenate([order, np.flatnonzero(~keep)]))
-    return flux[: len(order)], ivar[: len(order)], labels[order], grid
+    rows = flux[: len(order)], ivar[: len(order)], labels[order], grid
+    return (*rows, ids[order]) if with_ids else rows
+
+
+def load_reference_shards(
+    paths: Sequence[str | os.PathLike], grid: dict, train_ids: np.ndarray, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``mendis train --reference``: spectra the model does not learn that join the
+    validation rows in the scores' reference (their calibration per noise level, the
+    structure tests' choice, the percentiles).  flux, ivar (m, p), labels (m, 3) of the
+    rows under ``paths`` that pass the training set's screening.  A ValueError names a
+    path on another grid than ``grid`` (the training set's), or the ids that the training
+    set (``train_ids``, its validation rows included) holds too: a star the model has
+    learned would calibrate as a new one.
+
+    The survey benchmark's 2,000 validation stars leave the signal score's inlier
+    percentiles up to 5.8 points from uniform in one S/N bin (12,000 independent
+    inliers); three other draws of 2,000 held-out stars gave 6.2, 5.6 and 3.5, so it is
+    their sampling, and 4,000 more held-out stars bring it to 3.3 (README: More held-out
+    stars for the reference; ``bench/bench_reference.py``)."""
+    try:
+        flux, ivar, labels, ref_grid, ids = load_training_shards(paths, seed, with_ids=True)
+    except ValueError as err:  # the screening's words say "training"; name the option
+        raise ValueError(f"--reference {', '.join(map(str, paths))}: {err}") from err
+    if ref_grid["hash"] != grid["hash"]:
+        raise ValueError(
+            f"--reference {paths[0]}: grid {ref_grid.get('name')!r} differs from the "
+            f"training set's {grid.get('name')!r}; the reference must be on the same pixels"
+        )
+    both = np.intersect1d(ids.astype(str), np.asarray(train_ids).astype(str))
+    if both.size:
+        shown = ", ".join(repr(i) for i in both[:3]) + (", ..." if both.size > 3 else "")
+        raise ValueError(
+            f"--reference {', '.join(map(str, paths))}: {both.size} of its {len(ids)} spectra "
+            f"are in the training set too (ids {shown}); the reference must hold stars the "
+            "model does not learn, or their scores would look more typical than new stars'"
+        )
+    return flux, ivar, labels
 
 
 def _read_rows(paths: Sequence[str | os.PathLike]):
@@ -288,16 +329,24 @@ def train_signal_checkpoint(
     out: str | os.PathLike,
     cfg: SignalConfig | None = None,
     *,
+    reference: Sequence[str | os.PathLike] | None = None,
     time_limit_s: float | None = None,
     show_progress: bool = True,
 ) -> dict:
     """``mendis train --model signal``: train on the shards under ``paths``, fit the
-    scorer's reference on the validation rows, write ``out/checkpoint``; a summary."""
+    scorer's reference on the validation rows and on the held-out spectra under
+    ``reference`` (:func:`load_reference_shards`; read and checked before the training),
+    write ``out/checkpoint``; a summary."""
     from mendis_ray.science.signal_scores import SignalScorer
 
     cfg = cfg or SignalConfig()
     t0 = time.perf_counter()
-    flux, ivar, labels, grid = load_training_shards(paths, cfg.seed)
+    flux, ivar, labels, grid, ids = load_training_shards(paths, cfg.seed, with_ids=True)
+    held = None  # the reference's spectra: flux, ivar, labels
+    if reference:
+        held = load_reference_shards(reference, grid, ids, cfg.seed)
+        log.info("read %d reference spectra for the scores' reference", len(held[0]))
+    del ids
     some = ivar[:: max(1, len(ivar) // 1000)]  # ~1,000 of the shuffled rows: not a copy of all
     if np.median(some[some > 0]) > 1e11:  # NOISE_FREE_IVAR: simulated with --train-snr 0
         log.warning(
@@ -312,23 +361,32 @@ def train_signal_checkpoint(
             "%d training spectra: the last 10%% (%d) calibrate the signal score per noise "
             "level, too few for calibrated percentiles (600 emulated dwarfs on 7,214 "
             "pixels: inliers' mean percentile 40 at low S/N and 69 at high S/N, against 50); "
-            "train on at least %d", len(flux), round(0.1 * len(flux)), MIN_TRAINING,
+            "train on at least %d (held-out spectra given with --reference join the "
+            "calibration)", len(flux), round(0.1 * len(flux)), MIN_TRAINING,
         )  # fmt: skip
     res = train_signal_model(flux, ivar, labels, cfg, time_limit_s=time_limit_s,
                              show_progress=show_progress)  # fmt: skip
     va, tr = res.val_rows, slice(0, res.val_rows.start)
     t1 = time.perf_counter()
-    scorer = SignalScorer.fit(res.model, flux[va], ivar[va], labels[va], res.train_coords,
-                              grid=grid, train=(flux[tr], ivar[tr], labels[tr]),
+    out_of_sample = (flux[va], ivar[va], labels[va])  # (m, p), (m, p), (m, 3)
+    if held is not None:  # the validation rows, then the reference's
+        out_of_sample = tuple(np.concatenate(ab) for ab in zip(out_of_sample, held, strict=True))
+    n_ref = 0 if held is None else len(held[0])
+    del held
+    scorer = SignalScorer.fit(res.model, *out_of_sample, res.train_coords, grid=grid,
+                              train=(flux[tr], ivar[tr], labels[tr]),
                               far_iqr=cfg.far_iqr)  # fmt: skip
-    log.info("scores calibrated on the %d validation and %d training spectra in %.1f s",
-             len(flux) - tr.stop, tr.stop, time.perf_counter() - t1)  # fmt: skip
+    del out_of_sample
+    log.info("scores calibrated on the %d validation, %d reference and %d training "
+             "spectra in %.1f s", len(flux) - tr.stop, n_ref, tr.stop,
+             time.perf_counter() - t1)  # fmt: skip
     hist = res.history
     val_log_p = scorer.score(flux[va], ivar[va], labels[va])["log_p"]
     gain = hist.best_val_log_prob - hist.initial_val_log_prob
     summary = {
         "model": "signal", "rows": len(flux), "train_rows": tr.stop,
-        "val_rows": len(flux) - tr.stop,
+        "val_rows": len(flux) - tr.stop, "reference_rows": n_ref,
+        "reference": [str(r) for r in reference or ()],
         "k": res.model.basis.k, "epochs": len(hist.epochs), "best_epoch": hist.best_epoch,
         "batch_size": res.steps.batch_size, "lr": res.steps.lr,
         "initial_val_log_q": hist.initial_val_log_prob, "best_val_log_q": hist.best_val_log_prob,
