@@ -1,6 +1,6 @@
 """How many held-out stars the signal score's calibration needs (``mendis train --reference``).
 
-    python bench/bench_reference.py          # after bench_ood.py --save-signal (about 20 min)
+    python bench/bench_reference.py          # after bench_ood.py --save-signal (15-20 min)
 
 The signal-space model's scores are tail probabilities among held-out stars at the same
 noise level (``NoiseCalibration``); ``mendis train`` holds out 10% of the training set for
@@ -16,7 +16,8 @@ changes, as ``--reference`` does) with
   sampling at the default size);
 
 and reports the benchmark's AUROCs and test-star calibration, and the calibration on 12,000
-independent inliers (``--seed 7``), every bin's distance for ``signal_score``.  Writes
+independent inliers (``--seed 7``), each S/N bin's distance and mean percentile for
+``signal_score`` and ``residual_score``.  Writes
 ``bench/results/reference.json``.
 """
 
@@ -80,8 +81,11 @@ def measure(sc: SignalScorer, data, indep) -> dict:
     row["snr1000_vs_300"] = rows["signal_score"]["snr1000_vs_300"]
     row["calib test"] = "/".join(f"{rows[k]['calib']:.1f}" for k in KEYS)
     row["calib indep"] = "/".join(f"{ind[k]['max']:.1f}" for k in KEYS)
-    bins = {b: v for b, v in ind["signal_score"].items() if "-" in b}
-    row["signal indep by S/N"] = " ".join(f"{v:.1f}" for v in bins.values())
+    for k in ("signal_score", "residual_score"):  # each S/N bin's distance, mean - 50
+        bins = {b: v for b, v in ind[k].items() if "-" in b}
+        row[f"{k.split('_')[0]} indep by S/N"] = " ".join(f"{v:.1f}" for v in bins.values())
+        means = ind[k]["mean_minus_50"].values()
+        row[f"{k.split('_')[0]} indep mean-50"] = " ".join(f"{v:+.1f}" for v in means)
     return row
 
 

@@ -266,11 +266,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="signal model: train and calibrate it down to at least this S/N, "
                    "whatever the training S/N (noise augmentation, noised copies of held-out "
                    "stars); noisier spectra are flagged noise_range (default 25)")  # fmt: skip
-    t.add_argument("--reference", nargs="+", default=None, metavar="SHARDS",
+    t.add_argument("--reference", action="append", default=None, metavar="SHARDS",
                    help="signal model: more spectra of the same population that the model "
-                   "does not learn (folders or files, not in DATA): they join the "
-                   "validation spectra in the scores' calibration, whose sampling sets how "
-                   "uniform an inlier's percentile is at each S/N")  # fmt: skip
+                   "does not learn (a folder or file, not in DATA; repeat the option for "
+                   "more): they join the validation spectra in the scores' calibration, "
+                   "whose sampling sets how uniform an inlier's percentile is at each "
+                   "S/N")  # fmt: skip
     _far_iqr_arg(t)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _ray_train_args(t)

@@ -882,51 +882,71 @@ def test_mendis_train_far_iqr_reaches_the_scorer_and_its_summary(
 
 
 def test_reference_spectra_join_the_calibration_and_are_checked_first(
-    trained, tmp_path, monkeypatch, capsys
+    trained, tmp_path, monkeypatch, capsys, caplog
 ) -> None:
     """``mendis train --reference``: held-out spectra the model does not learn join the
     validation rows in the scores' reference (``SignalScorer.fit``'s held-out stars, the
-    percentiles' sorted scores); a reference that shares ids with the training set or
-    lies on another grid stops the command before any training, naming it."""
+    percentiles' sorted scores) and not the training rows; a reference holding training
+    spectra (the same id and flux) or on another grid stops the command before it trains,
+    naming it; an id that names another spectrum in the training set is kept, said once."""
     from mendis_ray.spectra import shards
-    from mendis_ray.spectra.grid import aspcap_grid
+    from mendis_ray.spectra.grid import aspcap_grid, paper_grid
     from mendis_ray.train import signal as train_signal
 
     data, _ = trained
-    held, real_fit = [], SignalScorer.fit
+    test = table_arrays(read_dataset(data / "test"))
+    train_ids = table_arrays(read_dataset(data / "train")).ids
+    n = 30  # training ids on test spectra: other stars under the same names
+    renamed = shards.make_table(train_ids[:n], test.flux[:n], test.ivar[:n],
+                                teff=test.labels[:n, 0], logg=test.labels[:n, 1],
+                                feh=test.labels[:n, 2])  # fmt: skip
+    shards.write_dataset(tmp_path / "renamed", [renamed], 1, paper_grid())
+    held, trained_rows = [], []
+    real_fit, real_train = SignalScorer.fit, train_signal.train_signal_model
 
     def spy_fit(model, flux, ivar, labels, *args, **kwargs):
         held.append(np.asarray(labels).copy())
         return real_fit(model, flux, ivar, labels, *args, **kwargs)
 
+    def spy_train(flux, *args, **kwargs):
+        trained_rows.append(len(flux))
+        return real_train(flux, *args, **kwargs)
+
     monkeypatch.setattr(SignalScorer, "fit", spy_fit)
+    monkeypatch.setattr(train_signal, "train_signal_model", spy_train)
     cfg = SignalConfig(n_units=1, hidden=16, epochs=1, residual_folds=0,
                        structure_tests=False, element_tests=False)  # fmt: skip
-    s = train_signal.train_signal_checkpoint(
-        [data / "train"], tmp_path / "a", cfg, reference=[data / "test"], show_progress=False
-    )
-    test = table_arrays(read_dataset(data / "test"))
-    assert s["reference_rows"] == len(test.flux) == 200 and len(held) == 1
+    with caplog.at_level(logging.WARNING, logger="mendis_ray.train.signal"):
+        s = train_signal.train_signal_checkpoint(
+            [data / "train"], tmp_path / "a", cfg, reference=[data / "test", tmp_path / "renamed"],
+            show_progress=False,
+        )  # fmt: skip
+    assert "30 reference ids also name training spectra with other flux" in caplog.text
+    assert trained_rows == [len(train_ids)] and s["reference_rows"] == len(test.flux) + n
     got = held[0][s["val_rows"] :]  # the validation rows, then the reference's (shuffled)
-    np.testing.assert_array_equal(np.sort(got[:, 0]), np.sort(test.labels[:, 0]))
+    want = np.r_[test.labels[:, 0], test.labels[:n, 0]]
+    np.testing.assert_array_equal(np.sort(got[:, 0]), np.sort(want))
     ref = load_scorer(s["checkpoint"]).ref
-    assert len(ref["sorted.score"]) == s["val_rows"] + 200  # far_iqr None: every one kept
-    monkeypatch.undo()
+    assert len(ref["sorted.score"]) == s["val_rows"] + 230  # far_iqr None: every one kept
+
+    def refused(*args, **kwargs):
+        raise AssertionError("trained before the reference was checked")
+
+    monkeypatch.setattr(train_signal, "train_signal_model", refused)
 
     def stops(reference, message) -> None:
-        argv = ["train", str(data / "train"), "--out", str(tmp_path / "b"), "--reference",
-                *map(str, reference), "--epochs", "1", "--quiet"]  # fmt: skip
+        argv = ["train", str(data / "train"), "--out", str(tmp_path / "b"), "--epochs", "1",
+                "--quiet", *(w for r in reference for w in ("--reference", str(r)))]  # fmt: skip
         assert main(argv) == 2
         assert message in capsys.readouterr().err and not (tmp_path / "b").exists()
 
     stops([data / "test", data / "train"], "1500 of its 1700 spectra are in the training set")
     wide = aspcap_grid()  # the same stars on all 7,214 pixels
-    n = 30
     table = shards.make_table([f"w{i}" for i in range(n)], np.ones((n, wide.n_pix), np.float32),
                               np.full((n, wide.n_pix), 1e4, np.float32), teff=test.labels[:n, 0],
                               logg=test.labels[:n, 1], feh=test.labels[:n, 2])  # fmt: skip
     shards.write_dataset(tmp_path / "wide", [table], 1, wide)
-    stops([tmp_path / "wide"], f"--reference {tmp_path / 'wide'}: grid 'aspcap' differs")
+    stops([tmp_path / "wide"], f"--reference {tmp_path / 'wide'}: grid 'aspcap' (7214 px")
     argv = ["train", str(data / "train"), "--out", str(tmp_path / "c"), "--model", "flow",
             "--reference", str(data / "test")]  # fmt: skip
     assert main(argv) == 2 and "--reference calibrates the signal-space model" in (

@@ -47,7 +47,7 @@ def _first(ids: np.ndarray, rows: np.ndarray, n: int = 3) -> str:
     return ", ".join(repr(str(i)) for i in ids[rows[:n]]) + (", ..." if len(rows) > n else "")
 
 
-def _screen_labels(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def _screen_labels(labels: np.ndarray, ids: np.ndarray, kind: str = "training") -> np.ndarray:
     """``labels`` (n, 3) with impossible values set to NaN (a warning per column); a
     ValueError when most of a column's values are impossible (its unit)."""
     labels = np.array(labels, np.float64)
@@ -58,12 +58,12 @@ def _screen_labels(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
             continue
         if bad.size > _MOST * np.isfinite(v).sum():
             raise ValueError(
-                f"column {name!r}: {bad.size} of {np.isfinite(v).sum()} training values lie "
+                f"column {name!r}: {bad.size} of {np.isfinite(v).sum()} {kind} values lie "
                 f"outside {lo:g} to {hi:g} {unit} (median {np.median(v[bad]):g}; first ids "
                 f"{_first(ids, bad)}): {name} must be in {unit}"
             )
-        log.warning("column %r: %d training values outside %g to %g %s (e.g. %g; ids %s) "
-                    "count as missing", name, bad.size, lo, hi, unit, v[bad[0]],
+        log.warning("column %r: %d %s values outside %g to %g %s (e.g. %g; ids %s) "
+                    "count as missing", name, bad.size, kind, lo, hi, unit, v[bad[0]],
                     _first(ids, bad))  # fmt: skip
         labels[bad, j] = np.nan
     return labels
@@ -84,37 +84,37 @@ def row_medians(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     return med
 
 
-def _normalized(med: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def _normalized(med: np.ndarray, ids: np.ndarray, kind: str = "training") -> np.ndarray:
     """(n,) bool: the rows whose median good-pixel flux ``med`` (:func:`row_medians`) is
     that of a continuum-normalized spectrum; a ValueError when most are not."""
     lo, hi = FLUX_MEDIAN_LIMITS
     empty = np.flatnonzero(np.isnan(med))
     if empty.size:
-        log.warning("%d training spectra have no good pixel (ivar 0 everywhere; ids %s): "
-                    "left out", empty.size, _first(ids, empty))  # fmt: skip
+        log.warning("%d %s spectra have no good pixel (ivar 0 everywhere; ids %s): "
+                    "left out", empty.size, kind, _first(ids, empty))  # fmt: skip
     ok = (med >= lo) & (med <= hi)
     bad = np.flatnonzero(~ok & np.isfinite(med))
     if bad.size > _MOST * len(med):
         raise ValueError(
-            f"{bad.size} of {len(med)} training spectra have a median flux outside "
+            f"{bad.size} of {len(med)} {kind} spectra have a median flux outside "
             f"{lo:g}-{hi:g} (median {np.median(med[bad]):g}; first ids {_first(ids, bad)}): "
             "the model expects continuum-normalized flux (about 1 in the continuum)"
         )
     if bad.size:
-        log.warning("%d of %d training spectra have a median flux outside %g-%g (not "
+        log.warning("%d of %d %s spectra have a median flux outside %g-%g (not "
                     "continuum-normalized, or no signal: e.g. %g, ids %s): left out",
-                    bad.size, len(med), lo, hi, med[bad[0]], _first(ids, bad))  # fmt: skip
+                    bad.size, len(med), kind, lo, hi, med[bad[0]], _first(ids, bad))  # fmt: skip
     return ok
 
 
-def _first_of_each_id(ids: np.ndarray) -> np.ndarray:
+def _first_of_each_id(ids: np.ndarray, kind: str = "training") -> np.ndarray:
     """(n,) bool: the first row of each id (a repeat would train and validate one star)."""
     keep = np.zeros(len(ids), bool)
     keep[np.unique(ids.astype(str), return_index=True)[1]] = True
     if not keep.all():
         rep = np.flatnonzero(~keep)
-        log.warning("%d training rows repeat an earlier row's id (ids %s): left out",
-                    rep.size, _first(ids, rep))  # fmt: skip
+        log.warning("%d %s rows repeat an earlier row's id (ids %s): left out",
+                    rep.size, kind, _first(ids, rep))  # fmt: skip
     return keep
 
 
@@ -129,31 +129,32 @@ def screen_training_set(
 
 
 def screen_rows(
-    medians: np.ndarray, labels: np.ndarray, ids: np.ndarray
+    medians: np.ndarray, labels: np.ndarray, ids: np.ndarray, kind: str = "training"
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`screen_training_set` from each row's median flux (n,) (:func:`row_medians`),
-    so that a set read a file at a time need not be held twice to be screened."""
-    labels = _screen_labels(labels, ids)
-    keep = _first_of_each_id(ids) & _normalized(medians, ids)
+    so that a set read a file at a time need not be held twice to be screened.  ``kind``
+    names the rows in the messages (``mendis train --reference``: "reference")."""
+    labels = _screen_labels(labels, ids, kind)
+    keep = _first_of_each_id(ids, kind) & _normalized(medians, ids, kind)
     unlabelled = keep & ~np.isfinite(labels).all(axis=1)
     if keep.sum() - unlabelled.sum() < MIN_LABELLED:
         raise ValueError(
-            f"{unlabelled.sum()} of the {keep.sum()} training spectra have no finite "
+            f"{unlabelled.sum()} of the {keep.sum()} {kind} spectra have no finite "
             "Teff, log g and [Fe/H]; the signal-space model learns the spectra with their "
             f"labels and needs at least {MIN_LABELLED} labelled spectra (columns teff, "
             "logg, feh)"
         )
     if unlabelled.any():  # a survey's catalog: some stars have no labels
-        log.warning("%d of %d training spectra have no finite Teff, log g and [Fe/H] (ids "
-                    "%s): left out of training (the joint model needs all three)",
-                    unlabelled.sum(), keep.sum(),
+        log.warning("%d of %d %s spectra have no finite Teff, log g and [Fe/H] (ids "
+                    "%s): left out (the joint model needs all three)",
+                    unlabelled.sum(), keep.sum(), kind,
                     _first(ids, np.flatnonzero(unlabelled)))  # fmt: skip
     keep &= ~unlabelled
-    for j, (name, unit, _, _) in enumerate(LABEL_LIMITS):
+    for j, (name, unit, _, _) in enumerate(LABEL_LIMITS if kind == "training" else ()):
         v = labels[keep, j]
         if np.ptp(v) <= 1e-9 * max(1.0, abs(v[0])):
             raise ValueError(
-                f"column {name!r} has one value ({v[0]:g} {unit}) in every training "
+                f"column {name!r} has one value ({v[0]:g} {unit}) in every {kind} "
                 "spectrum: the model learns how the spectra vary with each label, so each "
                 "needs a spread (simulate or select a set where it varies)"
             )

@@ -17,6 +17,7 @@ import torch
 from mendis_ray.config import SignalConfig, TrainConfig
 from mendis_ray.flow.signal import SignalCoordinates, SignalSpaceModel
 from mendis_ray.flow.signal_basis import MIN_GOOD_FRACTION, SignalBasis
+from mendis_ray.spectra.grid import grid_text, same_grid
 from mendis_ray.train.loop import History, array_batches, fit
 
 __all__ = [
@@ -195,14 +196,16 @@ def train_signal_model(
 
 
 def load_training_shards(
-    paths: Sequence[str | os.PathLike], seed: int = 0, *, with_ids: bool = False
-):
+    paths: Sequence[str | os.PathLike], seed: int = 0, *, with_ids: bool = False,
+    kind: str = "training",
+):  # fmt: skip
     """Rows of the dataset folders/files ``paths`` (validated by the shard reader) that
     pass the training set's screening (:mod:`mendis_ray.train.screen`: normalized flux,
     possible labels, one row per id, all three labels), in a seeded random order (the
     last rows validate, so an ordered catalog must be shuffled), and the grid
     (``Grid.describe()`` dict plus ``wavelength``) they share: ``(flux, ivar, labels,
-    grid)``, and the rows' ids (n,) after them with ``with_ids``.
+    grid)``, and the rows' ids (n,) after them with ``with_ids``; ``kind`` names the rows
+    in the screening's messages.
 
     The spectra are held once: each file is read into its rows of one array, which is
     then screened and shuffled in place (30,000 x 7,214 pixels, 1.7 GB of flux and ivar:
@@ -211,7 +214,7 @@ def load_training_shards(
     from mendis_ray.train.screen import row_medians, screen_rows
 
     flux, ivar, labels, ids, grid = _read_rows(paths)
-    keep, labels = screen_rows(row_medians(flux, ivar), labels, ids)
+    keep, labels = screen_rows(row_medians(flux, ivar), labels, ids, kind)
     order = np.random.default_rng(seed).permutation(np.flatnonzero(keep))  # new row -> old
     _permute_rows((flux, ivar), np.concatenate([order, np.flatnonzero(~keep)]))
     rows = flux[: len(order)], ivar[: len(order)], labels[order], grid
@@ -219,39 +222,60 @@ def load_training_shards(
 
 
 def load_reference_shards(
-    paths: Sequence[str | os.PathLike], grid: dict, train_ids: np.ndarray, seed: int = 0
+    paths: Sequence[str | os.PathLike],
+    grid: dict,
+    train: tuple[np.ndarray, np.ndarray],
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``mendis train --reference``: spectra the model does not learn that join the
     validation rows in the scores' reference (their calibration per noise level, the
     structure tests' choice, the percentiles).  flux, ivar (m, p), labels (m, 3) of the
     rows under ``paths`` that pass the training set's screening.  A ValueError names a
-    path on another grid than ``grid`` (the training set's), or the ids that the training
-    set (``train_ids``, its validation rows included) holds too: a star the model has
-    learned would calibrate as a new one.
+    path on another grid than ``grid`` (the training set's), or the spectra that the
+    training set ``train`` = (ids (n,), flux (n, p)), its validation rows included, holds
+    too (the same id and flux): a star the model has learned would calibrate as a new
+    one.  An id shared with a different spectrum (another simulation's rows, named by set
+    and row) is a different spectrum: kept, with a warning.
 
     The survey benchmark's 2,000 validation stars leave the signal score's inlier
     percentiles up to 5.8 points from uniform in one S/N bin (12,000 independent
     inliers); three other draws of 2,000 held-out stars gave 6.2, 5.6 and 3.5, so it is
     their sampling, and 4,000 more held-out stars bring it to 3.3 (README: More held-out
     stars for the reference; ``bench/bench_reference.py``)."""
+    named = f"--reference {', '.join(map(str, paths))}"
     try:
-        flux, ivar, labels, ref_grid, ids = load_training_shards(paths, seed, with_ids=True)
-    except ValueError as err:  # the screening's words say "training"; name the option
-        raise ValueError(f"--reference {', '.join(map(str, paths))}: {err}") from err
-    if ref_grid["hash"] != grid["hash"]:
-        raise ValueError(
-            f"--reference {paths[0]}: grid {ref_grid.get('name')!r} differs from the "
-            f"training set's {grid.get('name')!r}; the reference must be on the same pixels"
+        flux, ivar, labels, ref_grid, ids = load_training_shards(
+            paths, seed, with_ids=True, kind="reference"
         )
-    both = np.intersect1d(ids.astype(str), np.asarray(train_ids).astype(str))
-    if both.size:
-        shown = ", ".join(repr(i) for i in both[:3]) + (", ..." if both.size > 3 else "")
+    except ValueError as err:  # a set wrong as a whole, or no rows
+        raise ValueError(f"{named}: {err}") from err
+    if not same_grid(ref_grid, grid):
         raise ValueError(
-            f"--reference {', '.join(map(str, paths))}: {both.size} of its {len(ids)} spectra "
-            f"are in the training set too (ids {shown}); the reference must hold stars the "
-            "model does not learn, or their scores would look more typical than new stars'"
+            f"{named}: grid {grid_text(ref_grid)} differs from the training set's "
+            f"{grid_text(grid)}; the reference must be on the same pixels"
+        )
+    same = _same_spectra(ids, flux, *train)
+    if same.size:
+        shown = ", ".join(repr(str(i)) for i in same[:3]) + (", ..." if same.size > 3 else "")
+        raise ValueError(
+            f"{named}: {same.size} of its {len(ids)} spectra are in the training set too "
+            f"(the same id and flux: {shown}); the reference must hold stars the model does "
+            "not learn, or their scores would look more typical than new stars'"
         )
     return flux, ivar, labels
+
+
+def _same_spectra(ids, flux, train_ids, train_flux) -> np.ndarray:
+    """The ids (sorted) that name the same spectrum (equal flux) in both sets; an id that
+    names different spectra in the two is said once (a warning)."""
+    ids, train_ids = np.asarray(ids).astype(str), np.asarray(train_ids).astype(str)
+    shared, at, at_train = np.intersect1d(ids, train_ids, return_indices=True)
+    equal = np.array([np.array_equal(flux[i], train_flux[j], equal_nan=True)
+                      for i, j in zip(at, at_train, strict=True)], bool)  # fmt: skip
+    if (~equal).any():
+        log.warning("%d reference ids also name training spectra with other flux (e.g. %r): "
+                    "kept as different spectra", (~equal).sum(), shared[~equal][0])  # fmt: skip
+    return shared[equal]
 
 
 def _read_rows(paths: Sequence[str | os.PathLike]):
@@ -342,11 +366,13 @@ def train_signal_checkpoint(
     cfg = cfg or SignalConfig()
     t0 = time.perf_counter()
     flux, ivar, labels, grid, ids = load_training_shards(paths, cfg.seed, with_ids=True)
-    held = None  # the reference's spectra: flux, ivar, labels
+    held = None  # the reference's spectra: flux, ivar, labels (held through the training:
+    # a reference that cannot be used stops the command before it trains)
     if reference:
-        held = load_reference_shards(reference, grid, ids, cfg.seed)
+        held = load_reference_shards(reference, grid, (ids, flux), cfg.seed)
         log.info("read %d reference spectra for the scores' reference", len(held[0]))
     del ids
+    n_ref = 0 if held is None else len(held[0])
     some = ivar[:: max(1, len(ivar) // 1000)]  # ~1,000 of the shuffled rows: not a copy of all
     if np.median(some[some > 0]) > 1e11:  # NOISE_FREE_IVAR: simulated with --train-snr 0
         log.warning(
@@ -356,13 +382,14 @@ def train_signal_checkpoint(
         )
     log.info("read %d training spectra (%d px) in %.1f s", len(flux), flux.shape[1],
              time.perf_counter() - t0)  # fmt: skip
-    if len(flux) < MIN_TRAINING:
+    n_cal = round(0.1 * len(flux)) + n_ref  # the held-out spectra that calibrate
+    if len(flux) < MIN_TRAINING and n_cal < round(0.1 * MIN_TRAINING):
         log.warning(
-            "%d training spectra: the last 10%% (%d) calibrate the signal score per noise "
-            "level, too few for calibrated percentiles (600 emulated dwarfs on 7,214 "
-            "pixels: inliers' mean percentile 40 at low S/N and 69 at high S/N, against 50); "
-            "train on at least %d (held-out spectra given with --reference join the "
-            "calibration)", len(flux), round(0.1 * len(flux)), MIN_TRAINING,
+            "%d training spectra: the last 10%% and any --reference spectra (%d) calibrate "
+            "the signal score per noise level, too few for calibrated percentiles (600 "
+            "emulated dwarfs on 7,214 pixels: inliers' mean percentile 40 at low S/N and 69 "
+            "at high S/N, against 50); train on at least %d, or give more held-out spectra "
+            "with --reference", len(flux), n_cal, MIN_TRAINING,
         )  # fmt: skip
     res = train_signal_model(flux, ivar, labels, cfg, time_limit_s=time_limit_s,
                              show_progress=show_progress)  # fmt: skip
@@ -371,7 +398,6 @@ def train_signal_checkpoint(
     out_of_sample = (flux[va], ivar[va], labels[va])  # (m, p), (m, p), (m, 3)
     if held is not None:  # the validation rows, then the reference's
         out_of_sample = tuple(np.concatenate(ab) for ab in zip(out_of_sample, held, strict=True))
-    n_ref = 0 if held is None else len(held[0])
     del held
     scorer = SignalScorer.fit(res.model, *out_of_sample, res.train_coords, grid=grid,
                               train=(flux[tr], ivar[tr], labels[tr]),
@@ -391,7 +417,8 @@ def train_signal_checkpoint(
         "batch_size": res.steps.batch_size, "lr": res.steps.lr,
         "initial_val_log_q": hist.initial_val_log_prob, "best_val_log_q": hist.best_val_log_prob,
         "val_log_p": float(np.mean(val_log_p[np.isfinite(val_log_p)])),
-        "val_far_out": scorer.held_out_far, "far_iqr": cfg.far_iqr,
+        "val_far_out": scorer.held_out_far,  # of the validation and reference spectra
+        "far_iqr": cfg.far_iqr,
         "seconds": time.perf_counter() - t0, "signal_config": cfg.to_dict(),
     }  # fmt: skip
     if not np.isfinite(hist.best_val_log_prob) or gain <= 0:
