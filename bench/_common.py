@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +77,21 @@ def report(name: str, rows: list[dict], extra: dict | None = None) -> Path:
     tmp.replace(out)
     print(f"wrote {out}")
     return out
+
+
+def survey_stars(folder: Path, part: str, n: int, seed: int):
+    """``n`` stars of the survey population in ``folder/part`` (``train`` or ``test``),
+    simulated once with ``mendis simulate --population survey --seed SEED`` (10 in the
+    other part and in each outlier set), as ``table_arrays``."""
+    from mendis_ray.spectra.shards import read_dataset, table_arrays
+
+    if not (folder / part / "_manifest.json").is_file():
+        sizes = {"train": 10, "test": 10, part: n}
+        subprocess.run(["mendis", "simulate", "--population", "survey", "--n-train",
+                        str(sizes["train"]), "--n-test", str(sizes["test"]), "--n-outlier",
+                        "10", "--seed", str(seed), "--out", str(folder), "--no-figures"],
+                       check=True)  # fmt: skip
+    return table_arrays(read_dataset(folder / part))
 
 
 def _s(v: object) -> str:

@@ -24,7 +24,6 @@ independent inliers (``--seed 7``), each S/N bin's distance and mean percentile 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,23 +32,13 @@ import numpy as np
 
 from mendis_ray.science.benchmark import ModelRun, calibration, evaluate
 from mendis_ray.science.signal_scores import PERCENTILE_OF, SignalScorer, load_scorer
-from mendis_ray.spectra.shards import read_dataset, table_arrays
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import report
+from _common import report, survey_stars
 from bench_ood import load
 
 KEYS = ("score", "signal_score", "residual_score")
 SETS = ("between_alpha", "off_branch", "single_element", "unknown_line", "binary")
-
-
-def inliers(folder: Path, n: int, seed: int):
-    """``n`` inliers of the survey population (test rows of ``mendis simulate``), made once."""
-    if not (folder / "test" / "_manifest.json").is_file():
-        subprocess.run(["mendis", "simulate", "--population", "survey", "--n-train", "10",
-                        "--n-test", str(n), "--n-outlier", "10", "--seed", str(seed), "--out",
-                        str(folder), "--no-figures"], check=True)  # fmt: skip
-    return table_arrays(read_dataset(folder / "test"))
 
 
 def refit(model, data, held: tuple, train_coords, a0: int) -> tuple[SignalScorer, float]:
@@ -100,8 +89,8 @@ def main() -> None:
     args = p.parse_args()
     data = load(Path(args.data))
     model = load_scorer(args.model).model
-    extra = inliers(Path(args.extra), max(max(args.sizes), 2000 * args.disjoint), 13)
-    indep = inliers(Path(args.indep), 12_000, 7)
+    extra = survey_stars(Path(args.extra), "test", max(max(args.sizes), 2000 * args.disjoint), 13)
+    indep = survey_stars(Path(args.indep), "test", 12_000, 7)
     tr = data.train
     a0 = len(tr.flux) - round(0.1 * len(tr.flux))  # mendis train's validation rows
     train_coords = model.coordinates(tr.flux[:a0], tr.ivar[:a0], tr.labels[:a0])

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,23 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from mendis_ray.config import SignalConfig
-from mendis_ray.spectra.shards import read_dataset, table_arrays
 from mendis_ray.train.signal import train_signal_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import survey_stars
 from bench_ood import load
 from bench_signal_gaussian import gaussian
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def extra_stars(folder: Path, n: int):
-    """``n`` more training stars of the survey population (seed 11), simulated once."""
-    if not (folder / "train" / "_manifest.json").is_file():
-        subprocess.run(["mendis", "simulate", "--population", "survey", "--n-train", str(n),
-                        "--n-test", "10", "--n-outlier", "10", "--seed", "11", "--out",
-                        str(folder), "--no-figures"], check=True)  # fmt: skip
-    return table_arrays(read_dataset(folder / "train"))
 
 
 def margin(flux, ivar, labels, n_val: int, k: int, signal: dict) -> dict:
@@ -91,7 +81,7 @@ def main() -> None:
     arrays = (tr.flux, tr.ivar, tr.labels)
     pool = [a[:a0] for a in arrays]  # (n, ...) the training stars, in order
     if max(args.sizes) > a0:
-        ex = extra_stars(Path(args.extra), args.n_extra)
+        ex = survey_stars(Path(args.extra), "train", args.n_extra, seed=11)
         more = (ex.flux, ex.ivar, ex.labels)
         pool = [np.concatenate([a, b]) for a, b in zip(pool, more, strict=True)]
     out = RESULTS / "signal_scaling.json"
