@@ -166,8 +166,25 @@ def cmd_train_signal(args: argparse.Namespace) -> int:
               f"{s['reference_rows']} from --reference")  # fmt: skip
     if s.get("val_far_out"):
         print(_far_out_line(s))
+    if s.get("percentile_points") is not None:
+        print(_precision_line(s))
     print(f"checkpoint: {s['checkpoint']}")
     return 0
+
+
+def _precision_line(s: dict) -> str:
+    """How precise the percentiles are, from the number of held-out spectra that
+    calibrate them (:func:`~mendis_ray.science.noise_calibration.percentile_precision`)."""
+    from mendis_ray.science.noise_calibration import percentile_precision
+
+    n = s["val_rows"] + s.get("reference_rows", 0)
+    line = (f"percentiles: {n} held-out spectra calibrate them, about {round(n / 10)} in each "
+            f"tenth of their noise range: good to about {s['percentile_points']:.0f} points "
+            "there")  # fmt: skip
+    if s["percentile_points"] > percentile_precision(6000) + 0.5:
+        line += (" (with 6,000: about 4; mendis train --reference adds held-out spectra of the "
+                 "same population)")  # fmt: skip
+    return line
 
 
 def _far_out_line(s: dict) -> str:

@@ -81,3 +81,47 @@ def test_out_folder_is_checked_before_the_work(tmp_path) -> None:
         atomic.check_out_folder(tmp_path / "file")
     with pytest.raises(ValueError, match=r"file/sub' is not writable"):
         atomic.check_out_folder(tmp_path / "file" / "sub")
+
+
+@pytest.mark.parametrize("fail_at", [0, 2, 5, None])
+def test_commit_outputs_moves_a_run_in_whole_or_not_at_all(tmp_path, monkeypatch, fail_at):
+    """``commit_outputs`` (``mendis score``'s last step): the staged outputs replace the
+    earlier run's, whose optional page it does not make is removed; a failure at any
+    rename (the ``fail_at``-th) puts every earlier output back as it was and leaves the new
+    ones staged; nothing hidden is left behind either way."""
+    from mendis_ray.distributed import catalog_outputs
+
+    out, stage = tmp_path / "out", tmp_path / "out" / ".run.tmp-1-ab"
+    stage.mkdir(parents=True)
+    earlier = {"summary.json": "old", "top_outliers.csv": "old", "triage.html": "old",
+               "verdicts.parquet": "kept", "scores/part-0.parquet": "old"}  # fmt: skip
+    staged = {"summary.json": "new", "top_outliers.csv": "new", "gallery.png": "new",
+              "scores/part-0.parquet": "new", "scores/part-1.parquet": "new"}  # fmt: skip
+    for root, files in ((out, earlier), (stage, staged)):
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+
+    def tree(root):
+        return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*"))
+                if p.is_file() and not p.relative_to(root).parts[0].startswith(".")}  # fmt: skip
+
+    calls, real = [], os.replace
+
+    def replace(src, dst):
+        calls.append(src)
+        if fail_at is not None and len(calls) == fail_at + 1:
+            raise OSError("disk gone")
+        real(src, dst)
+
+    monkeypatch.setattr(catalog_outputs.os, "replace", replace)
+    if fail_at is None:
+        catalog_outputs.commit_outputs(stage, out)
+        assert tree(out) == {**staged, "verdicts.parquet": "kept"}  # no triage.html: removed
+        stage.rmdir()  # emptied; score_catalog removes its stage
+    else:
+        with pytest.raises(OSError, match="disk gone"):
+            catalog_outputs.commit_outputs(stage, out)
+        assert tree(out) == earlier and tree(stage) == staged
+        stage.rename(tmp_path / "staged")  # score_catalog removes its stage
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]

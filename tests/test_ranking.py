@@ -4,6 +4,7 @@ mendis_ray.spectra.catalog, mendis_ray.atomic)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import struct
@@ -217,6 +218,27 @@ def test_split_inputs_and_common_columns(tmp_path):
     pq.write_table(pa.table({"id": ["a"], "flux": [[1.0]], "truth_class": ["x"], "k": [1]}), f1)
     pq.write_table(pa.table({"id": ["b"], "truth_class": ["y"], "path": ["p"]}), f2)
     assert common_scalar_columns([f1, f2]) == ["truth_class"]
+
+
+def test_only_columns_every_output_holds_are_carried(tmp_path, caplog):
+    """Numbers, booleans, text, dates, categories and half floats are carried into the
+    scores; a struct, bytes and a name longer than a FITS column's 68 characters are left
+    out with one warning naming each (they failed the run after scoring, in the CSV or
+    FITS writer)."""
+    long = "n" * 69
+    cols = {"id": ["a"], "mag": [1.5], "n": [3], "ok": [True], "note": ["é"],
+            "nested": [{"a": 1}], "raw": [b"\x00\xff"], "when": [dt.date(2026, 1, 1)],
+            "half": pa.array([1.0], pa.float16()), long: [1.0], "m" * 68: [2.0],
+            "kind": pa.array(["giant"]).dictionary_encode()}  # fmt: skip
+    f = tmp_path / "x.parquet"
+    pq.write_table(pa.table(cols), f)
+    with caplog.at_level("WARNING", logger="mendis_ray.spectra.catalog"):
+        got = common_scalar_columns([f])
+    assert got == ["mag", "n", "ok", "note", "when", "half", "m" * 68, "kind"]
+    (msg,) = [r.getMessage() for r in caplog.records]
+    for name in ("nested", "raw", long):
+        assert repr(name) in msg, name
+    assert "a name of 69 characters; FITS holds 68" in msg
 
 
 def test_remove_stale_dirs_keeps_live_processes(tmp_path):

@@ -276,3 +276,46 @@ def test_a_shard_given_twice_is_read_once(tmp_path, caplog):
         got = list_shards([tmp_path / "d", files[1], tmp_path / "d"])
     assert got == [f.resolve() for f in files]
     assert "2 shard file(s) given more than once" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "manifest, match",
+    [
+        ("[1, 2]", r"no 'files' list of file names"),
+        ('{"files": null}', r"no 'files' list of file names"),
+        ('{"files": [1, 2]}', r"no 'files' list of file names"),
+        ('{"files": "d-00000.parquet"}', r"no 'files' list of file names"),
+        (b"\xff\xfe{}", r"unreadable manifest \('utf-8' codec"),
+        ('{"files": ["../other/x.parquet"]}', r"lists files outside its folder: \['\.\./other"),
+        ('{"files": ["/etc/x.parquet"]}', r"lists files outside its folder"),
+        ("directory", r"unreadable manifest \(\[Errno 21\]"),
+    ],
+    ids=["a list", "null", "numbers", "a string", "not utf-8", "up", "absolute", "a folder"],
+)
+def test_a_malformed_manifest_is_named_not_a_traceback(tmp_path, manifest, match):
+    """A ``_manifest.json`` that is not an object with a list of file names in its own
+    folder stops with a ShardError naming it (these raised TypeError or
+    IsADirectoryError, or read a file elsewhere, or read a string letter by letter)."""
+    shards.write_dataset(tmp_path / "d", [_table()], 1, paper_grid())
+    path = tmp_path / "d" / "_manifest.json"
+    path.unlink()
+    if manifest == "directory":
+        path.mkdir()
+    elif isinstance(manifest, bytes):
+        path.write_bytes(manifest)
+    else:
+        path.write_text(manifest)
+    with pytest.raises(ShardError, match=r"d/_manifest\.json: .*" + match.split(": ")[-1]):
+        shards.dataset_files(tmp_path / "d")
+
+
+def test_a_batch_s_bad_column_names_its_file(tmp_path):
+    """A label column of text that is not a number stops validation naming the shard the
+    batch came from (its ``path`` column), as a row's bad pixel does."""
+    from mendis_ray.spectra.batches import validate_batch
+
+    t = _table(n=3)
+    t = t.set_column(t.schema.get_field_index("teff"), "teff", pa.array(["4400", "hot", "4500"]))
+    t = t.append_column("path", pa.array(["/data/cat/part-7.parquet"] * 3))
+    with pytest.raises(ShardError, match=r"cat/part-7\.parquet: column 'teff' must hold numbers"):
+        validate_batch(t, 2405)

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,6 +222,8 @@ def test_pixels_no_training_star_sees_are_left_out_exactly() -> None:
     assert set(full.arrays()) == {*cut.arrays(), "modelled"}
     with pytest.raises(ValueError, match="only 2 of 40 pixels are good"):
         SignalBasis.fit(flux, np.where(np.arange(p) < 2, ivar, 0.0))
+    with pytest.raises(ValueError, match=r"the \d+ training spectra do not vary"):
+        SignalBasis.fit(np.ones_like(flux), ivar)  # was "SVD did not converge", a minute in
 
 
 def test_masked_pixel_values_change_nothing() -> None:
@@ -736,6 +739,57 @@ def test_pooled_tail_with_ties_and_a_constant_bin() -> None:
         NoiseCalibration.from_arrays(part, "cal.x")
 
 
+def test_a_damaged_checkpoint_is_refused_naming_the_file(trained, tmp_path) -> None:
+    """Bytes changed after the checkpoint was written (the SHA-256 its config.json
+    recorded), NaN weights or a NaN calibration (written by hand, no hash), and a
+    model_kind this version does not know are each refused at load with a
+    CheckpointError naming the file and what is wrong; they scored every spectrum -inf
+    (unscorable) with exit code 0, or named the wrong kind.  A checkpoint written before
+    the hash loads as before."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    src = trained[1]
+    info = json.loads((src / "config.json").read_text())
+    assert len(info["tensors_sha256"]) == 64
+
+    def copy(name: str, arrays: dict | None = None, **config) -> Path:
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        if arrays is not None:
+            save_file(arrays, str(dst / "model.safetensors"))
+        cfg = {k: v for k, v in (info | config).items() if v is not None}
+        (dst / "config.json").write_text(json.dumps(cfg))
+        return dst
+
+    damaged = copy("damaged")
+    data = bytearray((damaged / "model.safetensors").read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\x7f" * 64  # finite garbage in place
+    (damaged / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"damaged/model\.safetensors: damaged: its SHA-256"):
+        load_scorer(damaged)
+    arrays = load_file(str(src / "model.safetensors"))
+    older = copy("older", tensors_sha256=None)  # written before the hash: loads
+    np.testing.assert_array_equal(load_scorer(older).ref["sorted.score"],
+                                  load_scorer(src).ref["sorted.score"])  # fmt: skip
+    key = next(k for k, v in arrays.items() if k.startswith("flow.") and v.dtype.kind == "f")
+    nan_flow = copy("nan_flow", arrays | {key: np.full_like(arrays[key], np.nan)},
+                    tensors_sha256=None)  # fmt: skip
+    with pytest.raises(CheckpointError, match=rf"nan_flow/model\.safetensors: {key} holds "
+                       r"\d+ non-finite value"):  # fmt: skip
+        load_scorer(nan_flow)
+    cal = "score.cal.chi2.quantiles"
+    bad = arrays[cal].copy()
+    bad[0, 3] = np.nan
+    nan_cal = copy("nan_cal", arrays | {cal: bad}, tensors_sha256=None)
+    with pytest.raises(CheckpointError, match=rf"{cal} holds 1 NaN value"):
+        load_scorer(nan_cal)
+    kind = copy("kind", model_kind="banana")
+    with pytest.raises(CheckpointError, match=r"kind/config\.json: model_kind 'banana' is not"):
+        load_scorer(kind)
+
+
 @pytest.mark.parametrize("fault", ["missing", "shape", "zero_scale"])
 def test_a_checkpoint_with_bad_derivative_scales_is_refused(trained, tmp_path, fault) -> None:
     """A reference with the standardized compression test but no, misshapen or zero
@@ -869,6 +923,21 @@ def test_mendis_train_far_iqr_reaches_the_scorer_and_its_summary(
                         lambda *a, **k: fake_train(*a, **k) | {"val_far_out": 0})  # fmt: skip
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "e")]) == 0
     assert "validation spectra lie" not in capsys.readouterr().out
+    for n, points, hint in ((2000, 6.15, True), (6000, 3.55, False)):  # the precision line
+        monkeypatch.setattr(
+            train_signal,
+            "train_signal_checkpoint",
+            lambda *a, n=n, p=points, **k: (
+                fake_train(*a, **k) | {"val_rows": n, "percentile_points": p}
+            ),
+        )
+        assert main(["train", str(tmp_path), "--out", str(tmp_path / f"p{n}")]) == 0
+        out = capsys.readouterr().out
+        assert (
+            f"percentiles: {n} held-out spectra calibrate them, about {n // 10} in each "
+            f"tenth of their noise range: good to about {round(points)} points there" in out
+        )
+        assert ("mendis train --reference adds" in out) == hint
     monkeypatch.undo()  # the real training function, with a spy on the scorer's fit
     monkeypatch.setattr(SignalScorer, "fit", spy_fit)
     data, _ = trained

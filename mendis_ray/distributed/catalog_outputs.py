@@ -15,14 +15,22 @@ pool, then calls :func:`write_catalog_outputs`, which reads the scores back and 
 
 **Ranking** (``rank_by``, ``flags_first``) is :mod:`mendis_ray.science.ranking`'s, the
 gallery and its typical neighbours :mod:`mendis_ray.science.gallery`'s.  Every file is
-written under a temporary name and renamed (:mod:`mendis_ray.atomic`).
+written under a temporary name and renamed (:mod:`mendis_ray.atomic`); ``score_catalog``
+writes them all into a staging folder first and moves them in with
+:func:`commit_outputs`, so a run into an earlier run's folder replaces its outputs all
+together or not at all.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -30,6 +38,7 @@ import pyarrow.parquet as pq
 from mendis_ray.atomic import write_json_atomic
 from mendis_ray.config import ScoreConfig
 from mendis_ray.science.explained import write_outputs
+from mendis_ray.science.flags import Flag
 from mendis_ray.science.gallery import (
     ShardSpectra,
     explain_against_typical,
@@ -38,19 +47,28 @@ from mendis_ray.science.gallery import (
 )
 from mendis_ray.science.ranking import rank_outliers, read_ranking, top_table, typical_rows
 
-__all__ = ["write_catalog_outputs"]
+__all__ = ["commit_outputs", "write_catalog_outputs"]
+
+log = logging.getLogger(__name__)
+
+#: outputs a run makes only with some settings: an earlier run's is removed by a run that
+#: does not make it (it would not match the other outputs)
+OPTIONAL_OUTPUTS = ("triage.html", "gallery.png")
 
 
 def write_catalog_outputs(
     scores_dir: Path, out: Path, shards, cfg: ScoreConfig, *, checkpoint: Path,
     fits_files: list, pool: dict, resources: dict, verdicts: dict, t_start: float,
-    timings: dict,
+    timings: dict, final: Path | None = None,
 ) -> dict:  # fmt: skip
     """Rank the scores in ``scores_dir`` (every row of the checked ``shards``), write the
     outlier tables, triage page and gallery of ``cfg`` into ``out``, then
     ``out/summary.json``; returns the summary (its ``seconds`` counted from ``t_start``;
     ``pool``: the actor pool, ``resources``: the cluster's, ``verdicts``: the stored
-    verdicts carried into the tables)."""
+    verdicts carried into the tables; ``final``: the folder the outputs are for, where
+    ``out`` stages them: the paths the summary and the page record, and the folder of the
+    page's verdicts; default ``out``)."""
+    final = out if final is None else Path(final)
     run = {"checkpoint": str(checkpoint), "grid": shards.grid, "rank_by": cfg.rank_by,
            "rows": shards.n_rows}  # fmt: skip
     ranking, top, typical, files, spectra = _write_outliers(
@@ -63,8 +81,71 @@ def write_catalog_outputs(
         marginal=cfg.marginal, rank_by=cfg.rank_by, flags_first=cfg.flags_first,
     )  # fmt: skip
     summary["verdicts"] = len(verdicts)
+    if summary["rows"] and summary["unscorable"] == summary["rows"]:
+        log.warning(
+            "every one of the %d spectra is unscorable (flag unscorable): the checkpoint %s "
+            "or the catalog is broken (spectra not continuum-normalized, ivar in other units?)",
+            summary["rows"], checkpoint,
+        )  # fmt: skip
+    summary["files"] = _relocated(summary["files"], out, final)
     write_json_atomic(summary, out / "summary.json")
+    if cfg.html:  # after the summary: the page's header shows the run
+        from mendis_ray.triage.page import write_page
+
+        write_page(out, folder=final)
+    else:
+        (out / "triage.html").unlink(missing_ok=True)  # an earlier run's would not match
     return summary
+
+
+def commit_outputs(stage: Path, out: Path) -> None:
+    """Move the outputs written into the folder ``stage`` into ``out``, replacing an
+    earlier run's (and removing its ``OPTIONAL_OUTPUTS`` that ``stage`` does not hold).
+    Renames only: the earlier outputs are first moved aside into ``out/.run.old-*``
+    (``summary.json`` first), then the new ones in (``summary.json`` last); any error or
+    Ctrl-C on the way moves them all back.  The earlier outputs are deleted once every new
+    one is in place (a folder left by a killed run is removed by the next one)."""
+    names = sorted(p.name for p in stage.iterdir() if not p.name.startswith("."))
+    new = sorted(names, key=lambda n: n == "summary.json")  # summary.json last
+    earlier = {n for n in (*names, *OPTIONAL_OUTPUTS) if os.path.lexists(out / n)}
+    earlier = sorted(earlier, key=lambda n: n != "summary.json")  # summary.json first
+    old = out / f".run.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    old.mkdir()
+    aside, moved = [], []
+    try:
+        for n in earlier:
+            os.replace(out / n, old / n)
+            aside.append(n)
+        for n in new:
+            os.replace(stage / n, out / n)
+            moved.append(n)
+    except BaseException:
+        for n in reversed(moved):
+            os.replace(out / n, stage / n)
+        for n in reversed(aside):
+            os.replace(old / n, out / n)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _count_flag(ranking: pa.Table, flag: Flag) -> int:
+    """How many rows of ``ranking`` carry ``flag`` in their ``flags`` bit field."""
+    flags = ranking.column("flags").to_numpy(zero_copy_only=False)
+    return int(np.count_nonzero(flags.astype(np.int64) & int(flag)))
+
+
+def _relocated(obj, stage: Path, final: Path):
+    """``obj`` (str, list or dict of them) with paths under ``stage`` moved to ``final``."""
+    if isinstance(obj, dict):
+        return {k: _relocated(v, stage, final) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relocated(v, stage, final) for v in obj]
+    if isinstance(obj, str) and stage != final:
+        p = Path(obj)
+        if p == stage or stage in p.parents:
+            return str(final / p.relative_to(stage))
+    return obj
 
 
 def _write_outliers(
@@ -73,8 +154,9 @@ def _write_outliers(
 ) -> tuple[pa.Table, pa.Table, pa.Table, dict, ShardSpectra]:  # fmt: skip
     """Rank the scores, explain the top rows against their nearest typical spectra and
     write the explained outputs (:func:`~mendis_ray.science.explained.write_outputs`:
-    ``top_outliers.*`` with explanations and ``verdicts``, ``scores.fits``, ...) and, with
-    ``cfg.html``, the triage page (else remove an earlier run's).  Returns (ranking columns,
+    ``top_outliers.*`` with explanations and ``verdicts``, ``scores.fits``, ...); the
+    files name the triage page too where ``cfg.html`` asks for one (it is written after
+    the summary, which it shows).  Returns (ranking columns,
     top table, typical rows, the written files plus ``explained``: their row count, the
     spectra of the top and typical rows, read once from the shards for this and the
     gallery)."""
@@ -94,14 +176,7 @@ def _write_outliers(
     files = write_outputs(out, explained, pq.read_table(scores_dir), wl, xlabel, run, verdicts)
     top = pq.read_table(out / "top_outliers.parquet")  # with explanations and verdicts
     timings["explain_s"] = time.perf_counter() - t0
-    page = None
-    if cfg.html:
-        from mendis_ray.triage.page import write_page
-
-        page = write_page(out)
-    else:
-        (out / "triage.html").unlink(missing_ok=True)  # an earlier run's would not match
-    files |= {"triage_html": None if page is None else str(page)}
+    files |= {"triage_html": str(out / "triage.html") if cfg.html else None}  # written last
     return ranking, top, typical, {**files, "explained": explained.top.num_rows}, spectra
 
 
@@ -137,6 +212,7 @@ def _summary(
         "rows": shards.n_rows,
         "distinct_ids": int(pc.count_distinct(ranking.column("id")).as_py()),
         "flagged": int(pc.sum(pc.not_equal(ranking.column("flags"), 0)).as_py() or 0),
+        "unscorable": _count_flag(ranking, Flag.UNSCORABLE),
         "seconds": seconds,
         "spectra_per_s": shards.n_rows / seconds,
         "scoring_spectra_per_s": shards.n_rows / timings["score_s"],

@@ -9,15 +9,18 @@ run)::
       -> repartition(target_num_rows_per_block=batch_size) blocks small enough to spread
       -> map_batches(CatalogScorer, compute=ActorPoolStrategy(min_size, max_size),
                      num_cpus=<fraction>, num_gpus=...)    model loaded once per actor
-      -> write_parquet(out/.scores.tmp-*) -> renamed to out/scores  (replaces an old run)
-      -> catalog_outputs.write_catalog_outputs: out/top_outliers.{csv,parquet}, FITS,
+      -> write_parquet(<stage>/scores)        <stage> = out/.run.tmp-*, this run's outputs
+      -> catalog_outputs.write_catalog_outputs: <stage>/top_outliers.{csv,parquet}, FITS,
          explanations, gallery.png, triage.html, summary.json  (driver, atomic writes)
+      -> catalog_outputs.commit_outputs: moved into out  (replacing an earlier run's)
 
 The settings are a :class:`~mendis_ray.config.ScoreConfig` (``mendis score``'s options
 are generated from it).  ``out/scores/`` holds one row per input spectrum: ``id``,
 ``path`` (the shard it came from), the input's scalar columns (``teff``, ``logg``,
-``feh``, ``snr`` and, by default, every other non-list column common to all shards, e.g.
-``truth_class``), then the scorer's outputs (full-space flow: ``log_p``,
+``feh``, ``snr`` and, by default, every other non-list column common to all shards that
+the outputs can hold, e.g. ``truth_class``: ``spectra.catalog.common_scalar_columns``;
+one named as an output column is copied as ``input_<name>``), then the scorer's
+outputs (full-space flow: ``log_p``,
 ``log_p_marginal``, ``teff_used``/``logg_used``/``feh_used`` (the given labels, or the
 profile maximum where a label-free score was computed), ``log_p_per_dim``,
 ``signal_score``, ``percentile``, ``signal_percentile``, ``log_ratio_gaussian``,
@@ -25,11 +28,16 @@ profile maximum where a label-free score was computed), ``log_p_per_dim``,
 the ranking and the gallery: :mod:`mendis_ray.distributed.catalog_outputs` (no Ray).
 Input sorting and FITS ingest are :mod:`mendis_ray.spectra.catalog`'s.
 
-**Rerunning** into the same ``out`` is safe: the scores are written to a temporary folder
-beside ``out/scores`` and renamed into place (the old folder is removed only after), and
-every table, figure and summary is written under a temporary name and renamed, so ``out``
-never holds duplicated or half-written files.  Two runs *at the same time* into one
-``out`` are not supported.
+**Rerunning** into the same ``out`` is safe: a run writes every output (scores, tables,
+figures, page, summary) into a staging folder ``out/.run.tmp-*`` and moves them into
+``out`` only once all are written (``summary.json`` last; an earlier run's page or gallery
+that this run does not make is removed then; ``catalog_outputs.commit_outputs`` moves
+the earlier outputs aside first and back on any error).  A run that fails or is
+interrupted, even after scoring, leaves the earlier run's outputs as they were; a
+staging folder left by a killed run is removed by the next.  Not staged: a run with FITS
+inputs rewrites ``out/_ingested/`` (their shards) before it scores, and ``--verdicts``
+merges into ``out/verdicts.parquet`` before it scores.  Two runs *at the same time* into
+one ``out`` are not supported.
 
 **Cluster use.**  The checkpoint, the input shards and ``out`` must be readable (and
 ``out`` writable) from every node: shared storage (NFS) on a multi-node cluster.
@@ -67,7 +75,7 @@ from mendis_ray.distributed.actor_pool import (
     default_actor_threads,
     default_max_actors,
 )
-from mendis_ray.science.ranking import USED_COLUMNS
+from mendis_ray.science.ranking import OUTPUT_COLUMNS, USED_COLUMNS
 from mendis_ray.spectra.batches import spectra_of
 from mendis_ray.spectra.catalog import (
     common_scalar_columns,
@@ -89,7 +97,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SPECTRUM_COLUMNS = ("flux", "ivar")
-_TMP_RE = re.compile(r"^\.scores\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
+_TMP_RE = re.compile(r"^\.(?:scores|run)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
 
 # ----------------------------------------------------------------------------- the actor
@@ -160,9 +168,16 @@ def _has_gpu() -> bool:
 
 def scores_table(batch: pa.Table, scores: dict[str, np.ndarray]) -> pa.Table:
     """``batch`` without its spectrum columns, plus the ``Scorer.score`` dict as columns
-    (``labels_used`` (n, 3) split into ``teff_used``, ``logg_used``, ``feh_used``)."""
+    (``labels_used`` (n, 3) split into ``teff_used``, ``logg_used``, ``feh_used``).  An
+    input column named as a score or as a column the outputs add (a catalog's own
+    ``flags``, ``score`` or ``rank``: ``OUTPUT_COLUMNS``) is kept as ``input_<name>``."""
     keep = [c for c in batch.column_names if c not in SPECTRUM_COLUMNS]
     out = batch.select(keep)
+    taken = {*scores, *USED_COLUMNS, *OUTPUT_COLUMNS}
+    if taken & set(keep):
+        names = [_input_name(c, taken | set(keep)) if c in taken else c for c in keep]
+        # (the driver's warning, _score_shards, names them with the same rule)
+        out = out.rename_columns(names)
     for name, values in scores.items():
         values = np.asarray(values)
         if name == "labels_used":
@@ -171,6 +186,14 @@ def scores_table(batch: pa.Table, scores: dict[str, np.ndarray]) -> pa.Table:
         else:
             out = out.append_column(name, pa.array(values))
     return out
+
+
+def _input_name(name: str, taken: set[str]) -> str:
+    """``input_<name>`` (``input_input_<name>`` ... where that is in ``taken`` too)."""
+    name = f"input_{name}"
+    while name in taken:
+        name = f"input_{name}"
+    return name
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -272,7 +295,8 @@ def score_catalog(
             rows, batch size (default: the checkpoint kind's), actor pool, ranking,
             outputs, Scorer knobs); default ``ScoreConfig()``.
         carry_columns: scalar input columns copied to the scores (default: every non-list
-            column common to all shards).
+            column common to all shards that the outputs can hold; one named as an output
+            column is copied as ``input_<name>``).
         labels_path: allStar-like table of labels for FITS inputs.
         ingest_shards: shards of the ingested FITS (default: about 1,000 spectra each).
         address, num_cpus: the Ray cluster to join, or the local one's logical CPUs.
@@ -290,13 +314,14 @@ def score_catalog(
     """
     # imported here, not at the top: the actors import this module, and the outputs'
     # modules (astropy, the explanations) would add to every actor's start
-    from mendis_ray.distributed.catalog_outputs import write_catalog_outputs
+    from mendis_ray.distributed.catalog_outputs import commit_outputs, write_catalog_outputs
     from mendis_ray.distributed.session import ensure_ray
     from mendis_ray.triage.verdicts import verdicts_for_run
 
     cfg = (config or ScoreConfig()).replace(**settings)  # validates
     checkpoint, out = Path(checkpoint), Path(out)
     check_out_folder(out)
+    _check_out_is_not_an_input(out, inputs)
     with _removed_on_failure(out):
         t_start, timings = time.perf_counter(), {}
         ckpt = _prepare_out(checkpoint, out)
@@ -308,12 +333,21 @@ def score_catalog(
             carry_columns = common_scalar_columns(shards.files)
         resources = ensure_ray(address, num_cpus=num_cpus)
         pool = _actor_pool(resources, cfg)
-        scores_dir = _score_shards(checkpoint, shards, cfg, pool, carry_columns, out, timings)
-        summary = write_catalog_outputs(
-            scores_dir, out, shards, cfg, checkpoint=checkpoint, fits_files=fits_files,
-            pool=pool, resources=resources, verdicts=stored_verdicts, t_start=t_start,
-            timings=timings,
-        )  # fmt: skip
+        stage = out / f".run.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # this run's outputs
+        try:
+            stage.mkdir()
+            staged = _score_shards(checkpoint, shards, cfg, pool, carry_columns, stage, timings)
+            summary = write_catalog_outputs(
+                staged, stage, shards, cfg, checkpoint=checkpoint, fits_files=fits_files,
+                pool=pool, resources=resources, verdicts=stored_verdicts, t_start=t_start,
+                timings=timings, final=out,
+            )  # fmt: skip
+            if interrupt.pending():  # Ctrl-C while writing: the earlier run's outputs stay
+                raise KeyboardInterrupt
+            commit_outputs(stage, out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    scores_dir = out / "scores"
     log.info("wrote %s, %s, %s in %.1f s", scores_dir, out / "top_outliers.csv",
              out / "summary.json", summary["seconds"])  # fmt: skip
     gallery = summary["files"]["gallery"]
@@ -323,12 +357,28 @@ def score_catalog(
     )  # fmt: skip
 
 
+def _check_out_is_not_an_input(out: Path, inputs: Sequence[str | os.PathLike]) -> None:
+    """A ValueError if ``out`` is an input folder or the folder of an input Parquet file:
+    the outputs' Parquet tables would be read as spectra when it is scored again (a
+    subfolder is not read)."""
+    if not out.exists():
+        return
+    for p in map(Path, inputs):
+        folder = p if p.is_dir() else p.parent if p.suffix.lower() == ".parquet" else None
+        if folder is not None and folder.resolve() == out.resolve():
+            raise ValueError(
+                f"--out {str(out)!r} is the folder of the input {str(p)!r}: the outputs' "
+                "Parquet tables would be read as spectra when it is scored again; choose "
+                "another --out (a subfolder will do)"
+            )
+
+
 @contextlib.contextmanager
 def _removed_on_failure(out: Path) -> Iterator[None]:
     """Run the body with ``out`` (a folder, or not there yet); if it fails or is
     interrupted, remove ``out`` where this run made it (a rerun into an existing folder
-    keeps the earlier results: every write there is atomic), and on Ctrl-C stop the
-    embedded Ray now."""
+    keeps the earlier results: the outputs are staged and moved in at the end), and on
+    Ctrl-C stop the embedded Ray now."""
     created = not out.exists()  # a file there: refused before, by check_out_folder
     try:
         yield
@@ -377,16 +427,32 @@ def _score_shards(
         marginal=cfg.marginal, carry_columns=carry_columns,
         scorer_kwargs=cfg.scorer_kwargs(),
     )  # fmt: skip
-    return _write_scores(ds, shards.n_rows, out, cfg.batch_size, timings)
+    scores_dir = _write_scores(ds, shards.n_rows, out, cfg.batch_size, timings)
+    names = set(pq.read_schema(next(iter(sorted(scores_dir.glob("*.parquet"))))).names)
+    carried = set(carry_columns)
+    renamed = {c: n for c in carry_columns if (n := _input_name(c, carried)) in names}
+    if renamed:
+        log.warning("input column(s) %s are named as outputs: copied as %s", list(renamed),
+                    list(renamed.values()))  # fmt: skip
+    return scores_dir
 
 
 def _prepare_out(checkpoint: Path, out: Path):
     """The checkpoint's :class:`~mendis_ray.flow.checkpoint.CheckpointInfo` (a
-    CheckpointError for a bad one), with ``out`` made and cleared of stale temporaries."""
-    from mendis_ray.flow.checkpoint import checkpoint_info
+    CheckpointError for a bad one), with ``out`` made and cleared of stale temporaries.
+    The checkpoint is checked here, before Ray starts, as each actor will load it: a
+    signal-space model loaded whole (megabytes), a full-space flow's tensor file checked
+    (:func:`~mendis_ray.flow.checkpoint.verify_tensors`; its weights load in the actors).
+    A broken one used to surface only in the actors, as pages of Ray tracebacks."""
+    from mendis_ray.flow.checkpoint import checkpoint_info, verify_tensors
+    from mendis_ray.science.signal_scores import load_scorer
 
     ckpt = checkpoint_info(checkpoint)
     ckpt.require_grid()
+    if ckpt.kind == "signal":
+        load_scorer(checkpoint)
+    else:
+        verify_tensors(checkpoint, ckpt.config, ckpt.tensors)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_dirs(out, _TMP_RE)
     return ckpt
@@ -438,8 +504,8 @@ def _write_scores(ds, n_rows: int, out: Path, batch_size: int, timings: dict) ->
         raise
     timings["score_s"] = time.perf_counter() - t0
     log.info(
-        "scored %d spectra in %.1f s (%.1f spectra/s) -> %s",
-        n_rows, timings["score_s"], n_rows / timings["score_s"], scores_dir,
+        "scored %d spectra in %.1f s (%.1f spectra/s)",
+        n_rows, timings["score_s"], n_rows / timings["score_s"],
     )  # fmt: skip
     return scores_dir
 

@@ -8,10 +8,15 @@
 
 Writes are atomic: the folder is written under a temporary name beside the target and
 renamed into place (an existing checkpoint is replaced only once the new one is complete).
+``config.json`` records the SHA-256 of a tensor file of at most ``HASH_CHECK_BYTES``
+(``tensors_sha256``, since 2026-12-01) and loading checks it: a checkpoint whose bytes
+were damaged after it was written is refused, not scored into nonsense.  Larger files
+(the paper preset's 4 GB) and older checkpoints are checked for their header and size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,12 +45,15 @@ __all__ = [
     "load_checkpoint",
     "read_config",
     "save_checkpoint",
+    "verify_tensors",
     "write_checkpoint_dir",
 ]
 
 FORMAT_VERSION = 1
 CONFIG = "config.json"
 TENSORS = "model.safetensors"
+KINDS = ("flow", "signal")  # the model kinds this version reads (config.json's model_kind)
+HASH_CHECK_BYTES = 256 * 2**20  # tensor files up to this size have their SHA-256 checked
 
 
 class CheckpointError(ValueError):
@@ -100,12 +108,43 @@ def write_checkpoint_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_tensors(str(tmp / TENSORS))
+        if (tmp / TENSORS).stat().st_size <= HASH_CHECK_BYTES:  # what loading checks
+            config = {**config, "tensors_sha256": _sha256(tmp / TENSORS)}
         (tmp / CONFIG).write_text(json.dumps(config, indent=1, default=float))
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_tensors(path: str | os.PathLike, info: dict, ten_path: Path) -> None:
+    """A CheckpointError naming the file unless the checkpoint ``path``'s tensor file
+    ``ten_path`` has a readable header that covers the file (safetensors checks a
+    truncated or extended file) and, where ``info`` (its config.json) records
+    ``tensors_sha256`` and the file is at most ``HASH_CHECK_BYTES``, that SHA-256."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(ten_path), framework="np") as f:
+            f.keys()
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"{ten_path}: unreadable tensors ({err})") from err
+    want = info.get("tensors_sha256")
+    if want is not None and ten_path.stat().st_size <= HASH_CHECK_BYTES:
+        if _sha256(ten_path) != want:
+            raise CheckpointError(
+                f"{ten_path}: damaged: its SHA-256 differs from the one {Path(path) / CONFIG} "
+                "recorded when it was written (copy the checkpoint again, or retrain)"
+            )
 
 
 def _check_standardizer(std: Standardizer, where: Path) -> None:
@@ -155,6 +194,7 @@ def load_checkpoint(
         raise CheckpointError(f"{cfg_path}: bad flow_config ({err})") from err
     grid = info.get("grid", {})
     check_grid(path, grid, expect_grid)
+    verify_tensors(path, info, ten_path)
     if expect_preset is not None and flow_cfg.name != expect_preset:
         raise CheckpointError(
             f"{path}: checkpoint is preset {flow_cfg.name!r}, expected {expect_preset!r}"
@@ -299,7 +339,13 @@ def checkpoint_kind(path: str | os.PathLike, info: dict | None = None) -> str:
     """``"flow"`` (the full-space Mendis flow; every checkpoint before the signal model)
     or ``"signal"`` (:mod:`mendis_ray.flow.signal`)."""
     info = info if info is not None else read_config(path)[0]
-    return str(info.get("model_kind", "flow"))
+    kind = str(info.get("model_kind", "flow"))
+    if kind not in KINDS:
+        raise CheckpointError(
+            f"{Path(path) / CONFIG}: model_kind {kind!r} is not one this version reads "
+            f"({', '.join(map(repr, KINDS))})"
+        )
+    return kind
 
 
 def check_grid(path: str | os.PathLike, grid: dict, expect_grid: dict | None) -> None:

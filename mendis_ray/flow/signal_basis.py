@@ -187,7 +187,14 @@ class SignalBasis:
             )
         w = np.where(modelled, w, 1.0)
         mean = np.where(modelled, s1 / w, 1.0)  # 1.0 (continuum) where not modelled
-        scale = np.where(modelled, np.sqrt(np.maximum(s2 / w - mean**2, 1e-12)), 1.0)
+        var = s2 / w - mean**2  # (p,)
+        if not (modelled & (var > 1e-12 * mean**2) & (var > 0)).any():  # beyond rounding
+            raise ValueError(
+                f"SignalBasis.fit: the {n} training spectra do not vary (every pixel has the "
+                "same flux in every spectrum): there is nothing to learn; train on observed "
+                "or simulated spectra with their noise"
+            )
+        scale = np.where(modelled, np.sqrt(np.maximum(var, 1e-12)), 1.0)
         zz = noise_sum = None
         n = 0
         for f, iv in batches():  # pass 2: covariance of z, mean noise variance

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from mendis_ray.science.ranking import SUMMARY_COLUMNS
 from mendis_ray.spectra.linelist import CO, ELEMENTS, HYDROGEN, OH, SPECIES_NAMES, LineList
 
 __all__ = [
@@ -343,9 +344,7 @@ def explanation_tables(
         ``top_element_offset``), all in the order of ``ranks``."""
     feats: dict[str, list] = {"rank": [], "id": [], **{k: [] for k in _FEATURE_TYPES}}
     elems: dict[str, list] = {"rank": [], "id": [], **{k: [] for k in _ELEMENT_TYPES}}
-    summ: dict[str, list] = {k: [] for k in (
-        "explanation", "resid_chi2_per_pix", "n_features", "top_feature_wl",
-        "top_feature_line", "top_element", "top_element_share", "top_element_offset")}  # fmt: skip
+    summ: dict[str, list] = {k: [] for k in SUMMARY_COLUMNS}
     for rank, sid, ex in zip(ranks, ids, explanations, strict=True):
         for rows, out in ((ex.features, feats), (ex.elements, elems)):
             for row in rows:

@@ -59,6 +59,17 @@ TOP_COLUMNS = (
     *LABEL_COLUMNS, "snr", "masked_fraction", "flag_nonfinite", "flag_masked",
     "flag_flux_range", "flag_label_range", "flag_unscorable", "flag_noise_range", "path",
 )  # fmt: skip
+#: The columns the explanations add to the outlier table (science.explain).
+SUMMARY_COLUMNS = (
+    "explanation", "resid_chi2_per_pix", "n_features", "top_feature_wl", "top_feature_line",
+    "top_element", "top_element_share", "top_element_offset",
+)  # fmt: skip
+#: The names the outputs give their own columns, whatever the model kind: an input column
+#: named so is copied as ``input_<name>`` (``distributed.infer.scores_table``).
+OUTPUT_COLUMNS = (
+    *(c for c in TOP_COLUMNS if c not in ("id", "snr", "path", *LABEL_COLUMNS)),
+    "ref_id", "verdict", "verdict_note", *SUMMARY_COLUMNS,
+)  # fmt: skip
 
 
 def rank_keys(table: pa.Table, rank_by: str) -> tuple[str, ...]:

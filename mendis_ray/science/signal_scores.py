@@ -603,11 +603,17 @@ class SignalScorer:
         cls, path: str | os.PathLike, *, expect_grid: dict | None = None, **_: object
     ) -> SignalScorer:
         """Load a signal-model checkpoint written by :meth:`save`."""
-        from mendis_ray.flow.checkpoint import CheckpointError, check_grid, read_config
+        from mendis_ray.flow.checkpoint import (
+            CheckpointError,
+            check_grid,
+            read_config,
+            verify_tensors,
+        )
 
         path = Path(path)
         info, ten_path = read_config(path)
         check_grid(path, info.get("grid", {}), expect_grid)
+        verify_tensors(path, info, ten_path)
         try:
             a = load_file(str(ten_path))
             cfg = SignalConfig.from_dict(info["signal_config"])
@@ -620,7 +626,10 @@ class SignalScorer:
                      if k.startswith("flow.")}  # fmt: skip
             model.flow.load_state_dict(state, strict=True)
         except Exception as err:  # safetensors / shapes / missing keys
-            raise CheckpointError(f"{path}: not a usable signal-model checkpoint ({err})") from err
+            lines = str(err).splitlines()  # torch lists every mismatched tensor: the first 3
+            text = "\n".join(lines[:3] + [f"... {len(lines) - 3} more"] * (len(lines) > 3))
+            raise CheckpointError(f"{path}: not a usable signal-model checkpoint ({text})") from err
+        _check_finite(ten_path, a)
         if not (np.all(np.isfinite(basis.scale)) and np.all(basis.scale > 0)):
             raise CheckpointError(f"{path}: basis.scale must be finite and > 0")
         model.eval()
@@ -631,6 +640,25 @@ class SignalScorer:
         if f"{COMPRESSION_STANDARDIZED[1]}.corr" in ref:  # the standardized compression test
             _check_derivative_scales(path, ref, model.flow.n_spline_features)
         return cls(model, ref, grid)
+
+
+def _check_finite(ten_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """A CheckpointError naming the file and the first bad array unless the model's arrays
+    are finite and the reference's hold no NaN (the reference keeps +-inf where it means
+    it: a tied bin's pooled-tail threshold, an unscorable held-out star's score)."""
+    from mendis_ray.flow.checkpoint import CheckpointError
+
+    for key, v in arrays.items():
+        if v.dtype.kind != "f":
+            continue
+        ref = key.startswith("score.")
+        bad = np.isnan(v) if ref else ~np.isfinite(v)
+        if bad.any():
+            what = "NaN" if ref else "non-finite"
+            raise CheckpointError(
+                f"{ten_path}: {key} holds {int(bad.sum())} {what} value(s) of {v.size}: the "
+                "checkpoint is damaged (retrain, or copy it again)"
+            )
 
 
 def _check_derivative_scales(path: Path, ref: dict, n_features: int) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mendis_ray.spectra import plain
 from mendis_ray.spectra.degrade import LABEL_SCATTER, degrade_to_snr
@@ -35,6 +36,15 @@ def _where(batch: pa.Table, row: int) -> str:
     return f"spectrum id {rid!r}"
 
 
+def _files(batch: pa.Table) -> str:
+    """The shard file(s) a batch's rows come from (its ``path`` column), or "batch"."""
+    if "path" not in batch.column_names or not batch.num_rows:
+        return "batch"
+    paths = pc.unique(batch.column("path")).to_pylist()
+    more = f" (and {len(paths) - 3} more)" if len(paths) > 3 else ""
+    return ", ".join(map(str, paths[:3])) + more
+
+
 def validate_batch(
     batch: pa.Table, n_pix: int, require_labels: bool = False, strict: bool = True
 ) -> pa.Table:
@@ -47,11 +57,11 @@ def validate_batch(
     ``strict=False`` (scoring) lets non-finite flux or infinite ivar at good pixels
     through: the scorers flag such spectra ``nonfinite`` instead of one bad pixel stopping
     a catalog.  A negative ivar or a null id stops it either way."""
-    batch = plain.normalize_columns(batch, "batch", warn=False)  # the driver warned
+    where = _files(batch)
+    batch = plain.normalize_columns(batch, where, warn=False)  # the driver warned
     for name in ("id", "flux", "ivar"):
         if name not in batch.column_names:
-            raise ShardError(f"batch is missing column {name!r} (columns: {batch.column_names})")
-    where = batch.column("path")[0].as_py() if "path" in batch.column_names else "batch"
+            raise ShardError(f"{where} is missing column {name!r} (columns: {batch.column_names})")
     for name in ("flux", "ivar"):
         t = batch.schema.field(name).type
         fixed = pa.types.is_fixed_size_list(t)

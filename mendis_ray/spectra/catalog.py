@@ -101,12 +101,41 @@ def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t)
 
 
+#: the longest column name a FITS table holds (TTYPEn's value): the outputs' scores.fits
+FITS_NAME_MAX = 68
+
+
 def common_scalar_columns(files: Sequence[Path]) -> list[str]:
     """Non-list columns present in every shard, other than the shard columns (id,
-    labels, snr) and ``path`` (read from the footers only)."""
+    labels, snr) and ``path`` (read from the footers only), that every output can hold:
+    not nested (a struct, a map) nor bytes, and named in at most ``FITS_NAME_MAX``
+    characters.  Those are left out with one warning naming them: they failed the run
+    after scoring, in the CSV or FITS writer."""
     common: list[str] | None = None
+    types: dict[str, pa.DataType] = {}
     for f in files:
-        names = [fld.name for fld in pq.read_schema(f) if not _is_list(fld.type)]
+        schema = pq.read_schema(f)
+        names = [fld.name for fld in schema if not _is_list(fld.type)]
         common = names if common is None else [c for c in common if c in names]
+        types = {fld.name: fld.type for fld in schema} | types  # the first shard's type
     shard = set(SHARD_COLUMNS) | set(column_map(common or []).values())  # TEFF for teff
-    return [c for c in common or [] if c not in shard and c != "path"]
+    keep, left = [], []
+    for c in (c for c in common or [] if c not in shard and c != "path"):
+        why = _why_not_carried(c, types[c])
+        if why:
+            left.append(f"{c!r} ({why})")
+        else:
+            keep.append(c)
+    if left:
+        log.warning("input columns not copied to the scores: %s", ", ".join(left))
+    return keep
+
+
+def _why_not_carried(name: str, t: pa.DataType) -> str | None:
+    """Why the outputs cannot hold the scalar input column ``name`` of type ``t``, or None."""
+    if len(name) > FITS_NAME_MAX:
+        return f"a name of {len(name)} characters; FITS holds {FITS_NAME_MAX}"
+    binary = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary)
+    if pa.types.is_nested(t) or any(kind(t) for kind in binary):
+        return f"type {t}: the CSV and FITS outputs hold no nested or binary values"
+    return None

@@ -257,10 +257,7 @@ def dataset_files(path: str | os.PathLike) -> list[Path]:
         )
     mpath = p / MANIFEST
     if mpath.exists():
-        try:
-            files = json.loads(mpath.read_text())["files"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ShardError(f"{mpath}: unreadable manifest ({err})") from err
+        files = _manifest_files(mpath)
         missing = [f for f in files if not (p / f).exists()]
         if missing:
             raise ShardError(f"{mpath}: lists files that are missing: {missing[:5]}")
@@ -269,6 +266,23 @@ def dataset_files(path: str | os.PathLike) -> list[Path]:
     if not files:
         raise ShardError(f"{p}: folder holds no .parquet files")
     _check_complete(p, files)
+    return files
+
+
+def _manifest_files(mpath: Path) -> list[str]:
+    """The ``files`` of the manifest ``mpath``: names of files in its own folder.  A
+    ShardError naming it for anything else (not JSON, not an object, no list of names, a
+    name that leaves the folder)."""
+    try:
+        info = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ShardError(f"{mpath}: unreadable manifest ({err})") from err
+    files = info.get("files") if isinstance(info, dict) else None
+    if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+        raise ShardError(f"{mpath}: unreadable manifest (no 'files' list of file names)")
+    outside = [f for f in files if Path(f).is_absolute() or ".." in Path(f).parts]
+    if outside:
+        raise ShardError(f"{mpath}: lists files outside its folder: {outside[:3]}")
     return files
 
 

@@ -361,6 +361,7 @@ def train_signal_checkpoint(
     scorer's reference on the validation rows and on the held-out spectra under
     ``reference`` (:func:`load_reference_shards`; read and checked before the training),
     write ``out/checkpoint``; a summary."""
+    from mendis_ray.science.noise_calibration import percentile_precision
     from mendis_ray.science.signal_scores import SignalScorer
 
     cfg = cfg or SignalConfig()
@@ -419,6 +420,7 @@ def train_signal_checkpoint(
         "val_log_p": float(np.mean(val_log_p[np.isfinite(val_log_p)])),
         "val_far_out": scorer.held_out_far,  # of the validation and reference spectra
         "far_iqr": cfg.far_iqr,
+        "percentile_points": percentile_precision(len(scorer.ref["sorted.score"])),
         "seconds": time.perf_counter() - t0, "signal_config": cfg.to_dict(),
     }  # fmt: skip
     if not np.isfinite(hist.best_val_log_prob) or gain <= 0:

@@ -96,8 +96,10 @@ def _read(path: Path) -> pa.Table | None:
     return pq.read_table(path) if path.exists() else None
 
 
-def load_triage(out_dir: str | os.PathLike) -> dict:
-    """The page's data from a scored catalog folder.
+def load_triage(out_dir: str | os.PathLike, folder: str | os.PathLike | None = None) -> dict:
+    """The page's data from a scored catalog folder (``folder``: the folder the page is
+    for, its name and its verdicts, where ``out_dir`` stages its outputs; default
+    ``out_dir``).
 
     Raises:
         FileNotFoundError naming the missing file (the folder was not scored with a
@@ -131,9 +133,10 @@ def load_triage(out_dir: str | os.PathLike) -> dict:
     summary = {}
     if (out / "summary.json").exists():
         summary = json.loads((out / "summary.json").read_text())
+    shown = out if folder is None else Path(folder)
     return {
-        "title": f"mendis triage: {out.resolve().name}",
-        "catalog": str(out.resolve()),
+        "title": f"mendis triage: {shown.resolve().name}",
+        "catalog": str(shown.resolve()),
         "checkpoint": summary.get("checkpoint", ""),
         "rows": summary.get("rows"),
         "rank_by": summary.get("rank_by", ""),
@@ -141,7 +144,7 @@ def load_triage(out_dir: str | os.PathLike) -> dict:
         "wavelength": [round(float(x), 3) for x in wl],
         "stars": stars,
         "verdict_names": list(VERDICTS),
-        "verdicts": read_verdicts(out / VERDICTS_FILE),
+        "verdicts": read_verdicts(shown / VERDICTS_FILE),
     }
 
 
@@ -170,8 +173,12 @@ def render_page(data: dict, api: str | None = None) -> str:
     return re.sub(r"\{\{(TITLE|CSS|API|DATA|JS)\}\}", lambda m: parts[m[1]], _asset("triage.html"))
 
 
-def write_page(out_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:
-    """Write the static page of a scored folder (default ``out_dir/triage.html``)."""
-    text = render_page(load_triage(out_dir))
+def write_page(
+    out_dir: str | os.PathLike, path: str | os.PathLike | None = None,
+    folder: str | os.PathLike | None = None,
+) -> Path:  # fmt: skip
+    """Write the static page of a scored folder (default ``out_dir/triage.html``;
+    ``folder``: :func:`load_triage`'s)."""
+    text = render_page(load_triage(out_dir, folder))
     path = Path(path) if path else Path(out_dir) / "triage.html"
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -167,6 +167,76 @@ def test_rerun_into_same_out_replaces_cleanly(scored, checkpoint, sim_sets, tmp_
     ]  # fmt: skip
 
 
+def _digest(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def test_a_rerun_that_fails_after_scoring_leaves_the_earlier_outputs(
+    scored, checkpoint, sim_sets, tmp_path, monkeypatch
+):
+    """A rerun into an earlier run's folder that fails after its spectra are scored (here
+    in the gallery, the last figure) leaves every earlier output byte for byte: the run
+    writes into a staging folder and moves its outputs in only when all are written
+    (before, ``scores/`` and the tables were the new run's, ``summary.json`` and the FITS
+    the old one's).  Nothing temporary is left."""
+    from mendis_ray.distributed import catalog_outputs
+
+    out = tmp_path / "out"
+    shutil.copytree(scored.out, out)
+    before = _digest(out)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the gallery failed")
+
+    monkeypatch.setattr(catalog_outputs, "make_gallery", broken)
+    with pytest.raises(RuntimeError, match="the gallery failed"):
+        infer.score_catalog(checkpoint, [sim_sets / "test"], out, top_n=7, gallery_n=2, **RUN)
+    assert _digest(out) == before
+    assert not _hidden(out), f"temporary files left: {_hidden(out)}"
+
+
+def test_odd_input_columns_are_carried_safely_and_out_is_not_an_input(
+    checkpoint, sim_sets, tmp_path, caplog
+):
+    """Input columns named as scores (a catalog's own ``score`` and ``flags``) are copied
+    as ``input_score`` and ``input_flags`` beside the model's (they failed the run after
+    scoring: a field twice in the schema); a struct column and one whose name is longer
+    than a FITS column's are left out with a warning (they failed in the CSV and FITS
+    writers).  An --out that is the input folder is refused before anything runs: its
+    outputs would be read as spectra the next time."""
+    src = sorted((sim_sets / "cemp").glob("*.parquet"))[0]
+    t = pq.read_table(src)
+    n = t.num_rows
+    extra = {"score": pa.array(np.arange(n, dtype=np.float32)), "flags": pa.array(["q"] * n),
+             "nested": pa.array([{"a": 1}] * n), "x" * 80: pa.array(np.ones(n)),
+             "seen": pa.array(np.full(n, np.datetime64("2026-01-02", "D"))),
+             "kind": pa.array(["giant"] * n).dictionary_encode()}  # fmt: skip
+    for name, col in extra.items():
+        t = t.append_column(name, col)
+    (tmp_path / "odd").mkdir()
+    pq.write_table(t, tmp_path / "odd" / "a.parquet")
+    for given in (tmp_path / "odd", tmp_path / "odd" / "a.parquet"):  # its folder, its file
+        with pytest.raises(ValueError, match=r"--out '.*odd' is the folder of the input"):
+            infer.score_catalog(checkpoint, [given], tmp_path / "odd")
+    assert sorted(p.name for p in (tmp_path / "odd").iterdir()) == ["a.parquet"]
+    with caplog.at_level("WARNING"):
+        got = infer.score_catalog(checkpoint, [tmp_path / "odd"], tmp_path / "out", top_n=5,
+                                  gallery_n=0, **RUN)  # fmt: skip
+    scores = pq.read_table(got.scores)
+    assert sorted(scores.column("input_score").to_pylist()) == list(range(n))
+    assert set(scores.column("input_flags").to_pylist()) == {"q"}
+    assert pa.types.is_integer(scores.schema.field("flags").type)  # the model's
+    assert "nested" not in scores.column_names and "x" * 80 not in scores.column_names
+    assert "copied as ['input_score', 'input_flags']" in caplog.text
+    assert "'nested' (type struct<a: int64>" in caplog.text and "80 characters" in caplog.text
+    assert set(scores.column("kind").to_pylist()) == {"giant"} and "seen" in scores.column_names
+    for name in ("scores.fits", "top_outliers.fits", "top_outliers.csv"):
+        assert (got.out / name).is_file(), name
+
+
 def _set_pixels(table: pa.Table, name: str, cells: dict[tuple[int, int], float]) -> pa.Table:
     col = table.column(name).combine_chunks()
     values = col.flatten().to_numpy(zero_copy_only=False).copy()
