@@ -201,6 +201,7 @@ def read_spectra(
 
 def _read_parquet(files: Sequence[Path], cols: list[str], blocks: int):
     """``ray.data.read_parquet`` of ``files``, one read task per file, ``cols`` only."""
+    import pyarrow.dataset as pds
     import ray
 
     # Ray 2.60's default Parquet reader (DataSource V2) packs files into ~128 MB read
@@ -210,12 +211,18 @@ def _read_parquet(files: Sequence[Path], cols: list[str], blocks: int):
     # Shards are already sized for one task each, so read them with V1.
     ctx = ray.data.DataContext.get_current()
     v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    # pages' CRC checksums verified (shards.read_shard's reading); the buffered stream and
+    # its 8 MiB buffer are what Ray 2.60 sets when it is not given scan options
+    scan = pds.ParquetFragmentScanOptions(
+        page_checksum_verification=True, use_buffered_stream=True, buffer_size=8 << 20
+    )
     try:
         return ray.data.read_parquet(
             [str(f) for f in files],
             include_paths=True,
             override_num_blocks=blocks,
             num_cpus=MAP_NUM_CPUS,
+            fragment_scan_options=scan,
         ).select_columns(cols)
     finally:
         ctx.use_datasource_v2 = v2

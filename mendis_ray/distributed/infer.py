@@ -83,7 +83,7 @@ from mendis_ray.spectra.catalog import (
     ingest_fits,
     split_inputs,
 )
-from mendis_ray.spectra.shards import ShardError
+from mendis_ray.spectra.shards import CRC_FAILED, ShardError, damaged_error
 
 __all__ = [
     "CatalogResult",
@@ -427,7 +427,12 @@ def _score_shards(
         marginal=cfg.marginal, carry_columns=carry_columns,
         scorer_kwargs=cfg.scorer_kwargs(),
     )  # fmt: skip
-    scores_dir = _write_scores(ds, shards.n_rows, out, cfg.batch_size, timings)
+    try:
+        scores_dir = _write_scores(ds, shards.n_rows, out, cfg.batch_size, timings)
+    except Exception as err:  # a read task's OSError does not name its file: find it
+        if CRC_FAILED in str(err):
+            raise damaged_error(shards.files, err) from None
+        raise
     names = set(pq.read_schema(next(iter(sorted(scores_dir.glob("*.parquet"))))).names)
     carried = set(carry_columns)
     renamed = {c: n for c in carry_columns if (n := _input_name(c, carried)) in names}
@@ -486,12 +491,15 @@ def _gather_shards(ckpt, inputs, out: Path, labels_path, ingest_shards, timings:
 def _write_scores(ds, n_rows: int, out: Path, batch_size: int, timings: dict) -> Path:
     """Run the pipeline ``ds`` into a temporary folder, check every row came back, and
     rename it to ``out/scores`` (replacing an earlier run's)."""
+    from mendis_ray.distributed.session import ray_data_errors_to_log_file
+
     scores_dir = out / "scores"
     tmp = out / f".scores.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
     try:
         try:
-            ds.write_parquet(str(tmp), min_rows_per_file=max(batch_size, 100_000))
+            with ray_data_errors_to_log_file():  # the error is raised here, named
+                ds.write_parquet(str(tmp), min_rows_per_file=max(batch_size, 100_000))
         except Exception as err:
             _raise_clean(err)
             raise

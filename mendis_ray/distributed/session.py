@@ -64,6 +64,24 @@ def quiet_driver_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def ray_data_errors_to_log_file() -> Iterator[None]:
+    """While a dataset runs whose errors the caller raises itself (named, as ShardError),
+    Ray Data's ERROR lines about them (the failed task's stack, "Exception occurred in
+    Ray Data or Ray Core internal code", up to 300 lines for a damaged shard) go to its log
+    file only, not to the console before the one-line error."""
+    handlers = [h for h in logging.getLogger("ray.data").handlers
+                if getattr(h, "name", None) == "console"]  # fmt: skip
+    levels = [h.level for h in handlers]
+    for h in handlers:
+        h.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for h, level in zip(handlers, levels, strict=True):
+            h.setLevel(level)
+
+
 #: raylet notices that say nothing actionable about a small embedded cluster: on a 2-core
 #: machine with 4 logical CPUs Ray Data and Ray Train start more workers at once than
 #: the raylet's startup throttle (the physical core count) "expects"; and, when

@@ -39,7 +39,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +89,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
+#: pyarrow's words for a page whose CRC does not match (shards are written with page
+#: checksums since 2026-12-01 and read with them verified; files without them read as before)
+CRC_FAILED = "CRC checksum verification failed"
+DAMAGED = ("a page's bytes do not match the CRC checksum written with it (the file was "
+           "damaged after it was written: copy or write it again)")  # fmt: skip
 WRITING = "_writing"  # present while write_dataset runs; left behind if it is interrupted
 _SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.parquet$")
 
@@ -188,8 +193,10 @@ def write_shard(
     check_values(table.column("id"), flux, ivar, str(path))
     dictionary = ["id", "source"]
     return write_atomic(
-        path, lambda t: pq.write_table(table, t, compression=compression, use_dictionary=dictionary)
-    )
+        path,
+        lambda t: pq.write_table(table, t, compression=compression, use_dictionary=dictionary,
+                                 write_page_checksum=True),  # read_shard verifies them
+    )  # fmt: skip
 
 
 def shard_name(prefix: str, i: int, n: int) -> str:
@@ -426,8 +433,10 @@ def read_shard(
             raise ShardError(f"{path}: missing column(s) {missing}")
         cols = [have.get(c, c) for c in want if c in have or c in schema.names]
     try:
-        table = pq.read_table(path, columns=cols)
+        table = pq.read_table(path, columns=cols, page_checksum_verification=True)
     except (pa.ArrowInvalid, OSError) as err:
+        if CRC_FAILED in str(err):
+            raise ShardError(f"{path}: damaged: {DAMAGED} ({err})") from err
         raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
     is_plain = META_KEY not in (table.schema.metadata or {})
     table = plain.normalize_columns(table, where)
@@ -441,6 +450,21 @@ def read_shard(
         g = plain.known_grid(flux.shape[1])  # the grid plain_grid gave the metadata
         table = _with_metadata(table, g, {"name": "plain Parquet", "path": where})
     return table
+
+
+def damaged_error(files: Sequence[Path], err: BaseException) -> ShardError:
+    """The ShardError of a read that failed a page's CRC checksum (``err``, raised where
+    the file is not known: in a Ray read task), naming the first of ``files`` whose pages
+    fail it.  Reads the files whole, so only after such a failure."""
+    for f in files:
+        try:
+            pq.read_table(f, page_checksum_verification=True)
+        except OSError as e:
+            if CRC_FAILED in str(e):
+                return ShardError(f"{f}: damaged: {DAMAGED} ({e})")
+    last = str(err).strip().splitlines()[-1]
+    return ShardError(f"a read of the shards failed a page's CRC checksum, but each reads "
+                      f"whole now (the storage's read error?): {last}")  # fmt: skip
 
 
 def iter_dataset(path: str | os.PathLike, grid: Grid | None = None) -> Iterator[pa.Table]:

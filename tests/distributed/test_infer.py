@@ -237,6 +237,28 @@ def test_odd_input_columns_are_carried_safely_and_out_is_not_an_input(
         assert (got.out / name).is_file(), name
 
 
+def test_a_damaged_shard_is_named_in_one_line(checkpoint, sim_sets, tmp_path, capfd):
+    """A shard with a bit flipped in a page after it was written: its CRC fails in a Ray
+    read task, which does not know the file; the run stops with a ShardError naming it,
+    and Ray Data's own report of the failed task (about 300 lines) stays in its log
+    file."""
+    from mendis_ray.spectra.grid import paper_grid
+    from mendis_ray.spectra.shards import write_dataset
+
+    (tmp_path / "d").mkdir()
+    table = pq.read_table(sorted((sim_sets / "cemp").glob("*.parquet"))[0])
+    write_dataset(tmp_path / "d", [table], 1, paper_grid())
+    (shard,) = sorted((tmp_path / "d").glob("*.parquet"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    capfd.readouterr()
+    with pytest.raises(ShardError, match=rf"{shard.name}: damaged: a page's bytes do not match"):
+        infer.score_catalog(checkpoint, [tmp_path / "d"], tmp_path / "out", gallery_n=0, **RUN)
+    err = capfd.readouterr().err
+    assert "Exception occurred in Ray Data" not in err and "Traceback" not in err
+
+
 def _set_pixels(table: pa.Table, name: str, cells: dict[tuple[int, int], float]) -> pa.Table:
     col = table.column(name).combine_chunks()
     values = col.flatten().to_numpy(zero_copy_only=False).copy()
