@@ -64,22 +64,26 @@ def quiet_driver_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
 @contextlib.contextmanager
 def ray_data_errors_to_log_file() -> Iterator[None]:
     """While a dataset runs whose errors the caller raises itself (named, as ShardError),
     Ray Data's ERROR lines about them (the failed task's stack, "Exception occurred in
     Ray Data or Ray Core internal code", up to 300 lines for a damaged shard) go to its log
-    file only, not to the console before the one-line error."""
+    file only, not to the console before the one-line error; its warnings still reach
+    the console."""
     handlers = [h for h in logging.getLogger("ray.data").handlers
                 if getattr(h, "name", None) == "console"]  # fmt: skip
-    levels = [h.level for h in handlers]
     for h in handlers:
-        h.setLevel(logging.CRITICAL)
+        h.addFilter(_below_error)
     try:
         yield
     finally:
-        for h, level in zip(handlers, levels, strict=True):
-            h.setLevel(level)
+        for h in handlers:
+            h.removeFilter(_below_error)
 
 
 #: raylet notices that say nothing actionable about a small embedded cluster: on a 2-core
