@@ -30,7 +30,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -129,12 +128,6 @@ def commit_outputs(stage: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _count_flag(ranking: pa.Table, flag: Flag) -> int:
-    """How many rows of ``ranking`` carry ``flag`` in their ``flags`` bit field."""
-    flags = ranking.column("flags").to_numpy(zero_copy_only=False)
-    return int(np.count_nonzero(flags.astype(np.int64) & int(flag)))
-
-
 def _relocated(obj, stage: Path, final: Path):
     """``obj`` (str, list or dict of them) with paths under ``stage`` moved to ``final``."""
     if isinstance(obj, dict):
@@ -212,7 +205,12 @@ def _summary(
         "rows": shards.n_rows,
         "distinct_ids": int(pc.count_distinct(ranking.column("id")).as_py()),
         "flagged": int(pc.sum(pc.not_equal(ranking.column("flags"), 0)).as_py() or 0),
-        "unscorable": _count_flag(ranking, Flag.UNSCORABLE),
+        "unscorable": int(
+            pc.sum(
+                pc.not_equal(pc.bit_wise_and(ranking.column("flags"), int(Flag.UNSCORABLE)), 0)
+            ).as_py()
+            or 0
+        ),
         "seconds": seconds,
         "spectra_per_s": shards.n_rows / seconds,
         "scoring_spectra_per_s": shards.n_rows / timings["score_s"],

@@ -57,11 +57,16 @@ def quiet_driver_logging() -> None:
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     log_once("ray_data_progress_manager_disabled")  # consumed: that warning never prints
-    for handler in logging.getLogger("ray.data").handlers:
-        if getattr(handler, "name", None) == "console":
-            handler.setLevel(logging.WARNING)
+    for handler in _ray_data_console():
+        handler.setLevel(logging.WARNING)
     for name in ("ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _ray_data_console() -> list[logging.Handler]:
+    """Ray Data's console handlers (its file handler keeps every record)."""
+    return [h for h in logging.getLogger("ray.data").handlers
+            if getattr(h, "name", None) == "console"]  # fmt: skip
 
 
 def _below_error(record: logging.LogRecord) -> bool:
@@ -75,8 +80,7 @@ def ray_data_errors_to_log_file() -> Iterator[None]:
     Ray Data or Ray Core internal code", up to 300 lines for a damaged shard) go to its log
     file only, not to the console before the one-line error; its warnings still reach
     the console."""
-    handlers = [h for h in logging.getLogger("ray.data").handlers
-                if getattr(h, "name", None) == "console"]  # fmt: skip
+    handlers = _ray_data_console()
     for h in handlers:
         h.addFilter(_below_error)
     try:

@@ -436,7 +436,7 @@ def read_shard(
         table = pq.read_table(path, columns=cols, page_checksum_verification=True)
     except (pa.ArrowInvalid, OSError) as err:
         if CRC_FAILED in str(err):
-            raise ShardError(f"{path}: damaged: {DAMAGED} ({err})") from err
+            raise _damaged(path, err) from err
         raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
     is_plain = META_KEY not in (table.schema.metadata or {})
     table = plain.normalize_columns(table, where)
@@ -452,6 +452,10 @@ def read_shard(
     return table
 
 
+def _damaged(path: Path, err: BaseException) -> ShardError:
+    return ShardError(f"{path}: damaged: {DAMAGED} ({err})")
+
+
 def damaged_error(files: Sequence[Path], err: BaseException) -> ShardError:
     """The ShardError of a read that failed a page's CRC checksum (``err``, raised where
     the file is not known: in a Ray read task), naming the first of ``files`` whose pages
@@ -461,7 +465,7 @@ def damaged_error(files: Sequence[Path], err: BaseException) -> ShardError:
             pq.read_table(f, page_checksum_verification=True)
         except OSError as e:
             if CRC_FAILED in str(e):
-                return ShardError(f"{f}: damaged: {DAMAGED} ({e})")
+                return _damaged(f, e)
     last = str(err).strip().splitlines()[-1]
     return ShardError(f"a read of the shards failed a page's CRC checksum, but each reads "
                       f"whole now (the storage's read error?): {last}")  # fmt: skip
