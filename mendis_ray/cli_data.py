@@ -10,6 +10,9 @@ import logging
 import time
 from pathlib import Path
 
+from mendis_ray.atomic import check_out_folder
+from mendis_ray.cli_options import at_least
+
 __all__ = ["add_ingest_parser", "add_inspect_parser", "add_simulate_parser", "print_table"]
 
 log = logging.getLogger("mendis_ray")
@@ -31,6 +34,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from mendis_ray.spectra.grid import get_grid
     from mendis_ray.spectra.simulate import Simulator
 
+    check_out_folder(args.out)
     out = Path(args.out)
     sim = Simulator(grid=get_grid(args.grid))
     if args.population == "survey":
@@ -115,6 +119,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from mendis_ray.spectra.grid import get_grid
     from mendis_ray.spectra.ingest import ingest_apogee
 
+    check_out_folder(args.out)
     files = ingest_apogee(
         [Path(p) for p in args.files],
         Path(args.out),
@@ -155,17 +160,18 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     """``mendis simulate``: the paper's (or a survey-like) training and outlier sets."""
     s = sub.add_parser("simulate", help="write the paper's training set and outlier sets as shards")
     s.add_argument("--out", default="mendis_out/simulated", help="output folder")
-    s.add_argument("--n-train", type=int, default=20_000)
-    s.add_argument("--n-test", type=int, default=2_000, help="held-out inliers")
-    s.add_argument("--n-outlier", type=int, default=1_000, help="spectra per outlier class")
-    s.add_argument("--shards", type=int, default=8, help="shards of the training set")
+    count = at_least(int, 1)
+    s.add_argument("--n-train", type=count, default=20_000)
+    s.add_argument("--n-test", type=count, default=2_000, help="held-out inliers")
+    s.add_argument("--n-outlier", type=count, default=1_000, help="spectra per outlier class")
+    s.add_argument("--shards", type=count, default=8, help="shards of the training set")
     s.add_argument(
-        "--snr", type=float, default=300.0,
+        "--snr", type=at_least(float, 0), default=300.0,
         help="S/N of the written spectra; 0 writes noise-free spectra with true labels "
         "(to be degraded by the Ray Data pipeline)",
     )  # fmt: skip
     s.add_argument(
-        "--train-snr", type=float, default=None,
+        "--train-snr", type=at_least(float, 0), default=None,
         help="S/N of the training set only (default: --snr; 0 = noise-free, for jobs/train.py "
         "whose Ray Data pipeline adds fresh noise every epoch)",
     )  # fmt: skip
@@ -191,7 +197,7 @@ def add_ingest_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--out", required=True, help="output dataset folder")
     a.add_argument("--labels", help="allStar-like FITS table with APOGEE_ID, TEFF, LOGG, FE_H")
     a.add_argument("--grid", default="paper", choices=["paper", "aspcap", "apstar"])
-    a.add_argument("--shards", type=int, default=1)
+    a.add_argument("--shards", type=at_least(int, 1), default=1)
     a.set_defaults(func=cmd_ingest)
 
 

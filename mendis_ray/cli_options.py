@@ -12,14 +12,37 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-__all__ = ["SERVE_SCORE_FIELDS", "add_config_options", "config_from_args", "option_flag"]
+__all__ = [
+    "SERVE_SCORE_FIELDS",
+    "add_config_options",
+    "at_least",
+    "config_from_args",
+    "option_flag",
+]
 
 #: the ScoreConfig fields that are also Serve arguments (``ServeArgs``)
 SERVE_SCORE_FIELDS = ("marginal", "range_sigma", "max_masked_fraction", "profile_steps")
+
+
+def at_least(kind: type, low: float, *, equal: bool = True) -> Callable[[str], float]:
+    """argparse type: a finite number of ``kind`` >= ``low`` (> ``low`` without ``equal``).
+    A count or scale out of range (``--epochs -1``, ``--lr 0``) used to run and write an
+    untrained model with exit status 0, or fail later with a traceback."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not ((value >= low if equal else value > low) and math.isfinite(value)):
+            word = "at least" if equal else "above"
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number, {word} {low:g}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse: "invalid int value: 'x'"
+    return parse
 
 
 def option_flag(f: dataclasses.Field) -> str:

@@ -11,26 +11,42 @@ from pathlib import Path
 
 from mendis_ray.atomic import check_out_folder
 from mendis_ray.cli_data import print_table
+from mendis_ray.cli_options import at_least
 
 __all__ = ["add_train_parser", "add_tune_parser"]
 
 log = logging.getLogger("mendis_ray")
 
 
+_COUNT, _SCALE = at_least(int, 1), at_least(float, 0, equal=False)
+#: options of the full-space flow (Ray Train) that the signal-space model does not read, and
+#: their defaults: given to it, they stop ``mendis train`` (they were silently ignored)
+FLOW_ONLY = {"preset": "compact", "linear_lr_scale": None, "workers": 2, "gpu": False,
+             "cpus_per_worker": 1.0, "snr": 300.0, "no_label_scatter": False,
+             "fixed_noise": False, "storage": None, "resume": None, "checkpoint_every": 1,
+             "max_failures": 2, "address": None}  # fmt: skip
+
+
 def _ray_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="compact", choices=["tiny", "compact", "paper"])
-    p.add_argument("--n-units", type=int, default=None, help="flow units (default: preset's)")
-    p.add_argument("--hidden", type=int, default=None, help="conditioner width (preset's)")
-    p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
-    p.add_argument("--lr", type=float, default=None, help="default: the preset's (signal model: "
+    p.add_argument("--preset", default="compact", choices=["tiny", "compact", "paper"],
+                   help="full-space flow: its size (tiny: a 16-pixel test model)")  # fmt: skip
+    p.add_argument("--n-units", type=_COUNT, default=None, help="flow units (default: preset's)")
+    p.add_argument("--hidden", type=_COUNT, default=None, help="conditioner width (preset's)")
+    p.add_argument("--epochs", type=_COUNT, default=None, help="default: the preset's")
+    p.add_argument("--lr", type=_SCALE, default=None, help="default: the preset's (signal model: "
                    "2e-3, x1.5 from 16,384 training rows; given, exactly this)")  # fmt: skip
-    p.add_argument("--linear-lr-scale", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="rows per step (signal model: "
-                   "256, 512 from 16,384 training rows; given, exactly this)")  # fmt: skip
-    p.add_argument("--workers", type=int, default=2, help="TorchTrainer workers (DDP ranks)")
+    p.add_argument(
+        "--linear-lr-scale",
+        type=at_least(float, 0),
+        default=None,
+        help="lr factor of the linear layers (0: they keep their Gaussian start)",
+    )
+    p.add_argument("--batch-size", type=_COUNT, default=None, help="rows per step (signal "
+                   "model: 256, 512 from 16,384 training rows; given, exactly this)")  # fmt: skip
+    p.add_argument("--workers", type=_COUNT, default=2, help="TorchTrainer workers (DDP ranks)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--snr", type=float, default=300.0, help="degrade the shards to this S/N")
+    p.add_argument("--cpus-per-worker", type=_SCALE, default=1.0)
+    p.add_argument("--snr", type=_SCALE, default=300.0, help="degrade the shards to this S/N")
     p.add_argument(
         "--no-label-scatter",
         action="store_true",
@@ -40,9 +56,9 @@ def _ray_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=None, help="Ray Train / Tune storage path (default: "
                    "OUT/ray_runs; s3:// or gs:// or NFS on a multi-node cluster)")  # fmt: skip
     p.add_argument("--resume", default=None, help="run or checkpoint folder to resume from")
-    p.add_argument("--checkpoint-every", type=int, default=1)
+    p.add_argument("--checkpoint-every", type=_COUNT, default=1)
     p.add_argument("--max-failures", type=int, default=2)
-    p.add_argument("--minutes", type=float, default=None, help="training time limit")
+    p.add_argument("--minutes", type=_SCALE, default=None, help="training time limit")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
 
 
@@ -142,16 +158,28 @@ def cmd_train_signal(args: argparse.Namespace) -> int:
     from mendis_ray.config import SignalConfig
     from mendis_ray.train.signal import train_signal_checkpoint
 
+    given = [k for k, default in FLOW_ONLY.items() if getattr(args, k) != default]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(
+            f"{flags}: option(s) of the full-space flow (--model flow, Ray Train); the "
+            "signal-space model trains in this process, on the spectra as they are"
+        )
+
     changes = _given(args, n_signal="k", n_units="n_units", hidden="hidden", epochs="epochs",
                      lr="lr", batch_size="batch_size", seed="seed",
                      min_snr="min_snr", far_iqr="far_iqr")  # fmt: skip
     cfg = SignalConfig().with_given(**changes)
     minutes = args.minutes
-    s = train_signal_checkpoint(
-        args.data if isinstance(args.data, list) else [args.data], args.out, cfg,
-        reference=args.reference, time_limit_s=None if minutes is None else 60 * minutes,
-        show_progress=not args.quiet,
-    )  # fmt: skip
+    try:
+        s = train_signal_checkpoint(
+            args.data if isinstance(args.data, list) else [args.data], args.out, cfg,
+            reference=args.reference, time_limit_s=None if minutes is None else 60 * minutes,
+            show_progress=not args.quiet,
+        )  # fmt: skip
+    except FloatingPointError as err:  # the loss overflowed: a step too large
+        raise ValueError(f"{err}: the training diverged (lr {cfg.lr:g}); give a lower --lr "
+                         "(the default adapts it to the training set)") from err  # fmt: skip
     print(
         f"\nsignal-space model: k = {s['k']} signal directions + 3 labels, {s['train_rows']} "
         f"training / {s['val_rows']} validation spectra, {s['epochs']} epochs "
@@ -277,9 +305,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="signal: flow on the signal coordinates + calibrated residual (the benchmark's "
         "best); flow: the paper's flow on all pixels with Ray Train",
     )  # fmt: skip
-    t.add_argument("--k", type=int, default=None, help="signal directions (default: automatic)")
+    t.add_argument("--k", type=_COUNT, default=None, help="signal directions (default: automatic)")
     t.add_argument("--seed", type=int, default=None, help="signal model: seed (0)")
-    t.add_argument("--min-snr", type=float, default=None, metavar="SNR",
+    t.add_argument("--min-snr", type=_SCALE, default=None, metavar="SNR",
                    help="signal model: train and calibrate it down to at least this S/N, "
                    "whatever the training S/N (noise augmentation, noised copies of held-out "
                    "stars); noisier spectra are flagged noise_range (default 25)")  # fmt: skip

@@ -88,20 +88,22 @@ def test_all_masked_spectrum_is_not_typical_label_free_too(scorer):
 
 
 def test_catalogue_marks_of_missing_data_are_missing_for_the_flow_too(scorer):
-    """-9999 labels score as missing labels; NaN ivar as a masked pixel (no flag)."""
+    """-9999 labels score as missing labels; NaN ivar as a masked pixel (no flag); an
+    impossible label (Teff in kK) as missing, flagged."""
     sc, flux, labels = scorer
     f, lab = flux[:4].copy(), labels[:4].copy()
     ivar = np.ones_like(f)
-    lab[1, 0] = -9999.0
+    lab[1, 0], lab[3, 0] = -9999.0, 4.5
     missing = lab.copy()
-    missing[1, 0] = np.nan
+    missing[[1, 3], 0] = np.nan
     ivar[2, 10:20], f[2, 10:20] = np.nan, np.nan
     zero = np.where(np.isnan(ivar), 0.0, ivar)
     got = sc.score(f, ivar, lab, marginal="unlabelled")
     want = sc.score(f, zero, missing, marginal="unlabelled")
-    for key in ("log_p", "percentile", "flags"):
+    for key in ("log_p", "percentile"):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     assert not got["flag_nonfinite"].any()
+    np.testing.assert_array_equal(got["flags"] ^ want["flags"], [0, 0, 0, Flag.LABEL_RANGE])
 
 
 def test_scores_do_not_depend_on_batch_companions_beyond_the_tolerance(scorer):

@@ -10,7 +10,7 @@ import pytest
 from mendis_ray.spectra import shards
 from mendis_ray.spectra.batches import validate_batch
 from mendis_ray.spectra.grid import aspcap_grid, paper_grid
-from mendis_ray.spectra.schema import ShardError, possible_labels
+from mendis_ray.spectra.schema import ShardError, impossible_labels, possible_labels
 
 N, P = 6, 2405
 
@@ -129,3 +129,5 @@ def test_impossible_labels_are_missing():
     np.testing.assert_array_equal(got[0], labels[0])
     assert np.isnan(got[1, 0]) and np.isnan(got[2, 1]) and np.isnan(got[3, 0])  # kK is no K
     np.testing.assert_array_equal(got[1:, 2], labels[1:, 2])
+    # flagged: a value outside the limits; not flagged: the catalogue's mark, inf (NONFINITE)
+    np.testing.assert_array_equal(impossible_labels(labels), [False, False, False, True])

@@ -46,8 +46,14 @@ def _missing_label(f, v, lab, ids):
     lab[:5, 1] = np.nan
 
 
+def _no_signal(f, v, lab, ids):
+    v[:2] = 1e-30  # S/N 1e-15: took k from 6 to 2 in a 1,500-star training
+    v[2:5] = 1e-2  # S/N 0.1
+
+
 @pytest.mark.parametrize(
-    "corrupt", [_zero_flux, _counts, _no_good_pixel, _sentinel, _repeated_id, _missing_label]
+    "corrupt",
+    [_zero_flux, _counts, _no_good_pixel, _sentinel, _repeated_id, _missing_label, _no_signal],
 )
 def test_rows_a_model_must_not_learn_are_left_out_and_named(corrupt, caplog) -> None:
     flux, ivar, labels, ids = _clean()
@@ -79,7 +85,11 @@ def test_a_clean_set_is_kept_whole_without_a_word(caplog) -> None:
          r"column 'feh' has one value \(0 dex\)"),
         (lambda f, v, lab: f.__imul__(1e4), r"median flux outside.*continuum-normalized"),
         (lambda f, v, lab: lab.__setitem__((slice(None), 1), np.nan),
-         r"200 of the 200 training spectra have no finite Teff, log g and \[Fe/H\]"),
+         r"200 of the 200 training spectra that pass the checks have no finite Teff"),
+        (lambda f, v, lab: v.__setitem__(slice(None), 1 / v),  # the variance
+         r"200 of 200 training spectra have a median S/N.*below 5.*inverse variance"),
+        (lambda f, v, lab: v.__setitem__(slice(None), 1 / np.sqrt(v)),  # sigma
+         r"have a median S/N.*a column holding the variance or sigma"),
     ],
 )  # fmt: skip
 def test_a_set_wrong_as_a_whole_stops_with_what_to_fix(change, message) -> None:
@@ -131,3 +141,77 @@ def test_training_rows_read_a_file_at_a_time_are_the_screened_shuffled_set(tmp_p
     np.testing.assert_array_equal(f, flux[order])
     np.testing.assert_array_equal(v, ivar[order])
     np.testing.assert_array_equal(lab, screened[order])
+
+
+def test_a_shard_changed_after_its_set_was_written_is_named(tmp_path) -> None:
+    """The manifest records each shard's rows: a shard emptied or replaced since the set
+    was written stops the training naming it (it trained on the rest without a word)."""
+    from mendis_ray.spectra import shards
+    from mendis_ray.spectra.grid import paper_grid
+    from mendis_ray.train.signal import load_training_shards
+
+    flux, ivar, labels, ids = _clean(n=40, p=2405)
+    tables = [shards.make_table(ids[r], flux[r], ivar[r], teff=labels[r, 0],
+                                logg=labels[r, 1], feh=labels[r, 2])
+              for r in (slice(0, 20), slice(20, 40))]  # fmt: skip
+    _, second = shards.write_dataset(tmp_path / "d", tables, 2, paper_grid())
+    assert len(load_training_shards([tmp_path / "d"])[0]) == 40
+    shards.write_shard(second, tables[1].slice(0, 0), paper_grid())  # emptied in place
+    with pytest.raises(ValueError, match=rf"{second.name}: holds 0 rows, .* manifest recorded 20"):
+        load_training_shards([tmp_path / "d"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "-1"], "argument --epochs: '-1': must be a finite number, at least 1"),
+        (["--batch-size", "0"], "argument --batch-size: '0'"),
+        (["--lr", "0"], "argument --lr: '0': must be a finite number, above 0"),
+        (["--lr", "nan"], "argument --lr: 'nan'"),
+        (["--k", "0"], "argument --k: '0'"),
+        (["--snr", "100"], "--snr: option(s) of the full-space flow"),
+        (["--gpu", "--workers", "4"], "--workers, --gpu: option(s) of the full-space flow"),
+        (["--resume", "x"], "--resume: option(s) of the full-space flow"),
+    ],
+)
+def test_train_options_out_of_range_or_for_another_model_stop_it(
+    argv, message, tmp_path, capsys
+) -> None:
+    """``mendis train`` with 0 or negative counts and scales (an untrained checkpoint and
+    exit 0 before, or a traceback) or the full-space flow's options given to the signal
+    model (silently ignored before): exit status 2 with the option named, nothing read
+    or written."""
+    from mendis_ray.cli import main
+
+    args = ["train", str(tmp_path / "no-data"), "--out", str(tmp_path / "out"), *argv]
+    try:
+        rc = main(args)
+    except SystemExit as stop:  # argparse's errors
+        rc = stop.code
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_spectrum_under_two_ids_is_kept_once(caplog) -> None:
+    """A spectrum repeated under another id (a catalogue joined twice) is left out with a
+    warning naming it; the first is kept, and so are spectra that differ in one pixel."""
+    flux, ivar, labels, ids = _clean()
+    flux[10:15] = flux[0:5]  # rows 10-14 repeat rows 0-4 under their own ids
+    flux[20] = flux[21]
+    flux[20, 7] += np.float32(1e-6)  # another spectrum, by one pixel
+    with caplog.at_level(logging.WARNING, logger="mendis_ray.train.screen"):
+        keep, _ = screen_training_set(flux, ivar, labels, ids)
+    np.testing.assert_array_equal(np.flatnonzero(~keep), np.arange(10, 15))
+    assert "5 training rows repeat an earlier row's spectrum under another id" in caplog.text
+    assert "'s-10'" in caplog.text
+
+
+def test_too_few_rows_left_names_the_checks_not_the_labels() -> None:
+    """A set that the checks leave with fewer than MIN_LABELLED rows says so (it blamed the
+    labels: "0 of the 1 training spectra have no finite Teff ...")."""
+    flux, ivar, labels, ids = _clean(n=12)
+    ivar[:5] = 0.0  # no good pixel: 7 rows left
+    with pytest.raises(
+        ValueError, match=r"^7 of the 12 training spectra pass the checks; .* at least 10"
+    ):
+        screen_training_set(flux, ivar, labels, ids)

@@ -7,6 +7,7 @@ import pytest
 
 from mendis_ray.spectra import shards
 from mendis_ray.spectra.grid import aspcap_grid, paper_grid
+from mendis_ray.spectra.schema import WAVE_KEY
 from mendis_ray.spectra.shards import ShardError
 
 
@@ -336,3 +337,26 @@ def test_a_page_damaged_after_writing_is_named(tmp_path):
     assert shards.read_shard(good).num_rows == 5
     err = shards.damaged_error([good, bad], OSError("x"))
     assert str(err).startswith(f"{bad}: damaged")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [lambda w: w[:1000], lambda w: w + 50.0, lambda w: np.full_like(w, np.nan), lambda w: w[::-1]],
+    ids=["truncated", "shifted", "nan", "reversed"],
+)
+def test_wavelength_metadata_that_is_not_the_grid_s_is_named(tmp_path, edit):
+    """A shard's pixel wavelengths (the ``mendis_ray.wavelength`` key) must be its grid's:
+    truncated or edited ones were copied into a checkpoint by ``mendis train`` and named the
+    wrong lines in every explanation.  Each read names the file; the unedited shard reads."""
+    shards.write_dataset(tmp_path / "d", [_table()], 1, paper_grid())
+    (good,) = sorted((tmp_path / "d").glob("*.parquet"))
+    table = pq.read_table(good)
+    kv = dict(table.schema.metadata)
+    kv[WAVE_KEY] = edit(np.frombuffer(kv[WAVE_KEY], "<f8")).astype("<f8").tobytes()
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table.replace_schema_metadata(kv), bad)
+    with pytest.raises(ShardError, match=r"bad\.parquet: its 'mendis_ray.wavelength' metadata"):
+        shards.read_shard(bad)
+    with pytest.raises(ShardError, match=r"bad\.parquet"):
+        shards.shard_metadata(bad)
+    assert shards.read_shard(good).num_rows == 5

@@ -19,6 +19,7 @@ from mendis_ray.config import SignalConfig
 from mendis_ray.flow.checkpoint import CheckpointError, checkpoint_kind, load_checkpoint
 from mendis_ray.flow.signal import ConditionalFlow
 from mendis_ray.flow.signal_basis import SignalBasis
+from mendis_ray.science.flags import Flag
 from mendis_ray.science.metrics import auroc, percentile_rank
 from mendis_ray.science.signal_scores import NoiseCalibration, SignalScorer, load_scorer
 from mendis_ray.science.signal_tails import SLOPE_FLOOR, derivative_scales
@@ -956,8 +957,9 @@ def test_reference_spectra_join_the_calibration_and_are_checked_first(
     """``mendis train --reference``: held-out spectra the model does not learn join the
     validation rows in the scores' reference (``SignalScorer.fit``'s held-out stars, the
     percentiles' sorted scores) and not the training rows; a reference holding training
-    spectra (the same id and flux) or on another grid stops the command before it trains,
-    naming it; an id that names another spectrum in the training set is kept, said once."""
+    spectra (the same flux, under their ids or others) or on another grid stops the
+    command before it trains, naming it; an id that names another spectrum in the
+    training set is kept, said once."""
     from mendis_ray.spectra import shards
     from mendis_ray.spectra.grid import aspcap_grid, paper_grid
     from mendis_ray.train import signal as train_signal
@@ -965,8 +967,8 @@ def test_reference_spectra_join_the_calibration_and_are_checked_first(
     data, _ = trained
     test = table_arrays(read_dataset(data / "test"))
     train_ids = table_arrays(read_dataset(data / "train")).ids
-    n = 30  # training ids on test spectra: other stars under the same names
-    renamed = shards.make_table(train_ids[:n], test.flux[:n], test.ivar[:n],
+    n = 30  # training ids on (changed) test spectra: other stars under the same names
+    renamed = shards.make_table(train_ids[:n], test.flux[:n] * 0.999, test.ivar[:n],
                                 teff=test.labels[:n, 0], logg=test.labels[:n, 1],
                                 feh=test.labels[:n, 2])  # fmt: skip
     shards.write_dataset(tmp_path / "renamed", [renamed], 1, paper_grid())
@@ -1010,8 +1012,15 @@ def test_reference_spectra_join_the_calibration_and_are_checked_first(
         assert message in capsys.readouterr().err and not (tmp_path / "b").exists()
 
     stops([data / "test", data / "train"], "1500 of its 1700 spectra are in the training set")
+    tr = table_arrays(read_dataset(data / "train"))
+    copies = shards.make_table([f"copy{i}" for i in range(n)], tr.flux[:n], tr.ivar[:n],
+                               teff=tr.labels[:n, 0], logg=tr.labels[:n, 1],
+                               feh=tr.labels[:n, 2])  # fmt: skip
+    shards.write_dataset(tmp_path / "copies", [copies], 1, paper_grid())
+    stops([tmp_path / "copies"], "30 of its 30 spectra are in the training set too (the same flux")
     wide = aspcap_grid()  # the same stars on all 7,214 pixels
-    table = shards.make_table([f"w{i}" for i in range(n)], np.ones((n, wide.n_pix), np.float32),
+    flat = np.ones((n, wide.n_pix), np.float32) + np.arange(n, dtype=np.float32)[:, None] / 100
+    table = shards.make_table([f"w{i}" for i in range(n)], flat,
                               np.full((n, wide.n_pix), 1e4, np.float32), teff=test.labels[:n, 0],
                               logg=test.labels[:n, 1], feh=test.labels[:n, 2])  # fmt: skip
     shards.write_dataset(tmp_path / "wide", [table], 1, wide)
@@ -1203,21 +1212,23 @@ def test_label_free_score_is_per_row_not_per_batch(trained) -> None:
 
 def test_catalogue_marks_of_missing_data_score_as_missing(trained) -> None:
     """A -9999 label (a catalogue's 'missing') scores as a missing label, not as a star
-    9,999 K cold; a NaN ivar as a masked pixel (ivar 0), not as a broken spectrum."""
+    9,999 K cold; a NaN ivar as a masked pixel (ivar 0), not as a broken spectrum.  An
+    impossible label (log g 50) scores as missing too, and is flagged."""
     data, ckpt = trained
     scorer = load_scorer(ckpt)
     te = _arrays(data, "test")
     f, iv, lab = te.flux[:6].copy(), te.ivar[:6].copy(), te.labels[:6].copy()
-    lab[[1, 2], 0], lab[3, 2] = -9999.0, -9999.0
+    lab[[1, 2], 0], lab[3, 2], lab[5, 1] = -9999.0, -9999.0, 50.0
     missing = lab.copy()
-    missing[lab == -9999.0] = np.nan
+    missing[(lab == -9999.0) | (lab == 50.0)] = np.nan
     iv[4, 100:130], f[4, 100:130] = np.nan, np.nan
     zero_iv = iv.copy()
     zero_iv[4, 100:130] = 0.0
     got, want = scorer.score(f, iv, lab), scorer.score(f, zero_iv, missing)
-    for key in ("score", "percentile", "labelled", "flags"):
+    for key in ("score", "percentile", "labelled"):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-    assert not got["flag_nonfinite"].any() and not got["labelled"][1:4].any()
+    assert not got["flag_nonfinite"].any() and not got["labelled"][[1, 2, 3, 5]].any()
+    np.testing.assert_array_equal(got["flags"] ^ want["flags"], [0, 0, 0, 0, 0, Flag.LABEL_RANGE])
 
 
 def test_fast_pixel_statistics_equal_their_definitions() -> None:
@@ -1365,7 +1376,9 @@ def test_a_survey_training_set_with_a_common_mask_and_unlabelled_stars(
         pq.write_table(t, tmp_path / "nolabels" / f.name)
     capsys.readouterr()
     assert main(["train", str(tmp_path / "nolabels"), "--out", str(tmp_path / "x")]) != 0
-    assert "1500 of the 1500 training spectra have no finite Teff" in capsys.readouterr().err
+    assert "1500 of the 1500 training spectra that pass the checks have no finite Teff" in (
+        capsys.readouterr().err
+    )
     scorer = load_scorer(run / "checkpoint")
     np.testing.assert_array_equal(np.flatnonzero(~scorer.model.basis.modelled), dead)
     te = _arrays(data, "test")
@@ -1472,3 +1485,16 @@ def test_trained_at_one_snr_scores_noisier_stars_calibrated(trained_at_one_snr) 
     flux, ivar = _noised_to(te, 20.0)
     assert np.median(star_snr(flux, ivar)) == pytest.approx(20.0, rel=0.01)
     assert scorer.score(flux, ivar, te.labels)["flag_noise_range"].all()
+
+
+def test_a_diverging_training_stops_with_one_line_naming_the_lr(trained, tmp_path, capsys):
+    """``mendis train --lr 1e6``: the loss overflows at the first steps; the command says
+    so in one line with what to change (a FloatingPointError traceback before), exit 2,
+    and writes no checkpoint."""
+    data, _ = trained
+    out = tmp_path / "run"
+    argv = ["train", str(data / "train"), "--out", str(out), "--lr", "1e6", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "lower --lr" in err and "Traceback" not in err
+    assert not (out / "checkpoint").exists()

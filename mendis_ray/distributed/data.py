@@ -20,9 +20,11 @@ Typical use (what :mod:`mendis_ray.distributed.train` does)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +42,11 @@ from mendis_ray.spectra.batches import (
 from mendis_ray.spectra.grid import Grid, grid_text, same_grid
 from mendis_ray.spectra.plain import column_map, is_empty_plain, warn_renames
 from mendis_ray.spectra.shards import (
+    CRC_FAILED,
     REQUIRED_COLUMNS,
     SHARD_COLUMNS,
     ShardError,
+    damaged_error,
     dataset_files,
     file_metadata,
 )
@@ -55,6 +59,7 @@ __all__ = [
     "compute_moments",
     "degrade",
     "list_shards",
+    "named_errors",
     "read_spectra",
     "split_files",
     "standardize",
@@ -66,6 +71,41 @@ log = logging.getLogger(__name__)
 #: CPUs per map task: fractional so read/map tasks always find a CPU beside train workers
 #: (a task needing a whole CPU can wait forever on a 2-CPU node; see ray-notes.md).
 MAP_NUM_CPUS = 0.5
+
+
+_KNOWN_ERRORS = ("ShardError", "CheckpointError", "FitsInputError")
+
+
+@contextlib.contextmanager
+def named_errors(files: Sequence[Path]) -> Iterator[None]:
+    """Run a Ray Data pipeline over ``files`` so that a bad input stops it with one clear
+    error naming the file: a ShardError (or CheckpointError) raised in a task or actor is
+    raised again as itself (Ray wraps it and keeps only its text); a read task's CRC
+    failure, which does not know its file, is traced to it (:func:`damaged_error`); Ray
+    Data's own report of the failed task (~300 lines) goes to its log file."""
+    from mendis_ray.distributed.session import ray_data_errors_to_log_file
+
+    try:
+        with ray_data_errors_to_log_file():
+            yield
+    except Exception as err:
+        _raise_named(err)
+        if CRC_FAILED in str(err):
+            raise damaged_error(files, err) from None
+        raise
+
+
+def _raise_named(err: BaseException) -> None:
+    """Re-raise the last ShardError/CheckpointError named in ``err``'s text as itself."""
+    from mendis_ray.flow.checkpoint import CheckpointError
+
+    pattern = r"^(?:[\w.]+\.)?(" + "|".join(_KNOWN_ERRORS) + r"): (.+)$"
+    named = list(re.finditer(pattern, str(err), flags=re.M))
+    if not named:
+        return
+    found = named[-1]  # the innermost
+    cls = {"ShardError": ShardError, "CheckpointError": CheckpointError}.get(found[1], ShardError)
+    raise cls(found[2].strip()) from err
 
 
 def list_shards(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:

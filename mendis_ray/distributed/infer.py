@@ -75,6 +75,7 @@ from mendis_ray.distributed.actor_pool import (
     default_actor_threads,
     default_max_actors,
 )
+from mendis_ray.distributed.data import named_errors
 from mendis_ray.science.ranking import OUTPUT_COLUMNS, USED_COLUMNS
 from mendis_ray.spectra.batches import spectra_of
 from mendis_ray.spectra.catalog import (
@@ -83,7 +84,7 @@ from mendis_ray.spectra.catalog import (
     ingest_fits,
     split_inputs,
 )
-from mendis_ray.spectra.shards import CRC_FAILED, ShardError, damaged_error
+from mendis_ray.spectra.shards import ShardError
 
 __all__ = [
     "CatalogResult",
@@ -427,12 +428,7 @@ def _score_shards(
         marginal=cfg.marginal, carry_columns=carry_columns,
         scorer_kwargs=cfg.scorer_kwargs(),
     )  # fmt: skip
-    try:
-        scores_dir = _write_scores(ds, shards.n_rows, out, cfg.batch_size, timings)
-    except Exception as err:  # a read task's OSError does not name its file: find it
-        if CRC_FAILED in str(err):
-            raise damaged_error(shards.files, err) from None
-        raise
+    scores_dir = _write_scores(ds, shards.files, shards.n_rows, out, cfg.batch_size, timings)
     names = set(pq.read_schema(next(iter(sorted(scores_dir.glob("*.parquet"))))).names)
     carried = set(carry_columns)
     renamed = {c: n for c in carry_columns if (n := _input_name(c, carried)) in names}
@@ -488,21 +484,17 @@ def _gather_shards(ckpt, inputs, out: Path, labels_path, ingest_shards, timings:
     return shards, fits_files
 
 
-def _write_scores(ds, n_rows: int, out: Path, batch_size: int, timings: dict) -> Path:
-    """Run the pipeline ``ds`` into a temporary folder, check every row came back, and
-    rename it to ``out/scores`` (replacing an earlier run's)."""
-    from mendis_ray.distributed.session import ray_data_errors_to_log_file
-
+def _write_scores(
+    ds, files: Sequence[Path], n_rows: int, out: Path, batch_size: int, timings: dict
+) -> Path:
+    """Run the pipeline ``ds`` over ``files`` into a temporary folder, check every row
+    came back, and rename it to ``out/scores`` (replacing an earlier run's)."""
     scores_dir = out / "scores"
     tmp = out / f".scores.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
     try:
-        try:
-            with ray_data_errors_to_log_file():  # the error is raised here, named
-                ds.write_parquet(str(tmp), min_rows_per_file=max(batch_size, 100_000))
-        except Exception as err:
-            _raise_clean(err)
-            raise
+        with named_errors(files):  # the error is raised here, named
+            ds.write_parquet(str(tmp), min_rows_per_file=max(batch_size, 100_000))
         n_written = pq.ParquetDataset(tmp).read(columns=["id"]).num_rows if tmp.exists() else 0
         if n_written != n_rows:
             raise RuntimeError(f"scored {n_written} rows but the shards hold {n_rows}; {tmp} kept")
@@ -516,27 +508,6 @@ def _write_scores(ds, n_rows: int, out: Path, batch_size: int, timings: dict) ->
         n_rows, timings["score_s"], n_rows / timings["score_s"],
     )  # fmt: skip
     return scores_dir
-
-
-_KNOWN_ERRORS = ("ShardError", "CheckpointError", "FitsInputError")
-
-
-def _raise_clean(err: BaseException) -> None:
-    """Re-raise a ShardError/CheckpointError raised inside a Ray task or actor (Ray Data
-    wraps it in ``UserCodeException`` and keeps only its text) as itself, so the caller
-    gets a clear ``ValueError`` naming the bad shard and row."""
-    from mendis_ray.flow.checkpoint import CheckpointError
-
-    text = str(err)
-    found = None
-    for m in re.finditer(
-        r"^(?:[\w.]+\.)?(" + "|".join(_KNOWN_ERRORS) + r"): (.+)$", text, flags=re.M
-    ):
-        found = m
-    if found is None:
-        return
-    cls = {"ShardError": ShardError, "CheckpointError": CheckpointError}.get(found[1], ShardError)
-    raise cls(found[2].strip()) from err
 
 
 # ----------------------------------------------------------------------------- CLI

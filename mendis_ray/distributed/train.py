@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mendis_ray.atomic import replace_dir, temp_beside
 from mendis_ray.config import FlowConfig, TrainConfig
 from mendis_ray.distributed.data import (
     DegradeConfig,
@@ -45,6 +47,7 @@ from mendis_ray.distributed.data import (
     compute_moments,
     degrade,
     list_shards,
+    named_errors,
     read_spectra,
     split_files,
     standardize,
@@ -181,16 +184,18 @@ def prepare_data(
         len(train.files), train.n_rows, len(val.files), val.n_rows,
     )  # fmt: skip
     t0 = time.perf_counter()
-    moments = compute_moments(
-        degrade(read_spectra(train, require_labels=True), n_pix, fixed), n_pix
-    )
+    with named_errors(train.files):  # a damaged shard, a row without labels: one line
+        moments = compute_moments(
+            degrade(read_spectra(train, require_labels=True), n_pix, fixed), n_pix
+        )
     log.info("standardization and covariance from %d spectra in %.1f s", moments.n,
              time.perf_counter() - t0)  # fmt: skip
     std = moments.standardizer
     val_fixed = DegradeConfig(**{**asdict(fixed), "seed": fixed.seed + 1})
-    val_ds = standardize(
-        degrade(read_spectra(val, require_labels=True), n_pix, val_fixed), n_pix, std
-    ).materialize()  # small, read every epoch
+    with named_errors(val.files):
+        val_ds = standardize(
+            degrade(read_spectra(val, require_labels=True), n_pix, val_fixed), n_pix, std
+        ).materialize()  # small, read every epoch
     train_ds = standardize(
         degrade(read_spectra(train, require_labels=True), n_pix, cfg.degrade), n_pix, std
     )
@@ -257,9 +262,9 @@ def prepare_training(
     else:
         flow.initialize(x_init)
     density = SpectrumDensity(flow, moments.standardizer, flow_cfg, prep.grid)
-    init = save_checkpoint(
+    init = save_checkpoint(  # staged (an earlier run's stays until this one ends)
         # absolute: the workers run in another directory
-        Path(out_dir).resolve() / "init_checkpoint", density, train_cfg,
+        temp_beside(Path(out_dir).resolve() / "init_checkpoint"), density, train_cfg,
         extra={"start": start, "start_val_log_prob": start_ll},
     )  # fmt: skip
     return Prepared(prep, init, start, start_ll, starts)
@@ -282,17 +287,26 @@ def train_distributed(
     ``out_dir/ray_runs``)."""
     t0 = time.perf_counter()
     prep = prepared or prepare_training(data, out_dir, flow_cfg, train_cfg, cfg)
-    storage = storage_uri(cfg.storage_path or str(Path(out_dir) / "ray_runs"))
-    loop_config = _loop_config(prep, train_cfg, cfg)
-    run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    trainer = _make_trainer(prep, loop_config, cfg, storage, run_name, callbacks)
-    log.info(
-        "TorchTrainer: %d worker(s), GPU %s, run %s under %s",
-        cfg.num_workers, cfg.use_gpu, run_name, storage,
-    )  # fmt: skip
-    result = _fit_and_release(trainer)
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_name} finished without a checkpoint")
+    staged = prep.init_checkpoint
+    try:
+        storage = storage_uri(cfg.storage_path or str(Path(out_dir) / "ray_runs"))
+        loop_config = _loop_config(prep, train_cfg, cfg)
+        run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        trainer = _make_trainer(prep, loop_config, cfg, storage, run_name, callbacks)
+        log.info(
+            "TorchTrainer: %d worker(s), GPU %s, run %s under %s",
+            cfg.num_workers, cfg.use_gpu, run_name, storage,
+        )  # fmt: skip
+        result = _fit_and_release(trainer)
+        if result.checkpoint is None:
+            raise RuntimeError(f"training run {run_name} finished without a checkpoint")
+        if staged.name.startswith("."):  # this run's start replaces an earlier one's now
+            final = Path(out_dir).resolve() / "init_checkpoint"
+            replace_dir(staged, final)
+            prep.init_checkpoint = final
+    finally:
+        if staged.name.startswith("."):  # failed or interrupted: the earlier run's stays
+            shutil.rmtree(staged, ignore_errors=True)
     return _collect(result, prep, storage, run_name, t0)
 
 
@@ -415,7 +429,9 @@ def _fit_and_release(trainer):
     that holds the TrainController's handle (so Ctrl-C aborts the run); left in place, it
     keeps the controller, its DatasetManager and SplitCoordinators alive (and polling) for
     the rest of the process: through the scoring stages of ``mendis demo``, say.  The
-    previous handler comes back after the run, the handle goes, and Ray stops them."""
+    previous handler comes back after the run, the handle goes, and Ray stops them.  Its
+    handler ends an aborted run with ``sys.exit``: raised here as the KeyboardInterrupt it
+    is (``mendis train`` exited 1 without a word)."""
     import gc
     import threading
 
@@ -423,6 +439,8 @@ def _fit_and_release(trainer):
     previous = signal.getsignal(signal.SIGINT) if main else None
     try:
         return trainer.fit()
+    except SystemExit:  # Ray's SIGINT handler aborts the run and exits (status 0 or 1,
+        raise KeyboardInterrupt from None  # no word): an interrupt, as the CLI says it
     finally:
         if main:
             signal.signal(signal.SIGINT, previous)

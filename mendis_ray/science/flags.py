@@ -26,7 +26,8 @@ class Flag(enum.IntFlag):
     #: them by more than 4 times their own noise; the flow, over 1% (range widened by
     #: ``range_sigma`` training standard deviations).
     FLUX_RANGE = 4
-    #: given labels outside the training range.
+    #: given labels outside the training range; impossible ones (log g 50, Teff in kK) are
+    #: also read as missing, so the spectrum is scored without labels.
     LABEL_RANGE = 8
     #: the model cannot score the spectrum (every pixel masked, or non-finite input).
     UNSCORABLE = 16
@@ -50,7 +51,7 @@ _MEANINGS = {
     Flag.NONFINITE: "NaN/inf flux at a good pixel, bad ivar or inf label",
     Flag.MASKED: "more than the allowed fraction of pixels masked",
     Flag.FLUX_RANGE: "too many good pixels past the training flux range",
-    Flag.LABEL_RANGE: "given labels outside the training label range",
+    Flag.LABEL_RANGE: "given labels outside training range or impossible",
     Flag.UNSCORABLE: "the model cannot score it: ranked most outlying",
     Flag.NOISE_RANGE: "noisier than the calibrated range: extrapolated",
 }

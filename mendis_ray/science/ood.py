@@ -93,7 +93,7 @@ from mendis_ray.science.score_reference import (
     fill_masked,
     signal_subspace,
 )
-from mendis_ray.spectra.schema import possible_labels
+from mendis_ray.spectra.schema import impossible_labels, possible_labels
 
 __all__ = [
     "ScoreReference",
@@ -302,7 +302,8 @@ class Scorer:
         filled, masked = fill_masked(flux, ivar, std.mean[:n_pix])
         masked_fraction = masked.mean(axis=1)
         flags[masked_fraction > self.max_masked_fraction] |= Flag.MASKED
-        labels = possible_labels(labels)  # inf, -9999: missing
+        flags[impossible_labels(labels)] |= Flag.LABEL_RANGE  # read as missing below
+        labels = possible_labels(labels)  # inf, -9999, impossible: missing
         has_labels = np.isfinite(labels).all(axis=1)
         if ref is not None:
             width = self.range_sigma * std.std[:n_pix]

@@ -141,7 +141,7 @@ from mendis_ray.science.signal_tails import (
     structure_calibration,
 )
 from mendis_ray.science.structure import StructureTests
-from mendis_ray.spectra.schema import possible_labels
+from mendis_ray.spectra.schema import impossible_labels, possible_labels
 
 __all__ = ["NoiseCalibration", "SignalScorer", "load_scorer", "match_noise",
            "residual_statistics", "star_snr"]  # fmt: skip
@@ -163,6 +163,8 @@ class _Pixels:
     labels: np.ndarray  # (n, 3) cleaned labels (NaN: label-free)
     labelled: np.ndarray  # (n,) bool
     nonfinite: np.ndarray  # (n,) bool: a non-finite pixel or label in the input
+    impossible: np.ndarray  # (n,) bool: a given label outside what is possible (read as
+    # missing: the row is scored label-free, and flagged LABEL_RANGE)
     flux_range: np.ndarray  # (n,) bool: > 0.5% of good pixels outside the training range by
     # more than 4 times their own noise (:func:`outside_flux_range`)
 
@@ -175,7 +177,8 @@ class _Pixels:
             Projection.concat([p.c.proj for p in parts]),
         )  # fmt: skip
         cat = {f: np.concatenate([getattr(p, f) for p in parts])
-               for f in ("stats", "labels", "labelled", "nonfinite", "flux_range")}  # fmt: skip
+               for f in ("stats", "labels", "labelled", "nonfinite", "impossible",
+                         "flux_range")}  # fmt: skip
         return cls(c, **cat)
 
 
@@ -405,8 +408,8 @@ class SignalScorer:
 
     def _clean(self, flux, ivar, labels):
         """Masks for non-finite input: bad pixels become masked (NaN ivar is one), inf and
-        impossible labels missing.  The usual all-finite chunk skips the repairs (each is a
-        pass over (n, p))."""
+        impossible labels missing (and marked: the last value returned).  The usual all-finite
+        chunk skips the repairs (each is a pass over (n, p))."""
         flux = np.asarray(flux, np.float32)  # the projection works in float32
         n = len(flux)
         ivar = np.ones_like(flux) if ivar is None else np.asarray(ivar, np.float32)
@@ -422,13 +425,14 @@ class SignalScorer:
         ivar = self.model.basis.drop_unmodelled(ivar)  # pixels the training set never saw
         if not (ivar > 0).all():
             flux = np.where(ivar > 0, flux, self.model.basis._float32("mean"))
-        labels = possible_labels(labels)  # inf, -9999: missing
-        return flux, ivar, labels, nonfinite
+        impossible = impossible_labels(labels)  # logg 50, Teff in kK: flagged
+        labels = possible_labels(labels)  # inf, -9999, impossible: missing
+        return flux, ivar, labels, nonfinite, impossible
 
     def _pixel_pass(self, flux, ivar, labels) -> _Pixels:
         """Everything that reads the (n, p) pixels, for one chunk of spectra: cleaning,
         noise matching, projection, residual statistics, the flux-range test."""
-        flux, ivar, labels, nonfinite = self._clean(flux, ivar, labels)
+        flux, ivar, labels, nonfinite, impossible = self._clean(flux, ivar, labels)
         if "snr_max" in self.ref:
             flux, ivar = match_noise(flux, ivar, float(np.ravel(self.ref["snr_max"])[0]))
         m, r = self.model, self.ref
@@ -440,7 +444,7 @@ class SignalScorer:
             stats = residual_statistics(c)
         c.proj.wres = c.proj.template_z = None  # in ``stats``; (n, p) not kept beyond the chunk
         flux_range = outside_flux_range(flux, ivar, r)
-        return _Pixels(c, stats, labels, labelled, nonfinite, flux_range)
+        return _Pixels(c, stats, labels, labelled, nonfinite, impossible, flux_range)
 
     def _pixel_passes(self, flux, ivar, labels, spans: list[slice]) -> list[_Pixels]:
         """:meth:`_pixel_pass` of each chunk, on as many threads as torch may use (numpy
@@ -529,6 +533,7 @@ class SignalScorer:
             out[name] = self._percentile(key, out[key])
         labels = px.labels
         label_range = labelled & ((labels < r["label_lo"]) | (labels > r["label_hi"])).any(1)
+        label_range |= px.impossible
         masked = (masked_fraction > self.max_masked_fraction) | no_good
         flags = px.nonfinite * Flag.NONFINITE + masked * Flag.MASKED
         flags += px.flux_range * Flag.FLUX_RANGE + label_range * Flag.LABEL_RANGE

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+from mendis_ray.spectra.schema import MISSING_VALUE
+
 __all__ = [
     "APOGEE_BAD_BITS",
     "BADERR",
@@ -40,8 +42,6 @@ SIG_SKYLINE = 1 << 12
 APOGEE_BAD_BITS = 0xFF | SIG_SKYLINE
 #: The pipeline sets the error of a masked pixel to 1e10 or more; such pixels are bad too.
 BADERR = 1e10
-#: A value at or below this in an APOGEE catalogue means "missing" (-9999, -9999.99).
-MISSING_VALUE = -9990.0
 _2MASS_ID = re.compile(r"2M\d{8}[+-]\d{7}")
 _FILE_ID = re.compile(r"^(?:apStar|asStar|aspcapStar)-[^-]+-(?P<id>.+?)\.fits(?:\.gz)?$")
 

@@ -49,6 +49,7 @@ __all__ = [
     "resample",
     "resampling_matrix",
     "same_grid",
+    "wavelength_hash",
 ]
 
 APSTAR_CRVAL1 = 4.179
@@ -89,8 +90,7 @@ class Grid:
             arr.setflags(write=False)
         object.__setattr__(self, "log_lo", lo)
         object.__setattr__(self, "log_hi", hi)
-        digest = hashlib.sha256(np.round(self.wavelength, 6).tobytes()).hexdigest()[:16]
-        object.__setattr__(self, "_hash", digest)
+        object.__setattr__(self, "_hash", wavelength_hash(self.wavelength))
 
     @property
     def n_pix(self) -> int:
@@ -125,6 +125,13 @@ class Grid:
             "wavelength_min": float(wl[0]),
             "wavelength_max": float(wl[-1]),
         }
+
+
+def wavelength_hash(wavelength: np.ndarray) -> str:
+    """16 hex digits identifying pixel centres ``wavelength`` (n_pix,) (rounded to 1e-6 A):
+    a grid's :attr:`Grid.hash`."""
+    rounded = np.round(np.asarray(wavelength, dtype=np.float64), 6)
+    return hashlib.sha256(rounded.tobytes()).hexdigest()[:16]
 
 
 def _describe(grid: Grid | Mapping) -> Mapping:

@@ -13,12 +13,14 @@ __all__ = [
     "LABEL_COLUMNS",
     "LABEL_LIMITS",
     "META_KEY",
+    "MISSING_VALUE",
     "OPTIONAL_COLUMNS",
     "REQUIRED_COLUMNS",
     "SCHEMA_VERSION",
     "SHARD_COLUMNS",
     "WAVE_KEY",
     "ShardError",
+    "impossible_labels",
     "list_matrix",
     "matrix_column",
     "possible_labels",
@@ -35,6 +37,8 @@ SHARD_COLUMNS = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
 #: is a catalogue's mark of a missing label (-9999) or a wrong unit, never a measurement
 LABEL_LIMITS = (("teff", "K", 1000.0, 100_000.0), ("logg", "dex", -2.0, 10.0),
                 ("feh", "dex", -10.0, 5.0))  # fmt: skip
+#: A value at or below this in a catalogue (APOGEE's -9999, -9999.99) means "missing".
+MISSING_VALUE = -9990.0
 
 
 class ShardError(ValueError):
@@ -84,6 +88,17 @@ def list_matrix(
     if not pa.types.is_floating(values.type):
         raise ShardError(f"{where}: expected float values, found {values.type}")
     return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, n_pix)
+
+
+def impossible_labels(labels: np.ndarray) -> np.ndarray:
+    """(n,) bool: rows of ``labels`` (n, 3) that give a label (finite, not a catalogue's
+    missing mark, :data:`MISSING_VALUE`) outside :data:`LABEL_LIMITS`: a wrong unit or a
+    broken catalogue, which :func:`possible_labels` reads as missing and a scorer flags."""
+    labels = np.asarray(labels, np.float64)
+    if labels.ndim != 2 or labels.shape[1] != len(LABEL_LIMITS):
+        return np.zeros(len(labels), bool)
+    given = np.isfinite(labels) & (labels > MISSING_VALUE)
+    return (given & np.isnan(possible_labels(labels))).any(axis=1)
 
 
 def possible_labels(labels: np.ndarray) -> np.ndarray:

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from mendis_ray.atomic import json_default, write_atomic, write_json_atomic
 from mendis_ray.spectra import plain
-from mendis_ray.spectra.grid import Grid, grid_text, same_grid
+from mendis_ray.spectra.grid import Grid, grid_text, same_grid, wavelength_hash
 from mendis_ray.spectra.schema import (
     LABEL_COLUMNS,
     META_KEY,
@@ -76,6 +76,7 @@ __all__ = [
     "file_metadata",
     "list_matrix",
     "make_table",
+    "manifest_rows",
     "matrix_column",
     "read_dataset",
     "read_shard",
@@ -276,6 +277,21 @@ def dataset_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
+def manifest_rows(path: str | os.PathLike) -> dict[Path, int]:
+    """{file: rows} that a dataset folder's manifest recorded when the set was written
+    (empty for a file, a folder without a manifest, or an older manifest without
+    ``rows``).  A reader that counts a file's rows compares them: a shard replaced or
+    emptied since the write would otherwise train on part of the set without a word."""
+    mpath = Path(path) / MANIFEST
+    if not mpath.is_file():
+        return {}
+    files = _manifest_files(mpath)
+    rows = json.loads(mpath.read_text(encoding="utf-8")).get("rows")
+    if not (isinstance(rows, list) and len(rows) == len(files)):
+        return {}
+    return {Path(path) / f: r for f, r in zip(files, rows, strict=True) if isinstance(r, int)}
+
+
 def _manifest_files(mpath: Path) -> list[str]:
     """The ``files`` of the manifest ``mpath``: names of files in its own folder.  A
     ShardError naming it for anything else (not JSON, not an object, no list of names, a
@@ -348,7 +364,22 @@ def schema_metadata(schema: pa.Schema, where: str, n_pix: int | None = None) -> 
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ShardError(f"{where}: schema_version {version!r}, this reader knows {SCHEMA_VERSION}")
+    if WAVE_KEY in kv:
+        _check_wavelength(kv[WAVE_KEY], meta.get("grid", {}), where)
     return meta
+
+
+def _check_wavelength(raw: bytes, grid: Mapping, where: str) -> None:
+    """The pixel wavelengths a shard carries (float64 bytes) are its grid's: as many as its
+    pixels, with the grid's hash.  Damaged or edited ones would be copied into a checkpoint
+    and name the wrong lines in every explanation."""
+    whole = len(raw) % 8 == 0 and len(raw) // 8 == grid.get("n_pix")
+    if not whole or wavelength_hash(np.frombuffer(raw, "<f8")) != grid.get("hash"):
+        raise ShardError(
+            f"{where}: its {WAVE_KEY.decode()!r} metadata ({len(raw)} bytes) are not the pixel "
+            f"wavelengths of its grid {grid_text(grid)}: the file's metadata were damaged or "
+            "edited (write the shard again)"
+        )
 
 
 def table_metadata(table: pa.Table, where: str) -> dict:

@@ -201,9 +201,9 @@ def load_training_shards(
 ):  # fmt: skip
     """Rows of the dataset folders/files ``paths`` (validated by the shard reader) that
     pass the training set's screening (:mod:`mendis_ray.train.screen`: normalized flux,
-    possible labels, one row per id, all three labels), in a seeded random order (the
-    last rows validate, so an ordered catalog must be shuffled), and the grid
-    (``Grid.describe()`` dict plus ``wavelength``) they share: ``(flux, ivar, labels,
+    S/N of 5 or more, possible labels, one row per id, all three labels), in a seeded
+    random order (the last rows validate, so an ordered catalog must be shuffled), and the
+    grid (``Grid.describe()`` dict plus ``wavelength``) they share: ``(flux, ivar, labels,
     grid)``, and the rows' ids (n,) after them with ``with_ids``; ``kind`` names the rows
     in the screening's messages.
 
@@ -211,10 +211,10 @@ def load_training_shards(
     then screened and shuffled in place (30,000 x 7,214 pixels, 1.7 GB of flux and ivar:
     peak memory 7.2 -> 2.4 GB against a table, its arrays, their concatenation and
     their shuffle, each a copy)."""
-    from mendis_ray.train.screen import row_medians, screen_rows
+    from mendis_ray.train.screen import row_statistics, screen_rows
 
     flux, ivar, labels, ids, grid = _read_rows(paths)
-    keep, labels = screen_rows(row_medians(flux, ivar), labels, ids, kind)
+    keep, labels = screen_rows(row_statistics(flux, ivar), labels, ids, kind)
     order = np.random.default_rng(seed).permutation(np.flatnonzero(keep))  # new row -> old
     _permute_rows((flux, ivar), np.concatenate([order, np.flatnonzero(~keep)]))
     rows = flux[: len(order)], ivar[: len(order)], labels[order], grid
@@ -233,8 +233,8 @@ def load_reference_shards(
     rows under ``paths`` that pass the training set's screening.  A ValueError names a
     path on another grid than ``grid`` (the training set's), or the spectra that the
     training set ``train`` = (ids (n,), flux (n, p)), its validation rows included, holds
-    too (the same id and flux): a star the model has learned would calibrate as a new
-    one.  An id shared with a different spectrum (another simulation's rows, named by set
+    too (the same flux, under any id): a star the model has learned would calibrate as a
+    new one.  An id shared with a different spectrum (another simulation's rows, named by set
     and row) is a different spectrum: kept, with a warning.
 
     The survey benchmark's 2,000 validation stars leave the signal score's inlier
@@ -259,23 +259,27 @@ def load_reference_shards(
         shown = ", ".join(repr(str(i)) for i in same[:3]) + (", ..." if same.size > 3 else "")
         raise ValueError(
             f"{named}: {same.size} of its {len(ids)} spectra are in the training set too "
-            f"(the same id and flux: {shown}); the reference must hold stars the model does "
+            f"(the same flux: {shown}); the reference must hold stars the model does "
             "not learn, or their scores would look more typical than new stars'"
         )
     return flux, ivar, labels
 
 
 def _same_spectra(ids, flux, train_ids, train_flux) -> np.ndarray:
-    """The ids (sorted) that name the same spectrum (equal flux) in both sets; an id that
-    names different spectra in the two is said once (a warning)."""
+    """The ids (sorted) of the reference spectra (``ids``, ``flux``) whose flux a training
+    spectrum has too, under any id (:func:`~mendis_ray.train.screen.row_digests`); an id
+    that names different spectra in the two is said once (a warning)."""
+    from mendis_ray.train.screen import row_digests
+
     ids, train_ids = np.asarray(ids).astype(str), np.asarray(train_ids).astype(str)
-    shared, at, at_train = np.intersect1d(ids, train_ids, return_indices=True)
-    equal = np.array([np.array_equal(flux[i], train_flux[j], equal_nan=True)
-                      for i, j in zip(at, at_train, strict=True)], bool)  # fmt: skip
-    if (~equal).any():
+    digest, train_digest = row_digests(flux), row_digests(train_flux)
+    same = np.isin(digest, train_digest)
+    shared, at, _ = np.intersect1d(ids, train_ids, return_indices=True)
+    other = ~same[at]  # the same id, another spectrum
+    if other.any():
         log.warning("%d reference ids also name training spectra with other flux (e.g. %r): "
-                    "kept as different spectra", (~equal).sum(), shared[~equal][0])  # fmt: skip
-    return shared[equal]
+                    "kept as different spectra", other.sum(), shared[other][0])  # fmt: skip
+    return np.sort(ids[same])
 
 
 def _read_rows(paths: Sequence[str | os.PathLike]):
@@ -284,15 +288,26 @@ def _read_rows(paths: Sequence[str | os.PathLike]):
     grid, or says that none has rows."""
     import pyarrow.parquet as pq
 
-    from mendis_ray.spectra.shards import WAVE_KEY, dataset_files, iter_dataset, table_arrays
+    from mendis_ray.spectra.shards import (
+        WAVE_KEY,
+        dataset_files,
+        iter_dataset,
+        manifest_rows,
+        table_arrays,
+    )
 
-    def rows(f: Path) -> int:  # from the footer; an unreadable file is named by its reader
-        try:
-            return pq.ParquetFile(f).metadata.num_rows
+    def rows(f: Path, written: dict[Path, int]) -> int:  # from the footer (an unreadable
+        try:  # file is named by its reader), checked against the manifest
+            n = pq.ParquetFile(f).metadata.num_rows
         except Exception:
             return 0
+        if f in written and written[f] != n:
+            raise ValueError(f"{f}: holds {n} rows, its folder's manifest recorded "
+                             f"{written[f]}: the file or the manifest changed after the set was "
+                             "written (write the set again)")  # fmt: skip
+        return n
 
-    n = sum(rows(f) for p in paths for f in dataset_files(p))
+    n = sum(rows(f, manifest_rows(p)) for p in paths for f in dataset_files(p))
     flux = ivar = None
     labels, ids, grid, at, empty = [], [], None, 0, []
     for p in paths:

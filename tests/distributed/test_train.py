@@ -168,6 +168,41 @@ def test_too_few_rows_per_worker_is_refused(ray_session, sim_sets, tmp_path):
     assert not (tmp_path / "init_checkpoint").exists()
 
 
+@pytest.mark.parametrize("damage", ["page", "labels"])
+def test_bad_training_shards_stop_it_in_one_line_naming_the_file(
+    ray_session, sim_sets, tmp_path, capfd, damage
+):
+    """``mendis train --model flow``: a shard with a bit flipped in a page (its CRC fails
+    in a Ray read task, which does not know the file) or a row without labels stops the
+    run before any worker starts, with the file named, and without Ray Data's report of
+    the failed task (about 300 lines and three tracebacks before)."""
+    import pyarrow as pa
+
+    from mendis_ray.distributed.train import RayTrainConfig, train_distributed
+    from mendis_ray.spectra.grid import paper_grid
+    from mendis_ray.spectra.shards import write_dataset
+
+    tables = [pq.read_table(f) for f in sorted((sim_sets / "train").glob("*.parquet"))]
+    if damage == "labels":
+        teff = tables[1].column("teff").to_numpy().copy()
+        teff[3] = np.nan
+        tables[1] = tables[1].set_column(tables[1].schema.get_field_index("teff"), "teff",
+                                         pa.array(teff, mask=np.isnan(teff)))  # fmt: skip
+    write_dataset(tmp_path / "d", tables, len(tables), paper_grid())
+    bad = sorted((tmp_path / "d").glob("*.parquet"))[1]
+    if damage == "page":
+        data = bytearray(bad.read_bytes())
+        data[len(data) // 3] ^= 0x01
+        bad.write_bytes(bytes(data))
+    cfg = RayTrainConfig(num_workers=1, storage_path=str(tmp_path / "runs"))
+    capfd.readouterr()
+    match = "damaged: a page's bytes" if damage == "page" else "has no finite Teff"
+    with pytest.raises(ShardError, match=rf"{bad.name}.*{match}"):
+        train_distributed(tmp_path / "d", tmp_path / "out", FLOW, TRAIN, cfg)
+    err = capfd.readouterr().err
+    assert "Exception occurred in Ray Data" not in err and "Traceback" not in err
+
+
 def test_ddp_replicas_stay_identical(ddp_run):
     from mendis_ray.flow.checkpoint import load_checkpoint
 
