@@ -102,18 +102,26 @@ def row_digests(flux: np.ndarray) -> np.ndarray:
 
 def row_statistics(flux: np.ndarray, ivar: np.ndarray) -> RowStats:
     """:class:`RowStats` of ``flux``, ``ivar`` (n, p), a block of :func:`chunk_rows` rows
-    at a time (nanmedian copies what it reads)."""
+    at a time (nanmedian copies what it reads).  The S/N is the median over every 4th
+    pixel (a screen needs its order of magnitude; all of them tripled the time)."""
     med, snr, chunk = np.empty(len(flux)), np.empty(len(flux)), chunk_rows(flux.shape[1])
     for a in range(0, len(flux), chunk):
         f, v = flux[a : a + chunk], ivar[a : a + chunk]
-        masked = (v <= 0).any(axis=1)  # nanmedian only where needed
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: NaN
-            for out, x in ((med, f), (snr, np.abs(f) * np.sqrt(np.maximum(v, 0)))):
-                m = out[a : a + chunk]
-                m[~masked] = np.median(x[~masked], axis=1)  # 5x faster than nanmedian
-                m[masked] = np.nanmedian(np.where(v[masked] > 0, x[masked], np.nan), axis=1)
+            med[a : a + chunk] = _good_median(f, v)
+            f, v = f[:, ::4], v[:, ::4]
+            snr[a : a + chunk] = _good_median(np.abs(f) * np.sqrt(np.maximum(v, 0)), v)
     return RowStats(med, snr, row_digests(flux))
+
+
+def _good_median(x: np.ndarray, ivar: np.ndarray) -> np.ndarray:
+    """(n,) median of each row of ``x`` (n, p) over its pixels with ``ivar`` > 0 (NaN if
+    none): nanmedian only for the rows that have masked pixels (5x slower)."""
+    out, masked = np.empty(len(x)), (ivar <= 0).any(axis=1)
+    out[~masked] = np.median(x[~masked], axis=1)
+    out[masked] = np.nanmedian(np.where(ivar[masked] > 0, x[masked], np.nan), axis=1)
+    return out
 
 
 def _noise(snr: np.ndarray, ids: np.ndarray, kind: str = "training") -> np.ndarray:
