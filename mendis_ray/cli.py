@@ -13,6 +13,7 @@ mendis score CHECKPOINT INPUTS... --out DIR       batch scoring of a catalog (Ra
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -44,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: OSError numbers of a disk that cannot take the outputs: said in one line (a traceback
+#: of 25 lines before)
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
@@ -56,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # bad input: a clear message, no traceback
         log.debug("details", exc_info=True)
         print(f"mendis {args.command}: error: {err}", file=sys.stderr)
+        _stop_embedded_ray()
+        return 2
+    except OSError as err:  # a full or read-only disk: one line naming the path
+        if err.errno not in _DISK_ERRORS:
+            raise
+        log.debug("details", exc_info=True)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"mendis {args.command}: error: {where}{err.strerror}", file=sys.stderr)
         _stop_embedded_ray()
         return 2
     except KeyboardInterrupt:  # Ctrl-C: stop the embedded Ray (agents included) now

@@ -95,7 +95,23 @@ def _ray_train_configs(args: argparse.Namespace):
         ),
         time_limit_s=None if args.minutes is None else 60 * args.minutes,
     )
+    _check_preset_fits(flow_cfg, args.data, args.preset)
     return flow_cfg, train_cfg, ray_cfg
+
+
+def _check_preset_fits(flow_cfg, data: str, preset: str) -> None:
+    """A ValueError unless the flow takes as many pixels as the local shards ``data``
+    hold: before Ray starts (the workers' error came after 13 s of Ray and a data pass)."""
+    from mendis_ray.config import PRESETS
+    from mendis_ray.spectra.shards import dataset_files, shard_metadata
+
+    if not Path(data).exists():  # named by the reader, or on a cluster's storage
+        return
+    n_pix = int(shard_metadata(dataset_files(data)[0])["grid"]["n_pix"])
+    if n_pix != flow_cfg.n_pix:
+        sizes = ", ".join(f"{name} {cfg[0].n_pix}" for name, cfg in PRESETS.items())
+        raise ValueError(f"--preset {preset}: its flow takes {flow_cfg.n_pix} pixels, the "
+                         f"shards in {data} have {n_pix} (pixels per preset: {sizes})")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:

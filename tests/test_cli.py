@@ -108,3 +108,15 @@ def test_demo_offers_only_presets_that_fit_its_spectra(capsys):
     for name in ("compact", "paper"):
         assert parser.parse_args(["demo", "--preset", name]).preset == name
         assert get_preset(name)[0].n_pix == 2405
+
+
+def test_a_flow_preset_that_does_not_fit_the_shards_stops_before_ray(simulated, tmp_path, capsys):
+    """``mendis train --model flow --preset tiny`` on 2,405-pixel shards: refused with the
+    sizes of the presets before Ray starts (the workers' error came after 13 s)."""
+    out = tmp_path / "run"
+    argv = ["train", str(simulated / "train"), "--out", str(out), "--model", "flow",
+            "--preset", "tiny"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--preset tiny: its flow takes 16 pixels" in err and "have 2405" in err
+    assert "starting a local Ray" not in err and not out.exists()

@@ -377,3 +377,36 @@ def _ray_initialized() -> bool:
 
     ray = sys.modules.get("ray")
     return bool(ray is not None and ray.is_initialized())
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_half_checkpoint(tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk as its own error type (not an OSError): it becomes
+    ENOSPC naming the checkpoint, the staged folder goes, an earlier checkpoint stays, and
+    the CLI says it in one line (a 25-line traceback before)."""
+    import errno
+    import os
+
+    from mendis_ray import cli_data
+    from mendis_ray.cli import main
+    from mendis_ray.flow.checkpoint import write_checkpoint_dir
+
+    ck = tmp_path / "checkpoint"
+    ck.mkdir()
+    (ck / "config.json").write_text("{}")  # an earlier run's
+
+    def full(path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(b"x" * 10)
+        raise RuntimeError("No space left on device (os error 28)")
+
+    with pytest.raises(OSError) as caught:
+        write_checkpoint_dir(ck, {"model_kind": "flow"}, full)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(ck)
+    assert os.listdir(tmp_path) == ["checkpoint"] and os.listdir(ck) == ["config.json"]
+
+    def inspect(args):
+        raise caught.value
+
+    monkeypatch.setattr(cli_data, "cmd_inspect", inspect)
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"mendis inspect: error: {ck}: No space left on device\n"

@@ -16,6 +16,7 @@ were damaged after it was written is refused, not scored into nonsense.  Larger 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -107,7 +108,12 @@ def write_checkpoint_dir(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        save_tensors(str(tmp / TENSORS))
+        try:
+            save_tensors(str(tmp / TENSORS))
+        except Exception as err:  # safetensors' own error type: say what it is
+            if isinstance(err, OSError) or "No space left" not in str(err):
+                raise
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
         if (tmp / TENSORS).stat().st_size <= HASH_CHECK_BYTES:  # what loading checks
             config = {**config, "tensors_sha256": _sha256(tmp / TENSORS)}
         (tmp / CONFIG).write_text(json.dumps(config, indent=1, default=float))
